@@ -1,0 +1,450 @@
+//! Event records: what one hooked call (or one observation) looks like on the wire.
+//!
+//! Events are sequences of little-endian `u64` words written by one thread into its own block of
+//! the shared-memory ring ([`crate::ring`]) and copied verbatim into trace files. Word 0 is the
+//! header:
+//!
+//! ```text
+//! bits 0..8    kind   (EventKind)
+//! bits 8..16   length in words, header included (1..=255)
+//! bits 16..64  aux    48 kind-specific bits
+//! ```
+//!
+//! For allocation and free events `aux` carries glibc's chunk header word (`size | flags`, see
+//! [`chunk`]) as read by the preload, plus two flags of ours that announce optional trailing
+//! words. Lengths make the stream self-delimiting: a decoder skips kinds it does not know.
+//!
+//! Layouts (`w0` is the header):
+//!
+//! | kind | words |
+//! |---|---|
+//! | `Malloc`, `Calloc`, `Valloc`, `Pvalloc` | `w0(chunk) ptr size [prev_size] [stamp]` |
+//! | `Memalign`, `PosixMemalign`, `AlignedAlloc` | `w0(chunk) ptr size align [prev_size] [stamp]` |
+//! | `Realloc`, `Reallocarray` | `w0(new chunk) old_ptr new_ptr size old_chunk [prev_size] [stamp]` |
+//! | `Free` | `w0(chunk) ptr` |
+//! | `FreeSized` | `w0(chunk) ptr size` |
+//! | `FreeAlignedSized` | `w0(chunk) ptr align size` |
+//! | `UsableSize` | `w0 ptr result` |
+//! | `Mmap`, `Mmap64` | `w0(prot \| flags<<8) result len fd offset addr_hint` |
+//! | `Munmap` | `w0(result) addr len` |
+//! | `Mremap` | `w0(flags) old_addr old_len new_len result new_addr_arg` |
+//! | `Brk` | `w0(result) addr` |
+//! | `Sbrk` | `w0 increment result` |
+//! | `MallocTrim` | `w0(result) pad` |
+//! | `Mallopt` | `w0(result) param value` |
+//! | `Time` | `w0 clock_ns` |
+//! | `ProgramBreak` | `w0 brk` |
+//! | `ArenaHeap` | `w0 heap ar_ptr size prev` |
+//! | `HeapSize` | `w0 heap size` |
+//! | `Lost` | `w0 events blocks` |
+//! | `ThreadExit` | `w0` |
+//! | `Fork` | `w0 fork_seq` |
+//!
+//! `size` of `Calloc`/`Reallocarray` is `nmemb * size`, saturated at `u64::MAX` on overflow.
+//! A failed allocation has `ptr == 0` (for realloc: `new_ptr == 0` with `size > 0`).
+
+/// glibc chunk header facts (x86_64, glibc 2.26 – 2.42).
+pub mod chunk {
+    /// The chunk was obtained with mmap.
+    pub const IS_MMAPPED: u64 = 0x2;
+    /// The chunk belongs to a thread arena (valid on in-use chunks only).
+    pub const NON_MAIN_ARENA: u64 = 0x4;
+    /// `PREV_INUSE` is rewritten by neighbours at any time; never trust it.
+    pub const PREV_INUSE: u64 = 0x1;
+    pub const FLAG_MASK: u64 = 0x7;
+
+    /// Chunk size from a header word.
+    pub const fn size(hdr: u64) -> u64 {
+        hdr & !FLAG_MASK
+    }
+    pub const fn is_mmapped(hdr: u64) -> bool {
+        hdr & IS_MMAPPED != 0
+    }
+    pub const fn non_main_arena(hdr: u64) -> bool {
+        hdr & NON_MAIN_ARENA != 0
+    }
+    /// glibc's `request2size`: the chunk a heap request of `n` bytes needs.
+    pub const fn request2size(n: u64) -> u64 {
+        let s = (n + 8 + 15) & !15;
+        if s < 32 { 32 } else { s }
+    }
+    /// Heap alignment of thread-arena heaps (`HEAP_MAX_SIZE`, 64 MiB on x86_64).
+    pub const HEAP_MAX_SIZE: u64 = 64 << 20;
+    /// Where the free hook leaves its stamp inside a block being freed: past every word glibc
+    /// itself writes into a free chunk (tcache next/key, fd/bk, and fd/bk_nextsize of large
+    /// chunks ≥ 1024 B).
+    pub const fn stamp_offset(chunk_size: u64) -> usize {
+        if chunk_size >= 1024 { 32 } else { 16 }
+    }
+}
+
+/// Mask of the chunk header bits kept in `aux`.
+pub const AUX_CHUNK_MASK: u64 = (1 << 46) - 1;
+/// `aux` flag: a `prev_size` word (offset of an mmapped chunk in its mapping) follows the base words.
+pub const AUX_HAS_PREV_SIZE: u64 = 1 << 46;
+/// `aux` flag: a stamp word (see [`crate::stamp`]) is the last word.
+pub const AUX_HAS_STAMP: u64 = 1 << 47;
+
+/// The longest event, in words.
+pub const MAX_EVENT_WORDS: usize = 8;
+
+macro_rules! kinds {
+    ($($name:ident = $val:literal, $base:literal, $label:literal;)*) => {
+        /// Event kinds. Values are part of the trace format: never renumber.
+        #[repr(u8)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum EventKind { $($name = $val,)* }
+        impl EventKind {
+            pub const fn from_u8(v: u8) -> Option<Self> {
+                match v { $($val => Some(Self::$name),)* _ => None }
+            }
+            /// Words of the fixed part, header included.
+            pub const fn base_words(self) -> usize {
+                match self { $(Self::$name => $base,)* }
+            }
+            /// The name users know (the C function, or what was observed).
+            pub const fn label(self) -> &'static str {
+                match self { $(Self::$name => $label,)* }
+            }
+            pub const ALL: &'static [EventKind] = &[$(Self::$name,)*];
+        }
+    };
+}
+
+kinds! {
+    Malloc = 1, 3, "malloc";
+    Calloc = 2, 3, "calloc";
+    Realloc = 3, 5, "realloc";
+    Reallocarray = 4, 5, "reallocarray";
+    Memalign = 5, 4, "memalign";
+    PosixMemalign = 6, 4, "posix_memalign";
+    AlignedAlloc = 7, 4, "aligned_alloc";
+    Valloc = 8, 3, "valloc";
+    Pvalloc = 9, 3, "pvalloc";
+    Free = 10, 2, "free";
+    FreeSized = 11, 3, "free_sized";
+    FreeAlignedSized = 12, 4, "free_aligned_sized";
+    UsableSize = 13, 3, "malloc_usable_size";
+    Mmap = 14, 6, "mmap";
+    Mmap64 = 15, 6, "mmap64";
+    Munmap = 16, 3, "munmap";
+    Mremap = 17, 6, "mremap";
+    Brk = 18, 2, "brk";
+    Sbrk = 19, 3, "sbrk";
+    MallocTrim = 20, 2, "malloc_trim";
+    Mallopt = 21, 3, "mallopt";
+    Time = 32, 2, "time";
+    ProgramBreak = 33, 2, "program break";
+    ArenaHeap = 34, 5, "arena heap";
+    HeapSize = 35, 3, "heap size";
+    Lost = 36, 3, "lost";
+    ThreadExit = 37, 1, "thread exit";
+    Fork = 38, 2, "fork";
+}
+
+impl EventKind {
+    /// A call of the application (as opposed to an observation mtrace adds to the stream).
+    pub const fn is_call(self) -> bool {
+        (self as u8) < 32
+    }
+    /// Calls whose `aux` is a chunk header and which may carry `prev_size`/stamp words.
+    pub const fn is_allocation(self) -> bool {
+        matches!(
+            self,
+            Self::Malloc
+                | Self::Calloc
+                | Self::Realloc
+                | Self::Reallocarray
+                | Self::Memalign
+                | Self::PosixMemalign
+                | Self::AlignedAlloc
+                | Self::Valloc
+                | Self::Pvalloc
+        )
+    }
+}
+
+/// Build a header word.
+#[inline(always)]
+pub const fn header(kind: EventKind, words: usize, aux: u64) -> u64 {
+    (kind as u64) | ((words as u64) << 8) | (aux << 16)
+}
+
+/// Split a header word into (kind byte, length in words, aux).
+#[inline(always)]
+pub const fn split_header(w: u64) -> (u8, usize, u64) {
+    ((w & 0xff) as u8, ((w >> 8) & 0xff) as usize, w >> 16)
+}
+
+/// One decoded event. Addresses and sizes are raw `u64`s as the application saw them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Any call that creates a block: malloc, calloc, memalign family, valloc, pvalloc.
+    Alloc { kind: EventKind, ptr: u64, size: u64, align: u64, chunk: u64, prev_size: u64, stamp: Option<u64> },
+    /// realloc / reallocarray.
+    Realloc {
+        kind: EventKind,
+        old_ptr: u64,
+        new_ptr: u64,
+        size: u64,
+        old_chunk: u64,
+        chunk: u64,
+        prev_size: u64,
+        stamp: Option<u64>,
+    },
+    /// free, free_sized, free_aligned_sized. `ptr` may be 0 (`free(NULL)`).
+    Free { kind: EventKind, ptr: u64, chunk: u64 },
+    UsableSize { ptr: u64, result: u64 },
+    Mmap { kind: EventKind, result: u64, len: u64, prot: u32, flags: u32, fd: i64, offset: u64, addr_hint: u64 },
+    Munmap { addr: u64, len: u64, result: i64 },
+    Mremap { old_addr: u64, old_len: u64, new_len: u64, flags: u32, result: u64, new_addr_arg: u64 },
+    Brk { addr: u64, result: i64 },
+    Sbrk { increment: i64, result: u64 },
+    MallocTrim { pad: u64, result: i64 },
+    Mallopt { param: i32, value: i32, result: i64 },
+    /// The collector's clock (CLOCK_MONOTONIC ns) as this thread saw it change.
+    Time { clock_ns: u64 },
+    /// The program break, observed to have moved.
+    ProgramBreak { brk: u64 },
+    /// A thread-arena heap seen for the first time (validated `heap_info`).
+    ArenaHeap { heap: u64, ar_ptr: u64, size: u64, prev: u64 },
+    /// A thread-arena heap's `heap_info.size` changed.
+    HeapSize { heap: u64, size: u64 },
+    /// Events dropped in lossy mode right before this point.
+    Lost { events: u64, blocks: u64 },
+    ThreadExit,
+    /// The thread is about to fork; the child registers with this sequence number.
+    Fork { seq: u64 },
+    /// A kind this decoder does not know (written by a newer preload).
+    Unknown { kind: u8 },
+}
+
+/// Why a word sequence is not a valid event stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// A header with length 0, or a length shorter than the kind's fixed part.
+    BadLength { word: usize, kind: u8, len: usize },
+    /// The event runs past the end of the data.
+    Truncated { word: usize, len: usize, available: usize },
+}
+
+impl core::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            DecodeError::BadLength { word, kind, len } => {
+                write!(f, "event at word {word}: kind {kind} with invalid length {len}")
+            }
+            DecodeError::Truncated { word, len, available } => {
+                write!(f, "event at word {word}: needs {len} words, only {available} present")
+            }
+        }
+    }
+}
+
+/// Decode the event that starts at `words[0]`; returns it and its length in words.
+pub fn decode(words: &[u64], at: usize) -> Result<(Event, usize), DecodeError> {
+    let w0 = words[at];
+    let (k, len, aux) = split_header(w0);
+    let available = words.len() - at;
+    let Some(kind) = EventKind::from_u8(k) else {
+        if len == 0 {
+            return Err(DecodeError::BadLength { word: at, kind: k, len });
+        }
+        if len > available {
+            return Err(DecodeError::Truncated { word: at, len, available });
+        }
+        return Ok((Event::Unknown { kind: k }, len));
+    };
+    let base = kind.base_words();
+    if len < base || len > MAX_EVENT_WORDS {
+        return Err(DecodeError::BadLength { word: at, kind: k, len });
+    }
+    if len > available {
+        return Err(DecodeError::Truncated { word: at, len, available });
+    }
+    let w = &words[at..at + len];
+    // Optional trailing words of allocation events.
+    let extras = |mut i: usize| -> Result<(u64, Option<u64>), DecodeError> {
+        let mut prev_size = 0;
+        let mut stamp = None;
+        if aux & AUX_HAS_PREV_SIZE != 0 {
+            if i >= len {
+                return Err(DecodeError::BadLength { word: at, kind: k, len });
+            }
+            prev_size = w[i];
+            i += 1;
+        }
+        if aux & AUX_HAS_STAMP != 0 {
+            if i >= len {
+                return Err(DecodeError::BadLength { word: at, kind: k, len });
+            }
+            stamp = Some(w[i]);
+        }
+        Ok((prev_size, stamp))
+    };
+    let chunk = aux & AUX_CHUNK_MASK;
+    let ev = match kind {
+        EventKind::Malloc | EventKind::Calloc | EventKind::Valloc | EventKind::Pvalloc => {
+            let (prev_size, stamp) = extras(3)?;
+            Event::Alloc { kind, ptr: w[1], size: w[2], align: 0, chunk, prev_size, stamp }
+        }
+        EventKind::Memalign | EventKind::PosixMemalign | EventKind::AlignedAlloc => {
+            let (prev_size, stamp) = extras(4)?;
+            Event::Alloc { kind, ptr: w[1], size: w[2], align: w[3], chunk, prev_size, stamp }
+        }
+        EventKind::Realloc | EventKind::Reallocarray => {
+            let (prev_size, stamp) = extras(5)?;
+            Event::Realloc {
+                kind,
+                old_ptr: w[1],
+                new_ptr: w[2],
+                size: w[3],
+                old_chunk: w[4] & AUX_CHUNK_MASK,
+                chunk,
+                prev_size,
+                stamp,
+            }
+        }
+        EventKind::Free | EventKind::FreeSized | EventKind::FreeAlignedSized => Event::Free { kind, ptr: w[1], chunk },
+        EventKind::UsableSize => Event::UsableSize { ptr: w[1], result: w[2] },
+        EventKind::Mmap | EventKind::Mmap64 => Event::Mmap {
+            kind,
+            result: w[1],
+            len: w[2],
+            prot: (aux & 0xff) as u32,
+            flags: ((aux >> 8) & 0xffff_ffff) as u32,
+            fd: w[3] as i64,
+            offset: w[4],
+            addr_hint: w[5],
+        },
+        EventKind::Munmap => Event::Munmap { addr: w[1], len: w[2], result: sign_extend48(aux) },
+        EventKind::Mremap => Event::Mremap {
+            old_addr: w[1],
+            old_len: w[2],
+            new_len: w[3],
+            flags: (aux & 0xffff_ffff) as u32,
+            result: w[4],
+            new_addr_arg: w[5],
+        },
+        EventKind::Brk => Event::Brk { addr: w[1], result: sign_extend48(aux) },
+        EventKind::Sbrk => Event::Sbrk { increment: w[1] as i64, result: w[2] },
+        EventKind::MallocTrim => Event::MallocTrim { pad: w[1], result: sign_extend48(aux) },
+        EventKind::Mallopt => Event::Mallopt { param: w[1] as i32, value: w[2] as i32, result: sign_extend48(aux) },
+        EventKind::Time => Event::Time { clock_ns: w[1] },
+        EventKind::ProgramBreak => Event::ProgramBreak { brk: w[1] },
+        EventKind::ArenaHeap => Event::ArenaHeap { heap: w[1], ar_ptr: w[2], size: w[3], prev: w[4] },
+        EventKind::HeapSize => Event::HeapSize { heap: w[1], size: w[2] },
+        EventKind::Lost => Event::Lost { events: w[1], blocks: w[2] },
+        EventKind::ThreadExit => Event::ThreadExit,
+        EventKind::Fork => Event::Fork { seq: w[1] },
+    };
+    Ok((ev, len))
+}
+
+/// Encode a small signed result (an `int` return value) into 48 aux bits.
+#[inline(always)]
+pub const fn aux_i48(v: i64) -> u64 {
+    (v as u64) & ((1 << 48) - 1)
+}
+
+/// Inverse of [`aux_i48`].
+pub const fn sign_extend48(aux: u64) -> i64 {
+    ((aux << 16) as i64) >> 16
+}
+
+/// Iterate over the events of a word slice, with each event's word offset.
+pub struct Events<'a> {
+    words: &'a [u64],
+    at: usize,
+}
+
+impl<'a> Events<'a> {
+    pub fn new(words: &'a [u64]) -> Self {
+        Events { words, at: 0 }
+    }
+}
+
+impl Iterator for Events<'_> {
+    type Item = Result<(usize, Event), DecodeError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.at >= self.words.len() {
+            return None;
+        }
+        match decode(self.words, self.at) {
+            Ok((ev, len)) => {
+                let at = self.at;
+                self.at += len;
+                Some(Ok((at, ev)))
+            }
+            Err(e) => {
+                self.at = self.words.len();
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip() {
+        let h = header(EventKind::Realloc, 7, 0x1234_5678_9abc & AUX_CHUNK_MASK | AUX_HAS_STAMP);
+        let (k, len, aux) = split_header(h);
+        assert_eq!(k, EventKind::Realloc as u8);
+        assert_eq!(len, 7);
+        assert_eq!(aux & AUX_CHUNK_MASK, 0x1234_5678_9abc & AUX_CHUNK_MASK);
+        assert_ne!(aux & AUX_HAS_STAMP, 0);
+    }
+
+    #[test]
+    fn alloc_with_extras_decodes() {
+        let hdr = 0x21000 | chunk::IS_MMAPPED;
+        let w = [header(EventKind::Memalign, 6, hdr | AUX_HAS_PREV_SIZE | AUX_HAS_STAMP), 0x7f00_0010, 5000, 4096, 4080, 0xdead];
+        let (ev, len) = decode(&w, 0).unwrap();
+        assert_eq!(len, 6);
+        assert_eq!(
+            ev,
+            Event::Alloc {
+                kind: EventKind::Memalign,
+                ptr: 0x7f00_0010,
+                size: 5000,
+                align: 4096,
+                chunk: hdr,
+                prev_size: 4080,
+                stamp: Some(0xdead)
+            }
+        );
+    }
+
+    #[test]
+    fn signed_aux_round_trips() {
+        for v in [-1i64, 0, 1, -22, 1 << 40, -(1 << 40)] {
+            assert_eq!(sign_extend48(aux_i48(v)), v);
+        }
+    }
+
+    #[test]
+    fn bad_lengths_are_errors_not_panics() {
+        assert!(matches!(decode(&[header(EventKind::Malloc, 2, 0), 1], 0), Err(DecodeError::BadLength { .. })));
+        assert!(matches!(decode(&[header(EventKind::Malloc, 3, 0), 1], 0), Err(DecodeError::Truncated { .. })));
+        assert!(matches!(decode(&[0], 0), Err(DecodeError::BadLength { .. })));
+        // A stamp flag without room for the stamp.
+        assert!(matches!(decode(&[header(EventKind::Malloc, 3, AUX_HAS_STAMP), 1, 2], 0), Err(DecodeError::BadLength { .. })));
+        // Unknown kinds are skipped by length.
+        let (ev, len) = decode(&[header_raw(200, 2), 9], 0).unwrap();
+        assert_eq!((ev, len), (Event::Unknown { kind: 200 }, 2));
+    }
+
+    fn header_raw(kind: u8, words: usize) -> u64 {
+        kind as u64 | (words as u64) << 8
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_words_never_panic(words in proptest::collection::vec(proptest::num::u64::ANY, 0..64)) {
+            for r in Events::new(&words) { let _ = r; }
+        }
+    }
+}

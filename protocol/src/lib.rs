@@ -1,0 +1,18 @@
+//! What `libmtrace.so` (the preload) and `mtracer` (the collector) share.
+//!
+//! * [`event`] — the event records a traced thread writes, word by word.
+//! * [`stamp`] — free stamps, the happens-before edges that make cross-thread reconstruction exact.
+//! * [`ring`] — the shared-memory ring that carries events from threads to the collector.
+//! * [`control`] — the handshake over the control socket (Hello / Welcome / Bye).
+//! * [`tracefile`] (feature `std`) — the `.mtr` trace file format, its writer and reader.
+//!
+//! Everything but `tracefile` is `no_std` and allocation-free: the preload uses it from inside
+//! `malloc`.
+#![cfg_attr(not(feature = "std"), no_std)]
+
+pub mod control;
+pub mod event;
+pub mod ring;
+pub mod stamp;
+#[cfg(feature = "std")]
+pub mod tracefile;

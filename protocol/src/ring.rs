@@ -1,0 +1,429 @@
+//! The shared-memory ring: one memfd per traced process image, mapped by the process and by the
+//! collector.
+//!
+//! ```text
+//! offset 0                  RingHeader (512 B)
+//! CELLS_OFFSET              free-block queue cells: [QueueCell; capacity]   (Vyukov MPMC)
+//! descs_offset(capacity)    block descriptors:      [BlockDesc; nblocks]     (64 B each)
+//! data_offset(..)           block data:             nblocks × block_size    (page aligned)
+//! ```
+//!
+//! * Each application thread owns one block at a time and appends events to it with plain
+//!   stores, then publishes the new length with a release store to `BlockDesc::len`. No
+//!   read-modify-write happens on the per-event path.
+//! * A thread whose block is full marks it `FULL` and takes another: from the free queue, or a
+//!   never-used block (`next_unused`). The collector reads every `OWNED` and `FULL` block up to its
+//!   published length — partially filled blocks included, so nothing waits for a block to fill —
+//!   and returns fully read `FULL` blocks to the free queue, bumping `free_futex`.
+//! * Lossless mode: a thread that finds no free block waits on `free_futex` (a shared futex, not
+//!   `FUTEX_PRIVATE`). Lossy mode: it drops its events and counts them instead.
+//! * `clock_ns` is written by the collector every tick: it is both the time base of events and
+//!   the collector's heartbeat. A waiting thread that sees it stall gives up tracing.
+//!
+//! Everything here is `#[repr(C)]`, address-free atomics, valid across processes. The collector
+//! must treat every value it reads as untrusted (the application can scribble over the ring).
+
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"MTRING01");
+pub const RING_VERSION: u32 = 1;
+
+/// Default block size (bytes). Stamps address words inside a block with 14 bits: ≤ 128 KiB.
+pub const DEFAULT_BLOCK_SIZE: u32 = 64 << 10;
+pub const MAX_BLOCK_SIZE: u32 = 128 << 10;
+pub const DEFAULT_RING_SIZE: u64 = 64 << 20;
+
+pub const RING_FLAG_LOSSY: u32 = 1;
+
+pub const COLLECTOR_STARTING: u32 = 0;
+pub const COLLECTOR_RUNNING: u32 = 1;
+/// The collector is gone or shutting down: writers stop tracing instead of waiting.
+pub const COLLECTOR_CLOSED: u32 = 2;
+
+pub const BLOCK_FREE: u32 = 0;
+pub const BLOCK_OWNED: u32 = 1;
+pub const BLOCK_FULL: u32 = 2;
+
+#[repr(C, align(64))]
+pub struct CacheLine<T>(pub T);
+
+#[repr(C)]
+pub struct RingHeader {
+    pub magic: u64,
+    pub version: u32,
+    pub block_size: u32,
+    pub nblocks: u32,
+    /// Capacity of the free queue (power of two ≥ nblocks).
+    pub queue_capacity: u32,
+    pub flags: u32,
+    pub _r0: u32,
+    pub data_offset: u64,
+    pub total_size: u64,
+    pub _pad0: [u64; 2],
+    /// Written by the collector, read by writers.
+    pub clock: CacheLine<ClockLine>,
+    /// Read-modify-written by writers on their slow path only.
+    pub alloc: CacheLine<AllocLine>,
+    pub enq_pos: CacheLine<AtomicU64>,
+    pub deq_pos: CacheLine<AtomicU64>,
+    pub _pad1: [u64; 24],
+}
+
+#[repr(C)]
+pub struct ClockLine {
+    /// CLOCK_MONOTONIC of the collector, in ns; refreshed every tick.
+    pub clock_ns: AtomicU64,
+    pub collector_state: AtomicU32,
+    /// Incremented by the collector each time it returns blocks to the free queue.
+    pub free_futex: AtomicU32,
+}
+
+#[repr(C)]
+pub struct AllocLine {
+    /// Blocks `[next_unused, nblocks)` have never been handed out.
+    pub next_unused: AtomicU32,
+    /// Stream ids for new threads.
+    pub next_stream: AtomicU32,
+    /// Writers currently sleeping on `free_futex`.
+    pub free_waiters: AtomicU32,
+    pub _r: u32,
+    pub dropped_events: AtomicU64,
+    pub dropped_blocks: AtomicU64,
+}
+
+#[repr(C)]
+pub struct QueueCell {
+    pub seq: AtomicU64,
+    pub value: AtomicU64,
+}
+
+/// Per-block descriptor. `stream`, `seq`, `tid` are written by the owner before it publishes
+/// `state = OWNED` (release).
+#[repr(C, align(64))]
+pub struct BlockDesc {
+    pub state: AtomicU32,
+    /// Bytes of events published in this block.
+    pub len: AtomicU32,
+    pub stream: AtomicU32,
+    /// The owner's block sequence number in its stream (0, 1, 2, …).
+    pub seq: AtomicU32,
+    pub tid: AtomicU32,
+    pub _r: [u32; 11],
+}
+
+pub const HEADER_SIZE: usize = core::mem::size_of::<RingHeader>();
+pub const CELLS_OFFSET: usize = HEADER_SIZE;
+
+const _: () = assert!(HEADER_SIZE == 512);
+const _: () = assert!(core::mem::size_of::<BlockDesc>() == 64);
+const _: () = assert!(core::mem::size_of::<QueueCell>() == 16);
+
+pub const fn descs_offset(capacity: u32) -> usize {
+    CELLS_OFFSET + capacity as usize * core::mem::size_of::<QueueCell>()
+}
+
+pub const fn data_offset(capacity: u32, nblocks: u32, page: usize) -> usize {
+    let end = descs_offset(capacity) + nblocks as usize * core::mem::size_of::<BlockDesc>();
+    (end + page - 1) / page * page
+}
+
+/// Geometry of a ring: computed by the collector, validated by both sides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    pub block_size: u32,
+    pub nblocks: u32,
+    pub queue_capacity: u32,
+    pub data_offset: u64,
+    pub total_size: u64,
+}
+
+impl Geometry {
+    /// A ring of about `ring_size` bytes of block data.
+    pub fn new(ring_size: u64, block_size: u32) -> Option<Geometry> {
+        if block_size < 4096 || block_size > MAX_BLOCK_SIZE || !block_size.is_power_of_two() {
+            return None;
+        }
+        let nblocks = (ring_size / block_size as u64).clamp(4, 1 << 20) as u32;
+        let queue_capacity = nblocks.next_power_of_two();
+        let data = data_offset(queue_capacity, nblocks, 4096) as u64;
+        Some(Geometry {
+            block_size,
+            nblocks,
+            queue_capacity,
+            data_offset: data,
+            total_size: data + nblocks as u64 * block_size as u64,
+        })
+    }
+}
+
+/// A view of a mapped ring. Both sides build one over their own mapping.
+#[derive(Clone, Copy)]
+pub struct Ring {
+    base: *mut u8,
+    geo: Geometry,
+}
+
+// SAFETY: the ring only holds a pointer to shared memory that is accessed through atomics (or,
+// for block data, by the single owner of a block); it is as thread-safe as the memory it names.
+unsafe impl Send for Ring {}
+// SAFETY: see `Send`.
+unsafe impl Sync for Ring {}
+
+impl Ring {
+    /// Initialise a fresh (zeroed) mapping. Collector side.
+    ///
+    /// # Safety
+    /// `base` must point to a writable mapping of at least `geo.total_size` bytes, aligned to a
+    /// page, that nobody else uses yet.
+    pub unsafe fn init(base: *mut u8, geo: Geometry, flags: u32) -> Ring {
+        // SAFETY: the caller guarantees the mapping is ours and large enough.
+        unsafe {
+            let h = base as *mut RingHeader;
+            core::ptr::write_bytes(base, 0, geo.data_offset as usize);
+            (*h).magic = RING_MAGIC;
+            (*h).version = RING_VERSION;
+            (*h).block_size = geo.block_size;
+            (*h).nblocks = geo.nblocks;
+            (*h).queue_capacity = geo.queue_capacity;
+            (*h).flags = flags;
+            (*h).data_offset = geo.data_offset;
+            (*h).total_size = geo.total_size;
+            let ring = Ring { base, geo };
+            for i in 0..geo.queue_capacity {
+                ring.cell(i as u64).seq.store(i as u64, Ordering::Relaxed);
+            }
+            (*h).clock.0.collector_state.store(COLLECTOR_RUNNING, Ordering::Release);
+            ring
+        }
+    }
+
+    /// Attach to a mapping initialised by the collector. Returns `None` if the header does not
+    /// describe a ring of this version that fits in `len` bytes.
+    ///
+    /// # Safety
+    /// `base` must point to a mapping of at least `len` bytes that stays mapped while the
+    /// returned `Ring` (or a copy) is used.
+    pub unsafe fn attach(base: *mut u8, len: u64) -> Option<Ring> {
+        if len < HEADER_SIZE as u64 {
+            return None;
+        }
+        // SAFETY: `len` covers the header.
+        let h = unsafe { &*(base as *const RingHeader) };
+        if h.magic != RING_MAGIC || h.version != RING_VERSION {
+            return None;
+        }
+        let geo = Geometry::new(h.nblocks as u64 * h.block_size as u64, h.block_size)?;
+        if geo.nblocks != h.nblocks
+            || geo.queue_capacity != h.queue_capacity
+            || geo.data_offset != h.data_offset
+            || geo.total_size != h.total_size
+            || geo.total_size > len
+        {
+            return None;
+        }
+        Some(Ring { base, geo })
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+    pub fn base(&self) -> *mut u8 {
+        self.base
+    }
+    pub fn header(&self) -> &RingHeader {
+        // SAFETY: `attach`/`init` checked that the mapping holds the header.
+        unsafe { &*(self.base as *const RingHeader) }
+    }
+    pub fn flags(&self) -> u32 {
+        self.header().flags
+    }
+    fn cell(&self, pos: u64) -> &QueueCell {
+        let i = (pos & (self.geo.queue_capacity as u64 - 1)) as usize;
+        // SAFETY: `i < queue_capacity`, and the cells array lies inside the mapping.
+        unsafe { &*(self.base.add(CELLS_OFFSET) as *const QueueCell).add(i) }
+    }
+    /// Descriptor of block `i` (`i < nblocks`).
+    pub fn desc(&self, i: u32) -> &BlockDesc {
+        assert!(i < self.geo.nblocks);
+        // SAFETY: bounds checked above; descriptors lie inside the mapping.
+        unsafe { &*(self.base.add(descs_offset(self.geo.queue_capacity)) as *const BlockDesc).add(i as usize) }
+    }
+    /// Start of block `i`'s data (`i < nblocks`).
+    pub fn block_data(&self, i: u32) -> *mut u8 {
+        assert!(i < self.geo.nblocks);
+        // SAFETY: bounds checked above; data lies inside the mapping.
+        unsafe { self.base.add(self.geo.data_offset as usize + i as usize * self.geo.block_size as usize) }
+    }
+
+    pub fn clock_ns(&self) -> u64 {
+        self.header().clock.0.clock_ns.load(Ordering::Relaxed)
+    }
+
+    /// Push a block index on the free queue (collector side; single producer). `false` if full.
+    pub fn push_free(&self, v: u32) -> bool {
+        let enq = &self.header().enq_pos.0;
+        let mut pos = enq.load(Ordering::Relaxed);
+        for _ in 0..1_000_000 {
+            let cell = self.cell(pos);
+            let seq = cell.seq.load(Ordering::Acquire);
+            let dif = seq as i64 - pos as i64;
+            if dif == 0 {
+                if enq.compare_exchange_weak(pos, pos + 1, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+                    cell.value.store(v as u64, Ordering::Relaxed);
+                    cell.seq.store(pos + 1, Ordering::Release);
+                    return true;
+                }
+            } else if dif < 0 {
+                return false;
+            } else {
+                pos = enq.load(Ordering::Relaxed);
+            }
+        }
+        false
+    }
+
+    /// Pop a free block index (writer side; many consumers).
+    pub fn pop_free(&self) -> Option<u32> {
+        let deq = &self.header().deq_pos.0;
+        let mut pos = deq.load(Ordering::Relaxed);
+        loop {
+            let cell = self.cell(pos);
+            let seq = cell.seq.load(Ordering::Acquire);
+            let dif = seq as i64 - (pos + 1) as i64;
+            if dif == 0 {
+                if deq.compare_exchange_weak(pos, pos + 1, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+                    let v = cell.value.load(Ordering::Relaxed);
+                    cell.seq.store(pos + self.geo.queue_capacity as u64, Ordering::Release);
+                    return Some(v as u32);
+                }
+            } else if dif < 0 {
+                return None;
+            } else {
+                pos = deq.load(Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Take a block: a recycled one, else a never-used one. Writer side.
+    pub fn take_block(&self) -> Option<u32> {
+        if let Some(i) = self.pop_free() {
+            if i < self.geo.nblocks {
+                return Some(i);
+            }
+        }
+        let a = &self.header().alloc.0;
+        let mut n = a.next_unused.load(Ordering::Relaxed);
+        while n < self.geo.nblocks {
+            match a.next_unused.compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Some(n),
+                Err(cur) => n = cur,
+            }
+        }
+        None
+    }
+
+    /// Blocks ever handed out: the collector only scans `[0, used_blocks())`.
+    pub fn used_blocks(&self) -> u32 {
+        self.header().alloc.0.next_unused.load(Ordering::Acquire).min(self.geo.nblocks)
+    }
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    #[repr(C, align(4096))]
+    struct Page([u8; 4096]);
+
+    /// Page-aligned zeroed memory standing in for the memfd mapping.
+    fn mapping(geo: Geometry) -> Vec<Page> {
+        (0..geo.total_size.div_ceil(4096)).map(|_| Page([0; 4096])).collect()
+    }
+
+    #[test]
+    fn geometry_is_page_aligned_and_fits() {
+        let g = Geometry::new(DEFAULT_RING_SIZE, DEFAULT_BLOCK_SIZE).unwrap();
+        assert_eq!(g.nblocks, 1024);
+        assert_eq!(g.data_offset % 4096, 0);
+        assert_eq!(g.total_size, g.data_offset + 1024 * 65536);
+        assert!(Geometry::new(1 << 20, 1000).is_none());
+    }
+
+    #[test]
+    fn attach_validates_header() {
+        let g = Geometry::new(1 << 20, 4096).unwrap();
+        let mut m = mapping(g);
+        let base = m.as_mut_ptr() as *mut u8;
+        // SAFETY: `m` is large enough and outlives the rings.
+        unsafe {
+            Ring::init(base, g, 0);
+            assert!(Ring::attach(base, g.total_size).is_some());
+            assert!(Ring::attach(base, g.total_size - 1).is_none());
+            *(base as *mut u64) = 0;
+            assert!(Ring::attach(base, g.total_size).is_none());
+        }
+    }
+
+    #[test]
+    fn blocks_are_handed_out_once_then_recycled() {
+        let g = Geometry::new(16 * 4096, 4096).unwrap();
+        let mut m = mapping(g);
+        // SAFETY: `m` outlives the ring.
+        let ring = unsafe { Ring::init(m.as_mut_ptr() as *mut u8, g, 0) };
+        let got: Vec<u32> = (0..16).map(|_| ring.take_block().unwrap()).collect();
+        assert_eq!(got, (0..16).collect::<Vec<_>>());
+        assert_eq!(ring.take_block(), None);
+        assert!(ring.push_free(3));
+        assert!(ring.push_free(9));
+        assert_eq!(ring.take_block(), Some(3));
+        assert_eq!(ring.take_block(), Some(9));
+        assert_eq!(ring.take_block(), None);
+    }
+
+    /// Many consumer threads race on the free queue while one producer recycles: every index is
+    /// handed out exactly once per push.
+    #[test]
+    fn queue_is_exact_under_contention() {
+        let g = Geometry::new(64 * 4096, 4096).unwrap();
+        let mut m = mapping(g);
+        let base = m.as_mut_ptr() as usize;
+        // SAFETY: the mapping lives in `m`, which outlives every thread below.
+        let ring = unsafe { Ring::init(base as *mut u8, g, 0) };
+        while ring.take_block().is_some() {}
+        let done = Arc::new(AtomicBool::new(false));
+        let rounds = 20_000u32;
+        let mut handles = Vec::new();
+        for _ in 0..4 {
+            let done = done.clone();
+            handles.push(std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                loop {
+                    if let Some(v) = ring.pop_free() {
+                        seen.push(v);
+                    } else if done.load(Ordering::Acquire) {
+                        if let Some(v) = ring.pop_free() {
+                            seen.push(v);
+                            continue;
+                        }
+                        return seen;
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+            }));
+        }
+        let mut pushed = 0u32;
+        while pushed < rounds {
+            if ring.push_free(pushed) {
+                pushed += 1;
+            }
+        }
+        done.store(true, Ordering::Release);
+        let mut all: Vec<u32> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..rounds).collect::<Vec<_>>());
+        drop(m);
+    }
+}
