@@ -1,0 +1,641 @@
+//! The exported functions that interpose libc's allocator and memory-mapping calls.
+//!
+//! Every hook forwards to the real function unconditionally — before our constructor ran, after
+//! our destructor ran, when tracing is off, or while our own code is on the stack (the guard).
+//! Recording happens after the call for everything that returns a block, and before the call for
+//! `free` (the chunk header and the stamp slot are only readable while the block is live).
+
+use core::ffi::{c_int, c_void};
+use core::ptr::null_mut;
+
+use mtrace_protocol::event::{self, chunk, header, EventKind, AUX_CHUNK_MASK, AUX_HAS_PREV_SIZE, AUX_HAS_STAMP};
+use mtrace_protocol::stamp;
+
+use crate::glibc::{self, g};
+use crate::real;
+use crate::tls::{self, ThreadState};
+use crate::writer::{self, ACTIVE, OFF};
+
+/// Take the guard if this call should be recorded.
+#[inline(always)]
+fn enter() -> Option<*mut ThreadState> {
+    let t = tls::state();
+    // SAFETY: `t` is this thread's TLS block.
+    unsafe {
+        if (*t).busy != 0 || writer::STATE.load(core::sync::atomic::Ordering::Acquire) == OFF {
+            return None;
+        }
+        (*t).busy = 1;
+    }
+    Some(t)
+}
+
+#[inline(always)]
+fn leave(t: *mut ThreadState) {
+    // SAFETY: `t` is this thread's TLS block.
+    unsafe { (*t).busy = 0 };
+}
+
+/// Record an allocation that returned `p` (null on failure).
+#[inline(always)]
+unsafe fn record_alloc(kind: EventKind, p: *mut c_void, size: u64, align: u64) {
+    let Some(t) = enter() else { return };
+    // SAFETY: `p` is null or a live block the real allocator just returned; guard held.
+    unsafe {
+        let (aux, prev_size, stamp) = inspect_new_block(t, kind, p as *const u8);
+        let base = kind.base_words();
+        let n = base + (aux & AUX_HAS_PREV_SIZE != 0) as usize + (aux & AUX_HAS_STAMP != 0) as usize;
+        writer::emit(t, n, |w| {
+            *w = header(kind, n, aux);
+            *w.add(1) = p as u64;
+            *w.add(2) = size;
+            if base == 4 {
+                *w.add(3) = align;
+            }
+            let mut i = base;
+            if aux & AUX_HAS_PREV_SIZE != 0 {
+                *w.add(i) = prev_size;
+                i += 1;
+            }
+            if aux & AUX_HAS_STAMP != 0 {
+                *w.add(i) = stamp;
+            }
+        });
+        glibc::observe_brk(t);
+    }
+    leave(t);
+}
+
+/// Read what glibc and earlier frees left on a block we are about to report: its chunk header,
+/// `prev_size` if mmapped, and a stamp naming another thread's free. Returns (aux, prev, stamp).
+#[inline(always)]
+unsafe fn inspect_new_block(t: *mut ThreadState, kind: EventKind, p: *const u8) -> (u64, u64, u64) {
+    // SAFETY: per the caller.
+    unsafe {
+        let hdr = glibc::chunk_header(p);
+        let mut aux = hdr & AUX_CHUNK_MASK;
+        let mut prev_size = 0;
+        let mut st = 0;
+        if hdr != 0 {
+            if chunk::is_mmapped(hdr) {
+                aux |= AUX_HAS_PREV_SIZE;
+                prev_size = glibc::mmapped_prev_size(p);
+            } else {
+                if chunk::non_main_arena(hdr) {
+                    glibc::observe_heap(t, p as u64);
+                }
+                // calloc zeroes the block: nothing to find.
+                if g().stamps && kind != EventKind::Calloc {
+                    let w = *(p.add(chunk::stamp_offset(chunk::size(hdr))) as *const u64);
+                    if stamp::looks_genuine(g().stamp_key, w) {
+                        if let Some(r) = stamp::decode(g().stamp_key, w) {
+                            if r.stream != (*t).stream {
+                                aux |= AUX_HAS_STAMP;
+                                st = w;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (aux, prev_size, st)
+    }
+}
+
+/// Record a free of `p` (before the real free runs) and leave a stamp in the block.
+#[inline(always)]
+unsafe fn record_free(kind: EventKind, p: *mut c_void, a: u64, b: u64) {
+    let Some(t) = enter() else { return };
+    // SAFETY: `p` is null or a live block about to be freed; guard held.
+    unsafe {
+        let hdr = glibc::chunk_header(p as *const u8);
+        let aux = hdr & AUX_CHUNK_MASK;
+        if hdr != 0 && !chunk::is_mmapped(hdr) && chunk::non_main_arena(hdr) {
+            glibc::observe_heap(t, p as u64);
+        }
+        let n = kind.base_words();
+        if writer::STATE.load(core::sync::atomic::Ordering::Acquire) == ACTIVE {
+            let w = writer::reserve(t, n);
+            if !w.is_null() {
+                if hdr != 0 && g().stamps && !chunk::is_mmapped(hdr) {
+                    let word = (w as usize - (*t).base as usize) / 8;
+                    let s = stamp::encode(g().stamp_key, (*t).stream, (*t).block_seq, word as u32);
+                    *((p as *mut u8).add(chunk::stamp_offset(chunk::size(hdr))) as *mut u64) = s;
+                }
+                fill_free(w, kind, n, aux, p, a, b);
+                writer::commit(t, n);
+            }
+        } else {
+            writer::emit(t, n, |w| fill_free(w, kind, n, aux, p, a, b));
+        }
+    }
+    leave(t);
+}
+
+#[inline(always)]
+unsafe fn fill_free(w: *mut u64, kind: EventKind, n: usize, aux: u64, p: *mut c_void, a: u64, b: u64) {
+    // SAFETY: `w` has room for `n` words.
+    unsafe {
+        *w = header(kind, n, aux);
+        *w.add(1) = p as u64;
+        if n > 2 {
+            *w.add(2) = a;
+        }
+        if n > 3 {
+            *w.add(3) = b;
+        }
+    }
+}
+
+/// After a free: report a program break that moved (systrim).
+#[inline(always)]
+fn after_free() {
+    if g().curbrk.is_null() {
+        return;
+    }
+    if let Some(t) = enter() {
+        // SAFETY: guard held.
+        unsafe { glibc::observe_brk(t) };
+        leave(t);
+    }
+}
+
+/// Record a call with fixed words (mmap family, mallopt, …).
+#[inline(always)]
+fn record_words<const N: usize>(words: [u64; N]) {
+    if let Some(t) = enter() {
+        // SAFETY: guard held; `emit` gets exactly N words.
+        unsafe {
+            writer::emit(t, N, |w| core::ptr::copy_nonoverlapping(words.as_ptr(), w, N));
+            glibc::observe_brk(t);
+        }
+        leave(t);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// malloc family
+
+#[cold]
+fn unresolved_alloc(size: usize, align: usize) -> Option<*mut c_void> {
+    if real::ensure_resolved() { None } else { Some(real::bootstrap_alloc(size, align)) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
+    let p = match real::malloc() {
+        // SAFETY: forwarding to the real malloc.
+        Some(f) => unsafe { f(size) },
+        None => match unresolved_alloc(size, 16) {
+            Some(p) => return p,
+            // SAFETY: resolved now.
+            None => unsafe { real::malloc().map_or(null_mut(), |f| f(size)) },
+        },
+    };
+    // SAFETY: `p` came from the real malloc.
+    unsafe { record_alloc(EventKind::Malloc, p, size as u64, 0) };
+    p
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn calloc(nmemb: usize, size: usize) -> *mut c_void {
+    let total = nmemb.checked_mul(size);
+    let p = match real::calloc() {
+        // SAFETY: forwarding to the real calloc.
+        Some(f) => unsafe { f(nmemb, size) },
+        None => match unresolved_alloc(total.unwrap_or(usize::MAX), 16) {
+            Some(p) => return p, // the arena is zeroed and never reused
+            // SAFETY: resolved now.
+            None => unsafe { real::calloc().map_or(null_mut(), |f| f(nmemb, size)) },
+        },
+    };
+    // SAFETY: `p` came from the real calloc.
+    unsafe { record_alloc(EventKind::Calloc, p, total.map_or(u64::MAX, |t| t as u64), 0) };
+    p
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn free(p: *mut c_void) {
+    if real::is_bootstrap(p) {
+        return;
+    }
+    // SAFETY: `p` is the application's block (or null), about to be freed.
+    unsafe { record_free(EventKind::Free, p, 0, 0) };
+    match real::free() {
+        // SAFETY: forwarding to the real free.
+        Some(f) => unsafe { f(p) },
+        None => {
+            if real::ensure_resolved() {
+                // SAFETY: resolved now.
+                if let Some(f) = real::free() {
+                    unsafe { f(p) }
+                }
+            }
+        }
+    }
+    after_free();
+}
+
+/// realloc and reallocarray: read the old header, forward (guarded, so glibc's inner calls are
+/// not recorded twice), then record one event.
+#[inline(always)]
+unsafe fn realloc_common(kind: EventKind, old: *mut c_void, size: u64, call: impl FnOnce() -> *mut c_void) -> *mut c_void {
+    // SAFETY: `old` is null or a live block of the application (not a bootstrap one).
+    let old_hdr = unsafe { glibc::chunk_header(old as *const u8) };
+    let t = tls::state();
+    // SAFETY: `t` is this thread's TLS block.
+    unsafe { (*t).busy += 1 };
+    let p = call();
+    // SAFETY: as above.
+    unsafe { (*t).busy -= 1 };
+    let Some(t) = enter() else { return p };
+    // SAFETY: `p` is null or the live block the real realloc returned; guard held.
+    unsafe {
+        let (aux, prev_size, st) =
+            if p.is_null() || p == old { (glibc::chunk_header(p as *const u8) & AUX_CHUNK_MASK, 0, 0) } else { inspect_new_block(t, kind, p as *const u8) };
+        let (aux, prev_size) = if aux & chunk::IS_MMAPPED != 0 && aux & AUX_HAS_PREV_SIZE == 0 && !p.is_null() {
+            (aux | AUX_HAS_PREV_SIZE, glibc::mmapped_prev_size(p as *const u8))
+        } else {
+            (aux, prev_size)
+        };
+        let n = 5 + (aux & AUX_HAS_PREV_SIZE != 0) as usize + (aux & AUX_HAS_STAMP != 0) as usize;
+        writer::emit(t, n, |w| {
+            *w = header(kind, n, aux);
+            *w.add(1) = old as u64;
+            *w.add(2) = p as u64;
+            *w.add(3) = size;
+            *w.add(4) = old_hdr & AUX_CHUNK_MASK;
+            let mut i = 5;
+            if aux & AUX_HAS_PREV_SIZE != 0 {
+                *w.add(i) = prev_size;
+                i += 1;
+            }
+            if aux & AUX_HAS_STAMP != 0 {
+                *w.add(i) = st;
+            }
+        });
+        glibc::observe_brk(t);
+    }
+    leave(t);
+    p
+}
+
+/// realloc of a bootstrap-arena block: move it to the real heap.
+#[cold]
+unsafe fn realloc_bootstrap(old: *mut c_void, size: usize) -> *mut c_void {
+    // SAFETY: `old` is an arena block of `bootstrap_size(old)` bytes; `malloc` is our hook.
+    unsafe {
+        let n = real::bootstrap_size(old).min(size);
+        let p = malloc(size);
+        if !p.is_null() {
+            core::ptr::copy_nonoverlapping(old as *const u8, p as *mut u8, n);
+        }
+        p
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn realloc(old: *mut c_void, size: usize) -> *mut c_void {
+    if real::is_bootstrap(old) {
+        // SAFETY: see realloc_bootstrap.
+        return unsafe { realloc_bootstrap(old, size) };
+    }
+    if real::realloc().is_none() {
+        if let Some(p) = unresolved_alloc(size, 16) {
+            return p; // only reached for realloc(NULL, n) during resolution
+        }
+    }
+    // SAFETY: forwarding to the real realloc.
+    unsafe { realloc_common(EventKind::Realloc, old, size as u64, || real::realloc().map_or(null_mut(), |f| f(old, size))) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn reallocarray(old: *mut c_void, nmemb: usize, size: usize) -> *mut c_void {
+    let total = nmemb.checked_mul(size);
+    if real::is_bootstrap(old) {
+        let Some(n) = total else {
+            crate::sys::set_errno(libc::ENOMEM);
+            return null_mut();
+        };
+        // SAFETY: see realloc_bootstrap.
+        return unsafe { realloc_bootstrap(old, n) };
+    }
+    if !real::resolved() {
+        real::ensure_resolved();
+    }
+    let bytes = total.map_or(u64::MAX, |t| t as u64);
+    // SAFETY: forwarding to the real reallocarray (or realloc when the libc has none).
+    unsafe {
+        realloc_common(EventKind::Reallocarray, old, bytes, || match real::reallocarray() {
+            Some(f) => f(old, nmemb, size),
+            None => match total {
+                Some(n) => real::realloc().map_or(null_mut(), |f| f(old, n)),
+                None => {
+                    crate::sys::set_errno(libc::ENOMEM);
+                    null_mut()
+                }
+            },
+        })
+    }
+}
+
+macro_rules! aligned_hook {
+    ($name:ident, $kind:expr, ($($arg:ident : $ty:ty),*), $align:expr, $size:expr) => {
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> *mut c_void {
+            let p = match real::$name() {
+                // SAFETY: forwarding to the real function.
+                Some(f) => unsafe { f($($arg),*) },
+                None => match unresolved_alloc($size, $align) {
+                    Some(p) => return p,
+                    // SAFETY: resolved now.
+                    None => unsafe { real::$name().map_or(null_mut(), |f| f($($arg),*)) },
+                },
+            };
+            // SAFETY: `p` came from the real allocator.
+            unsafe { record_alloc($kind, p, $size as u64, $align as u64) };
+            p
+        }
+    };
+}
+
+aligned_hook!(memalign, EventKind::Memalign, (align: usize, size: usize), align, size);
+aligned_hook!(aligned_alloc, EventKind::AlignedAlloc, (align: usize, size: usize), align, size);
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn valloc(size: usize) -> *mut c_void {
+    let p = match real::valloc() {
+        // SAFETY: forwarding to the real valloc.
+        Some(f) => unsafe { f(size) },
+        None => match unresolved_alloc(size, 4096) {
+            Some(p) => return p,
+            // SAFETY: resolved now.
+            None => unsafe { real::valloc().map_or(null_mut(), |f| f(size)) },
+        },
+    };
+    // SAFETY: `p` came from the real valloc.
+    unsafe { record_alloc(EventKind::Valloc, p, size as u64, 0) };
+    p
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
+    let p = match real::pvalloc() {
+        // SAFETY: forwarding to the real pvalloc.
+        Some(f) => unsafe { f(size) },
+        None => match unresolved_alloc(size.div_ceil(4096).max(1) * 4096, 4096) {
+            Some(p) => return p,
+            // SAFETY: resolved now.
+            None => unsafe { real::pvalloc().map_or(null_mut(), |f| f(size)) },
+        },
+    };
+    // SAFETY: `p` came from the real pvalloc.
+    unsafe { record_alloc(EventKind::Pvalloc, p, size as u64, 0) };
+    p
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
+    let rc = match real::posix_memalign() {
+        // SAFETY: forwarding to the real posix_memalign.
+        Some(f) => unsafe { f(out, align, size) },
+        None => match unresolved_alloc(size, align) {
+            Some(p) => {
+                if p.is_null() {
+                    return libc::ENOMEM;
+                }
+                // SAFETY: `out` is the caller's out-pointer.
+                unsafe { *out = p };
+                return 0;
+            }
+            // SAFETY: resolved now.
+            None => unsafe { real::posix_memalign().map_or(libc::ENOMEM, |f| f(out, align, size)) },
+        },
+    };
+    // SAFETY: on success `*out` is the new block; on failure it is untouched.
+    let p = if rc == 0 { unsafe { *out } } else { null_mut() };
+    // SAFETY: `p` came from the real allocator (or is null).
+    unsafe { record_alloc(EventKind::PosixMemalign, p, size as u64, align as u64) };
+    rc
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
+    if real::is_bootstrap(p) {
+        return real::bootstrap_size(p);
+    }
+    if !real::resolved() && !real::ensure_resolved() {
+        return 0;
+    }
+    // SAFETY: forwarding to the real function.
+    let r = unsafe { real::malloc_usable_size().map_or(0, |f| f(p)) };
+    record_words([header(EventKind::UsableSize, 3, 0), p as u64, r as u64]);
+    r
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn free_sized(p: *mut c_void, size: usize) {
+    if real::is_bootstrap(p) {
+        return;
+    }
+    // SAFETY: `p` is the application's block, about to be freed.
+    unsafe { record_free(EventKind::FreeSized, p, size as u64, 0) };
+    if !real::resolved() {
+        real::ensure_resolved();
+    }
+    // SAFETY: forwarding to the real free_sized, or free where the libc has none.
+    unsafe {
+        match real::free_sized() {
+            Some(f) => f(p, size),
+            None => {
+                if let Some(f) = real::free() {
+                    f(p)
+                }
+            }
+        }
+    }
+    after_free();
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn free_aligned_sized(p: *mut c_void, align: usize, size: usize) {
+    if real::is_bootstrap(p) {
+        return;
+    }
+    // SAFETY: `p` is the application's block, about to be freed.
+    unsafe { record_free(EventKind::FreeAlignedSized, p, align as u64, size as u64) };
+    if !real::resolved() {
+        real::ensure_resolved();
+    }
+    // SAFETY: forwarding to the real function, or free where the libc has none.
+    unsafe {
+        match real::free_aligned_sized() {
+            Some(f) => f(p, align, size),
+            None => {
+                if let Some(f) = real::free() {
+                    f(p)
+                }
+            }
+        }
+    }
+    after_free();
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn malloc_trim(pad: usize) -> c_int {
+    if !real::resolved() {
+        real::ensure_resolved();
+    }
+    // SAFETY: forwarding to the real malloc_trim.
+    let r = unsafe { real::malloc_trim().map_or(0, |f| f(pad)) };
+    record_words([header(EventKind::MallocTrim, 2, event::aux_i48(r as i64)), pad as u64]);
+    r
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mallopt(param: c_int, value: c_int) -> c_int {
+    if !real::resolved() {
+        real::ensure_resolved();
+    }
+    // SAFETY: forwarding to the real mallopt.
+    let r = unsafe { real::mallopt().map_or(0, |f| f(param, value)) };
+    record_words([header(EventKind::Mallopt, 3, event::aux_i48(r as i64)), param as i64 as u64, value as i64 as u64]);
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// The application's own memory mappings and break.
+
+#[inline(always)]
+fn mmap_common(kind: EventKind, addr: *mut c_void, len: usize, prot: c_int, flags: c_int, fd: c_int, off: i64, r: *mut c_void) {
+    let aux = (prot as u64 & 0xff) | ((flags as u32 as u64) << 8);
+    record_words([header(kind, 6, aux), r as u64, len as u64, fd as i64 as u64, off as u64, addr as u64]);
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmap(addr: *mut c_void, len: usize, prot: c_int, flags: c_int, fd: c_int, off: i64) -> *mut c_void {
+    if !real::resolved() {
+        real::ensure_resolved();
+    }
+    // SAFETY: forwarding to the real mmap (the raw syscall if it is missing).
+    let r = unsafe {
+        match real::mmap() {
+            Some(f) => f(addr, len, prot, flags, fd, off),
+            None => crate::sys::mmap(addr, len, prot, flags, fd, off),
+        }
+    };
+    mmap_common(EventKind::Mmap, addr, len, prot, flags, fd, off, r);
+    r
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmap64(addr: *mut c_void, len: usize, prot: c_int, flags: c_int, fd: c_int, off: i64) -> *mut c_void {
+    if !real::resolved() {
+        real::ensure_resolved();
+    }
+    // SAFETY: forwarding to the real mmap64 (the raw syscall if it is missing).
+    let r = unsafe {
+        match real::mmap64() {
+            Some(f) => f(addr, len, prot, flags, fd, off),
+            None => crate::sys::mmap(addr, len, prot, flags, fd, off),
+        }
+    };
+    mmap_common(EventKind::Mmap64, addr, len, prot, flags, fd, off, r);
+    r
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn munmap(addr: *mut c_void, len: usize) -> c_int {
+    if !real::resolved() {
+        real::ensure_resolved();
+    }
+    // SAFETY: forwarding to the real munmap (the raw syscall if it is missing).
+    let r = unsafe {
+        match real::munmap() {
+            Some(f) => f(addr, len),
+            None => crate::sys::munmap(addr, len),
+        }
+    };
+    record_words([header(EventKind::Munmap, 3, event::aux_i48(r as i64)), addr as u64, len as u64]);
+    r
+}
+
+/// `mremap` is variadic in C; the optional fifth argument is passed in a register under the
+/// SysV ABI, so a fixed fifth parameter receives it correctly.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mremap(old: *mut c_void, old_len: usize, new_len: usize, flags: c_int, new_addr: *mut c_void) -> *mut c_void {
+    if !real::resolved() {
+        real::ensure_resolved();
+    }
+    // SAFETY: forwarding to the real mremap.
+    let r = unsafe {
+        match real::mremap() {
+            Some(f) => f(old, old_len, new_len, flags, new_addr),
+            None => libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags, new_addr) as *mut c_void,
+        }
+    };
+    record_words([
+        header(EventKind::Mremap, 6, flags as u32 as u64),
+        old as u64,
+        old_len as u64,
+        new_len as u64,
+        r as u64,
+        new_addr as u64,
+    ]);
+    r
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn brk(addr: *mut c_void) -> c_int {
+    if !real::resolved() {
+        real::ensure_resolved();
+    }
+    // SAFETY: forwarding to the real brk.
+    let r = unsafe { real::brk().map_or(-1, |f| f(addr)) };
+    record_words([header(EventKind::Brk, 2, event::aux_i48(r as i64)), addr as u64]);
+    r
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sbrk(increment: isize) -> *mut c_void {
+    if !real::resolved() {
+        real::ensure_resolved();
+    }
+    // SAFETY: forwarding to the real sbrk.
+    let r = unsafe { real::sbrk().map_or(usize::MAX as *mut c_void, |f| f(increment)) };
+    record_words([header(EventKind::Sbrk, 3, 0), increment as i64 as u64, r as u64]);
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leaving without running destructors.
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn _exit(status: c_int) -> ! {
+    crate::lifecycle::on_exit(status as i64);
+    if !real::resolved() {
+        real::ensure_resolved();
+    }
+    if let Some(f) = real::exit_() {
+        // SAFETY: forwarding to the real _exit.
+        unsafe { f(status) }
+    }
+    // SAFETY: exit_group never returns.
+    unsafe { libc::syscall(libc::SYS_exit_group, status) };
+    loop {}
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn _Exit(status: c_int) -> ! {
+    crate::lifecycle::on_exit(status as i64);
+    if !real::resolved() {
+        real::ensure_resolved();
+    }
+    if let Some(f) = real::exit_upper() {
+        // SAFETY: forwarding to the real _Exit.
+        unsafe { f(status) }
+    }
+    // SAFETY: exit_group never returns.
+    unsafe { libc::syscall(libc::SYS_exit_group, status) };
+    loop {}
+}

@@ -1,0 +1,232 @@
+//! The life of a traced image: constructor, fork, thread exit, process exit.
+//!
+//! * Constructor (`.init_array`, receives argc/argv/envp): resolve real functions, decide what
+//!   may be read from glibc, register with the collector, copy the pre-init buffer.
+//! * `pthread_atfork`: the parent writes a `Fork` event; the child drops the parent's ring and
+//!   registers as a fork child of the parent's image.
+//! * A `pthread_key` destructor releases a thread's block when the thread exits.
+//! * Destructor (`.fini_array`) and the `_exit` hooks: say Bye to the collector. Events after
+//!   that still reach the ring (the collector reads it until the process is gone).
+
+use core::ffi::{c_char, c_int, c_void};
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use mtrace_protocol::event::{self, EventKind};
+
+use crate::glibc::{self, GLIBC};
+use crate::real;
+use crate::session::{self, Registered};
+use crate::sys;
+use crate::tls;
+use crate::writer::{self, ACTIVE, OFF};
+
+static mut THREAD_KEY: libc::pthread_key_t = 0;
+static KEY_READY: AtomicBool = AtomicBool::new(false);
+static SAID_BYE: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn init(_argc: c_int, argv: *const *const c_char, envp: *const *const c_char) {
+    let t = tls::state();
+    // SAFETY: `t` is this thread's TLS block; the constructor runs once per image.
+    unsafe {
+        (*t).busy += 1;
+        session::ARGV = argv;
+        session::ENVP = envp;
+    }
+    real::ensure_resolved();
+    if env_is(c"MTRACE_DISABLE", b"1") {
+        writer::STATE.store(OFF, Ordering::Release);
+        writer::discard_preinit();
+        // SAFETY: as above.
+        unsafe { (*t).busy -= 1 };
+        return;
+    }
+    detect_glibc();
+    // SAFETY: pthread calls with valid arguments; single-threaded initialisation.
+    unsafe {
+        if libc::pthread_key_create(core::ptr::addr_of_mut!(THREAD_KEY), Some(thread_exit)) == 0 {
+            KEY_READY.store(true, Ordering::Release);
+        }
+        libc::pthread_atfork(Some(fork_prepare), None, Some(fork_child));
+    }
+    match session::register_start() {
+        Registered::Yes => {
+            writer::STATE.store(ACTIVE, Ordering::Release);
+            // SAFETY: guard held.
+            unsafe { writer::drain_preinit(t) };
+        }
+        Registered::No => {
+            writer::STATE.store(OFF, Ordering::Release);
+            writer::discard_preinit();
+        }
+    }
+    // SAFETY: as above.
+    unsafe { (*t).busy -= 1 };
+}
+
+extern "C" fn fini() {
+    on_exit(-1);
+}
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static INIT: extern "C" fn(c_int, *const *const c_char, *const *const c_char) = init;
+
+#[used]
+#[unsafe(link_section = ".fini_array")]
+static FINI: extern "C" fn() = fini;
+
+fn env_is(name: &core::ffi::CStr, value: &[u8]) -> bool {
+    // SAFETY: getenv does not allocate; the value is NUL-terminated.
+    let p = unsafe { libc::getenv(name.as_ptr()) };
+    // SAFETY: as above.
+    !p.is_null() && unsafe { sys::cstr_bytes(p as *const u8) } == value
+}
+
+/// Decide what the preload may read from glibc's malloc.
+fn detect_glibc() {
+    // SAFETY: single-threaded initialisation writes GLIBC before any hook reads it.
+    let gl = unsafe { &mut *core::ptr::addr_of_mut!(GLIBC) };
+    gl.page = unsafe { libc::getauxval(libc::AT_PAGESZ) }.max(4096);
+    gl.stamp_key = random_u64();
+    let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
+    let is_glibc = real::malloc().is_some_and(|f| {
+        // SAFETY: dladdr on a function address; dli_fname is NUL-terminated.
+        unsafe {
+            libc::dladdr(f as *const c_void, &mut info) != 0
+                && !info.dli_fname.is_null()
+                && sys::cstr_bytes(info.dli_fname as *const u8).windows(7).any(|w| w == b"libc.so")
+        }
+    });
+    if !is_glibc || env_is(c"MTRACE_CHUNKS", b"0") {
+        return;
+    }
+    gl.chunks = true;
+    // SAFETY: dlsym of glibc's exported data symbol.
+    gl.curbrk = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"__curbrk".as_ptr()) } as *const u64;
+    let (major, minor) = glibc_version();
+    gl.heap_info_size = if (major, minor) >= (2, 35) { 48 } else { 32 };
+    // The hugetlb tunable changes heap alignment (2.35–2.41): do not guess where heap_info is.
+    let tunables = unsafe { libc::getenv(c"GLIBC_TUNABLES".as_ptr()) };
+    // SAFETY: NUL-terminated environment string.
+    let hugetlb = !tunables.is_null() && unsafe { sys::cstr_bytes(tunables as *const u8) }.windows(20).any(|w| w == b"glibc.malloc.hugetlb");
+    gl.heap_info = !hugetlb && major == 2 && (26..=42).contains(&minor);
+    gl.stamps = !env_is(c"MTRACE_STAMPS", b"0");
+}
+
+fn glibc_version() -> (u32, u32) {
+    unsafe extern "C" {
+        fn gnu_get_libc_version() -> *const c_char;
+    }
+    // SAFETY: returns a static NUL-terminated string.
+    let v = unsafe { sys::cstr_bytes(gnu_get_libc_version() as *const u8) };
+    let mut it = v.split(|&b| b == b'.').map(|p| p.iter().take_while(|c| c.is_ascii_digit()).fold(0u32, |a, c| a * 10 + (c - b'0') as u32));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+fn random_u64() -> u64 {
+    let mut v = 0u64;
+    // SAFETY: getrandom into a local; falls back to time and address bits.
+    let n = unsafe { libc::syscall(libc::SYS_getrandom, &mut v as *mut u64, 8usize, libc::GRND_NONBLOCK) };
+    if n != 8 {
+        v = sys::clock_ns(libc::CLOCK_MONOTONIC) ^ ((&v as *const u64 as u64) << 17) ^ sys::getpid() as u64;
+    }
+    v
+}
+
+/// A thread took its first block: arrange for its block to be released when it exits.
+pub fn on_thread_first_block() {
+    let t = tls::state();
+    // SAFETY: `t` is this thread's TLS; pthread_setspecific with our key (guard held by caller,
+    // so an allocation it may make is not recorded).
+    unsafe {
+        if (*t).key_set == 0 && KEY_READY.load(Ordering::Acquire) {
+            (*t).key_set = 1;
+            libc::pthread_setspecific(THREAD_KEY, 1 as *const c_void);
+        }
+    }
+}
+
+unsafe extern "C" fn thread_exit(_: *mut c_void) {
+    let t = tls::state();
+    // SAFETY: `t` is this thread's TLS block.
+    unsafe {
+        if (*t).busy != 0 {
+            return;
+        }
+        (*t).busy = 1;
+        writer::release_block(t);
+        (*t).key_set = 0;
+        (*t).busy = 0;
+    }
+}
+
+unsafe extern "C" fn fork_prepare() {
+    if writer::STATE.load(Ordering::Acquire) != ACTIVE {
+        return;
+    }
+    let t = tls::state();
+    // SAFETY: `t` is this thread's TLS block.
+    unsafe {
+        if (*t).busy != 0 {
+            return;
+        }
+        (*t).busy = 1;
+        let seq = writer::FORK_SEQ.fetch_add(1, Ordering::AcqRel) + 1;
+        writer::emit(t, 2, |w| {
+            *w = event::header(EventKind::Fork, 2, 0);
+            *w.add(1) = seq;
+        });
+        (*t).busy = 0;
+    }
+}
+
+unsafe extern "C" fn fork_child() {
+    if writer::STATE.load(Ordering::Acquire) != ACTIVE {
+        return;
+    }
+    let t = tls::state();
+    // SAFETY: the child has one thread: this one. Its TLS and our statics are ours alone.
+    unsafe {
+        (*t).busy += 1;
+        let parent = session::image_id();
+        let seq = writer::FORK_SEQ.load(Ordering::Acquire);
+        writer::forget_ring(t);
+        session::unmap_parent_ring();
+        // The parent's connection stays open until ours is, so a collector waiting for the
+        // last process never sees zero connections in between.
+        let parent_fd = session::SOCK_FD;
+        SAID_BYE.store(false, Ordering::Release);
+        (*core::ptr::addr_of_mut!(GLIBC)).stamp_key = random_u64();
+        match session::register_fork(parent, seq) {
+            Registered::Yes => {
+                if parent_fd >= 0 && parent_fd != session::SOCK_FD {
+                    libc::close(parent_fd);
+                }
+                writer::STATE.store(ACTIVE, Ordering::Release);
+            }
+            Registered::No => {
+                if parent_fd >= 0 && parent_fd != session::SOCK_FD {
+                    libc::close(parent_fd);
+                }
+                session::SOCK_FD = -1;
+                writer::STATE.store(OFF, Ordering::Release);
+            }
+        }
+        (*t).busy -= 1;
+    }
+}
+
+/// Leaving (destructor or `_exit`): tell the collector. Only once per image.
+pub fn on_exit(status: i64) {
+    if writer::STATE.load(Ordering::Acquire) != ACTIVE || SAID_BYE.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let t = tls::state();
+    // SAFETY: `t` is this thread's TLS block.
+    unsafe {
+        (*t).busy += 1;
+        glibc::observe_brk(t);
+        session::bye(status);
+        (*t).busy -= 1;
+    }
+}

@@ -1,0 +1,357 @@
+//! Writing events: each thread appends words to the ring block it owns.
+//!
+//! Hot path ([`reserve`] + [`commit`]): one load of the collector clock, a bounds check, plain
+//! stores into shared memory, and a release store of the block length. No allocation, lock,
+//! syscall or shared read-modify-write.
+//!
+//! Slow path ([`reserve_slow`]): the clock ticked (write a `Time` event), the block is full or the
+//! thread has none (take one from the ring, or wait for the collector in lossless mode, or drop
+//! and count in lossy mode).
+//!
+//! Before the process image is registered with the collector (hooks run before our constructor,
+//! e.g. in other libraries' constructors), events go to a static pre-init buffer that the
+//! registering thread copies into its own stream.
+
+use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+
+use mtrace_protocol::event::{self, EventKind};
+use mtrace_protocol::ring::{self, Ring};
+
+use crate::sys;
+use crate::tls::{mode, ThreadState};
+
+/// Tracing state of this process image.
+pub static STATE: AtomicU8 = AtomicU8::new(PREINIT);
+/// Not registered yet: events go to the pre-init buffer.
+pub const PREINIT: u8 = 0;
+/// Registered: events go to the ring.
+pub const ACTIVE: u8 = 1;
+/// Not tracing (disabled, no collector, collector gone): hooks only forward.
+pub const OFF: u8 = 2;
+
+/// Values the hot path reads; written before `STATE` becomes `ACTIVE` (release).
+pub struct Hot {
+    pub ring: Option<Ring>,
+    pub clock: *const AtomicU64,
+    pub lossy: bool,
+}
+
+pub static mut HOT: Hot = Hot { ring: None, clock: core::ptr::null(), lossy: false };
+
+/// Fork sequence numbers of this image (the child registers with the value current at fork).
+pub static FORK_SEQ: AtomicU64 = AtomicU64::new(0);
+
+#[inline(always)]
+fn hot() -> &'static Hot {
+    // SAFETY: HOT is written only while no other thread can read it (before `STATE` turns
+    // ACTIVE with release, or in a fork child that has a single thread).
+    unsafe { &*core::ptr::addr_of!(HOT) }
+}
+
+/// Reserve `n` words in this thread's block. Null if the event must be dropped.
+///
+/// # Safety
+/// `t` is this thread's state, its guard is held, and `STATE` is `ACTIVE`.
+#[inline(always)]
+pub unsafe fn reserve(t: *mut ThreadState, n: usize) -> *mut u64 {
+    // SAFETY: per the contract, `t` is valid and `HOT.clock` points into the mapped ring.
+    unsafe {
+        let clock = (*hot().clock).load(Ordering::Relaxed);
+        let cur = (*t).cur;
+        if clock == (*t).last_clock && (cur as usize).wrapping_add(n * 8) <= (*t).end as usize && !cur.is_null() {
+            return cur;
+        }
+        reserve_slow(t, n, clock)
+    }
+}
+
+/// Publish the `n` words just written at the reserved position.
+///
+/// # Safety
+/// Must follow a successful `reserve(t, n)` on the same thread.
+#[inline(always)]
+pub unsafe fn commit(t: *mut ThreadState, n: usize) {
+    // SAFETY: `reserve` guaranteed room for `n` words; `len` points to our block's descriptor.
+    unsafe {
+        let cur = (*t).cur.add(n);
+        (*t).cur = cur;
+        let len = (cur as usize - (*t).base as usize) as u32;
+        (*(*t).len).store(len, Ordering::Release);
+    }
+}
+
+#[cold]
+#[inline(never)]
+unsafe fn reserve_slow(t: *mut ThreadState, n: usize, clock: u64) -> *mut u64 {
+    // SAFETY: per `reserve`'s contract.
+    unsafe {
+        // Room for the event plus a Time event.
+        let need = (n + 2) * 8;
+        if (*t).mode != mode::WRITING || ((*t).end as usize - (*t).cur as usize) < need {
+            if !switch_block(t) {
+                return core::ptr::null_mut();
+            }
+        }
+        if clock != (*t).last_clock {
+            let p = (*t).cur;
+            *p = event::header(EventKind::Time, 2, 0);
+            *p.add(1) = clock;
+            (*t).last_clock = clock;
+            commit(t, 2);
+        }
+        (*t).cur
+    }
+}
+
+/// Give up the current block (if any) and take a new one. `false`: no block, the event is dropped.
+unsafe fn switch_block(t: *mut ThreadState) -> bool {
+    let Some(ring) = hot().ring else { return false };
+    // SAFETY: `t` is this thread's state and `ring` is mapped while STATE is ACTIVE.
+    unsafe {
+        let first = (*t).stream == 0;
+        if (*t).mode == mode::WRITING {
+            ring.desc((*t).block).state.store(ring::BLOCK_FULL, Ordering::Release);
+            (*t).mode = mode::IDLE;
+            (*t).cur = core::ptr::null_mut();
+            (*t).end = core::ptr::null_mut();
+        }
+        let mut waited_since = 0u64;
+        let mut clock_seen = 0u64;
+        let clock = &ring.header().clock.0;
+        loop {
+            if STATE.load(Ordering::Acquire) != ACTIVE {
+                return false;
+            }
+            // Read the futex word before looking for a block: a recycle that happens after a
+            // failed look changes it, and the wait below returns at once.
+            let futex_seen = clock.free_futex.load(Ordering::Acquire);
+            if let Some(i) = ring.take_block() {
+                if first {
+                    // Stream 0 means "none yet": ids start at 1.
+                    (*t).stream = ring.header().alloc.0.next_stream.fetch_add(1, Ordering::Relaxed) + 1;
+                    (*t).block_seq = 0;
+                    (*t).tid = sys::gettid();
+                    crate::lifecycle::on_thread_first_block();
+                } else {
+                    (*t).block_seq = (*t).block_seq.wrapping_add(1);
+                }
+                let d = ring.desc(i);
+                d.len.store(0, Ordering::Relaxed);
+                d.stream.store((*t).stream, Ordering::Relaxed);
+                d.seq.store((*t).block_seq, Ordering::Relaxed);
+                d.tid.store((*t).tid, Ordering::Relaxed);
+                d.state.store(ring::BLOCK_OWNED, Ordering::Release);
+                let base = ring.block_data(i) as *mut u64;
+                (*t).block = i;
+                (*t).base = base;
+                (*t).cur = base;
+                (*t).end = base.add(ring.geometry().block_size as usize / 8);
+                (*t).len = &d.len;
+                (*t).mode = mode::WRITING;
+                // Every block starts with the time, so it can be read on its own.
+                let clock = (*hot().clock).load(Ordering::Relaxed);
+                *base = event::header(EventKind::Time, 2, 0);
+                *base.add(1) = clock;
+                (*t).last_clock = clock;
+                commit(t, 2);
+                if (*t).dropped != 0 {
+                    let p = (*t).cur;
+                    *p = event::header(EventKind::Lost, 3, 0);
+                    *p.add(1) = (*t).dropped;
+                    *p.add(2) = 1;
+                    commit(t, 3);
+                    ring.header().alloc.0.dropped_events.fetch_add((*t).dropped, Ordering::Relaxed);
+                    (*t).dropped = 0;
+                }
+                return true;
+            }
+            if clock.collector_state.load(Ordering::Acquire) == ring::COLLECTOR_CLOSED {
+                detach(b"the collector has stopped");
+                return false;
+            }
+            if hot().lossy {
+                if (*t).mode != mode::DROPPING {
+                    ring.header().alloc.0.dropped_blocks.fetch_add(1, Ordering::Relaxed);
+                }
+                (*t).mode = mode::DROPPING;
+                (*t).dropped += 1;
+                return false;
+            }
+            // Lossless: wait for the collector to recycle a block. A collector whose clock
+            // stops for 3 s is gone; stop tracing rather than hang the application.
+            let now = sys::clock_ns(libc::CLOCK_MONOTONIC);
+            let c = clock.clock_ns.load(Ordering::Relaxed);
+            if c != clock_seen || waited_since == 0 {
+                clock_seen = c;
+                waited_since = now;
+            } else if now - waited_since > 3_000_000_000 {
+                detach(b"the collector stopped responding (no heartbeat for 3 s)");
+                return false;
+            }
+            let a = &ring.header().alloc.0;
+            a.free_waiters.fetch_add(1, Ordering::AcqRel);
+            sys::futex_wait(&clock.free_futex, futex_seen, 20_000_000);
+            a.free_waiters.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Stop tracing this image (the application keeps running untraced).
+pub fn detach(why: &[u8]) {
+    if STATE.swap(OFF, Ordering::AcqRel) == ACTIVE {
+        sys::warn(&[b"tracing stopped: ", why]);
+    }
+}
+
+/// Release this thread's block at thread exit (so the ring does not fill with dead threads'
+/// blocks). Later events of the thread take a new block.
+///
+/// # Safety
+/// `t` is this thread's state with the guard held.
+pub unsafe fn release_block(t: *mut ThreadState) {
+    // SAFETY: per the contract.
+    unsafe {
+        if STATE.load(Ordering::Acquire) != ACTIVE || (*t).mode != mode::WRITING {
+            return;
+        }
+        let p = reserve(t, 1);
+        if !p.is_null() {
+            *p = event::header(EventKind::ThreadExit, 1, 0);
+            commit(t, 1);
+        }
+        if let Some(ring) = hot().ring {
+            if (*t).mode == mode::WRITING {
+                ring.desc((*t).block).state.store(ring::BLOCK_FULL, Ordering::Release);
+            }
+        }
+        (*t).mode = mode::IDLE;
+        (*t).cur = core::ptr::null_mut();
+        (*t).end = core::ptr::null_mut();
+    }
+}
+
+/// Forget the ring (fork child: the blocks belong to the parent).
+///
+/// # Safety
+/// Only in a fork child (single thread), with `t` its state.
+pub unsafe fn forget_ring(t: *mut ThreadState) {
+    // SAFETY: per the contract; nobody else reads HOT in a one-thread child.
+    unsafe {
+        let busy = (*t).busy;
+        core::ptr::write_bytes(t as *mut u8, 0, core::mem::size_of::<ThreadState>());
+        (*t).busy = busy;
+        (*t).key_set = 1;
+        (*core::ptr::addr_of_mut!(HOT)).ring = None;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pre-init buffer.
+
+const PRE_WORDS: usize = 64 << 10;
+static mut PRE: [u64; PRE_WORDS] = [0; PRE_WORDS];
+static PRE_RESERVED: AtomicUsize = AtomicUsize::new(0);
+static PRE_COMMITTED: AtomicUsize = AtomicUsize::new(0);
+static PRE_LOST: AtomicU64 = AtomicU64::new(0);
+const PRE_CLOSED: usize = 1 << 48;
+
+/// Reserve `n` words of the pre-init buffer (null if full or closed; the event is counted lost).
+pub fn pre_reserve(n: usize) -> *mut u64 {
+    let at = PRE_RESERVED.fetch_add(n, Ordering::AcqRel);
+    if at + n > PRE_WORDS {
+        PRE_COMMITTED.fetch_add(n, Ordering::AcqRel);
+        if at < PRE_CLOSED {
+            PRE_LOST.fetch_add(1, Ordering::Relaxed);
+        }
+        return core::ptr::null_mut();
+    }
+    // SAFETY: `at + n <= PRE_WORDS`: the range is ours alone.
+    unsafe { (core::ptr::addr_of_mut!(PRE) as *mut u64).add(at) }
+}
+
+pub fn pre_commit(n: usize) {
+    PRE_COMMITTED.fetch_add(n, Ordering::AcqRel);
+}
+
+/// Close the pre-init buffer and copy it into this thread's stream. Called by the registering
+/// thread right after `STATE` became `ACTIVE`.
+///
+/// # Safety
+/// `t` is this thread's state, guard held, `STATE` is `ACTIVE`.
+pub unsafe fn drain_preinit(t: *mut ThreadState) {
+    let total = PRE_RESERVED.swap(PRE_CLOSED, Ordering::AcqRel);
+    let words = total.min(PRE_WORDS);
+    // Wait (briefly) for writers that reserved before the switch to finish their stores.
+    let mut spins = 0u32;
+    while PRE_COMMITTED.load(Ordering::Acquire) < total && spins < 1_000_000 {
+        core::hint::spin_loop();
+        spins += 1;
+    }
+    // SAFETY: writers are done with `[0, words)`; nobody writes the buffer after closing.
+    let pre = unsafe { core::slice::from_raw_parts(core::ptr::addr_of!(PRE) as *const u64, words) };
+    let mut i = 0;
+    while i < words {
+        let (_, len, _) = event::split_header(pre[i]);
+        if len == 0 || i + len > words {
+            break;
+        }
+        // SAFETY: per the contract.
+        unsafe {
+            let p = reserve(t, len);
+            if !p.is_null() {
+                core::ptr::copy_nonoverlapping(pre.as_ptr().add(i), p, len);
+                commit(t, len);
+            }
+        }
+        i += len;
+    }
+    let lost = PRE_LOST.swap(0, Ordering::AcqRel);
+    if lost != 0 {
+        // SAFETY: per the contract.
+        unsafe {
+            let p = reserve(t, 3);
+            if !p.is_null() {
+                *p = event::header(EventKind::Lost, 3, 0);
+                *p.add(1) = lost;
+                *p.add(2) = 0;
+                commit(t, 3);
+            }
+            if let Some(ring) = hot().ring {
+                ring.header().alloc.0.dropped_events.fetch_add(lost, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Discard the pre-init buffer (tracing is off).
+pub fn discard_preinit() {
+    PRE_RESERVED.swap(PRE_CLOSED, Ordering::AcqRel);
+}
+
+/// Write one event of `n` words, built by `fill`, to the ring or the pre-init buffer.
+///
+/// # Safety
+/// `t` is this thread's state with the guard held; `fill` writes exactly `n` words.
+#[inline(always)]
+pub unsafe fn emit(t: *mut ThreadState, n: usize, fill: impl FnOnce(*mut u64)) {
+    // SAFETY: per the contract.
+    unsafe {
+        match STATE.load(Ordering::Acquire) {
+            ACTIVE => {
+                let p = reserve(t, n);
+                if !p.is_null() {
+                    fill(p);
+                    commit(t, n);
+                }
+            }
+            PREINIT => {
+                let p = pre_reserve(n);
+                if !p.is_null() {
+                    fill(p);
+                    pre_commit(n);
+                }
+            }
+            _ => {}
+        }
+    }
+}
