@@ -102,47 +102,62 @@ unsafe fn inspect_new_block(t: *mut ThreadState, kind: EventKind, p: *const u8) 
     }
 }
 
-/// Record a free of `p` (before the real free runs) and leave a stamp in the block.
+/// Record a free of `p` (before the real free runs) and leave a stamp in the block. A stamp of
+/// another thread's earlier free still in the block is recorded too (an ordering edge).
 #[inline(always)]
 unsafe fn record_free(kind: EventKind, p: *mut c_void, a: u64, b: u64) {
     let Some(t) = enter() else { return };
     // SAFETY: `p` is null or a live block about to be freed; guard held.
     unsafe {
         let hdr = glibc::chunk_header(p as *const u8);
-        let aux = hdr & AUX_CHUNK_MASK;
+        let mut aux = hdr & AUX_CHUNK_MASK;
+        let stampable = hdr != 0 && g().stamps && !chunk::is_mmapped(hdr);
+        let slot = (p as *mut u8).wrapping_add(chunk::stamp_offset(chunk::size(hdr))) as *mut u64;
+        let mut found = 0;
         if hdr != 0 && !chunk::is_mmapped(hdr) && chunk::non_main_arena(hdr) {
             glibc::observe_heap(t, p as u64);
         }
-        let n = kind.base_words();
+        if stampable {
+            let w = *slot;
+            if stamp::looks_genuine(g().stamp_key, w) && stamp::decode(g().stamp_key, w).is_some_and(|r| r.stream != (*t).stream) {
+                aux |= AUX_HAS_STAMP;
+                found = w;
+            }
+        }
+        let n = kind.base_words() + (aux & AUX_HAS_STAMP != 0) as usize;
         if writer::STATE.load(core::sync::atomic::Ordering::Acquire) == ACTIVE {
             let w = writer::reserve(t, n);
             if !w.is_null() {
-                if hdr != 0 && g().stamps && !chunk::is_mmapped(hdr) {
+                if stampable {
                     let word = (w as usize - (*t).base as usize) / 8;
-                    let s = stamp::encode(g().stamp_key, (*t).stream, (*t).block_seq, word as u32);
-                    *((p as *mut u8).add(chunk::stamp_offset(chunk::size(hdr))) as *mut u64) = s;
+                    *slot = stamp::encode(g().stamp_key, (*t).stream, (*t).block_seq, word as u32);
                 }
-                fill_free(w, kind, n, aux, p, a, b);
+                fill_free(w, kind, n, aux, p, a, b, found);
                 writer::commit(t, n);
             }
         } else {
-            writer::emit(t, n, |w| fill_free(w, kind, n, aux, p, a, b));
+            writer::emit(t, n, |w| fill_free(w, kind, n, aux, p, a, b, found));
         }
     }
     leave(t);
 }
 
 #[inline(always)]
-unsafe fn fill_free(w: *mut u64, kind: EventKind, n: usize, aux: u64, p: *mut c_void, a: u64, b: u64) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn fill_free(w: *mut u64, kind: EventKind, n: usize, aux: u64, p: *mut c_void, a: u64, b: u64, found: u64) {
     // SAFETY: `w` has room for `n` words.
     unsafe {
         *w = header(kind, n, aux);
         *w.add(1) = p as u64;
-        if n > 2 {
+        let base = kind.base_words();
+        if base > 2 {
             *w.add(2) = a;
         }
-        if n > 3 {
+        if base > 3 {
             *w.add(3) = b;
+        }
+        if aux & AUX_HAS_STAMP != 0 {
+            *w.add(base) = found;
         }
     }
 }

@@ -21,9 +21,9 @@
 //! | `Malloc`, `Calloc`, `Valloc`, `Pvalloc` | `w0(chunk) ptr size [prev_size] [stamp]` |
 //! | `Memalign`, `PosixMemalign`, `AlignedAlloc` | `w0(chunk) ptr size align [prev_size] [stamp]` |
 //! | `Realloc`, `Reallocarray` | `w0(new chunk) old_ptr new_ptr size old_chunk [prev_size] [stamp]` |
-//! | `Free` | `w0(chunk) ptr` |
-//! | `FreeSized` | `w0(chunk) ptr size` |
-//! | `FreeAlignedSized` | `w0(chunk) ptr align size` |
+//! | `Free` | `w0(chunk) ptr [stamp]` |
+//! | `FreeSized` | `w0(chunk) ptr size [stamp]` |
+//! | `FreeAlignedSized` | `w0(chunk) ptr align size [stamp]` |
 //! | `UsableSize` | `w0 ptr result` |
 //! | `Mmap`, `Mmap64` | `w0(prot \| flags<<8) result len fd offset addr_hint` |
 //! | `Munmap` | `w0(result) addr len` |
@@ -82,7 +82,8 @@ pub mod chunk {
 pub const AUX_CHUNK_MASK: u64 = (1 << 46) - 1;
 /// `aux` flag: a `prev_size` word (offset of an mmapped chunk in its mapping) follows the base words.
 pub const AUX_HAS_PREV_SIZE: u64 = 1 << 46;
-/// `aux` flag: a stamp word (see [`crate::stamp`]) is the last word.
+/// `aux` flag: a stamp word (see [`crate::stamp`]) is the last word (allocations: the stamp found
+/// in the new block; frees: the stamp found in the block before this free replaced it).
 pub const AUX_HAS_STAMP: u64 = 1 << 47;
 
 /// The longest event, in words.
@@ -192,8 +193,10 @@ pub enum Event {
         prev_size: u64,
         stamp: Option<u64>,
     },
-    /// free, free_sized, free_aligned_sized. `ptr` may be 0 (`free(NULL)`).
-    Free { kind: EventKind, ptr: u64, chunk: u64 },
+    /// free, free_sized, free_aligned_sized. `ptr` may be 0 (`free(NULL)`). `stamp`: the stamp
+    /// another thread's earlier free left in this block's memory, found still there (this free
+    /// happened after that one).
+    Free { kind: EventKind, ptr: u64, chunk: u64, stamp: Option<u64> },
     UsableSize { ptr: u64, result: u64 },
     Mmap { kind: EventKind, result: u64, len: u64, prot: u32, flags: u32, fd: i64, offset: u64, addr_hint: u64 },
     Munmap { addr: u64, len: u64, result: i64 },
@@ -305,7 +308,10 @@ pub fn decode(words: &[u64], at: usize) -> Result<(Event, usize), DecodeError> {
                 stamp,
             }
         }
-        EventKind::Free | EventKind::FreeSized | EventKind::FreeAlignedSized => Event::Free { kind, ptr: w[1], chunk },
+        EventKind::Free | EventKind::FreeSized | EventKind::FreeAlignedSized => {
+            let (_, stamp) = extras(base)?;
+            Event::Free { kind, ptr: w[1], chunk, stamp }
+        }
         EventKind::UsableSize => Event::UsableSize { ptr: w[1], result: w[2] },
         EventKind::Mmap | EventKind::Mmap64 => Event::Mmap {
             kind,

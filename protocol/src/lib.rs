@@ -4,15 +4,13 @@
 //! * [`stamp`] — free stamps, the happens-before edges that make cross-thread reconstruction exact.
 //! * [`ring`] — the shared-memory ring that carries events from threads to the collector.
 //! * [`control`] — the handshake over the control socket (Hello / Welcome / Bye).
-//! * [`tracefile`] (feature `std`) — the `.mtr` trace file format, its writer and reader.
+//! * [`tracefile`] — the `.mtr` trace file format (its reader and writer are in the collector).
 //!
-//! Everything but `tracefile` is `no_std` and allocation-free: the preload uses it from inside
-//! `malloc`.
-#![cfg_attr(not(feature = "std"), no_std)]
+//! The crate is `no_std` and allocation-free: the preload uses it from inside `malloc`.
+#![cfg_attr(not(test), no_std)]
 
 pub mod control;
 pub mod event;
 pub mod ring;
 pub mod stamp;
-#[cfg(feature = "std")]
 pub mod tracefile;

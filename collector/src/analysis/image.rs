@@ -1,0 +1,235 @@
+//! The analysis of one process image: its metadata, the merger over its thread streams, its live
+//! model, its RSS samples and the timeline that pairs them.
+
+use std::collections::VecDeque;
+
+use mtrace_protocol::control::Origin;
+use mtrace_protocol::event::Event;
+use crate::trace::{Chunk, ProcessEnd, ProcessStart};
+use rustc_hash::FxHashMap;
+
+use super::live::LiveModel;
+use super::merge::{MergeStats, Merger};
+use super::meta::ProcessMeta;
+
+/// How an image came to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Relation {
+    /// The launched command (or a process whose parent was not traced).
+    Root,
+    /// Started by a traced process (posix_spawn, fork + exec).
+    Spawn,
+    /// `fork()` of a traced image: starts with its parent's heap.
+    Fork,
+    /// `exec` in a traced process: a new image with the same pid.
+    Exec,
+}
+
+/// The state of the heap at one sampling time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TimelinePoint {
+    #[serde(skip)]
+    pub time_ns: u64,
+    pub live_bytes: u64,
+    pub heap_bytes: u64,
+    pub mmapped_bytes: u64,
+    pub rss_bytes: u64,
+}
+
+enum Phase {
+    /// A fork child waiting for its parent's heap at the fork.
+    AwaitingSnapshot { parent: u32, seq: u64 },
+    Running,
+}
+
+pub struct ImageAnalysis {
+    pub id: u32,
+    pub pid: u32,
+    pub ppid: u32,
+    pub parent: Option<u32>,
+    pub relation: Relation,
+    pub meta: ProcessMeta,
+    /// Monotonic time the image started (its constructor ran).
+    pub start_ns: u64,
+    pub end: Option<ProcessEnd>,
+    pub model: LiveModel,
+    merger: Merger,
+    phase: Phase,
+    held: Vec<Held>,
+    last_sync_ns: u64,
+    rss: VecDeque<(u64, u64)>,
+    pub timeline: Vec<TimelinePoint>,
+    pub rss_samples: u64,
+    pub peak_rss_sample: u64,
+    pub last_rss_sample: u64,
+    /// Heaps at each of this image's fork events, for its children.
+    pub fork_snapshots: FxHashMap<u64, LiveModel>,
+    pub inherited_bytes: u64,
+}
+
+enum Held {
+    Chunk(Chunk),
+    Sync(u64),
+}
+
+impl ImageAnalysis {
+    pub fn new(ps: &ProcessStart, meta: ProcessMeta, relation: Relation) -> ImageAnalysis {
+        let stamp_key = meta.stamps.then_some(meta.stamp_key);
+        let phase = match (ps.origin == Origin::Fork as u32, ps.parent_image) {
+            (true, Some(parent)) => Phase::AwaitingSnapshot { parent, seq: ps.fork_seq },
+            _ => Phase::Running,
+        };
+        let start_ns = if meta.start_monotonic_ns != 0 { meta.start_monotonic_ns } else { ps.time_ns };
+        let mut model = LiveModel::default();
+        model.heap_start = if meta.start_brk != 0 { meta.start_brk } else { meta.brk_at_init };
+        ImageAnalysis {
+            id: ps.image,
+            pid: ps.pid,
+            ppid: ps.ppid,
+            parent: ps.parent_image,
+            relation,
+            meta,
+            start_ns,
+            end: None,
+            model,
+            merger: Merger::new(stamp_key),
+            phase,
+            held: Vec::new(),
+            last_sync_ns: 0,
+            rss: VecDeque::new(),
+            timeline: Vec::new(),
+            rss_samples: 0,
+            peak_rss_sample: 0,
+            last_rss_sample: 0,
+            fork_snapshots: FxHashMap::default(),
+            inherited_bytes: 0,
+        }
+    }
+
+    /// The parent image and fork sequence this image still waits for, if any.
+    pub fn awaiting(&self) -> Option<(u32, u64)> {
+        match self.phase {
+            Phase::AwaitingSnapshot { parent, seq } => Some((parent, seq)),
+            Phase::Running => None,
+        }
+    }
+
+    /// Start from the parent's heap at the fork (or from nothing if it cannot be had).
+    pub fn start_from(&mut self, snapshot: Option<LiveModel>) {
+        if let Some(mut s) = snapshot {
+            s.now_ns = self.start_ns;
+            // Counters describe this image's own calls; the heap is inherited.
+            let live = s.c.live_bytes;
+            s.c = super::live::Counters {
+                live_bytes: s.c.live_bytes,
+                live_blocks: s.c.live_blocks,
+                peak_live_bytes: s.c.live_bytes,
+                peak_live_time_ns: self.start_ns,
+                mmapped_bytes: s.c.mmapped_bytes,
+                brk: s.c.brk,
+                ..Default::default()
+            };
+            self.inherited_bytes = live;
+            self.model = s;
+        }
+        self.phase = Phase::Running;
+        for h in std::mem::take(&mut self.held) {
+            match h {
+                Held::Chunk(c) => self.merger.add_chunk(&c),
+                Held::Sync(t) => self.sync(t),
+            }
+        }
+        if let Some(e) = self.end.clone() {
+            self.merger.end();
+            let _ = e;
+        }
+        self.run();
+    }
+
+    pub fn add_chunk(&mut self, c: Chunk) {
+        match self.phase {
+            Phase::AwaitingSnapshot { .. } => self.held.push(Held::Chunk(c)),
+            Phase::Running => self.merger.add_chunk(&c),
+        }
+    }
+
+    pub fn sync(&mut self, time_ns: u64) {
+        if let Phase::AwaitingSnapshot { .. } = self.phase {
+            self.held.push(Held::Sync(time_ns));
+            return;
+        }
+        self.last_sync_ns = self.last_sync_ns.max(time_ns);
+        self.merger.sync();
+        self.run();
+    }
+
+    pub fn add_rss(&mut self, time_ns: u64, rss: u64) {
+        self.rss.push_back((time_ns, rss));
+        self.rss_samples += 1;
+        self.peak_rss_sample = self.peak_rss_sample.max(rss);
+        self.last_rss_sample = rss;
+    }
+
+    pub fn set_end(&mut self, e: ProcessEnd) {
+        self.end = Some(e);
+        if let Phase::Running = self.phase {
+            self.merger.end();
+            self.run();
+        }
+    }
+
+    /// Apply what can be applied; take fork snapshots; emit timeline points.
+    pub fn run(&mut self) {
+        if let Phase::AwaitingSnapshot { .. } = self.phase {
+            return;
+        }
+        let snaps = &mut self.fork_snapshots;
+        self.merger.run(&mut self.model, &mut |p, _stream, model| {
+            if let Event::Fork { seq } = p.ev {
+                snaps.insert(seq, model.clone());
+            }
+        });
+        self.emit_timeline();
+    }
+
+    /// Timeline points for RSS samples whose time the merged history has fully passed.
+    fn emit_timeline(&mut self) {
+        let bound = if self.merger.ended() {
+            u64::MAX
+        } else {
+            let synced = self.last_sync_ns.saturating_sub(20_000_000);
+            self.merger.min_queued_time().map_or(synced, |t| t.min(synced))
+        };
+        while let Some(&(t, rss)) = self.rss.front() {
+            if t >= bound {
+                break;
+            }
+            self.rss.pop_front();
+            self.timeline.push(TimelinePoint {
+                time_ns: t,
+                live_bytes: self.model.c.live_bytes,
+                heap_bytes: self.model.heap_bytes(),
+                mmapped_bytes: self.model.c.mmapped_bytes,
+                rss_bytes: rss,
+            });
+        }
+    }
+
+    pub fn merge_stats(&self) -> MergeStats {
+        self.merger.stats
+    }
+
+    pub fn threads(&self) -> usize {
+        self.merger.stream_count()
+    }
+
+    /// Finish whatever is left (end of the trace).
+    pub fn finish(&mut self) {
+        if let Phase::AwaitingSnapshot { .. } = self.phase {
+            self.start_from(None);
+        }
+        self.merger.end();
+        self.run();
+    }
+}

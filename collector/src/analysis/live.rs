@@ -1,0 +1,279 @@
+//! The live set of one process image and the counters derived from it, updated event by event
+//! in merged order.
+//!
+//! Definitions (what the report's numbers mean):
+//! * a *call* is any hooked call, failed ones and `free(NULL)` included;
+//! * an *allocation* is a call that returned a new block: malloc, calloc, the memalign family,
+//!   valloc, pvalloc, and every successful realloc/reallocarray with a non-zero size (whether it
+//!   moved or not: the old block ends, a new one of the new size begins);
+//! * a *free* ends a block: free of a live pointer, realloc to size 0, and the old block of a
+//!   successful realloc of a non-null pointer;
+//! * *live bytes* are the requested sizes of live blocks (`calloc`: nmemb × size).
+
+use mtrace_protocol::event::{chunk, Event, EventKind};
+use rustc_hash::FxHashMap;
+
+/// One live block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Block {
+    pub size: u64,
+    /// glibc chunk header word (size | flags), 0 if unknown.
+    pub chunk: u64,
+    /// Offset of an mmapped chunk in its mapping.
+    pub prev_size: u64,
+    pub time_ns: u64,
+    pub stream: u32,
+    pub kind: EventKind,
+}
+
+impl Block {
+    /// Bytes of address space an mmapped chunk occupies (0 for heap chunks).
+    pub fn mmapped_bytes(&self) -> u64 {
+        if chunk::is_mmapped(self.chunk) { chunk::size(self.chunk) + self.prev_size } else { 0 }
+    }
+}
+
+/// Counters of one image. `Clone` so a fork child can start from its parent's state.
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    pub calls: FxHashMap<EventKind, u64>,
+    pub alloc_count: u64,
+    pub free_count: u64,
+    pub failed_allocs: u64,
+    pub bytes_allocated_total: u64,
+    pub live_bytes: u64,
+    pub live_blocks: u64,
+    pub peak_live_bytes: u64,
+    pub peak_live_time_ns: u64,
+    /// Frees (or realloc sources) of addresses never seen allocated.
+    pub unmatched_frees: u64,
+    /// Allocations returning an address that was still live with no free of it ever found.
+    pub displaced_blocks: u64,
+    pub lost_events: u64,
+    /// Sum of mapping sizes of live mmapped chunks.
+    pub mmapped_bytes: u64,
+    pub brk: u64,
+}
+
+/// The live set plus counters plus what is known of the OS-held heap.
+#[derive(Clone, Debug, Default)]
+pub struct LiveModel {
+    pub live: FxHashMap<u64, Block>,
+    pub c: Counters,
+    /// Where the brk heap starts.
+    pub heap_start: u64,
+    /// Thread-arena heaps: base → (arena, size).
+    pub arena_heaps: FxHashMap<u64, (u64, u64)>,
+    /// Time of the last applied event.
+    pub now_ns: u64,
+}
+
+/// What the merger needs to know from an event before applying it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// Applicable now.
+    Ok,
+    /// Waits until `addr` becomes live (a free or realloc source whose allocation is pending).
+    Live(u64),
+    /// Waits until `addr` is no longer live (an allocation of an address not yet freed).
+    Dead(u64),
+}
+
+impl LiveModel {
+    pub fn is_live(&self, addr: u64) -> bool {
+        self.live.contains_key(&addr)
+    }
+
+    /// Brk heap bytes plus thread-arena heap bytes held from the OS.
+    pub fn heap_bytes(&self) -> u64 {
+        let main = if self.heap_start != 0 && self.c.brk > self.heap_start { self.c.brk - self.heap_start } else { 0 };
+        main + self.arena_heaps.values().map(|&(_, s)| s).sum::<u64>()
+    }
+
+    /// Is `ev` applicable in the current state?
+    pub fn need(&self, ev: &Event) -> Need {
+        match *ev {
+            Event::Alloc { ptr, .. } if ptr != 0 && self.is_live(ptr) => Need::Dead(ptr),
+            Event::Free { ptr, .. } if ptr != 0 && !self.is_live(ptr) => Need::Live(ptr),
+            Event::Realloc { old_ptr, new_ptr, size, .. } => {
+                if old_ptr != 0 && !(new_ptr == 0 && size > 0) && !self.is_live(old_ptr) {
+                    Need::Live(old_ptr)
+                } else if new_ptr != 0 && new_ptr != old_ptr && self.is_live(new_ptr) {
+                    Need::Dead(new_ptr)
+                } else {
+                    Need::Ok
+                }
+            }
+            _ => Need::Ok,
+        }
+    }
+
+    fn add_block(&mut self, ptr: u64, b: Block) {
+        self.c.alloc_count += 1;
+        self.c.bytes_allocated_total = self.c.bytes_allocated_total.saturating_add(b.size);
+        if let Some(old) = self.live.insert(ptr, b) {
+            // Forced: the address was live and no free of it was ever found.
+            self.c.displaced_blocks += 1;
+            self.c.live_bytes -= old.size;
+            self.c.live_blocks -= 1;
+            self.c.mmapped_bytes -= old.mmapped_bytes();
+        }
+        self.c.live_bytes += b.size;
+        self.c.live_blocks += 1;
+        self.c.mmapped_bytes += b.mmapped_bytes();
+        if self.c.live_bytes > self.c.peak_live_bytes {
+            self.c.peak_live_bytes = self.c.live_bytes;
+            self.c.peak_live_time_ns = b.time_ns;
+        }
+    }
+
+    /// End the block at `ptr`; `false` if it was not live (an unmatched free).
+    fn end_block(&mut self, ptr: u64) -> Option<Block> {
+        match self.live.remove(&ptr) {
+            Some(b) => {
+                self.c.free_count += 1;
+                self.c.live_bytes -= b.size;
+                self.c.live_blocks -= 1;
+                self.c.mmapped_bytes -= b.mmapped_bytes();
+                Some(b)
+            }
+            None => {
+                self.c.unmatched_frees += 1;
+                None
+            }
+        }
+    }
+
+    /// Apply one event (in merged order). Non-applicable events (see [`LiveModel::need`]) are
+    /// applied as forced: an unmatched free, or a displaced block.
+    pub fn apply(&mut self, ev: &Event, time_ns: u64, stream: u32) {
+        self.now_ns = self.now_ns.max(time_ns);
+        match *ev {
+            Event::Alloc { kind, ptr, size, chunk, prev_size, .. } => {
+                self.count(kind);
+                if ptr == 0 {
+                    self.c.failed_allocs += 1;
+                } else {
+                    self.add_block(ptr, Block { size, chunk, prev_size, time_ns, stream, kind });
+                }
+            }
+            Event::Free { kind, ptr, .. } => {
+                self.count(kind);
+                if ptr != 0 {
+                    self.end_block(ptr);
+                }
+            }
+            Event::Realloc { kind, old_ptr, new_ptr, size, chunk, prev_size, .. } => {
+                self.count(kind);
+                if new_ptr == 0 {
+                    if size == 0 && old_ptr != 0 {
+                        // realloc(p, 0) freed p.
+                        self.end_block(old_ptr);
+                    } else {
+                        self.c.failed_allocs += 1;
+                    }
+                    return;
+                }
+                if old_ptr != 0 {
+                    self.end_block(old_ptr);
+                }
+                self.add_block(new_ptr, Block { size, chunk, prev_size, time_ns, stream, kind });
+            }
+            Event::UsableSize { .. } => self.count(EventKind::UsableSize),
+            Event::Mmap { kind, .. } => self.count(kind),
+            Event::Munmap { .. } => self.count(EventKind::Munmap),
+            Event::Mremap { .. } => self.count(EventKind::Mremap),
+            Event::Brk { .. } => self.count(EventKind::Brk),
+            Event::Sbrk { .. } => self.count(EventKind::Sbrk),
+            Event::MallocTrim { .. } => self.count(EventKind::MallocTrim),
+            Event::Mallopt { .. } => self.count(EventKind::Mallopt),
+            Event::ProgramBreak { brk } => self.c.brk = brk,
+            Event::ArenaHeap { heap, ar_ptr, size, .. } => {
+                self.arena_heaps.insert(heap, (ar_ptr, size));
+            }
+            Event::HeapSize { heap, size } => {
+                self.arena_heaps.entry(heap).or_insert((0, 0)).1 = size;
+            }
+            Event::Lost { events, .. } => self.c.lost_events += events,
+            Event::Time { .. } | Event::ThreadExit | Event::Fork { .. } | Event::Unknown { .. } => {}
+        }
+    }
+
+    fn count(&mut self, k: EventKind) {
+        *self.c.calls.entry(k).or_insert(0) += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alloc(ptr: u64, size: u64) -> Event {
+        Event::Alloc { kind: EventKind::Malloc, ptr, size, align: 0, chunk: 0, prev_size: 0, stamp: None }
+    }
+    fn free(ptr: u64) -> Event {
+        Event::Free { kind: EventKind::Free, ptr, chunk: 0, stamp: None }
+    }
+    fn realloc(old_ptr: u64, new_ptr: u64, size: u64) -> Event {
+        Event::Realloc { kind: EventKind::Realloc, old_ptr, new_ptr, size, old_chunk: 0, chunk: 0, prev_size: 0, stamp: None }
+    }
+
+    #[test]
+    fn counts_follow_the_documented_definitions() {
+        let mut m = LiveModel::default();
+        for (i, ev) in [
+            alloc(0x10, 100),
+            alloc(0x20, 50),
+            free(0),              // free(NULL): a call, not a free
+            realloc(0x10, 0x30, 300), // moved
+            realloc(0x30, 0x30, 10),  // in place
+            realloc(0, 0x40, 7),  // realloc(NULL, n) = malloc
+            realloc(0x20, 0, 0),  // realloc(p, 0) = free
+            realloc(0x40, 0, 99), // failed: 0x40 stays
+            alloc(0, 1 << 60),    // failed malloc
+        ]
+        .iter()
+        .enumerate()
+        {
+            m.apply(ev, i as u64, 1);
+        }
+        assert_eq!(m.c.calls[&EventKind::Malloc], 3);
+        assert_eq!(m.c.calls[&EventKind::Free], 1);
+        assert_eq!(m.c.calls[&EventKind::Realloc], 5);
+        assert_eq!(m.c.alloc_count, 2 + 3);
+        assert_eq!(m.c.free_count, 3);
+        assert_eq!(m.c.failed_allocs, 2);
+        assert_eq!(m.c.bytes_allocated_total, 100 + 50 + 300 + 10 + 7);
+        assert_eq!(m.c.live_bytes, 10 + 7);
+        assert_eq!(m.c.live_blocks, 2);
+        // Peak: 100+50 → 50+300 = 350.
+        assert_eq!(m.c.peak_live_bytes, 350);
+        assert_eq!(m.c.peak_live_time_ns, 3);
+        assert_eq!(m.c.unmatched_frees, 0);
+    }
+
+    #[test]
+    fn needs_express_causality() {
+        let mut m = LiveModel::default();
+        assert_eq!(m.need(&free(0x10)), Need::Live(0x10));
+        assert_eq!(m.need(&free(0)), Need::Ok);
+        m.apply(&alloc(0x10, 1), 0, 1);
+        assert_eq!(m.need(&alloc(0x10, 5)), Need::Dead(0x10));
+        assert_eq!(m.need(&realloc(0x10, 0x20, 5)), Need::Ok);
+        assert_eq!(m.need(&realloc(0x30, 0x20, 5)), Need::Live(0x30));
+        assert_eq!(m.need(&realloc(0x20, 0x10, 5)), Need::Live(0x20));
+        assert_eq!(m.need(&realloc(0, 0x10, 5)), Need::Dead(0x10));
+        // A failed realloc needs nothing.
+        assert_eq!(m.need(&realloc(0x99, 0, 5)), Need::Ok);
+    }
+
+    #[test]
+    fn mmapped_chunks_count_their_mapping() {
+        let mut m = LiveModel::default();
+        let ev = Event::Alloc { kind: EventKind::Memalign, ptr: 0x7000_1000, size: 200_000, align: 4096, chunk: 200_720 | chunk::IS_MMAPPED, prev_size: 4080, stamp: None };
+        m.apply(&ev, 0, 1);
+        assert_eq!(m.c.mmapped_bytes, 204_800);
+        m.apply(&free(0x7000_1000), 1, 1);
+        assert_eq!(m.c.mmapped_bytes, 0);
+    }
+}

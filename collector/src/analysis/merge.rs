@@ -1,0 +1,701 @@
+//! Merging the per-thread event streams of one process image into one causally consistent order.
+//!
+//! Each thread's stream is ordered; threads are not ordered against each other. The merger
+//! applies events to the [`LiveModel`] in time-mark order (the collector's clock, ~1 ms
+//! resolution), but never applies an event before what must precede it:
+//!
+//! * a free (or realloc source) of an address that is not live waits for its allocation;
+//! * an allocation of an address that is still live waits for the free of the old block;
+//! * an allocation that found a free *stamp* (see `mtrace_protocol::stamp`) waits until the
+//!   stamped free — an event at a known stream position — has been applied;
+//! * when other threads also have pending allocations or frees of the same address, an event
+//!   goes first only if the pending uses of that address, across all threads, can still be
+//!   interleaved into a valid history (alternating allocation and free, each thread in its
+//!   order, stamps respected) that starts with it. A small search over that one address
+//!   decides; it orders reuse that left no stamp (calloc zeroes the block it returns; a block
+//!   freed inside realloc cannot be stamped) and frees whose block is ambiguous.
+//!
+//! What stays undecidable: two unstamped allocations of one address in different threads that
+//! could each go first (e.g. a third thread frees the address in between), within one time
+//! mark. The merger then follows time and stream order and counts the choice in
+//! [`MergeStats::ambiguous`]; counts stay exact, the attributed sizes of the two blocks may be
+//! swapped.
+//!
+//! Completeness: events come in chunks between `Sync` records. An event read in one drain pass
+//! has everything that causally precedes it in the trace by the end of the next pass, so an event
+//! becomes *safe* two `Sync`s after its chunk (or when the image ended). Only safe events are
+//! applied. If nothing can be applied, deferrals behind pairs are released first; then a blocked
+//! event that is safe with one more `Sync` of margin (or the image ended) can never have its
+//! precondition met: it is forced (an unmatched free, a displaced block, or an ignored stamp) and
+//! counted.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+
+use mtrace_protocol::event::{Event, Events};
+use mtrace_protocol::stamp;
+use crate::trace::Chunk;
+use rustc_hash::FxHashMap;
+
+use super::live::{LiveModel, Need};
+
+/// Position of an event in its stream: block sequence number and word offset in the block.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Pos {
+    pub seq: u64,
+    pub word: u32,
+}
+
+/// A decoded event waiting to be applied.
+#[derive(Clone, Debug)]
+pub struct Pending {
+    pub ev: Event,
+    pub pos: Pos,
+    pub len: u32,
+    pub time_ns: u64,
+    /// Number of Sync records seen before its chunk.
+    pub epoch: u32,
+    serial: u64,
+    ignore_stamp: bool,
+    ignore_pairs: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    None,
+    Addr(u64),
+    /// Behind another thread's self-contained pair at this address.
+    Pair(u64),
+    Stamp { stream: usize, pos: Pos },
+}
+
+struct Stream {
+    id: u32,
+    tid: u32,
+    queue: VecDeque<Pending>,
+    /// Time mark of the events being decoded (last `Time` event).
+    time_ns: u64,
+    /// Where the next chunk should start: (block seq, byte offset).
+    expect: Option<(u64, u32)>,
+    /// Everything before this position has been applied.
+    frontier: Pos,
+    max_seq: u64,
+    wait: Wait,
+}
+
+/// Anomalies the merger met (all zero in a healthy trace).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MergeStats {
+    /// Chunks that did not continue their stream where the previous one ended.
+    pub gaps: u64,
+    /// Chunks whose words do not decode.
+    pub decode_errors: u64,
+    /// Stamps that named no reachable free, ignored.
+    pub ignored_stamps: u64,
+    /// Events applied although their precondition never held.
+    pub forced: u64,
+    /// Unstamped allocations whose order against another thread's allocation of the same
+    /// address could not be decided (see the module documentation).
+    pub ambiguous: u64,
+}
+
+/// What an event does to an address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum UseKind {
+    /// Makes it live.
+    Alloc,
+    /// Ends its block.
+    Free,
+    /// An in-place realloc: needs it live, leaves it live (one atomic event, not free + alloc).
+    Keep,
+}
+
+impl UseKind {
+    /// Can this use happen when the address is `live`? What is it after?
+    fn step(self, live: bool) -> Option<bool> {
+        match (self, live) {
+            (UseKind::Alloc, false) => Some(true),
+            (UseKind::Free, true) => Some(false),
+            (UseKind::Keep, true) => Some(true),
+            _ => None,
+        }
+    }
+}
+
+/// A pending event's use of an address, for the per-address search.
+#[derive(Clone, Copy, Debug)]
+struct Use {
+    stream: usize,
+    serial: u64,
+    kind: UseKind,
+    /// The stamp of an allocation carrying one (ordered after that free).
+    stamp: Option<u64>,
+    time_ns: u64,
+    pos: Pos,
+    epoch: u32,
+}
+
+pub struct Merger {
+    streams: Vec<Stream>,
+    by_id: FxHashMap<u32, usize>,
+    stamp_key: Option<u64>,
+    syncs: u32,
+    ended: bool,
+    ready: BinaryHeap<Reverse<(u64, usize)>>,
+    addr_waiters: FxHashMap<u64, Vec<usize>>,
+    /// Per target stream: (position, waiting stream).
+    stamp_waiters: Vec<Vec<(Pos, usize)>>,
+    queued: usize,
+    serial: u64,
+    /// Pending (not applied) allocations and frees per address, in stream order.
+    uses: FxHashMap<u64, Vec<Use>>,
+    pub stats: MergeStats,
+}
+
+impl Merger {
+    /// `stamp_key`: the image's stamp key when it writes stamps.
+    pub fn new(stamp_key: Option<u64>) -> Merger {
+        Merger {
+            streams: Vec::new(),
+            by_id: FxHashMap::default(),
+            stamp_key,
+            syncs: 0,
+            ended: false,
+            ready: BinaryHeap::new(),
+            addr_waiters: FxHashMap::default(),
+            stamp_waiters: Vec::new(),
+            queued: 0,
+            serial: 0,
+            uses: FxHashMap::default(),
+            stats: MergeStats::default(),
+        }
+    }
+
+    fn stream_index(&mut self, id: u32) -> usize {
+        if let Some(&i) = self.by_id.get(&id) {
+            return i;
+        }
+        let i = self.streams.len();
+        self.streams.push(Stream {
+            id,
+            tid: 0,
+            queue: VecDeque::new(),
+            time_ns: 0,
+            expect: None,
+            frontier: Pos::default(),
+            max_seq: 0,
+            wait: Wait::None,
+        });
+        self.stamp_waiters.push(Vec::new());
+        self.by_id.insert(id, i);
+        i
+    }
+
+    /// Decode a chunk and queue its events.
+    pub fn add_chunk(&mut self, c: &Chunk) {
+        let i = self.stream_index(c.stream);
+        let epoch = self.syncs;
+        let s = &mut self.streams[i];
+        s.tid = c.tid;
+        let seq = c.block_seq as u64;
+        let continues = match s.expect {
+            None => c.offset == 0,
+            Some((eseq, eoff)) => (seq == eseq && c.offset == eoff) || (seq == eseq + 1 && c.offset == 0),
+        };
+        if !continues {
+            self.stats.gaps += 1;
+        }
+        s.expect = Some((seq, c.offset + (c.words.len() * 8) as u32));
+        s.max_seq = s.max_seq.max(seq);
+        let base_word = c.offset / 8;
+        let was_empty = s.queue.is_empty();
+        for r in Events::new(&c.words) {
+            match r {
+                Ok((at, Event::Time { clock_ns })) => {
+                    let _ = at;
+                    s.time_ns = s.time_ns.max(clock_ns);
+                }
+                Ok((at, ev)) => {
+                    let len = mtrace_protocol::event::split_header(c.words[at]).1 as u32;
+                    self.serial += 1;
+                    let stamp = stamp_of(&ev);
+                    let is_free = matches!(ev, Event::Free { .. });
+                    for (addr, kind) in uses_of(&ev).into_iter().flatten() {
+                        // A realloc's stamp belongs to its new block; a free's to the freed one.
+                        let stamp = if kind != UseKind::Free || is_free { stamp } else { None };
+                        self.uses.entry(addr).or_default().push(Use {
+                            stream: i,
+                            serial: self.serial,
+                            kind,
+                            stamp,
+                            time_ns: s.time_ns,
+                            pos: Pos { seq, word: base_word + at as u32 },
+                            epoch,
+                        });
+                    }
+                    s.queue.push_back(Pending {
+                        ev,
+                        pos: Pos { seq, word: base_word + at as u32 },
+                        len,
+                        time_ns: s.time_ns,
+                        epoch,
+                        serial: self.serial,
+                        ignore_stamp: false,
+                        ignore_pairs: false,
+                    });
+                    self.queued += 1;
+                }
+                Err(_) => {
+                    self.stats.decode_errors += 1;
+                    break;
+                }
+            }
+        }
+        if was_empty {
+            self.push_if_ready(i);
+        }
+    }
+
+    /// A Sync record for this image: events two syncs old become safe.
+    pub fn sync(&mut self) {
+        self.syncs += 1;
+        self.reconsider();
+    }
+
+    /// More events became safe: re-examine deferrals (they were decided on less data) and queue
+    /// every stream whose head is now safe.
+    fn reconsider(&mut self) {
+        for i in 0..self.streams.len() {
+            if let Wait::Pair(_) = self.streams[i].wait {
+                self.streams[i].wait = Wait::None;
+            }
+            self.push_if_ready(i);
+        }
+    }
+
+    /// The image ended: every queued event is safe.
+    pub fn end(&mut self) {
+        self.ended = true;
+        self.reconsider();
+    }
+
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Events decoded but not applied yet.
+    pub fn queued(&self) -> usize {
+        self.queued
+    }
+
+    /// Smallest time mark among events not applied yet.
+    pub fn min_queued_time(&self) -> Option<u64> {
+        self.streams.iter().filter_map(|s| s.queue.front().map(|p| p.time_ns)).min()
+    }
+
+    /// Thread id of a stream.
+    pub fn tid_of(&self, stream_id: u32) -> Option<u32> {
+        self.by_id.get(&stream_id).map(|&i| self.streams[i].tid)
+    }
+
+    pub fn stream_count(&self) -> usize {
+        self.streams.len()
+    }
+
+    fn safe(&self, p: &Pending, margin: u32) -> bool {
+        self.ended || p.epoch + margin <= self.syncs
+    }
+
+    fn push_if_ready(&mut self, i: usize) {
+        let s = &self.streams[i];
+        if s.wait != Wait::None {
+            return;
+        }
+        if let Some(h) = s.queue.front() {
+            if self.safe(h, 2) {
+                self.ready.push(Reverse((h.time_ns, i)));
+            }
+        }
+    }
+
+    /// Apply every event that can be applied now. `on_applied` sees each event after the model
+    /// applied it, with the stream id it came from.
+    pub fn run(&mut self, model: &mut LiveModel, on_applied: &mut impl FnMut(&Pending, u32, &LiveModel)) {
+        loop {
+            while let Some(Reverse((t, i))) = self.ready.pop() {
+                let s = &self.streams[i];
+                match s.queue.front() {
+                    Some(h) if s.wait == Wait::None && h.time_ns == t => {}
+                    _ => continue,
+                }
+                self.step(i, model, on_applied);
+            }
+            if !self.force_one(model, on_applied) {
+                return;
+            }
+        }
+    }
+
+    /// Try to apply the head of stream `i`; block it if it must wait.
+    fn step(&mut self, i: usize, model: &mut LiveModel, on_applied: &mut impl FnMut(&Pending, u32, &LiveModel)) {
+        let head = self.streams[i].queue.front().expect("step on an empty stream");
+        if !self.safe(head, 2) {
+            return;
+        }
+        let stamp = if head.ignore_stamp { None } else { stamp_of(&head.ev) };
+        if let Some(st) = stamp {
+            if let Some(w) = self.stamp_target(i, st) {
+                let (j, pos) = w;
+                if self.streams[j].frontier <= pos {
+                    self.streams[i].wait = Wait::Stamp { stream: j, pos };
+                    self.stamp_waiters[j].push((pos, i));
+                    return;
+                }
+            }
+        }
+        let head = self.streams[i].queue.front().expect("step on an empty stream");
+        match model.need(&head.ev) {
+            Need::Ok => {
+                if !head.ignore_pairs {
+                    let serial = head.serial;
+                    let mut ambiguous = false;
+                    let t = touched(&head.ev);
+                    for a in t.into_iter().flatten().take(if t[0] == t[1] { 1 } else { 2 }) {
+                        match self.address_order(i, a, serial, model.is_live(a)) {
+                            Order::Defer => {
+                                self.streams[i].wait = Wait::Pair(a);
+                                self.addr_waiters.entry(a).or_default().push(i);
+                                return;
+                            }
+                            Order::Ambiguous => ambiguous = true,
+                            Order::Clear => {}
+                        }
+                    }
+                    if ambiguous {
+                        self.stats.ambiguous += 1;
+                    }
+                }
+                self.apply_head(i, model, on_applied)
+            }
+            Need::Live(a) | Need::Dead(a) => {
+                self.streams[i].wait = Wait::Addr(a);
+                self.addr_waiters.entry(a).or_default().push(i);
+            }
+        }
+    }
+
+    /// May the use of `addr` by stream `i`'s head (serial `serial`) go first? Searches the pending
+    /// uses of `addr` (safe ones) for a valid interleaving that starts with it.
+    fn address_order(&self, i: usize, addr: u64, serial: u64, live: bool) -> Order {
+        let Some(uses) = self.uses.get(&addr) else { return Order::Clear };
+        if uses.iter().all(|u| u.stream == i) {
+            return Order::Clear;
+        }
+        // Per stream, its pending uses of `addr` in order: all that are present. Safe uses are
+        // mandatory (their causal pasts are present); newer ones are an optional suffix (their
+        // pasts may still be on the way) that histories take as far as they can go.
+        let mut streams: Vec<usize> = Vec::new();
+        let mut seqs: Vec<Vec<&Use>> = Vec::new();
+        for u in uses {
+            let k = match streams.iter().position(|&s| s == u.stream) {
+                Some(k) => k,
+                None => {
+                    streams.push(u.stream);
+                    seqs.push(Vec::new());
+                    streams.len() - 1
+                }
+            };
+            seqs[k].push(u);
+        }
+        let Some(me) = streams.iter().position(|&s| s == i) else { return Order::Clear };
+        if seqs[me].first().is_none_or(|u| u.serial != serial) {
+            // Not this stream's first use of the address (cannot happen for a head).
+            return Order::Clear;
+        }
+        let mut search = AddrSearch::new(self, &seqs, &streams);
+        let mut start = vec![0usize; seqs.len()];
+        start[me] = 1;
+        let mine = seqs[me][0];
+        let Some(after_live) = mine.kind.step(live) else { return Order::Clear };
+        if !search.feasible(&mut start, after_live) {
+            return if search.budget == 0 { Order::Clear } else { Order::Defer };
+        }
+        // A guess is a choice that rules out final outcomes the pending uses still allowed.
+        let mut search = AddrSearch::new(self, &seqs, &streams);
+        let all = search.outcomes(&mut vec![0usize; seqs.len()], live, Outcome::Current);
+        let mut start = vec![0usize; seqs.len()];
+        start[me] = 1;
+        let after = if after_live { Outcome::Block(mine.serial) } else { Outcome::Dead };
+        let mine_only = search.outcomes(&mut start, after_live, after);
+        if search.budget == 0 || mine_only.len() < all.len() {
+            return Order::Ambiguous;
+        }
+        Order::Clear
+    }
+
+    /// The stream and position a stamp names, if it names another known-or-future stream.
+    fn stamp_target(&mut self, i: usize, word: u64) -> Option<(usize, Pos)> {
+        let key = self.stamp_key?;
+        let r = stamp::decode(key, word)?;
+        if r.stream == 0 || r.stream == self.streams[i].id {
+            return None;
+        }
+        let j = self.stream_index(r.stream);
+        let s = &self.streams[j];
+        let seq = stamp::resolve_seq(r.seq_low, s.max_seq.max(s.frontier.seq));
+        Some((j, Pos { seq, word: r.word }))
+    }
+
+    fn apply_head(&mut self, i: usize, model: &mut LiveModel, on_applied: &mut impl FnMut(&Pending, u32, &LiveModel)) {
+        let p = self.streams[i].queue.pop_front().expect("apply on an empty stream");
+        self.queued -= 1;
+        for (addr, _) in uses_of(&p.ev).into_iter().flatten() {
+            if let Some(v) = self.uses.get_mut(&addr) {
+                v.retain(|u| u.serial != p.serial);
+                if v.is_empty() {
+                    self.uses.remove(&addr);
+                }
+            }
+        }
+        let id = self.streams[i].id;
+        model.apply(&p.ev, p.time_ns, id);
+        on_applied(&p, id, model);
+        let frontier = Pos { seq: p.pos.seq, word: p.pos.word + p.len };
+        self.streams[i].frontier = frontier;
+        for a in touched(&p.ev).into_iter().flatten() {
+            if let Some(ws) = self.addr_waiters.remove(&a) {
+                for w in ws {
+                    if self.streams[w].wait == Wait::Addr(a) || self.streams[w].wait == Wait::Pair(a) {
+                        self.streams[w].wait = Wait::None;
+                        self.push_if_ready(w);
+                    }
+                }
+            }
+        }
+        if !self.stamp_waiters[i].is_empty() {
+            let waiters = std::mem::take(&mut self.stamp_waiters[i]);
+            let mut keep = Vec::new();
+            for (pos, w) in waiters {
+                if pos < frontier {
+                    if self.streams[w].wait == (Wait::Stamp { stream: i, pos }) {
+                        self.streams[w].wait = Wait::None;
+                        self.push_if_ready(w);
+                    }
+                } else {
+                    keep.push((pos, w));
+                }
+            }
+            self.stamp_waiters[i] = keep;
+        }
+        self.push_if_ready(i);
+    }
+
+    /// Nothing is ready: force the oldest blocked event whose precondition can no longer be met.
+    fn force_one(&mut self, model: &mut LiveModel, on_applied: &mut impl FnMut(&Pending, u32, &LiveModel)) -> bool {
+        // Deferrals behind pairs are a preference, not a precondition: release them first.
+        let mut released = false;
+        for i in 0..self.streams.len() {
+            if let Wait::Pair(_) = self.streams[i].wait {
+                // As for forcing: only once whatever could justify the wait must have arrived.
+                if self.streams[i].queue.front().is_some_and(|h| self.safe(h, 3)) {
+                    self.streams[i].queue.front_mut().unwrap().ignore_pairs = true;
+                    self.streams[i].wait = Wait::None;
+                    self.push_if_ready(i);
+                    self.stats.ambiguous += 1;
+                    released = true;
+                }
+            }
+        }
+        if released {
+            return true;
+        }
+        let mut best: Option<(u64, usize)> = None;
+        for (i, s) in self.streams.iter().enumerate() {
+            if s.wait == Wait::None {
+                continue;
+            }
+            let Some(h) = s.queue.front() else { continue };
+            if !self.safe(h, 3) {
+                continue;
+            }
+            if best.is_none_or(|b| (h.time_ns, i) < b) {
+                best = Some((h.time_ns, i));
+            }
+        }
+        let Some((_, i)) = best else { return false };
+        match self.streams[i].wait {
+            Wait::Stamp { .. } => {
+                self.stats.ignored_stamps += 1;
+                self.streams[i].queue.front_mut().unwrap().ignore_stamp = true;
+                self.streams[i].wait = Wait::None;
+                self.push_if_ready(i);
+            }
+            Wait::Addr(_) => {
+                self.stats.forced += 1;
+                self.streams[i].wait = Wait::None;
+                self.apply_head(i, model, on_applied);
+            }
+            Wait::Pair(_) | Wait::None => unreachable!(),
+        }
+        true
+    }
+}
+
+enum Order {
+    Clear,
+    Defer,
+    Ambiguous,
+}
+
+/// The state an address is left in after its pending uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Outcome {
+    /// Not live.
+    Dead,
+    /// The block live before the pending uses is still live.
+    Current,
+    /// The block allocated by the use with this serial is live.
+    Block(u64),
+}
+
+/// Depth-first search for a valid history of one address's pending uses.
+struct AddrSearch<'a> {
+    merger: &'a Merger,
+    seqs: &'a [Vec<&'a Use>],
+    streams: &'a [usize],
+    /// Per stream, how many of its uses must be consumed.
+    mandatory: Vec<usize>,
+    visited: FxHashMap<(Vec<usize>, bool), ()>,
+    memo: FxHashMap<(Vec<usize>, bool), Vec<Outcome>>,
+    budget: u32,
+}
+
+impl<'a> AddrSearch<'a> {
+    fn new(merger: &'a Merger, seqs: &'a [Vec<&'a Use>], streams: &'a [usize]) -> Self {
+        let mandatory = seqs
+            .iter()
+            .map(|s| if merger.ended { s.len() } else { s.iter().take_while(|u| u.epoch + 2 <= merger.syncs).count() })
+            .collect();
+        AddrSearch { merger, seqs, streams, mandatory, visited: FxHashMap::default(), memo: FxHashMap::default(), budget: 20_000 }
+    }
+
+    /// Every mandatory use consumed?
+    fn done(&self, pos: &[usize]) -> bool {
+        pos.iter().zip(&self.mandatory).all(|(&p, &m)| p >= m)
+    }
+
+    /// From positions `pos` (uses consumed per stream) with the address `live` or not, can every
+    /// mandatory use be consumed? Gives up (answering yes) when the budget runs out.
+    fn feasible(&mut self, pos: &mut Vec<usize>, live: bool) -> bool {
+        if self.done(pos) {
+            return true;
+        }
+        if self.budget == 0 {
+            return true;
+        }
+        self.budget -= 1;
+        if self.visited.insert((pos.clone(), live), ()).is_some() {
+            return false;
+        }
+        for k in 0..self.seqs.len() {
+            let Some(u) = self.seqs[k].get(pos[k]) else { continue };
+            let Some(next) = u.kind.step(live) else { continue };
+            if !self.stamp_allows(u, pos) {
+                continue;
+            }
+            pos[k] += 1;
+            let ok = self.feasible(pos, next);
+            pos[k] -= 1;
+            if ok {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Every final state a maximal valid history of the remaining uses (all mandatory ones
+    /// consumed, optional ones as far as they go) can end in. Empty: none is valid.
+    fn outcomes(&mut self, pos: &mut Vec<usize>, live: bool, now: Outcome) -> Vec<Outcome> {
+        if pos.iter().zip(self.seqs).all(|(&p, s)| p >= s.len()) {
+            return vec![now];
+        }
+        if let Some(o) = self.memo.get(&(pos.clone(), live)) {
+            return o.clone();
+        }
+        if self.budget == 0 {
+            return Vec::new();
+        }
+        self.budget -= 1;
+        let mut out: Vec<Outcome> = Vec::new();
+        for k in 0..self.seqs.len() {
+            let Some(u) = self.seqs[k].get(pos[k]) else { continue };
+            let Some(next_live) = u.kind.step(live) else { continue };
+            if !self.stamp_allows(u, pos) {
+                continue;
+            }
+            pos[k] += 1;
+            let next = if next_live { Outcome::Block(u.serial) } else { Outcome::Dead };
+            for o in self.outcomes(pos, next_live, next) {
+                if !out.contains(&o) {
+                    out.push(o);
+                }
+            }
+            pos[k] -= 1;
+        }
+        if !out.is_empty() {
+            // Only what the continuations give is independent of how we got here.
+            self.memo.insert((pos.clone(), live), out.clone());
+        } else if self.done(pos) {
+            // Stuck: a maximal history, valid since every mandatory use was consumed.
+            out.push(now);
+        }
+        out
+    }
+
+    /// A stamped use may only come after the free its stamp names: if that free is one of the
+    /// pending uses here, it must have been consumed.
+    fn stamp_allows(&self, u: &Use, pos: &[usize]) -> bool {
+        let Some(st) = u.stamp else { return true };
+        let Some(r) = self.merger.stamp_key.and_then(|k| stamp::decode(k, st)) else { return true };
+        let Some(&j) = self.merger.by_id.get(&r.stream) else { return true };
+        let Some(k) = self.streams.iter().position(|&s| s == j) else { return true };
+        let s = &self.merger.streams[j];
+        let target = Pos { seq: stamp::resolve_seq(r.seq_low, s.max_seq.max(s.frontier.seq)), word: r.word };
+        // Every use of stream k at or before the target must be consumed.
+        self.seqs[k].iter().take_while(|v| v.pos <= target).count() <= pos[k]
+    }
+}
+
+/// What an event does to which addresses.
+fn uses_of(ev: &Event) -> [Option<(u64, UseKind)>; 2] {
+    match *ev {
+        Event::Alloc { ptr, .. } if ptr != 0 => [Some((ptr, UseKind::Alloc)), None],
+        Event::Free { ptr, .. } if ptr != 0 => [Some((ptr, UseKind::Free)), None],
+        Event::Realloc { old_ptr, new_ptr, .. } if old_ptr != 0 && new_ptr == old_ptr => [Some((old_ptr, UseKind::Keep)), None],
+        Event::Realloc { old_ptr, new_ptr, size, .. } => {
+            let frees_old = old_ptr != 0 && (new_ptr != 0 || size == 0);
+            [frees_old.then_some((old_ptr, UseKind::Free)), (new_ptr != 0).then_some((new_ptr, UseKind::Alloc))]
+        }
+        _ => [None, None],
+    }
+}
+
+fn stamp_of(ev: &Event) -> Option<u64> {
+    match *ev {
+        Event::Alloc { stamp, .. } | Event::Realloc { stamp, .. } | Event::Free { stamp, .. } => stamp,
+        _ => None,
+    }
+}
+
+/// Addresses whose liveness `ev` changes.
+fn touched(ev: &Event) -> [Option<u64>; 2] {
+    let nz = |a: u64| (a != 0).then_some(a);
+    match *ev {
+        Event::Alloc { ptr, .. } | Event::Free { ptr, .. } => [nz(ptr), None],
+        Event::Realloc { old_ptr, new_ptr, .. } => [nz(old_ptr), nz(new_ptr)],
+        _ => [None, None],
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,155 @@
+//! Command-line interface of `mtracer`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::record::{self, Options};
+use crate::report;
+
+#[derive(Parser)]
+#[command(name = "mtracer", version, about = "Trace every allocation of a program and explain its memory", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct RecordArgs {
+    /// Trace file to write (default: mtrace.<pid>.mtr)
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// RSS sampling period in milliseconds
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    sample_ms: u64,
+    /// Drop events (counted) instead of slowing the program down when mtracer falls behind
+    #[arg(long)]
+    lossy: bool,
+    /// Size of each process's shared-memory ring, in MiB
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    ring_mb: u64,
+    /// Size of one ring block, in KiB (power of two, 4..=128)
+    #[arg(long, default_value_t = 64)]
+    block_kb: u32,
+    /// How long mtracer sleeps between passes over idle rings, in milliseconds
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10000))]
+    drain_interval_ms: u64,
+    /// Say nothing on stderr
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+impl RecordArgs {
+    fn options(&self) -> Result<Options, String> {
+        let block = self.block_kb * 1024;
+        if !(4096..=mtrace_protocol::ring::MAX_BLOCK_SIZE).contains(&block) || !block.is_power_of_two() {
+            return Err(format!("--block-kb must be a power of two between 4 and {}", mtrace_protocol::ring::MAX_BLOCK_SIZE / 1024));
+        }
+        Ok(Options {
+            sample_period: Duration::from_millis(self.sample_ms),
+            lossy: self.lossy,
+            ring_size: self.ring_mb << 20,
+            block_size: block,
+            drain_interval: Duration::from_millis(self.drain_interval_ms),
+            ..Options::default()
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a command under the tracer and save its trace
+    Record {
+        #[command(flatten)]
+        args: RecordArgs,
+        /// The command to run, after `--`
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Summarise a trace: per process, calls, live bytes, peak, RSS, timeline
+    Report {
+        /// The trace file
+        file: PathBuf,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+        /// Analyse a damaged trace up to the damage instead of failing
+        #[arg(long)]
+        partial: bool,
+        /// At most this many timeline samples per process (0: all)
+        #[arg(long, default_value_t = 1000)]
+        timeline_points: usize,
+    },
+    /// Serve a standalone preload (started by libmtrace.so itself)
+    #[command(hide = true)]
+    Agent {
+        #[arg(long)]
+        listen_fd: i32,
+        #[arg(long)]
+        pid: u32,
+        #[arg(long)]
+        output: PathBuf,
+    },
+}
+
+/// Run the CLI; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Record { args, command } => {
+            let opts = match args.options() {
+                Ok(o) => o,
+                Err(e) => {
+                    eprintln!("mtracer: {e}");
+                    return 2;
+                }
+            };
+            match record::launch::record(opts, &command, args.output.clone(), args.quiet) {
+                Ok(o) => {
+                    if !args.quiet && o.trace_bytes > 0 {
+                        eprintln!(
+                            "mtracer: trace saved ({}, {} process image(s)); see `mtracer report {}`",
+                            report::text::bytes(o.trace_bytes),
+                            o.images,
+                            args.output.as_ref().map_or_else(|| "mtrace.<pid>.mtr".into(), |p| p.display().to_string()),
+                        );
+                    }
+                    o.exit_code
+                }
+                Err(e) => {
+                    eprintln!("mtracer: {e:#}");
+                    2
+                }
+            }
+        }
+        Cmd::Report { file, json, partial, timeline_points } => match crate::analysis::analyze_file(&file, partial) {
+            Ok(a) => {
+                let r = report::build(&a, report::ReportOptions { max_timeline: timeline_points });
+                if json {
+                    match serde_json::to_string_pretty(&r) {
+                        Ok(s) => println!("{s}"),
+                        Err(e) => {
+                            eprintln!("mtracer: {e}");
+                            return 2;
+                        }
+                    }
+                } else {
+                    print!("{}", report::text::render(&r));
+                }
+                0
+            }
+            Err(e) => {
+                eprintln!("mtracer: {e:#}");
+                2
+            }
+        },
+        Cmd::Agent { listen_fd, pid, output } => match record::launch::agent(Options::default(), listen_fd, pid, output) {
+            Ok(_) => 0,
+            Err(e) => {
+                eprintln!("mtracer agent: {e:#}");
+                1
+            }
+        },
+    }
+}

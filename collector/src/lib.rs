@@ -1,0 +1,15 @@
+//! `mtracer`: the collector side of mtrace.
+//!
+//! * [`record`] — launching a command under `libmtrace.so` (or serving a standalone preload),
+//!   moving events from shared-memory rings into a trace file, sampling RSS.
+//! * [`analysis`] — rebuilding each process image's history from a trace: merging per-thread
+//!   streams exactly, the live set, counters and the timeline. Knows nothing of presentation.
+//! * [`report`] — the summary (`mtracer report`) as text or JSON, built from analysis results.
+//! * [`cli`] — command-line parsing and dispatch.
+
+pub mod analysis;
+pub mod cli;
+pub mod clock;
+pub mod record;
+pub mod report;
+pub mod trace;

@@ -1,0 +1,213 @@
+//! One traced process image as the recorder sees it: its ring (a memfd mapped here and in the
+//! process), how far each block has been read, and how the image's life is going.
+//!
+//! Only the drain thread reads blocks; the control thread creates images and updates their
+//! connection state; the ticker writes the clock; the sampler reads `pid` and `touched_bytes`.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use anyhow::{Context, Result};
+use memmap2::MmapMut;
+use mtrace_protocol::control::Bye;
+use mtrace_protocol::ring::{self, Geometry, Ring};
+use crate::trace::Record;
+use rustc_hash::FxHashMap;
+
+pub struct Image {
+    pub id: u32,
+    pub pid: u32,
+    ring: Ring,
+    _map: MmapMut,
+    /// A pidfd for the process (None if the kernel has none): readable once it exited.
+    pidfd: Option<OwnedFd>,
+    /// The control connection (a duplicate the drain uses to send ByeAck).
+    pub conn: Mutex<Option<OwnedFd>>,
+    pub bye: Mutex<Option<Bye>>,
+    /// The image asked to be acknowledged once its events are on disk.
+    pub ack_wanted: AtomicBool,
+    /// The connection is closed (exit, crash, exec, or the program closed our descriptor).
+    pub disconnected: AtomicBool,
+    /// A new image with the same pid registered: this one was replaced by exec.
+    pub superseded: AtomicBool,
+    /// Bytes of the ring the process has touched (resident in its RSS; subtracted from samples).
+    pub touched_bytes: AtomicU64,
+    pub drain: Mutex<DrainState>,
+}
+
+/// The drain thread's read position in each block, and each stream's next block.
+pub struct DrainState {
+    blocks: Vec<BlockCursor>,
+    streams: FxHashMap<u32, u32>,
+    high_water: Vec<u32>,
+    /// Nanoseconds of the last Sync record written for this image.
+    pub last_sync_ns: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Copy, Default)]
+struct BlockCursor {
+    /// (stream, seq) this cursor follows; None: not reading this block.
+    owner: Option<(u32, u32)>,
+    read: u32,
+}
+
+/// What one pass over a ring found.
+#[derive(Default)]
+pub struct Pass {
+    pub bytes: u64,
+    pub recycled: u32,
+}
+
+impl Image {
+    pub fn new(id: u32, pid: u32, geo: Geometry, lossy: bool, memfd: &OwnedFd) -> Result<Image> {
+        nix::unistd::ftruncate(memfd, geo.total_size as i64).context("sizing the trace ring")?;
+        let file = std::fs::File::from(memfd.try_clone().context("duplicating the ring descriptor")?);
+        // SAFETY: a fresh memfd of `total_size` bytes, shared only with the traced process,
+        // which never shrinks it (it cannot: it only receives a mapping-capable descriptor we
+        // close after it mapped, and we keep our own mapping).
+        let mut map = unsafe { memmap2::MmapOptions::new().len(geo.total_size as usize).map_mut(&file) }.context("mapping the trace ring")?;
+        // SAFETY: the mapping is page aligned, `total_size` long and not used by anyone yet.
+        let ring = unsafe { Ring::init(map.as_mut_ptr(), geo, if lossy { ring::RING_FLAG_LOSSY } else { 0 }) };
+        ring.header().clock.0.clock_ns.store(crate::clock::now_ns(), Ordering::Relaxed);
+        // SAFETY: pidfd_open takes a pid and flags; it returns a new descriptor or -1.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+        let pidfd = (pidfd >= 0).then(|| {
+            // SAFETY: a descriptor pidfd_open just returned, owned by nobody else.
+            unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd as i32) }
+        });
+        Ok(Image {
+            id,
+            pid,
+            ring,
+            _map: map,
+            pidfd,
+            conn: Mutex::new(None),
+            bye: Mutex::new(None),
+            ack_wanted: AtomicBool::new(false),
+            disconnected: AtomicBool::new(false),
+            superseded: AtomicBool::new(false),
+            touched_bytes: AtomicU64::new(geo.data_offset),
+            drain: Mutex::new(DrainState {
+                blocks: vec![BlockCursor::default(); geo.nblocks as usize],
+                streams: FxHashMap::default(),
+                high_water: vec![0; geo.nblocks as usize],
+                last_sync_ns: 0,
+                bytes: 0,
+            }),
+        })
+    }
+
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// Has the process exited (zombie or reaped)?
+    pub fn process_gone(&self) -> bool {
+        if let Some(fd) = &self.pidfd {
+            let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd, zero timeout.
+            let r = unsafe { libc::poll(&mut p, 1, 0) };
+            return r > 0;
+        }
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) {
+            Err(_) => true,
+            Ok(s) => matches!(s.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()), Some('Z') | Some('X')),
+        }
+    }
+
+    /// Read everything newly published in the ring, appending chunk records to `out`.
+    /// Full blocks that were read completely go back to the free queue.
+    pub fn drain(&self, st: &mut DrainState, out: &mut Vec<u8>) -> Pass {
+        let ring = &self.ring;
+        let geo = ring.geometry();
+        let used = ring.used_blocks();
+        let mut pass = Pass::default();
+        // A stream's blocks are read in sequence order; a block whose predecessor was finished
+        // later in the same pass is picked up by a second sweep.
+        for _sweep in 0..2 {
+            let mut progressed = false;
+            for i in 0..used {
+                let d = ring.desc(i);
+                let state = d.state.load(Ordering::Acquire);
+                if state != ring::BLOCK_OWNED && state != ring::BLOCK_FULL {
+                    continue;
+                }
+                let stream = d.stream.load(Ordering::Relaxed);
+                let seq = d.seq.load(Ordering::Relaxed);
+                let tid = d.tid.load(Ordering::Relaxed);
+                let next = *st.streams.entry(stream).or_insert(0);
+                if seq != next {
+                    continue;
+                }
+                let cur = &mut st.blocks[i as usize];
+                if cur.owner != Some((stream, seq)) {
+                    *cur = BlockCursor { owner: Some((stream, seq)), read: 0 };
+                }
+                // Re-read the state after the length: FULL is published after the last length.
+                let len = d.len.load(Ordering::Acquire).min(geo.block_size) & !7;
+                let full = d.state.load(Ordering::Acquire) == ring::BLOCK_FULL;
+                let len = if full { d.len.load(Ordering::Acquire).min(geo.block_size) & !7 } else { len };
+                if len > cur.read {
+                    // SAFETY: `[read, len)` of block `i` was published by its owner (acquire on
+                    // `len`) and is never written again while we hold the block.
+                    let bytes = unsafe { std::slice::from_raw_parts(ring.block_data(i).add(cur.read as usize), (len - cur.read) as usize) };
+                    Record::encode_chunk_bytes(out, self.id, stream, tid, seq, cur.read, bytes);
+                    pass.bytes += bytes.len() as u64;
+                    cur.read = len;
+                    progressed = true;
+                    if len > st.high_water[i as usize] {
+                        let old = st.high_water[i as usize].div_ceil(4096);
+                        st.high_water[i as usize] = len;
+                        let new = len.div_ceil(4096);
+                        self.touched_bytes.fetch_add((new - old) as u64 * 4096, Ordering::Relaxed);
+                    }
+                }
+                if full && cur.read >= len {
+                    st.streams.insert(stream, seq.wrapping_add(1));
+                    *cur = BlockCursor::default();
+                    d.len.store(0, Ordering::Relaxed);
+                    d.state.store(ring::BLOCK_FREE, Ordering::Release);
+                    if ring.push_free(i) {
+                        pass.recycled += 1;
+                    }
+                    progressed = true;
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+        if pass.recycled > 0 {
+            let c = &ring.header().clock.0;
+            c.free_futex.fetch_add(1, Ordering::Release);
+            if ring.header().alloc.0.free_waiters.load(Ordering::Acquire) > 0 {
+                // SAFETY: FUTEX_WAKE on a word in our shared mapping (not private: the waiters
+                // are in another process).
+                unsafe {
+                    libc::syscall(libc::SYS_futex, c.free_futex.as_ptr(), libc::FUTEX_WAKE, i32::MAX, 0usize, 0usize, 0u32);
+                }
+            }
+        }
+        st.bytes += pass.bytes;
+        pass
+    }
+
+    /// Events the process dropped in lossy mode, and blocks it could not get.
+    pub fn dropped(&self) -> (u64, u64) {
+        let a = &self.ring.header().alloc.0;
+        (a.dropped_events.load(Ordering::Relaxed), a.dropped_blocks.load(Ordering::Relaxed))
+    }
+
+    /// Tell writers that nobody will read this ring any more.
+    pub fn close_ring(&self) {
+        let c = &self.ring.header().clock.0;
+        c.collector_state.store(ring::COLLECTOR_CLOSED, Ordering::Release);
+        c.free_futex.fetch_add(1, Ordering::Release);
+        // SAFETY: as in `drain`.
+        unsafe {
+            libc::syscall(libc::SYS_futex, c.free_futex.as_ptr(), libc::FUTEX_WAKE, i32::MAX, 0usize, 0usize, 0u32);
+        }
+    }
+}

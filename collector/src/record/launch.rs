@@ -1,0 +1,238 @@
+//! Running a recording: `mtracer record -- CMD` launches CMD with the preload; `mtracer agent` is
+//! started by a standalone preload (`LD_PRELOAD=libmtrace.so CMD`) and serves it.
+//!
+//! The traced command keeps its stdin, stdout, stderr and exit status; mtracer speaks on stderr
+//! only. While the command runs, Ctrl-C reaches it (the terminal signals the whole foreground
+//! group) and mtracer keeps recording; SIGTERM and SIGHUP sent to mtracer are passed on. Once the
+//! command has exited, mtracer waits for the processes it started that are still traced, like
+//! `strace -f`; Ctrl-C then stops the recording.
+
+use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use crate::trace::Record;
+
+use super::server::{self, Server};
+use super::sink::SinkThread;
+use super::{session_record, Options, Shared, Workers};
+
+/// What happened to the recorded command.
+pub struct Outcome {
+    /// The exit code mtracer should exit with: the command's, or 128 + signal.
+    pub exit_code: i32,
+    pub trace_bytes: u64,
+    pub images: u32,
+}
+
+static CHILD: AtomicI32 = AtomicI32::new(0);
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    let child = CHILD.load(Ordering::Acquire);
+    if child > 0 {
+        if sig == libc::SIGTERM || sig == libc::SIGHUP {
+            // SAFETY: kill is async-signal-safe.
+            unsafe { libc::kill(child, sig) };
+        }
+        // SIGINT/SIGQUIT from the terminal already reached the command.
+    } else {
+        INTERRUPTED.store(true, Ordering::Release);
+    }
+}
+
+fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGQUIT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: installing a handler that only touches atomics and calls kill. Handlers (unlike
+        // SIG_IGN) are reset to the default in the exec'd command.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Where is `libmtrace.so`? `$MTRACE_PRELOAD`, else next to this executable, else `../lib`.
+pub fn find_preload() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("MTRACE_PRELOAD") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(std::fs::canonicalize(&p).unwrap_or(p));
+        }
+        bail!("MTRACE_PRELOAD names {}, which is not a file", p.display());
+    }
+    let exe = std::env::current_exe().context("locating the mtracer executable")?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    for cand in [dir.join("libmtrace.so"), dir.join("../lib/libmtrace.so")] {
+        if cand.is_file() {
+            return Ok(std::fs::canonicalize(&cand).unwrap_or(cand));
+        }
+    }
+    bail!("cannot find libmtrace.so next to {} (build it with `cargo build --release`, or set MTRACE_PRELOAD)", exe.display())
+}
+
+fn socket_name() -> String {
+    format!("mtrace-{}-{:x}", std::process::id(), crate::clock::now_ns() & 0xffff_ffff)
+}
+
+/// `mtracer record`: run `command` traced, write the trace, return the command's status.
+pub fn record(mut opts: Options, command: &[String], output: Option<PathBuf>, quiet: bool) -> Result<Outcome> {
+    let Some(program) = command.first() else { bail!("no command given (usage: mtracer record -- CMD ARGS...)") };
+    let preload = find_preload()?;
+    let name = socket_name();
+    let listener = server::listen_abstract(&name)?;
+
+    let mut ld_preload = preload.display().to_string();
+    if let Some(old) = std::env::var_os("LD_PRELOAD") {
+        let old = old.to_string_lossy();
+        if !old.trim().is_empty() {
+            ld_preload = format!("{ld_preload}:{old}");
+        }
+    }
+    install_signal_handlers();
+    let mut cmd = Command::new(program);
+    cmd.args(&command[1..]).env("LD_PRELOAD", &ld_preload).env("MTRACE_SOCK", format!("@{name}")).env_remove("MTRACE_DISABLE");
+    // SAFETY: the pre-exec hook only calls async-signal-safe functions.
+    unsafe {
+        cmd.pre_exec(|| {
+            // Do not pass our ignored/blocked signals on.
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+            eprintln!("mtracer: cannot run `{program}`: {e}");
+            return Ok(Outcome { exit_code: code, trace_bytes: 0, images: 0 });
+        }
+    };
+    CHILD.store(child.id() as i32, Ordering::Release);
+    opts.output = output.unwrap_or_else(|| PathBuf::from(format!("mtrace.{}.mtr", child.id())));
+    let file = match File::create(&opts.output) {
+        Ok(f) => f,
+        Err(e) => {
+            // The command already started; it is traced by nobody. Stop it rather than leave it.
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("cannot create {}: {e}", opts.output.display());
+        }
+    };
+    if !quiet {
+        eprintln!("mtracer: recording pid {} into {}", child.id(), opts.output.display());
+    }
+    let sink = SinkThread::start(file, Duration::from_millis(100))?;
+    let shared = Arc::new(Shared::new(opts.clone(), sink.sink.clone()));
+    shared.sink.send(&session_record(&opts, command));
+    let workers = Workers::start(&shared)?;
+    let mut server = Server::new(listener);
+
+    let mut status = None;
+    let mut waiting_note = None::<Instant>;
+    let mut idle_since = None::<Instant>;
+    loop {
+        server.poll_once(&shared, 5);
+        if status.is_none() {
+            if let Some(st) = child.try_wait().context("waiting for the command")? {
+                status = Some(st);
+                CHILD.store(0, Ordering::Release);
+            }
+            continue;
+        }
+        // The command exited: wait for the images still being recorded.
+        if INTERRUPTED.load(Ordering::Acquire) {
+            break;
+        }
+        let live = shared.live_images();
+        if live == 0 && server.pending() == 0 {
+            // A short grace for a process that is between exec and registration.
+            let t = *idle_since.get_or_insert_with(Instant::now);
+            if t.elapsed() >= Duration::from_millis(50) {
+                break;
+            }
+            continue;
+        }
+        idle_since = None;
+        let t = *waiting_note.get_or_insert_with(Instant::now);
+        if t.elapsed() >= Duration::from_secs(1) && !quiet {
+            eprintln!("mtracer: the command exited; still recording {live} process(es) it started (Ctrl-C to stop)");
+            waiting_note = Some(Instant::now() + Duration::from_secs(3600 * 24 * 365));
+        }
+    }
+    workers.stop(&shared);
+    let exit_code = exit_code_of(status.unwrap());
+    shared.sink.send(&Record::SessionEnd { time_ns: crate::clock::now_ns(), exit_status: exit_code as i64 });
+    let images = shared.images_seen.load(Ordering::Acquire);
+    drop(shared);
+    drop(server);
+    let trace_bytes = sink.finish()?;
+    Ok(Outcome { exit_code, trace_bytes, images })
+}
+
+fn exit_code_of(st: std::process::ExitStatus) -> i32 {
+    st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
+}
+
+/// `mtracer agent`: serve a standalone preload that handed us its listening socket.
+pub fn agent(mut opts: Options, listen_fd: i32, pid: u32, output: PathBuf) -> Result<Outcome> {
+    // SAFETY: the preload passed us this descriptor (its listening socket) and nothing else
+    // in this process owns it.
+    let listener = unsafe { OwnedFd::from_raw_fd(listen_fd) };
+    // SAFETY: mark it close-on-exec like every descriptor of ours.
+    unsafe { libc::fcntl(listen_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    opts.output = output;
+    opts.wait_on_exit = true;
+    // The application has gone on; ignore terminal signals aimed at its process group.
+    // SAFETY: setting dispositions of our own process.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let file = File::create(&opts.output).with_context(|| format!("cannot create {}", opts.output.display()))?;
+    let sink = SinkThread::start(file, Duration::from_millis(100))?;
+    let shared = Arc::new(Shared::new(opts.clone(), sink.sink.clone()));
+    shared.sink.send(&session_record(&opts, &[format!("(pid {pid}, LD_PRELOAD)")]));
+    let workers = Workers::start(&shared)?;
+    let mut server = Server::new(listener);
+    let started = Instant::now();
+    let mut idle_since = None::<Instant>;
+    loop {
+        server.poll_once(&shared, 5);
+        let seen = shared.images_seen.load(Ordering::Acquire);
+        if seen == 0 {
+            if started.elapsed() > Duration::from_secs(30) {
+                break;
+            }
+            continue;
+        }
+        if shared.live_images() == 0 && server.pending() == 0 {
+            // Grace for children between spawn and registration.
+            let t = *idle_since.get_or_insert_with(Instant::now);
+            if t.elapsed() >= Duration::from_millis(500) {
+                break;
+            }
+        } else {
+            idle_since = None;
+        }
+    }
+    workers.stop(&shared);
+    shared.sink.send(&Record::SessionEnd { time_ns: crate::clock::now_ns(), exit_status: -1 });
+    let images = shared.images_seen.load(Ordering::Acquire);
+    drop(shared);
+    drop(server);
+    let trace_bytes = sink.finish()?;
+    Ok(Outcome { exit_code: 0, trace_bytes, images })
+}

@@ -1,0 +1,276 @@
+//! Recording: launch a command under `libmtrace.so` (or serve a standalone preload as its agent),
+//! move events from the shared-memory rings into a trace file, and sample each process's RSS.
+//!
+//! Threads:
+//! * control (the caller's thread) — the control socket: registrations, Bye, disconnects;
+//! * drain — reads every ring, writes chunk and Sync records, recycles blocks, acknowledges Bye,
+//!   and finishes images whose process is gone;
+//! * ticker — writes the clock into every ring (the events' time base and our heartbeat);
+//! * sampler — reads `/proc/<pid>/statm` of every traced process;
+//! * sink — compresses and writes the trace file.
+
+pub mod image;
+pub mod launch;
+pub mod server;
+pub mod sink;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::trace::{end_reason, session_tag, ProcessEnd, Record, NO_IMAGE};
+
+use image::Image;
+use sink::Sink;
+
+/// How to record.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub output: PathBuf,
+    pub sample_period: Duration,
+    pub tick: Duration,
+    pub drain_interval: Duration,
+    pub lossy: bool,
+    pub ring_size: u64,
+    pub block_size: u32,
+    /// Standalone agent: acknowledge Bye only once the image's events are on disk.
+    pub wait_on_exit: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            output: PathBuf::from("mtrace.mtr"),
+            sample_period: Duration::from_millis(10),
+            tick: Duration::from_millis(1),
+            drain_interval: Duration::from_millis(1),
+            lossy: false,
+            ring_size: mtrace_protocol::ring::DEFAULT_RING_SIZE,
+            block_size: mtrace_protocol::ring::DEFAULT_BLOCK_SIZE,
+            wait_on_exit: false,
+        }
+    }
+}
+
+/// State shared by the recorder threads.
+pub struct Shared {
+    pub opts: Options,
+    pub sink: Sink,
+    /// Images being recorded (registered and not yet finished).
+    pub images: Mutex<Vec<Arc<Image>>>,
+    pub next_image: AtomicU32,
+    /// Latest image id of each pid seen (to find parents of spawned processes).
+    pids: Mutex<HashMap<u32, u32>>,
+    /// Stop accepting, detach what is still running, finish.
+    stop: AtomicBool,
+    /// Set when the drain thread must exit (after `stop` and a final drain).
+    drain_exit: AtomicBool,
+    pub images_seen: AtomicU32,
+    pub images_done: AtomicU32,
+}
+
+impl Shared {
+    pub fn new(opts: Options, sink: Sink) -> Shared {
+        Shared {
+            opts,
+            sink,
+            images: Mutex::new(Vec::new()),
+            next_image: AtomicU32::new(0),
+            pids: Mutex::new(HashMap::new()),
+            stop: AtomicBool::new(false),
+            drain_exit: AtomicBool::new(false),
+            images_seen: AtomicU32::new(0),
+            images_done: AtomicU32::new(0),
+        }
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    pub fn note(&self, image: Option<u32>, text: &str) {
+        self.sink.send(&Record::Note { image: image.unwrap_or(NO_IMAGE), text: text.to_string() });
+    }
+
+    pub fn remember_pid(&self, pid: u32, image: u32) {
+        self.pids.lock().unwrap().insert(pid, image);
+        self.images_seen.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn last_image_of_pid(&self, _images: &[Arc<Image>], pid: u32) -> Option<u32> {
+        self.pids.lock().unwrap().get(&pid).copied()
+    }
+
+    pub fn live_images(&self) -> usize {
+        self.images.lock().unwrap().len()
+    }
+}
+
+/// Session record written first in every trace.
+pub fn session_record(opts: &Options, command: &[String]) -> Record {
+    let mut w = Vec::new();
+    let mut tlv = |tag: u16, v: &[u8]| {
+        w.extend_from_slice(&tag.to_le_bytes());
+        w.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        w.extend_from_slice(v);
+    };
+    tlv(session_tag::MTRACER_VERSION, env!("CARGO_PKG_VERSION").as_bytes());
+    for a in command {
+        tlv(session_tag::COMMAND_ARG, a.as_bytes());
+    }
+    tlv(session_tag::START_REALTIME_NS, &crate::clock::realtime_ns().to_le_bytes());
+    tlv(session_tag::START_MONOTONIC_NS, &crate::clock::now_ns().to_le_bytes());
+    tlv(session_tag::SAMPLE_PERIOD_NS, &(opts.sample_period.as_nanos() as u64).to_le_bytes());
+    tlv(session_tag::LOSSY, &[opts.lossy as u8]);
+    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        tlv(session_tag::HOSTNAME, h.trim().as_bytes());
+    }
+    Record::Session(w)
+}
+
+/// The background threads of a recording.
+pub struct Workers {
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    pub fn start(shared: &Arc<Shared>) -> std::io::Result<Workers> {
+        let mut handles = Vec::new();
+        let s = shared.clone();
+        handles.push(std::thread::Builder::new().name("mtrace-drain".into()).spawn(move || drain_loop(&s))?);
+        let s = shared.clone();
+        handles.push(std::thread::Builder::new().name("mtrace-ticker".into()).spawn(move || ticker_loop(&s))?);
+        let s = shared.clone();
+        handles.push(std::thread::Builder::new().name("mtrace-sampler".into()).spawn(move || sampler_loop(&s))?);
+        Ok(Workers { handles })
+    }
+
+    /// Stop accepting images, finish every image still running (as detached), join.
+    pub fn stop(self, shared: &Shared) {
+        shared.stop.store(true, Ordering::Release);
+        shared.drain_exit.store(true, Ordering::Release);
+        for h in self.handles {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Read all rings until told to exit; finish images whose process is gone.
+fn drain_loop(shared: &Shared) {
+    let mut buf = Vec::with_capacity(1 << 20);
+    loop {
+        let exiting = shared.drain_exit.load(Ordering::Acquire);
+        let images: Vec<Arc<Image>> = shared.images.lock().unwrap().clone();
+        let mut moved = 0u64;
+        for img in &images {
+            let mut st = img.drain.lock().unwrap();
+            // Decide before reading: a process that is gone publishes nothing more, so what this
+            // pass reads is all there is.
+            let gone = img.disconnected.load(Ordering::Acquire) && (img.process_gone() || img.superseded.load(Ordering::Acquire));
+            let finishing = gone || exiting;
+            let pass = img.drain(&mut st, &mut buf);
+            moved += pass.bytes;
+            let now = crate::clock::now_ns();
+            if pass.bytes > 0 || now.saturating_sub(st.last_sync_ns) >= 10_000_000 || finishing {
+                Record::Sync { image: img.id, time_ns: now }.encode(&mut buf);
+                st.last_sync_ns = now;
+            }
+            if buf.len() >= 256 << 10 {
+                shared.sink.send_bytes(std::mem::replace(&mut buf, Vec::with_capacity(1 << 20)));
+            }
+            if img.ack_wanted.load(Ordering::Acquire) {
+                shared.sink.send_bytes(std::mem::replace(&mut buf, Vec::with_capacity(1 << 20)));
+                shared.sink.flush();
+                if let Some(c) = img.conn.lock().unwrap().as_ref() {
+                    server::send_bye_ack(std::os::fd::AsRawFd::as_raw_fd(c));
+                }
+                img.ack_wanted.store(false, Ordering::Release);
+            }
+            if finishing {
+                drop(st);
+                finish_image(shared, img, gone, &mut buf);
+            }
+        }
+        if !buf.is_empty() {
+            shared.sink.send_bytes(std::mem::replace(&mut buf, Vec::with_capacity(1 << 20)));
+        }
+        if exiting {
+            break;
+        }
+        if moved == 0 {
+            std::thread::sleep(shared.opts.drain_interval);
+        }
+    }
+}
+
+fn finish_image(shared: &Shared, img: &Arc<Image>, gone: bool, buf: &mut Vec<u8>) {
+    img.close_ring();
+    let bye = *img.bye.lock().unwrap();
+    let (dropped_events, dropped_blocks) = img.dropped();
+    let reason = match (gone, bye.is_some()) {
+        (true, true) => end_reason::EXITED,
+        (true, false) => end_reason::VANISHED,
+        (false, _) => end_reason::DETACHED,
+    };
+    Record::ProcessEnd(ProcessEnd {
+        image: img.id,
+        reason,
+        time_ns: crate::clock::now_ns(),
+        rss_bytes: bye.map_or(0, |b| b.rss_bytes),
+        hwm_bytes: bye.map_or(0, |b| b.hwm_bytes),
+        dropped_events,
+        dropped_blocks,
+        status: bye.map_or(-1, |b| b.status),
+    })
+    .encode(buf);
+    shared.images.lock().unwrap().retain(|i| !Arc::ptr_eq(i, img));
+    shared.images_done.fetch_add(1, Ordering::AcqRel);
+}
+
+/// Write the clock into every ring each tick.
+fn ticker_loop(shared: &Shared) {
+    // A precise sleeper: the default 50 µs timer slack would make 1 ms ticks ragged.
+    // SAFETY: prctl on the calling thread.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000usize, 0usize, 0usize, 0usize) };
+    while !shared.drain_exit.load(Ordering::Acquire) {
+        let now = crate::clock::now_ns();
+        for img in shared.images.lock().unwrap().iter() {
+            img.ring().header().clock.0.clock_ns.store(now, Ordering::Relaxed);
+        }
+        std::thread::sleep(shared.opts.tick);
+    }
+}
+
+/// Sample each traced process's RSS (minus the ring pages it touched, which are ours).
+fn sampler_loop(shared: &Shared) {
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096) as u64;
+    let mut next = Instant::now();
+    let mut buf = Vec::new();
+    while !shared.drain_exit.load(Ordering::Acquire) {
+        let images: Vec<Arc<Image>> = shared.images.lock().unwrap().clone();
+        for img in images.iter().filter(|i| !i.superseded.load(Ordering::Acquire)) {
+            if let Some(rss) = read_statm_rss(img.pid, page) {
+                let ours = img.touched_bytes.load(Ordering::Relaxed);
+                Record::Rss { image: img.id, time_ns: crate::clock::now_ns(), rss_bytes: rss.saturating_sub(ours) }.encode(&mut buf);
+            }
+        }
+        if !buf.is_empty() {
+            shared.sink.send_bytes(std::mem::take(&mut buf));
+        }
+        next += shared.opts.sample_period;
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        } else {
+            next = now;
+        }
+    }
+}
+
+fn read_statm_rss(pid: u32, page: u64) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
+    (pages > 0).then_some(pages * page)
+}

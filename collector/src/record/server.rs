@@ -1,0 +1,211 @@
+//! The control socket: traced process images connect, say Hello, get a ring (a memfd passed with
+//! SCM_RIGHTS), and later say Bye or just disappear. See `mtrace_protocol::control`.
+
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::{Context, Result};
+use mtrace_protocol::control::{self, Bye, HelloFixed, Welcome};
+use mtrace_protocol::ring::Geometry;
+use crate::trace::{ProcessStart, Record};
+use nix::sys::socket::{self, AddressFamily, Backlog, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr};
+
+use super::Shared;
+use super::image::Image;
+
+/// Create the listening socket. `name` is an abstract-namespace name (no leading NUL).
+pub fn listen_abstract(name: &str) -> Result<OwnedFd> {
+    let fd = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).context("creating the control socket")?;
+    let addr = UnixAddr::new_abstract(name.as_bytes()).context("naming the control socket")?;
+    socket::bind(fd.as_raw_fd(), &addr).context("binding the control socket")?;
+    socket::listen(&fd, Backlog::new(128).unwrap()).context("listening on the control socket")?;
+    Ok(fd)
+}
+
+enum ConnState {
+    AwaitingHello,
+    Registered(Arc<Image>),
+}
+
+struct Conn {
+    fd: OwnedFd,
+    state: ConnState,
+}
+
+/// Runs the accept/handshake loop until `shared.stop_control` is set.
+pub struct Server {
+    listener: OwnedFd,
+    conns: Vec<Conn>,
+    buf: Vec<u8>,
+}
+
+impl Server {
+    pub fn new(listener: OwnedFd) -> Server {
+        Server { listener, conns: Vec::new(), buf: vec![0u8; 256 << 10] }
+    }
+
+    /// Connections that have not said Hello yet (a process in the middle of registering).
+    pub fn pending(&self) -> usize {
+        self.conns.iter().filter(|c| matches!(c.state, ConnState::AwaitingHello)).count()
+    }
+
+    /// One round: wait up to `timeout_ms` for activity and handle it.
+    pub fn poll_once(&mut self, shared: &Shared, timeout_ms: i32) {
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.conns.len() + 1);
+        fds.push(libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        for c in &self.conns {
+            fds.push(libc::pollfd { fd: c.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        }
+        // SAFETY: `fds` is a valid array of pollfd for its length.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if n <= 0 {
+            return;
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            while let Ok(fd) = socket::accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
+                // SAFETY: accept4 returned a new descriptor that nobody else owns.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                self.conns.push(Conn { fd, state: ConnState::AwaitingHello });
+            }
+        }
+        let mut closed = Vec::new();
+        for (i, p) in fds.iter().enumerate().skip(1) {
+            if p.revents == 0 {
+                continue;
+            }
+            let ci = i - 1;
+            loop {
+                match socket::recv(self.conns[ci].fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT) {
+                    Ok(0) => {
+                        closed.push(ci);
+                        break;
+                    }
+                    Ok(len) => {
+                        let msg = self.buf[..len].to_vec();
+                        if !self.handle(shared, ci, &msg) {
+                            closed.push(ci);
+                            break;
+                        }
+                    }
+                    Err(nix::errno::Errno::EAGAIN) => break,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => {
+                        closed.push(ci);
+                        break;
+                    }
+                }
+            }
+        }
+        closed.sort_unstable();
+        closed.dedup();
+        for ci in closed.into_iter().rev() {
+            let c = self.conns.swap_remove(ci);
+            if let ConnState::Registered(img) = c.state {
+                img.disconnected.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Handle one message; `false` closes the connection.
+    fn handle(&mut self, shared: &Shared, ci: usize, msg: &[u8]) -> bool {
+        match &self.conns[ci].state {
+            ConnState::AwaitingHello => match self.hello(shared, ci, msg) {
+                Ok(Some(img)) => {
+                    self.conns[ci].state = ConnState::Registered(img);
+                    true
+                }
+                Ok(None) => false,
+                Err(e) => {
+                    shared.note(None, &format!("registration failed: {e:#}"));
+                    false
+                }
+            },
+            ConnState::Registered(img) => {
+                if let Some(bye) = Bye::decode(msg) {
+                    *img.bye.lock().unwrap() = Some(bye);
+                    if shared.opts.wait_on_exit {
+                        img.ack_wanted.store(true, Ordering::Release);
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    fn hello(&mut self, shared: &Shared, ci: usize, msg: &[u8]) -> Result<Option<Arc<Image>>> {
+        let fd = self.conns[ci].fd.as_fd();
+        let Some((h, _meta)) = HelloFixed::decode(msg) else {
+            refuse(fd, "malformed Hello");
+            return Ok(None);
+        };
+        if h.version != control::PROTOCOL_VERSION {
+            refuse(fd, &format!("protocol version {} (this mtracer speaks {})", h.version, control::PROTOCOL_VERSION));
+            return Ok(None);
+        }
+        let creds = socket::getsockopt(&fd, socket::sockopt::PeerCredentials).context("reading peer credentials")?;
+        let pid = creds.pid() as u32;
+        if shared.stopping() {
+            refuse(fd, "the recording is stopping");
+            return Ok(None);
+        }
+        let geo = Geometry::new(shared.opts.ring_size, shared.opts.block_size).context("ring geometry")?;
+        let memfd = nix::sys::memfd::memfd_create(c"mtrace-ring", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).context("creating the ring memfd")?;
+        let id = shared.next_image.fetch_add(1, Ordering::Relaxed);
+        let img = Arc::new(Image::new(id, pid, geo, shared.opts.lossy, &memfd)?);
+        *img.conn.lock().unwrap() = Some(self.conns[ci].fd.try_clone()?);
+
+        // Who is the parent? A fork child names it; an exec replaces the image with our pid;
+        // otherwise the newest image of the parent pid.
+        let parent = {
+            let images = shared.images.lock().unwrap();
+            if h.origin == control::Origin::Fork as u32 {
+                Some(h.parent_image as u32)
+            } else if let Some(old) = images.iter().rev().find(|i| i.pid == pid && !i.superseded.load(Ordering::Acquire)) {
+                old.superseded.store(true, Ordering::Release);
+                Some(old.id)
+            } else {
+                shared.last_image_of_pid(&images, h.ppid)
+            }
+        };
+        shared.sink.send(&Record::ProcessStart(ProcessStart {
+            image: id,
+            pid,
+            ppid: h.ppid,
+            parent_image: parent,
+            origin: h.origin,
+            fork_seq: h.fork_seq,
+            time_ns: crate::clock::now_ns(),
+            hello: msg.to_vec(),
+        }));
+        shared.remember_pid(pid, id);
+
+        let mut flags = 0;
+        if shared.opts.lossy {
+            flags |= control::WELCOME_LOSSY;
+        }
+        if shared.opts.wait_on_exit {
+            flags |= control::WELCOME_WAIT_ON_EXIT;
+        }
+        let mut out = [0u8; control::WELCOME_LEN];
+        let n = Welcome { version: control::PROTOCOL_VERSION, flags, image_id: id as u64, ring_size: geo.total_size }.encode(&mut out);
+        let fds = [memfd.as_raw_fd()];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        socket::sendmsg::<()>(fd.as_raw_fd(), &[IoSlice::new(&out[..n])], &cmsg, MsgFlags::MSG_NOSIGNAL, None).context("sending Welcome")?;
+        shared.images.lock().unwrap().push(img.clone());
+        Ok(Some(img))
+    }
+}
+
+fn refuse(fd: BorrowedFd<'_>, why: &str) {
+    let mut out = vec![0u8; control::WELCOME_LEN];
+    Welcome { version: control::PROTOCOL_VERSION, flags: 0, image_id: 0, ring_size: 0 }.encode(&mut out);
+    out.extend_from_slice(why.as_bytes());
+    let _ = socket::send(fd.as_raw_fd(), &out, MsgFlags::MSG_NOSIGNAL);
+}
+
+/// Send ByeAck on a connection (the image's events are on disk).
+pub fn send_bye_ack(fd: RawFd) {
+    let _ = socket::send(fd, &control::BYE_ACK_MAGIC.to_le_bytes(), MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT);
+}

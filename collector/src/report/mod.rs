@@ -1,0 +1,209 @@
+//! The summary report: what `mtracer report` prints, as text or JSON. Built from an
+//! [`Analysis`]; the analysis knows nothing about it.
+
+pub mod text;
+
+use std::collections::BTreeMap;
+
+use crate::trace::end_reason;
+use serde::Serialize;
+
+use crate::analysis::image::{ImageAnalysis, Relation};
+use crate::analysis::Analysis;
+
+#[derive(Serialize)]
+pub struct Report {
+    pub mtracer_version: String,
+    pub command: Vec<String>,
+    /// The recording ended normally (false: the recorder was killed; data up to then is shown).
+    pub complete: bool,
+    pub exit_status: Option<i64>,
+    /// What was wrong with the file, when a damaged trace was analysed with `--partial`.
+    pub damage: Option<String>,
+    pub lossy: bool,
+    pub notes: Vec<String>,
+    pub processes: Vec<ProcessReport>,
+}
+
+/// How a process image ended.
+#[derive(Serialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "lowercase")]
+pub enum Ending {
+    /// Exited normally (destructors ran, or `_exit`).
+    Exited,
+    /// Disappeared without saying goodbye: killed, crashed, or replaced by exec.
+    Vanished,
+    /// Still running when the recording stopped.
+    Detached,
+    /// The trace ends before the image did (the recorder was killed).
+    Unknown,
+}
+
+#[derive(Serialize)]
+pub struct ProcessReport {
+    pub image: u32,
+    pub pid: u32,
+    pub ppid: u32,
+    pub parent_image: Option<u32>,
+    pub relation: Relation,
+    pub exe: String,
+    pub args: Vec<String>,
+    pub glibc_version: String,
+    pub allocator: String,
+    pub malloc_env: Vec<String>,
+    pub duration_s: f64,
+    pub threads: usize,
+    /// Calls per hooked function, failed calls and `free(NULL)` included.
+    pub calls: BTreeMap<String, u64>,
+    pub alloc_count: u64,
+    pub free_count: u64,
+    pub failed_allocs: u64,
+    pub bytes_allocated_total: u64,
+    /// Largest sum of requested sizes of live blocks.
+    pub peak_live_bytes: u64,
+    pub peak_live_time_s: f64,
+    pub final_live_bytes: u64,
+    pub final_live_blocks: u64,
+    /// A fork child's live bytes inherited from its parent at the fork.
+    pub inherited_live_bytes: u64,
+    /// brk heap + thread-arena heaps held from the OS at the end.
+    pub final_heap_bytes: u64,
+    /// Mappings of live mmapped chunks at the end.
+    pub final_mmapped_bytes: u64,
+    pub peak_rss_bytes: u64,
+    pub final_rss_bytes: u64,
+    pub rss_samples: u64,
+    pub lost_events: u64,
+    pub unmatched_frees: u64,
+    pub ending: Ending,
+    /// Status passed to `_exit` when the image left that way.
+    pub exit_status: Option<i64>,
+    /// Inconsistencies met while rebuilding (all zero in a healthy trace).
+    pub anomalies: Anomalies,
+    pub timeline: Vec<TimelineSample>,
+}
+
+#[derive(Serialize, Default)]
+pub struct Anomalies {
+    pub stream_gaps: u64,
+    pub undecodable_chunks: u64,
+    pub ignored_stamps: u64,
+    pub forced_events: u64,
+    pub displaced_blocks: u64,
+}
+
+#[derive(Serialize, Clone, Copy)]
+pub struct TimelineSample {
+    pub t_s: f64,
+    pub live_bytes: u64,
+    pub heap_bytes: u64,
+    pub mmapped_bytes: u64,
+    pub rss_bytes: u64,
+}
+
+/// Options of the report.
+#[derive(Clone, Copy)]
+pub struct ReportOptions {
+    /// At most this many timeline samples per process (evenly thinned; 0 = all).
+    pub max_timeline: usize,
+}
+
+impl Default for ReportOptions {
+    fn default() -> Self {
+        ReportOptions { max_timeline: 1000 }
+    }
+}
+
+pub fn build(a: &Analysis, opts: ReportOptions) -> Report {
+    Report {
+        mtracer_version: a.session.mtracer_version.clone(),
+        command: a.session.command.clone(),
+        complete: a.complete,
+        exit_status: a.exit_status,
+        damage: a.damage.clone(),
+        lossy: a.session.lossy,
+        notes: a.notes.clone(),
+        processes: a.images.iter().map(|i| process(i, opts)).collect(),
+    }
+}
+
+fn secs(ns: u64) -> f64 {
+    (ns as f64 / 1e9 * 1e6).round() / 1e6
+}
+
+fn process(img: &ImageAnalysis, opts: ReportOptions) -> ProcessReport {
+    let c = &img.model.c;
+    let end_ns = img.end.as_ref().map(|e| e.time_ns).unwrap_or(img.model.now_ns).max(img.start_ns);
+    let (ending, exit_status) = match &img.end {
+        Some(e) => (
+            match e.reason {
+                end_reason::EXITED => Ending::Exited,
+                end_reason::VANISHED => Ending::Vanished,
+                end_reason::DETACHED => Ending::Detached,
+                _ => Ending::Unknown,
+            },
+            (e.status >= 0).then_some(e.status),
+        ),
+        None => (Ending::Unknown, None),
+    };
+    let exit_rss = img.end.as_ref().filter(|e| e.rss_bytes > 0).map(|e| e.rss_bytes);
+    let hwm = img.end.as_ref().map_or(0, |e| e.hwm_bytes);
+    let stats = img.merge_stats();
+    let mut timeline: Vec<TimelineSample> = img
+        .timeline
+        .iter()
+        .map(|p| TimelineSample {
+            t_s: secs(p.time_ns.saturating_sub(img.start_ns)),
+            live_bytes: p.live_bytes,
+            heap_bytes: p.heap_bytes,
+            mmapped_bytes: p.mmapped_bytes,
+            rss_bytes: p.rss_bytes,
+        })
+        .collect();
+    if opts.max_timeline > 0 && timeline.len() > opts.max_timeline {
+        let n = timeline.len();
+        let k = opts.max_timeline;
+        timeline = (0..k).map(|i| timeline[i * (n - 1) / (k - 1).max(1)]).collect();
+    }
+    ProcessReport {
+        image: img.id,
+        pid: img.pid,
+        ppid: img.ppid,
+        parent_image: img.parent,
+        relation: img.relation,
+        exe: img.meta.exe.clone(),
+        args: img.meta.args.clone(),
+        glibc_version: img.meta.glibc_version.clone(),
+        allocator: img.meta.allocator.clone(),
+        malloc_env: img.meta.env.iter().filter(|e| !e.starts_with("LD_PRELOAD=")).cloned().collect(),
+        duration_s: secs(end_ns - img.start_ns),
+        threads: img.threads(),
+        calls: c.calls.iter().map(|(k, v)| (k.label().to_string(), *v)).collect(),
+        alloc_count: c.alloc_count,
+        free_count: c.free_count,
+        failed_allocs: c.failed_allocs,
+        bytes_allocated_total: c.bytes_allocated_total,
+        peak_live_bytes: c.peak_live_bytes,
+        peak_live_time_s: secs(c.peak_live_time_ns.saturating_sub(img.start_ns)),
+        final_live_bytes: c.live_bytes,
+        final_live_blocks: c.live_blocks,
+        inherited_live_bytes: img.inherited_bytes,
+        final_heap_bytes: img.model.heap_bytes(),
+        final_mmapped_bytes: c.mmapped_bytes,
+        peak_rss_bytes: img.peak_rss_sample.max(hwm),
+        final_rss_bytes: exit_rss.unwrap_or(img.last_rss_sample),
+        rss_samples: img.rss_samples,
+        lost_events: c.lost_events + img.end.as_ref().map_or(0, |e| e.dropped_events.saturating_sub(c.lost_events)),
+        unmatched_frees: c.unmatched_frees,
+        ending,
+        exit_status,
+        anomalies: Anomalies {
+            stream_gaps: stats.gaps,
+            undecodable_chunks: stats.decode_errors,
+            ignored_stamps: stats.ignored_stamps,
+            forced_events: stats.forced,
+            displaced_blocks: c.displaced_blocks,
+        },
+        timeline,
+    }
+}

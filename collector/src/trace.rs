@@ -1,0 +1,579 @@
+//! Reading and writing trace files. The format is specified in `mtrace_protocol::tracefile`.
+
+use std::io::{self, Read, Write};
+
+pub use mtrace_protocol::tracefile::*;
+
+
+
+
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("not an mtrace trace file (bad magic at offset 0)")]
+    NotATrace,
+    #[error("trace format version {found} is not supported (this mtracer reads version {supported})")]
+    UnsupportedVersion { found: u32, supported: u32 },
+    #[error("trace truncated at byte offset {offset}: {what}")]
+    Truncated { offset: u64, what: String },
+    #[error("trace corrupt at byte offset {offset}: {what}")]
+    Corrupt { offset: u64, what: String },
+}
+
+impl TraceError {
+    /// Offset of a truncation or corruption (`None` for other errors).
+    pub fn offset(&self) -> Option<u64> {
+        match self {
+            TraceError::Truncated { offset, .. } | TraceError::Corrupt { offset, .. } => Some(*offset),
+            _ => None,
+        }
+    }
+}
+
+
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessStart {
+    pub image: u32,
+    pub pid: u32,
+    pub ppid: u32,
+    pub parent_image: Option<u32>,
+    pub origin: u32,
+    pub fork_seq: u64,
+    pub time_ns: u64,
+    /// The Hello message as received (fixed part + metadata TLVs).
+    pub hello: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub image: u32,
+    pub stream: u32,
+    pub tid: u32,
+    pub block_seq: u32,
+    /// Byte offset of `words[0]` in its block.
+    pub offset: u32,
+    pub words: Vec<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessEnd {
+    pub image: u32,
+    pub reason: u32,
+    pub time_ns: u64,
+    pub rss_bytes: u64,
+    pub hwm_bytes: u64,
+    pub dropped_events: u64,
+    pub dropped_blocks: u64,
+    pub status: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    Session(Vec<u8>),
+    ProcessStart(ProcessStart),
+    Chunk(Chunk),
+    Rss { image: u32, time_ns: u64, rss_bytes: u64 },
+    ProcessEnd(ProcessEnd),
+    SessionEnd { time_ns: u64, exit_status: i64 },
+    Note { image: u32, text: String },
+    Sync { image: u32, time_ns: u64 },
+    /// A record type this reader does not know (skipped by length).
+    Unknown(u8),
+}
+
+fn put_u32(v: &mut Vec<u8>, x: u32) {
+    v.extend_from_slice(&x.to_le_bytes());
+}
+fn put_u64(v: &mut Vec<u8>, x: u64) {
+    v.extend_from_slice(&x.to_le_bytes());
+}
+
+impl Record {
+    /// Append this record's encoding to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0u8; 8]);
+        let ty = match self {
+            Record::Session(tlvs) => {
+                out.extend_from_slice(tlvs);
+                record_type::SESSION
+            }
+            Record::ProcessStart(p) => {
+                put_u32(out, p.image);
+                put_u32(out, p.pid);
+                put_u32(out, p.ppid);
+                put_u32(out, p.parent_image.unwrap_or(NO_IMAGE));
+                put_u32(out, p.origin);
+                put_u32(out, 0);
+                put_u64(out, p.fork_seq);
+                put_u64(out, p.time_ns);
+                out.extend_from_slice(&p.hello);
+                record_type::PROCESS_START
+            }
+            Record::Chunk(c) => {
+                Self::encode_chunk_body(out, c.image, c.stream, c.tid, c.block_seq, c.offset, &c.words);
+                record_type::CHUNK
+            }
+            Record::Rss { image, time_ns, rss_bytes } => {
+                put_u32(out, *image);
+                put_u32(out, 0);
+                put_u64(out, *time_ns);
+                put_u64(out, *rss_bytes);
+                record_type::RSS
+            }
+            Record::ProcessEnd(e) => {
+                put_u32(out, e.image);
+                put_u32(out, e.reason);
+                put_u64(out, e.time_ns);
+                put_u64(out, e.rss_bytes);
+                put_u64(out, e.hwm_bytes);
+                put_u64(out, e.dropped_events);
+                put_u64(out, e.dropped_blocks);
+                put_u64(out, e.status as u64);
+                record_type::PROCESS_END
+            }
+            Record::SessionEnd { time_ns, exit_status } => {
+                put_u64(out, *time_ns);
+                put_u64(out, *exit_status as u64);
+                record_type::SESSION_END
+            }
+            Record::Note { image, text } => {
+                put_u32(out, *image);
+                put_u32(out, 0);
+                out.extend_from_slice(text.as_bytes());
+                record_type::NOTE
+            }
+            Record::Sync { image, time_ns } => {
+                put_u32(out, *image);
+                put_u32(out, 0);
+                put_u64(out, *time_ns);
+                record_type::SYNC
+            }
+            Record::Unknown(t) => *t,
+        };
+        Self::finish(out, start, ty);
+    }
+
+    fn encode_chunk_body(out: &mut Vec<u8>, image: u32, stream: u32, tid: u32, block_seq: u32, offset: u32, words: &[u64]) {
+        put_u32(out, image);
+        put_u32(out, stream);
+        put_u32(out, tid);
+        put_u32(out, block_seq);
+        put_u32(out, offset);
+        put_u32(out, 0);
+        out.reserve(words.len() * 8);
+        for w in words {
+            put_u64(out, *w);
+        }
+    }
+
+    /// Encode a chunk straight from raw little-endian event bytes (the collector's hot path).
+    pub fn encode_chunk_bytes(out: &mut Vec<u8>, image: u32, stream: u32, tid: u32, block_seq: u32, offset: u32, bytes: &[u8]) {
+        let start = out.len();
+        out.extend_from_slice(&[0u8; 8]);
+        put_u32(out, image);
+        put_u32(out, stream);
+        put_u32(out, tid);
+        put_u32(out, block_seq);
+        put_u32(out, offset);
+        put_u32(out, 0);
+        out.extend_from_slice(bytes);
+        Self::finish(out, start, record_type::CHUNK);
+    }
+
+    fn finish(out: &mut Vec<u8>, start: usize, ty: u8) {
+        let body_len = (out.len() - start - 8) as u32;
+        out[start] = ty;
+        out[start + 4..start + 8].copy_from_slice(&body_len.to_le_bytes());
+        while out.len() % 8 != 0 {
+            out.push(0);
+        }
+    }
+
+    /// Decode one record from `raw[at..]`; returns it and the offset of the next record.
+    /// Errors carry an offset relative to `raw`.
+    pub fn decode(raw: &[u8], at: usize) -> Result<(Record, usize), (usize, String)> {
+        let hdr = raw.get(at..at + 8).ok_or((at, "record header cut short".to_string()))?;
+        let ty = hdr[0];
+        let len = u32::from_le_bytes(hdr[4..8].try_into().unwrap()) as usize;
+        let body = raw.get(at + 8..at + 8 + len).ok_or((at, format!("record body of {len} bytes runs past the frame")))?;
+        let next = (at + 8 + len).div_ceil(8) * 8;
+        let mut r = mtrace_protocol::control::Reader::new(body);
+        let short = || (at, format!("record type {ty} too short ({len} bytes)"));
+        let rec = match ty {
+            record_type::SESSION => Record::Session(body.to_vec()),
+            record_type::PROCESS_START => {
+                let image = r.u32().ok_or_else(short)?;
+                let pid = r.u32().ok_or_else(short)?;
+                let ppid = r.u32().ok_or_else(short)?;
+                let parent = r.u32().ok_or_else(short)?;
+                let origin = r.u32().ok_or_else(short)?;
+                r.u32().ok_or_else(short)?;
+                let fork_seq = r.u64().ok_or_else(short)?;
+                let time_ns = r.u64().ok_or_else(short)?;
+                Record::ProcessStart(ProcessStart {
+                    image,
+                    pid,
+                    ppid,
+                    parent_image: (parent != NO_IMAGE).then_some(parent),
+                    origin,
+                    fork_seq,
+                    time_ns,
+                    hello: body[r.pos..].to_vec(),
+                })
+            }
+            record_type::CHUNK => {
+                let image = r.u32().ok_or_else(short)?;
+                let stream = r.u32().ok_or_else(short)?;
+                let tid = r.u32().ok_or_else(short)?;
+                let block_seq = r.u32().ok_or_else(short)?;
+                let offset = r.u32().ok_or_else(short)?;
+                r.u32().ok_or_else(short)?;
+                let data = &body[r.pos..];
+                if data.len() % 8 != 0 {
+                    return Err((at, format!("chunk data of {} bytes is not whole words", data.len())));
+                }
+                let words = data.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+                Record::Chunk(Chunk { image, stream, tid, block_seq, offset, words })
+            }
+            record_type::RSS => {
+                let image = r.u32().ok_or_else(short)?;
+                r.u32().ok_or_else(short)?;
+                Record::Rss { image, time_ns: r.u64().ok_or_else(short)?, rss_bytes: r.u64().ok_or_else(short)? }
+            }
+            record_type::PROCESS_END => Record::ProcessEnd(ProcessEnd {
+                image: r.u32().ok_or_else(short)?,
+                reason: r.u32().ok_or_else(short)?,
+                time_ns: r.u64().ok_or_else(short)?,
+                rss_bytes: r.u64().ok_or_else(short)?,
+                hwm_bytes: r.u64().ok_or_else(short)?,
+                dropped_events: r.u64().ok_or_else(short)?,
+                dropped_blocks: r.u64().ok_or_else(short)?,
+                status: r.u64().ok_or_else(short)? as i64,
+            }),
+            record_type::SESSION_END => {
+                Record::SessionEnd { time_ns: r.u64().ok_or_else(short)?, exit_status: r.u64().ok_or_else(short)? as i64 }
+            }
+            record_type::NOTE => {
+                let image = r.u32().ok_or_else(short)?;
+                r.u32().ok_or_else(short)?;
+                Record::Note { image, text: String::from_utf8_lossy(&body[r.pos..]).into_owned() }
+            }
+            record_type::SYNC => {
+                let image = r.u32().ok_or_else(short)?;
+                r.u32().ok_or_else(short)?;
+                Record::Sync { image, time_ns: r.u64().ok_or_else(short)? }
+            }
+            other => Record::Unknown(other),
+        };
+        Ok((rec, next))
+    }
+}
+
+/// Appends records, cutting them into compressed frames.
+pub struct TraceWriter<W: Write> {
+    out: W,
+    raw: Vec<u8>,
+    frame_target: usize,
+    bytes_written: u64,
+    frames: u64,
+}
+
+impl<W: Write> TraceWriter<W> {
+    /// Write the file header. `frame_target` is the raw size at which a frame is cut.
+    pub fn new(mut out: W, frame_target: usize) -> io::Result<Self> {
+        let mut h = [0u8; FILE_HEADER_LEN];
+        h[..8].copy_from_slice(&FILE_MAGIC);
+        h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        h[12..16].copy_from_slice(&(FILE_HEADER_LEN as u32).to_le_bytes());
+        out.write_all(&h)?;
+        Ok(TraceWriter { out, raw: Vec::with_capacity(frame_target + 4096), frame_target, bytes_written: FILE_HEADER_LEN as u64, frames: 0 })
+    }
+
+    pub fn push(&mut self, rec: &Record) -> io::Result<()> {
+        rec.encode(&mut self.raw);
+        self.maybe_cut()
+    }
+
+    /// Append records already encoded with [`Record::encode`].
+    pub fn push_encoded(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.raw.extend_from_slice(bytes);
+        self.maybe_cut()
+    }
+
+    /// Append a chunk of raw event bytes without building a `Record`.
+    pub fn push_chunk_bytes(&mut self, image: u32, stream: u32, tid: u32, block_seq: u32, offset: u32, bytes: &[u8]) -> io::Result<()> {
+        Record::encode_chunk_bytes(&mut self.raw, image, stream, tid, block_seq, offset, bytes);
+        self.maybe_cut()
+    }
+
+    fn maybe_cut(&mut self) -> io::Result<()> {
+        if self.raw.len() >= self.frame_target { self.flush_frame() } else { Ok(()) }
+    }
+
+    /// Compress and write what is buffered as one frame, then flush the output.
+    pub fn flush_frame(&mut self) -> io::Result<()> {
+        if self.raw.is_empty() {
+            return self.out.flush();
+        }
+        let stored = lz4_flex::block::compress(&self.raw);
+        let mut h = [0u8; FRAME_HEADER_LEN];
+        h[..4].copy_from_slice(&FRAME_MAGIC);
+        h[4..8].copy_from_slice(&(self.raw.len() as u32).to_le_bytes());
+        h[8..12].copy_from_slice(&(stored.len() as u32).to_le_bytes());
+        h[12..16].copy_from_slice(&crc32fast::hash(&stored).to_le_bytes());
+        self.out.write_all(&h)?;
+        self.out.write_all(&stored)?;
+        self.out.flush()?;
+        self.bytes_written += (FRAME_HEADER_LEN + stored.len()) as u64;
+        self.frames += 1;
+        self.raw.clear();
+        Ok(())
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.raw.len()
+    }
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written
+    }
+
+    pub fn finish(mut self) -> io::Result<W> {
+        self.flush_frame()?;
+        Ok(self.out)
+    }
+}
+
+/// One decompressed frame.
+pub struct Frame {
+    /// File offset of the frame header.
+    pub offset: u64,
+    pub raw: Vec<u8>,
+}
+
+impl Frame {
+    /// Iterate the frame's records. A malformed record ends the iteration with an error naming
+    /// the file offset of the frame.
+    pub fn records(&self) -> impl Iterator<Item = Result<Record, TraceError>> + '_ {
+        let mut at = 0usize;
+        let mut failed = false;
+        std::iter::from_fn(move || {
+            if failed || at >= self.raw.len() {
+                return None;
+            }
+            match Record::decode(&self.raw, at) {
+                Ok((rec, next)) => {
+                    at = next;
+                    Some(Ok(rec))
+                }
+                Err((pos, what)) => {
+                    failed = true;
+                    Some(Err(TraceError::Corrupt {
+                        offset: self.offset,
+                        what: format!("frame record at raw offset {pos}: {what}"),
+                    }))
+                }
+            }
+        })
+    }
+}
+
+/// Reads frames sequentially from any reader.
+pub struct TraceReader<R: Read> {
+    inp: R,
+    offset: u64,
+    stored: Vec<u8>,
+}
+
+impl<R: Read> TraceReader<R> {
+    pub fn new(mut inp: R) -> Result<Self, TraceError> {
+        let mut h = [0u8; FILE_HEADER_LEN];
+        let n = read_full(&mut inp, &mut h)?;
+        if n < 8 || h[..8] != FILE_MAGIC {
+            return Err(TraceError::NotATrace);
+        }
+        if n < FILE_HEADER_LEN {
+            return Err(TraceError::Truncated { offset: n as u64, what: "file header cut short".into() });
+        }
+        let version = u32::from_le_bytes(h[8..12].try_into().unwrap());
+        if version != FORMAT_VERSION {
+            return Err(TraceError::UnsupportedVersion { found: version, supported: FORMAT_VERSION });
+        }
+        let hlen = u32::from_le_bytes(h[12..16].try_into().unwrap()) as usize;
+        if hlen < FILE_HEADER_LEN || hlen > 4096 {
+            return Err(TraceError::Corrupt { offset: 12, what: format!("file header length {hlen}") });
+        }
+        let mut rest = vec![0u8; hlen - FILE_HEADER_LEN];
+        let got = read_full(&mut inp, &mut rest)?;
+        if got < rest.len() {
+            return Err(TraceError::Truncated { offset: (FILE_HEADER_LEN + got) as u64, what: "file header cut short".into() });
+        }
+        Ok(TraceReader { inp, offset: hlen as u64, stored: Vec::new() })
+    }
+
+    /// Current file offset (the next frame's header).
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The next frame, `Ok(None)` at a clean end of file.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, TraceError> {
+        let at = self.offset;
+        let mut h = [0u8; FRAME_HEADER_LEN];
+        let n = read_full(&mut self.inp, &mut h)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if n < FRAME_HEADER_LEN {
+            return Err(TraceError::Truncated { offset: at, what: format!("frame header has {n} of {FRAME_HEADER_LEN} bytes") });
+        }
+        if h[..4] != FRAME_MAGIC {
+            return Err(TraceError::Corrupt { offset: at, what: "bad frame magic".into() });
+        }
+        let raw_len = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
+        let stored_len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
+        let crc = u32::from_le_bytes(h[12..16].try_into().unwrap());
+        if raw_len > MAX_FRAME_RAW || stored_len > lz4_flex::block::get_maximum_output_size(raw_len) {
+            return Err(TraceError::Corrupt { offset: at, what: format!("implausible frame sizes (raw {raw_len}, stored {stored_len})") });
+        }
+        self.stored.resize(stored_len, 0);
+        let got = read_full(&mut self.inp, &mut self.stored)?;
+        if got < stored_len {
+            return Err(TraceError::Truncated {
+                offset: at,
+                what: format!("frame needs {stored_len} bytes after its header, the file has {got}"),
+            });
+        }
+        if crc32fast::hash(&self.stored) != crc {
+            return Err(TraceError::Corrupt { offset: at, what: "frame checksum mismatch".into() });
+        }
+        let raw = lz4_flex::block::decompress(&self.stored, raw_len)
+            .map_err(|e| TraceError::Corrupt { offset: at, what: format!("frame does not decompress: {e}") })?;
+        if raw.len() != raw_len {
+            return Err(TraceError::Corrupt { offset: at, what: "frame decompressed to the wrong size".into() });
+        }
+        self.offset += (FRAME_HEADER_LEN + stored_len) as u64;
+        Ok(Some(Frame { offset: at, raw }))
+    }
+}
+
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<Record> {
+        vec![
+            Record::Session(vec![1, 0, 3, 0, 0, 0, b'a', b'b', b'c']),
+            Record::ProcessStart(ProcessStart {
+                image: 0,
+                pid: 42,
+                ppid: 1,
+                parent_image: None,
+                origin: 0,
+                fork_seq: 0,
+                time_ns: 5,
+                hello: vec![9; 13],
+            }),
+            Record::Chunk(Chunk { image: 0, stream: 1, tid: 42, block_seq: 0, offset: 0, words: vec![1, 2, 3] }),
+            Record::Rss { image: 0, time_ns: 10, rss_bytes: 4096 },
+            Record::ProcessEnd(ProcessEnd {
+                image: 0,
+                reason: end_reason::EXITED,
+                time_ns: 11,
+                rss_bytes: 1,
+                hwm_bytes: 2,
+                dropped_events: 0,
+                dropped_blocks: 0,
+                status: -1,
+            }),
+            Record::Note { image: NO_IMAGE, text: "hello".into() },
+            Record::Sync { image: 0, time_ns: 99 },
+            Record::SessionEnd { time_ns: 12, exit_status: 3 },
+        ]
+    }
+
+    fn write(records: &[Record], frame_target: usize) -> Vec<u8> {
+        let mut w = TraceWriter::new(Vec::new(), frame_target).unwrap();
+        for r in records {
+            w.push(r).unwrap();
+        }
+        w.finish().unwrap()
+    }
+
+    fn read_all(bytes: &[u8]) -> Result<Vec<Record>, TraceError> {
+        let mut r = TraceReader::new(bytes)?;
+        let mut out = Vec::new();
+        while let Some(f) = r.next_frame()? {
+            for rec in f.records() {
+                out.push(rec?);
+            }
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn round_trip_one_and_many_frames() {
+        let recs = sample();
+        assert_eq!(read_all(&write(&recs, 1 << 20)).unwrap(), recs);
+        assert_eq!(read_all(&write(&recs, 1)).unwrap(), recs);
+    }
+
+    #[test]
+    fn truncation_names_the_frame_offset() {
+        let bytes = write(&sample(), 1);
+        // Cut inside the third frame.
+        let mut r = TraceReader::new(&bytes[..]).unwrap();
+        r.next_frame().unwrap();
+        r.next_frame().unwrap();
+        let third = r.offset();
+        let cut = &bytes[..third as usize + FRAME_HEADER_LEN + 2];
+        let err = read_all(cut).unwrap_err();
+        assert_eq!(err.offset(), Some(third));
+        assert!(matches!(err, TraceError::Truncated { .. }), "{err}");
+    }
+
+    #[test]
+    fn corruption_is_detected_by_checksum() {
+        let mut bytes = write(&sample(), 1 << 20);
+        let n = bytes.len();
+        bytes[n - 3] ^= 0x55;
+        let err = read_all(&bytes).unwrap_err();
+        assert_eq!(err.offset(), Some(FILE_HEADER_LEN as u64));
+        assert!(err.to_string().contains("checksum"), "{err}");
+    }
+
+    #[test]
+    fn wrong_version_and_magic() {
+        let mut bytes = write(&sample(), 1 << 20);
+        bytes[8] = 99;
+        assert!(matches!(read_all(&bytes), Err(TraceError::UnsupportedVersion { found: 99, supported: 1 })));
+        assert!(matches!(read_all(b"hello world, not a trace"), Err(TraceError::NotATrace)));
+        assert!(matches!(read_all(b""), Err(TraceError::NotATrace)));
+    }
+
+    proptest::proptest! {
+        /// Any byte soup after a valid header yields an error or records, never a panic.
+        #[test]
+        fn garbage_never_panics(tail in proptest::collection::vec(proptest::num::u8::ANY, 0..300), cut in 0usize..400) {
+            let mut bytes = write(&sample(), 64);
+            bytes.truncate(cut.max(FILE_HEADER_LEN).min(bytes.len()));
+            bytes.extend_from_slice(&tail);
+            let _ = read_all(&bytes);
+        }
+    }
+}
