@@ -32,8 +32,10 @@ struct RecordArgs {
     /// Size of one ring block, in KiB (power of two, 4..=128)
     #[arg(long, default_value_t = 64)]
     block_kb: u32,
-    /// How long mtracer sleeps between passes over idle rings, in milliseconds
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10000))]
+    /// Pause after every pass over the rings, in milliseconds. 0 (default): passes run back to back
+    /// while events flow. A pause uses less CPU and needs a larger ring; with --lossy it shows what
+    /// losses look like
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10000))]
     drain_interval_ms: u64,
     /// Say nothing on stderr
     #[arg(short, long)]
@@ -80,6 +82,11 @@ enum Cmd {
         /// At most this many timeline samples per process (0: all)
         #[arg(long, default_value_t = 1000)]
         timeline_points: usize,
+    },
+    /// Print the records and events of a trace, one per line (for debugging mtrace itself)
+    #[command(hide = true)]
+    Dump {
+        file: PathBuf,
     },
     /// Serve a standalone preload (started by libmtrace.so itself)
     #[command(hide = true)]
@@ -139,6 +146,13 @@ pub fn main() -> i32 {
                 }
                 0
             }
+            Err(e) => {
+                eprintln!("mtracer: {e:#}");
+                2
+            }
+        },
+        Cmd::Dump { file } => match crate::trace::dump(&file, &mut std::io::stdout().lock()) {
+            Ok(()) => 0,
             Err(e) => {
                 eprintln!("mtracer: {e:#}");
                 2

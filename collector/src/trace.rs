@@ -380,6 +380,51 @@ impl Frame {
     }
 }
 
+/// Print every record of a trace, with chunk events decoded (debugging aid: `mtracer dump`).
+pub fn dump(path: &std::path::Path, out: &mut impl Write) -> Result<(), TraceError> {
+    let mut r = TraceReader::new(std::io::BufReader::new(std::fs::File::open(path)?))?;
+    let mut keys = std::collections::HashMap::new();
+    let stamp_of = |e: &mtrace_protocol::event::Event| match *e {
+        mtrace_protocol::event::Event::Alloc { stamp, .. }
+        | mtrace_protocol::event::Event::Realloc { stamp, .. }
+        | mtrace_protocol::event::Event::Free { stamp, .. } => stamp,
+        _ => None,
+    };
+    while let Some(frame) = r.next_frame()? {
+        writeln!(out, "frame @{} ({} bytes)", frame.offset, frame.raw.len())?;
+        for rec in frame.records() {
+            match rec? {
+                Record::Chunk(c) => {
+                    writeln!(out, "chunk image {} stream {} tid {} block {} offset {} ({} words)", c.image, c.stream, c.tid, c.block_seq, c.offset, c.words.len())?;
+                    for ev in mtrace_protocol::event::Events::new(&c.words) {
+                        match ev {
+                            Ok((at, e)) => {
+                                let st = stamp_of(&e)
+                                    .and_then(|w| mtrace_protocol::stamp::decode(*keys.get(&c.image).unwrap_or(&0), w))
+                                    .map(|r| format!(" <- stream {} {}:{}", r.stream, r.seq_low, r.word))
+                                    .unwrap_or_default();
+                                writeln!(out, "  {}:{} {:?}{st}", c.block_seq, c.offset / 8 + at as u32, e)?
+                            }
+                            Err(e) => writeln!(out, "  undecodable: {e}")?,
+                        }
+                    }
+                }
+                Record::ProcessStart(p) => {
+                    let key = mtrace_protocol::control::HelloFixed::decode(&p.hello).map_or(0, |(h, _)| h.stamp_key);
+                    keys.insert(p.image, key);
+                    writeln!(
+                        out,
+                        "process-start image {} pid {} ppid {} parent {:?} origin {} fork_seq {} t {} stamp-key {key:#x}",
+                        p.image, p.pid, p.ppid, p.parent_image, p.origin, p.fork_seq, p.time_ns
+                    )?
+                }
+                other => writeln!(out, "{other:?}")?,
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Reads frames sequentially from any reader.
 pub struct TraceReader<R: Read> {
     inp: R,

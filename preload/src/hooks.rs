@@ -86,20 +86,38 @@ unsafe fn inspect_new_block(t: *mut ThreadState, kind: EventKind, p: *const u8) 
                 }
                 // calloc zeroes the block: nothing to find.
                 if g().stamps && kind != EventKind::Calloc {
-                    let w = *(p.add(chunk::stamp_offset(chunk::size(hdr))) as *const u64);
-                    if stamp::looks_genuine(g().stamp_key, w) {
-                        if let Some(r) = stamp::decode(g().stamp_key, w) {
-                            if r.stream != (*t).stream {
-                                aux |= AUX_HAS_STAMP;
-                                st = w;
-                            }
-                        }
+                    if let Some(w) = find_stamp(t, p, chunk::size(hdr), kind == EventKind::Realloc || kind == EventKind::Reallocarray) {
+                        aux |= AUX_HAS_STAMP;
+                        st = w;
                     }
                 }
             }
         }
         (aux, prev_size, st)
     }
+}
+
+/// A stamp another thread's free left in the block at `p`, if any. A moved realloc's block
+/// starts with a copy of the old block, so its end slot speaks for its own past first.
+#[inline(always)]
+unsafe fn find_stamp(t: *mut ThreadState, p: *const u8, size: u64, end_first: bool) -> Option<u64> {
+    let key = g().stamp_key;
+    // SAFETY: both slots lie inside the live block (see `chunk::stamp_front`/`stamp_end`).
+    let read = |off: usize| unsafe { *(p.add(off) as *const u64) };
+    let genuine = |w: u64| {
+        // SAFETY: `t` is this thread's state.
+        stamp::looks_genuine(key, w) && stamp::decode(key, w).is_some_and(|r| r.stream != unsafe { (*t).stream })
+    };
+    let front = chunk::stamp_front(size);
+    let end = chunk::stamp_end(size);
+    let (first, second) = if end_first { (end, Some(front)) } else { (Some(front), end) };
+    for off in [first, second].into_iter().flatten() {
+        let w = read(off);
+        if genuine(w) {
+            return Some(w);
+        }
+    }
+    None
 }
 
 /// Record a free of `p` (before the real free runs) and leave a stamp in the block. A stamp of
@@ -112,14 +130,15 @@ unsafe fn record_free(kind: EventKind, p: *mut c_void, a: u64, b: u64) {
         let hdr = glibc::chunk_header(p as *const u8);
         let mut aux = hdr & AUX_CHUNK_MASK;
         let stampable = hdr != 0 && g().stamps && !chunk::is_mmapped(hdr);
-        let slot = (p as *mut u8).wrapping_add(chunk::stamp_offset(chunk::size(hdr))) as *mut u64;
+        let size = chunk::size(hdr);
         let mut found = 0;
-        if hdr != 0 && !chunk::is_mmapped(hdr) && chunk::non_main_arena(hdr) {
+        // Only the thread's own current heap: frees of other arenas' chunks (cross-thread frees)
+        // would make the one-entry cache thrash. Shrinks show up at the next allocation.
+        if hdr != 0 && !chunk::is_mmapped(hdr) && chunk::non_main_arena(hdr) && (p as u64 & !(chunk::HEAP_MAX_SIZE - 1)) == (*t).heap {
             glibc::observe_heap(t, p as u64);
         }
         if stampable {
-            let w = *slot;
-            if stamp::looks_genuine(g().stamp_key, w) && stamp::decode(g().stamp_key, w).is_some_and(|r| r.stream != (*t).stream) {
+            if let Some(w) = find_stamp(t, p as *const u8, size, false) {
                 aux |= AUX_HAS_STAMP;
                 found = w;
             }
@@ -130,7 +149,11 @@ unsafe fn record_free(kind: EventKind, p: *mut c_void, a: u64, b: u64) {
             if !w.is_null() {
                 if stampable {
                     let word = (w as usize - (*t).base as usize) / 8;
-                    *slot = stamp::encode(g().stamp_key, (*t).stream, (*t).block_seq, word as u32);
+                    let st = stamp::encode(g().stamp_key, (*t).stream, (*t).block_seq, word as u32);
+                    *((p as *mut u8).add(chunk::stamp_front(size)) as *mut u64) = st;
+                    if let Some(end) = chunk::stamp_end(size) {
+                        *((p as *mut u8).add(end) as *mut u64) = st;
+                    }
                 }
                 fill_free(w, kind, n, aux, p, a, b, found);
                 writer::commit(t, n);

@@ -70,11 +70,22 @@ pub mod chunk {
     }
     /// Heap alignment of thread-arena heaps (`HEAP_MAX_SIZE`, 64 MiB on x86_64).
     pub const HEAP_MAX_SIZE: u64 = 64 << 20;
-    /// Where the free hook leaves its stamp inside a block being freed: past every word glibc
-    /// itself writes into a free chunk (tcache next/key, fd/bk, and fd/bk_nextsize of large
-    /// chunks ≥ 1024 B).
-    pub const fn stamp_offset(chunk_size: u64) -> usize {
-        if chunk_size >= 1024 { 32 } else { 16 }
+    /// Where the free hook leaves its stamp inside a block being freed (offsets from the user
+    /// pointer). glibc writes offsets 0 and 8 of a free chunk (tcache next/key, fd/bk), 16 and 24
+    /// (fd/bk_nextsize, once the chunk heads a large-bin chunk after coalescing, whatever its own
+    /// size) and the last 8 usable bytes (the next chunk's `prev_size`, "foot"). Two slots:
+    ///
+    /// * the *front* slot, offset 32 (16 for the 32-byte class): it stays put when the address is
+    ///   reused with another size (chunks are carved from the front of free chunks);
+    /// * the *end* slot, `size − 24` (chunks ≥ 64 B): a moving realloc copies the old block over
+    ///   the start of the new one, but a block that grows keeps its end — and the stamp in it.
+    pub const fn stamp_front(chunk_size: u64) -> usize {
+        if chunk_size >= 48 { 32 } else { 16 }
+    }
+
+    /// See [`stamp_front`]. `None` for chunks too small to have a distinct end slot.
+    pub const fn stamp_end(chunk_size: u64) -> Option<usize> {
+        if chunk_size >= 64 { Some((chunk_size - 24) as usize) } else { None }
     }
 }
 

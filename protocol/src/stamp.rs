@@ -5,7 +5,8 @@
 //! collector sees three streams and cannot tell `A→C→B` from `B→C→A` by per-thread order alone.
 //!
 //! The free hook therefore writes one keyed word, the *stamp*, into the block it is about to free,
-//! at [`crate::event::chunk::stamp_offset`] — a word glibc never writes in a free chunk. The
+//! at [`crate::event::chunk::stamp_front`] (and [`crate::event::chunk::stamp_end`]) — words glibc never
+//! writes in a free chunk. The
 //! stamp names the free event's position in its stream. An allocation hook that later finds a
 //! genuine stamp in the block it returns has proof that this free happened before it, and
 //! records the stamp (when it names another stream). The collector orders the allocation after

@@ -28,12 +28,14 @@
 //! | 5 | `ProcessEnd` | image u32, reason u32, time_ns u64, rss_bytes u64, hwm_bytes u64, dropped_events u64, dropped_blocks u64, status i64 |
 //! | 6 | `SessionEnd` | time_ns u64, exit_status i64 |
 //! | 7 | `Note` | image u32 (`u32::MAX`: session), 0 u32, UTF-8 text |
-//! | 8 | `Sync` | image u32, 0 u32, time_ns u64 |
+//! | 8 | `Sync` | image u32, 0 u32, pass_start_ns u64 |
 //!
 //! `Sync` marks the end of one pass of the collector over an image's ring: every event published
 //! before that pass began appears in the file before the record. An event read in a pass has all
 //! the events that causally precede it (published before it) in the file by the end of the next
 //! pass, so the analysis treats an event as complete-in-context two `Sync`s after it.
+//! `pass_start_ns` is the clock the collector wrote into the ring as that pass began: an event
+//! time-marked with it or later was written after every event read in earlier passes.
 //!
 //! Times are CLOCK_MONOTONIC nanoseconds of the recording machine (the same clock as the events'
 //! `Time` records). A stream is one thread of one process image; its chunks appear in order and

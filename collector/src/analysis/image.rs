@@ -160,7 +160,7 @@ impl ImageAnalysis {
             return;
         }
         self.last_sync_ns = self.last_sync_ns.max(time_ns);
-        self.merger.sync();
+        self.merger.sync(time_ns);
         self.run();
     }
 

@@ -47,8 +47,10 @@ pub struct Counters {
     pub peak_live_time_ns: u64,
     /// Frees (or realloc sources) of addresses never seen allocated.
     pub unmatched_frees: u64,
-    /// Allocations returning an address that was still live with no free of it ever found.
-    pub displaced_blocks: u64,
+    /// Allocations admitted while another block of the same address was still live, to break a
+    /// cycle of cross-thread constraints the merger could not order (see `merge`). Each block is
+    /// still ended by the free whose chunk header matches it; live bytes count both for a while.
+    pub reordered: u64,
     pub lost_events: u64,
     /// Sum of mapping sizes of live mmapped chunks.
     pub mmapped_bytes: u64,
@@ -59,6 +61,8 @@ pub struct Counters {
 #[derive(Clone, Debug, Default)]
 pub struct LiveModel {
     pub live: FxHashMap<u64, Block>,
+    /// Further blocks at an address that `live` already holds (rare: see `Counters::reordered`).
+    pub extra: FxHashMap<u64, Vec<Block>>,
     pub c: Counters,
     /// Where the brk heap starts.
     pub heap_start: u64,
@@ -77,6 +81,15 @@ pub enum Need {
     Live(u64),
     /// Waits until `addr` is no longer live (an allocation of an address not yet freed).
     Dead(u64),
+    /// The block live at `addr` is not the one this event ends (its chunk differs): waits for
+    /// that block to end and the event's own block to begin.
+    Other(u64),
+}
+
+/// Could chunk header words `a` and `b` describe the same block? (Unknown headers match
+/// anything; the PREV_INUSE bit is rewritten by neighbours and ignored.)
+pub fn same_chunk(a: u64, b: u64) -> bool {
+    a == 0 || b == 0 || (a & !chunk::PREV_INUSE & !chunk::NON_MAIN_ARENA) == (b & !chunk::PREV_INUSE & !chunk::NON_MAIN_ARENA)
 }
 
 impl LiveModel {
@@ -92,12 +105,20 @@ impl LiveModel {
 
     /// Is `ev` applicable in the current state?
     pub fn need(&self, ev: &Event) -> Need {
+        let ends = |ptr: u64, chunk: u64| match self.live.get(&ptr) {
+            None => Need::Live(ptr),
+            Some(b) if !same_chunk(b.chunk, chunk) => {
+                if self.extra.get(&ptr).is_some_and(|v| v.iter().any(|b| same_chunk(b.chunk, chunk))) { Need::Ok } else { Need::Other(ptr) }
+            }
+            Some(_) => Need::Ok,
+        };
         match *ev {
             Event::Alloc { ptr, .. } if ptr != 0 && self.is_live(ptr) => Need::Dead(ptr),
-            Event::Free { ptr, .. } if ptr != 0 && !self.is_live(ptr) => Need::Live(ptr),
-            Event::Realloc { old_ptr, new_ptr, size, .. } => {
-                if old_ptr != 0 && !(new_ptr == 0 && size > 0) && !self.is_live(old_ptr) {
-                    Need::Live(old_ptr)
+            Event::Free { ptr, chunk, .. } if ptr != 0 => ends(ptr, chunk),
+            Event::Realloc { old_ptr, new_ptr, size, old_chunk, .. } => {
+                let frees_old = old_ptr != 0 && !(new_ptr == 0 && size > 0);
+                if frees_old && ends(old_ptr, old_chunk) != Need::Ok {
+                    ends(old_ptr, old_chunk)
                 } else if new_ptr != 0 && new_ptr != old_ptr && self.is_live(new_ptr) {
                     Need::Dead(new_ptr)
                 } else {
@@ -112,11 +133,9 @@ impl LiveModel {
         self.c.alloc_count += 1;
         self.c.bytes_allocated_total = self.c.bytes_allocated_total.saturating_add(b.size);
         if let Some(old) = self.live.insert(ptr, b) {
-            // Forced: the address was live and no free of it was ever found.
-            self.c.displaced_blocks += 1;
-            self.c.live_bytes -= old.size;
-            self.c.live_blocks -= 1;
-            self.c.mmapped_bytes -= old.mmapped_bytes();
+            // Forced: the address is still live. Keep both; frees tell them apart by chunk.
+            self.c.reordered += 1;
+            self.extra.entry(ptr).or_default().push(old);
         }
         self.c.live_bytes += b.size;
         self.c.live_blocks += 1;
@@ -127,9 +146,31 @@ impl LiveModel {
         }
     }
 
-    /// End the block at `ptr`; `false` if it was not live (an unmatched free).
-    fn end_block(&mut self, ptr: u64) -> Option<Block> {
-        match self.live.remove(&ptr) {
+    /// End the block at `ptr` whose chunk header matches `chunk` (the most recent one when several
+    /// blocks share the address); `None` if none is live (an unmatched free).
+    fn end_block(&mut self, ptr: u64, chunk: u64) -> Option<Block> {
+        let removed = match self.extra.get_mut(&ptr) {
+            None => self.live.remove(&ptr),
+            Some(extra) => {
+                let live_matches = self.live.get(&ptr).is_some_and(|b| same_chunk(b.chunk, chunk));
+                let r = if live_matches {
+                    let b = self.live.remove(&ptr);
+                    if let Some(next) = extra.pop() {
+                        self.live.insert(ptr, next);
+                    }
+                    b
+                } else if let Some(i) = extra.iter().rposition(|b| same_chunk(b.chunk, chunk)) {
+                    Some(extra.remove(i))
+                } else {
+                    None
+                };
+                if extra.is_empty() {
+                    self.extra.remove(&ptr);
+                }
+                r
+            }
+        };
+        match removed {
             Some(b) => {
                 self.c.free_count += 1;
                 self.c.live_bytes -= b.size;
@@ -157,25 +198,25 @@ impl LiveModel {
                     self.add_block(ptr, Block { size, chunk, prev_size, time_ns, stream, kind });
                 }
             }
-            Event::Free { kind, ptr, .. } => {
+            Event::Free { kind, ptr, chunk, .. } => {
                 self.count(kind);
                 if ptr != 0 {
-                    self.end_block(ptr);
+                    self.end_block(ptr, chunk);
                 }
             }
-            Event::Realloc { kind, old_ptr, new_ptr, size, chunk, prev_size, .. } => {
+            Event::Realloc { kind, old_ptr, new_ptr, size, chunk, old_chunk, prev_size, .. } => {
                 self.count(kind);
                 if new_ptr == 0 {
                     if size == 0 && old_ptr != 0 {
                         // realloc(p, 0) freed p.
-                        self.end_block(old_ptr);
+                        self.end_block(old_ptr, old_chunk);
                     } else {
                         self.c.failed_allocs += 1;
                     }
                     return;
                 }
                 if old_ptr != 0 {
-                    self.end_block(old_ptr);
+                    self.end_block(old_ptr, old_chunk);
                 }
                 self.add_block(new_ptr, Block { size, chunk, prev_size, time_ns, stream, kind });
             }

@@ -157,6 +157,7 @@ impl Analyzer {
 /// `partial` asks for the analysis of everything before the damage.
 pub fn analyze_file(path: &Path, partial: bool) -> Result<Analysis> {
     let f = File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    wait_for_recorder(&f, path, std::time::Duration::from_secs(30));
     let mut reader = TraceReader::new(BufReader::with_capacity(1 << 20, f)).map_err(|e| describe(path, e, false))?;
     let mut a = Analyzer::new();
     let mut damage = None;
@@ -192,6 +193,27 @@ pub fn analyze_file(path: &Path, partial: bool) -> Result<Analysis> {
         }
     }
     Ok(a.finish(damage))
+}
+
+/// A recorder holds an exclusive lock on the trace it writes. If it is still at work (a standalone
+/// agent finishing up after the program exited, say), wait for it — up to `limit` — so that what
+/// we read is the whole recording.
+fn wait_for_recorder(f: &File, path: &Path, limit: std::time::Duration) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own; the shared lock is dropped with the file.
+    let try_lock = || unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) == 0 };
+    if try_lock() {
+        return;
+    }
+    eprintln!("mtracer: {} is still being recorded; waiting for the recorder to finish", path.display());
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        if try_lock() {
+            return;
+        }
+    }
+    eprintln!("mtracer: still recording after {} s; reading what is there", limit.as_secs());
 }
 
 fn describe(path: &Path, e: TraceError, hint: bool) -> anyhow::Error {

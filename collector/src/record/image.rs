@@ -124,59 +124,55 @@ impl Image {
         let geo = ring.geometry();
         let used = ring.used_blocks();
         let mut pass = Pass::default();
-        // A stream's blocks are read in sequence order; a block whose predecessor was finished
-        // later in the same pass is picked up by a second sweep.
-        for _sweep in 0..2 {
-            let mut progressed = false;
-            for i in 0..used {
-                let d = ring.desc(i);
-                let state = d.state.load(Ordering::Acquire);
-                if state != ring::BLOCK_OWNED && state != ring::BLOCK_FULL {
-                    continue;
-                }
-                let stream = d.stream.load(Ordering::Relaxed);
-                let seq = d.seq.load(Ordering::Relaxed);
-                let tid = d.tid.load(Ordering::Relaxed);
-                let next = *st.streams.entry(stream).or_insert(0);
-                if seq != next {
-                    continue;
-                }
-                let cur = &mut st.blocks[i as usize];
-                if cur.owner != Some((stream, seq)) {
-                    *cur = BlockCursor { owner: Some((stream, seq)), read: 0 };
-                }
-                // Re-read the state after the length: FULL is published after the last length.
-                let len = d.len.load(Ordering::Acquire).min(geo.block_size) & !7;
-                let full = d.state.load(Ordering::Acquire) == ring::BLOCK_FULL;
-                let len = if full { d.len.load(Ordering::Acquire).min(geo.block_size) & !7 } else { len };
-                if len > cur.read {
-                    // SAFETY: `[read, len)` of block `i` was published by its owner (acquire on
-                    // `len`) and is never written again while we hold the block.
-                    let bytes = unsafe { std::slice::from_raw_parts(ring.block_data(i).add(cur.read as usize), (len - cur.read) as usize) };
-                    Record::encode_chunk_bytes(out, self.id, stream, tid, seq, cur.read, bytes);
-                    pass.bytes += bytes.len() as u64;
-                    cur.read = len;
-                    progressed = true;
-                    if len > st.high_water[i as usize] {
-                        let old = st.high_water[i as usize].div_ceil(4096);
-                        st.high_water[i as usize] = len;
-                        let new = len.div_ceil(4096);
-                        self.touched_bytes.fetch_add((new - old) as u64 * 4096, Ordering::Relaxed);
-                    }
-                }
-                if full && cur.read >= len {
-                    st.streams.insert(stream, seq.wrapping_add(1));
-                    *cur = BlockCursor::default();
-                    d.len.store(0, Ordering::Relaxed);
-                    d.state.store(ring::BLOCK_FREE, Ordering::Release);
-                    if ring.push_free(i) {
-                        pass.recycled += 1;
-                    }
-                    progressed = true;
+        // Everything published before this pass must be read in this pass (the analysis relies on
+        // it: see `Sync`). A stream's blocks must be read in sequence order, and a thread may have
+        // filled several since the last pass, at any ring indices: visit blocks sorted by
+        // (stream, seq).
+        let mut order: Vec<(u32, u32, u32)> = Vec::new();
+        for i in 0..used {
+            let d = ring.desc(i);
+            let state = d.state.load(Ordering::Acquire);
+            if state == ring::BLOCK_OWNED || state == ring::BLOCK_FULL {
+                order.push((d.stream.load(Ordering::Relaxed), d.seq.load(Ordering::Relaxed), i));
+            }
+        }
+        order.sort_unstable();
+        for &(stream, seq, i) in &order {
+            let d = ring.desc(i);
+            let tid = d.tid.load(Ordering::Relaxed);
+            let next = *st.streams.entry(stream).or_insert(0);
+            if seq != next {
+                continue;
+            }
+            let cur = &mut st.blocks[i as usize];
+            if cur.owner != Some((stream, seq)) {
+                *cur = BlockCursor { owner: Some((stream, seq)), read: 0 };
+            }
+            // FULL is published after the last length: read the state first, then the length.
+            let full = d.state.load(Ordering::Acquire) == ring::BLOCK_FULL;
+            let len = d.len.load(Ordering::Acquire).min(geo.block_size) & !7;
+            if len > cur.read {
+                // SAFETY: `[read, len)` of block `i` was published by its owner (acquire on
+                // `len`) and is never written again while we hold the block.
+                let bytes = unsafe { std::slice::from_raw_parts(ring.block_data(i).add(cur.read as usize), (len - cur.read) as usize) };
+                Record::encode_chunk_bytes(out, self.id, stream, tid, seq, cur.read, bytes);
+                pass.bytes += bytes.len() as u64;
+                cur.read = len;
+                if len > st.high_water[i as usize] {
+                    let old = st.high_water[i as usize].div_ceil(4096);
+                    st.high_water[i as usize] = len;
+                    let new = len.div_ceil(4096);
+                    self.touched_bytes.fetch_add((new - old) as u64 * 4096, Ordering::Relaxed);
                 }
             }
-            if !progressed {
-                break;
+            if full && cur.read >= len {
+                st.streams.insert(stream, seq.wrapping_add(1));
+                *cur = BlockCursor::default();
+                d.len.store(0, Ordering::Relaxed);
+                d.state.store(ring::BLOCK_FREE, Ordering::Release);
+                if ring.push_free(i) {
+                    pass.recycled += 1;
+                }
             }
         }
         if pass.recycled > 0 {

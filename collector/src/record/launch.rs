@@ -129,6 +129,7 @@ pub fn record(mut opts: Options, command: &[String], output: Option<PathBuf>, qu
             bail!("cannot create {}: {e}", opts.output.display());
         }
     };
+    lock_while_recording(&file);
     if !quiet {
         eprintln!("mtracer: recording pid {} into {}", child.id(), opts.output.display());
     }
@@ -180,6 +181,14 @@ pub fn record(mut opts: Options, command: &[String], output: Option<PathBuf>, qu
     Ok(Outcome { exit_code, trace_bytes, images })
 }
 
+/// Hold an exclusive lock on the trace while it is being written: readers that find it locked
+/// know the recording is still going on (and wait), rather than mistaking it for a killed one.
+/// Released when the file is closed.
+fn lock_while_recording(file: &File) {
+    // SAFETY: flock on a descriptor we own.
+    unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(file), libc::LOCK_EX | libc::LOCK_NB) };
+}
+
 fn exit_code_of(st: std::process::ExitStatus) -> i32 {
     st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
 }
@@ -189,8 +198,6 @@ pub fn agent(mut opts: Options, listen_fd: i32, pid: u32, output: PathBuf) -> Re
     // SAFETY: the preload passed us this descriptor (its listening socket) and nothing else
     // in this process owns it.
     let listener = unsafe { OwnedFd::from_raw_fd(listen_fd) };
-    // SAFETY: mark it close-on-exec like every descriptor of ours.
-    unsafe { libc::fcntl(listen_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     opts.output = output;
     opts.wait_on_exit = true;
     // The application has gone on; ignore terminal signals aimed at its process group.
@@ -202,6 +209,7 @@ pub fn agent(mut opts: Options, listen_fd: i32, pid: u32, output: PathBuf) -> Re
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
     let file = File::create(&opts.output).with_context(|| format!("cannot create {}", opts.output.display()))?;
+    lock_while_recording(&file);
     let sink = SinkThread::start(file, Duration::from_millis(100))?;
     let shared = Arc::new(Shared::new(opts.clone(), sink.sink.clone()));
     shared.sink.send(&session_record(&opts, &[format!("(pid {pid}, LD_PRELOAD)")]));

@@ -31,6 +31,8 @@ pub struct Options {
     pub output: PathBuf,
     pub sample_period: Duration,
     pub tick: Duration,
+    /// Pause after every pass over the rings. Zero (the default): back-to-back passes while data
+    /// flows, a 1 ms nap when a pass found nothing.
     pub drain_interval: Duration,
     pub lossy: bool,
     pub ring_size: u64,
@@ -45,7 +47,7 @@ impl Default for Options {
             output: PathBuf::from("mtrace.mtr"),
             sample_period: Duration::from_millis(10),
             tick: Duration::from_millis(1),
-            drain_interval: Duration::from_millis(1),
+            drain_interval: Duration::ZERO,
             lossy: false,
             ring_size: mtrace_protocol::ring::DEFAULT_RING_SIZE,
             block_size: mtrace_protocol::ring::DEFAULT_BLOCK_SIZE,
@@ -165,6 +167,12 @@ fn drain_loop(shared: &Shared) {
         let images: Vec<Arc<Image>> = shared.images.lock().unwrap().clone();
         let mut moved = 0u64;
         for img in &images {
+            // Each pass also advances the clock: under load, events are time-marked to the pass
+            // (tens of µs) instead of the 1 ms tick. The Sync record carries this pass-start clock
+            // (see `merge` for how the analysis orders events with it).
+            // fetch_max: the ticker may store a value it read before this one; never go back.
+            let pass_start = crate::clock::now_ns();
+            img.ring().header().clock.0.clock_ns.fetch_max(pass_start, Ordering::AcqRel);
             let mut st = img.drain.lock().unwrap();
             // Decide before reading: a process that is gone publishes nothing more, so what this
             // pass reads is all there is.
@@ -174,7 +182,7 @@ fn drain_loop(shared: &Shared) {
             moved += pass.bytes;
             let now = crate::clock::now_ns();
             if pass.bytes > 0 || now.saturating_sub(st.last_sync_ns) >= 10_000_000 || finishing {
-                Record::Sync { image: img.id, time_ns: now }.encode(&mut buf);
+                Record::Sync { image: img.id, time_ns: pass_start }.encode(&mut buf);
                 st.last_sync_ns = now;
             }
             if buf.len() >= 256 << 10 {
@@ -199,8 +207,10 @@ fn drain_loop(shared: &Shared) {
         if exiting {
             break;
         }
-        if moved == 0 {
+        if !shared.opts.drain_interval.is_zero() {
             std::thread::sleep(shared.opts.drain_interval);
+        } else if moved == 0 {
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 }
@@ -237,7 +247,7 @@ fn ticker_loop(shared: &Shared) {
     while !shared.drain_exit.load(Ordering::Acquire) {
         let now = crate::clock::now_ns();
         for img in shared.images.lock().unwrap().iter() {
-            img.ring().header().clock.0.clock_ns.store(now, Ordering::Relaxed);
+            img.ring().header().clock.0.clock_ns.fetch_max(now, Ordering::AcqRel);
         }
         std::thread::sleep(shared.opts.tick);
     }

@@ -17,7 +17,9 @@ use super::image::Image;
 
 /// Create the listening socket. `name` is an abstract-namespace name (no leading NUL).
 pub fn listen_abstract(name: &str) -> Result<OwnedFd> {
-    let fd = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).context("creating the control socket")?;
+    // Non-blocking: the accept loop takes every pending connection and must not wait for more.
+    let fd = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)
+        .context("creating the control socket")?;
     let addr = UnixAddr::new_abstract(name.as_bytes()).context("naming the control socket")?;
     socket::bind(fd.as_raw_fd(), &addr).context("binding the control socket")?;
     socket::listen(&fd, Backlog::new(128).unwrap()).context("listening on the control socket")?;
@@ -42,7 +44,15 @@ pub struct Server {
 }
 
 impl Server {
+    /// Serve `listener` (made non-blocking and close-on-exec here).
     pub fn new(listener: OwnedFd) -> Server {
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe {
+            let fd = listener.as_raw_fd();
+            let fl = libc::fcntl(fd, libc::F_GETFL);
+            libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
         Server { listener, conns: Vec::new(), buf: vec![0u8; 256 << 10] }
     }
 

@@ -89,7 +89,8 @@ pub struct Anomalies {
     pub undecodable_chunks: u64,
     pub ignored_stamps: u64,
     pub forced_events: u64,
-    pub displaced_blocks: u64,
+    pub reordered_blocks: u64,
+    pub ambiguous_orders: u64,
 }
 
 #[derive(Serialize, Clone, Copy)]
@@ -202,7 +203,8 @@ fn process(img: &ImageAnalysis, opts: ReportOptions) -> ProcessReport {
             undecodable_chunks: stats.decode_errors,
             ignored_stamps: stats.ignored_stamps,
             forced_events: stats.forced,
-            displaced_blocks: c.displaced_blocks,
+            reordered_blocks: c.reordered,
+            ambiguous_orders: stats.ambiguous,
         },
         timeline,
     }

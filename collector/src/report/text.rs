@@ -83,11 +83,18 @@ fn process(s: &mut String, p: &ProcessReport, lossy: bool) {
         let _ = writeln!(s, "   unmatched frees: {} (frees of blocks allocated before tracing, or lost)", p.unmatched_frees);
     }
     let a = &p.anomalies;
-    if a.stream_gaps + a.undecodable_chunks + a.ignored_stamps + a.forced_events + a.displaced_blocks > 0 {
+    if a.stream_gaps + a.undecodable_chunks + a.ignored_stamps + a.forced_events > 0 {
         let _ = writeln!(
             s,
-            "   anomalies: {} stream gaps, {} undecodable chunks, {} ignored stamps, {} forced events, {} displaced blocks",
-            a.stream_gaps, a.undecodable_chunks, a.ignored_stamps, a.forced_events, a.displaced_blocks
+            "   anomalies: {} stream gaps, {} undecodable chunks, {} ignored stamps, {} forced events",
+            a.stream_gaps, a.undecodable_chunks, a.ignored_stamps, a.forced_events
+        );
+    }
+    if a.reordered_blocks + a.ambiguous_orders > 0 {
+        let _ = writeln!(
+            s,
+            "   ordering: {} blocks admitted out of order, {} undecidable orders (threads reusing one address within a tick)",
+            a.reordered_blocks, a.ambiguous_orders
         );
     }
 }

@@ -96,6 +96,7 @@ fn simulate(threads: usize, ops: &[Op], stamps: bool) -> (BTreeMap<u64, u64>, Li
     // Simulated memory: the stamp left in each freed block.
     let mut mem: BTreeMap<u64, u64> = BTreeMap::new();
     let mut clock = 1u64;
+    let mut pass_start = 1u64;
     let mut merger = Merger::new(stamps.then_some(key));
     let mut model = LiveModel::default();
     let mut drained_in_pass: Vec<bool> = vec![false; threads];
@@ -170,6 +171,11 @@ fn simulate(threads: usize, ops: &[Op], stamps: bool) -> (BTreeMap<u64, u64>, Li
                 live.insert(new, size);
             }
             Op::DrainThread { t } => {
+                // A pass starts by writing a new clock value (what the recorder does).
+                if drained_in_pass.iter().all(|&d| !d) {
+                    clock += 1;
+                    pass_start = clock;
+                }
                 chunks_since_sync.extend(th[t].drain());
                 drained_in_pass[t] = true;
                 if drained_in_pass.iter().all(|&d| d) {
@@ -177,7 +183,7 @@ fn simulate(threads: usize, ops: &[Op], stamps: bool) -> (BTreeMap<u64, u64>, Li
                     for c in chunks_since_sync.drain(..) {
                         merger.add_chunk(&c);
                     }
-                    merger.sync();
+                    merger.sync(pass_start);
                     merger.run(&mut model, &mut |_, _, _| {});
                     drained_in_pass.iter_mut().for_each(|d| *d = false);
                 }
@@ -205,14 +211,16 @@ fn live_of(m: &LiveModel) -> BTreeMap<u64, u64> {
 proptest! {
     /// Whatever the interleaving — calloc (no stamp), realloc (the freed source is never stamped),
     /// programs overwriting the stamp word — every free finds an allocation and the number of
-    /// live blocks is exact. (Which of two same-address blocks survives can be a guess when no
-    /// stamp orders them; see the module documentation.)
+    /// live blocks is exact, unless the merger flagged what it had to do (forced or reordered).
+    /// (Which of two same-address blocks survives can be a guess when no stamp orders them; see
+    /// the module documentation.)
     #[test]
     fn counts_are_exact_whatever_the_interleaving(threads in 2usize..6, ops in proptest::collection::vec(op(5), 1..400)) {
         let ops: Vec<Op> = ops.into_iter().map(|o| clamp_thread(o, threads)).collect();
         let (truth, model, stats) = simulate(threads, &ops, true);
         prop_assert_eq!(stats.gaps, 0);
-        if stats.forced == 0 {
+        // Blocks admitted out of order are flagged (`reordered`); otherwise counts are exact.
+        if stats.forced == 0 && model.c.reordered == 0 {
             prop_assert_eq!(model.c.live_blocks, truth.len() as u64);
             prop_assert_eq!(model.c.unmatched_frees, 0);
         }
@@ -299,8 +307,8 @@ fn genuinely_unmatched_free_is_counted_not_stuck() {
     let mut model = LiveModel::default();
     let words = vec![ev::header(EventKind::Time, 2, 0), 5, ev::header(EventKind::Free, 2, 0), 0xdead, ev::header(EventKind::Malloc, 3, 0), 0x10, 4];
     m.add_chunk(&Chunk { image: 0, stream: 1, tid: 1, block_seq: 0, offset: 0, words });
-    for _ in 0..3 {
-        m.sync();
+    for pass in 1..=3 {
+        m.sync(100 * pass);
         m.run(&mut model, &mut |_, _, _| {});
     }
     assert_eq!(model.c.unmatched_frees, 1);
@@ -318,10 +326,10 @@ fn events_wait_for_two_syncs_unless_the_image_ended() {
     m.add_chunk(&Chunk { image: 0, stream: 1, tid: 1, block_seq: 0, offset: 0, words: words.clone() });
     m.run(&mut model, &mut |_, _, _| {});
     assert_eq!(model.c.live_bytes, 0);
-    m.sync();
+    m.sync(100);
     m.run(&mut model, &mut |_, _, _| {});
     assert_eq!(model.c.live_bytes, 0);
-    m.sync();
+    m.sync(200);
     m.run(&mut model, &mut |_, _, _| {});
     assert_eq!(model.c.live_bytes, 4);
     let mut m = Merger::new(None);
