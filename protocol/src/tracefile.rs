@@ -72,6 +72,8 @@ pub mod end_reason {
     pub const VANISHED: u32 = 2;
     /// The recording stopped while the image was still running.
     pub const DETACHED: u32 = 3;
+    /// The process exec'd: a new image with the same pid replaced this one.
+    pub const EXECED: u32 = 4;
 }
 
 pub mod record_type {

@@ -1,0 +1,157 @@
+//! Test harness for the end-to-end tests in `tests/tests/`: locates (and if needed builds) the
+//! `mtracer` binary and `libmtrace.so` of the profile the tests run in, compiles the C fixtures
+//! of `tests/fixtures/` with gcc, runs commands under the tracer, and reads reports as JSON.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::SystemTime;
+
+pub use serde_json::Value;
+
+pub struct Paths {
+    pub workspace: PathBuf,
+    /// `target/<profile>`: where `mtracer` and `libmtrace.so` are.
+    pub bin_dir: PathBuf,
+    pub fixtures_out: PathBuf,
+}
+
+impl Paths {
+    pub fn mtracer(&self) -> PathBuf {
+        self.bin_dir.join("mtracer")
+    }
+    pub fn preload(&self) -> PathBuf {
+        self.bin_dir.join("libmtrace.so")
+    }
+}
+
+/// The binaries of the profile these tests were built with, built first if missing.
+pub fn paths() -> &'static Paths {
+    static P: OnceLock<Paths> = OnceLock::new();
+    P.get_or_init(|| {
+        let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+        // The test executable lives in target/<profile>/deps/.
+        let exe = std::env::current_exe().expect("test executable path");
+        let bin_dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf();
+        let release = bin_dir.file_name().is_some_and(|n| n == "release");
+        let p = Paths { fixtures_out: bin_dir.join("fixtures"), workspace, bin_dir };
+        build_binaries(&p, release);
+        std::fs::create_dir_all(&p.fixtures_out).unwrap();
+        p
+    })
+}
+
+fn build_binaries(p: &Paths, release: bool) {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&p.workspace).args(["build", "-q", "-p", "mtrace-preload", "-p", "mtrace-collector"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let st = cmd.status().expect("running cargo build for the binaries under test");
+    assert!(st.success(), "building mtracer and libmtrace.so failed");
+    assert!(p.mtracer().is_file() && p.preload().is_file(), "mtracer / libmtrace.so missing in {}", p.bin_dir.display());
+}
+
+fn mtime(p: &Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// Compile `tests/fixtures/<name>.c` (once per source change) and return the executable.
+pub fn fixture(name: &str) -> PathBuf {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let p = paths();
+    let src = p.workspace.join("tests/fixtures").join(format!("{name}.c"));
+    let out = p.fixtures_out.join(name);
+    let _g = LOCK.lock().unwrap();
+    if mtime(&out).is_none() || mtime(&out) < mtime(&src) {
+        let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+        let o = Command::new("gcc")
+            .args(["-O1", "-g", "-fno-builtin", "-pthread", "-Wall", "-Wno-use-after-free", "-Wno-alloc-size-larger-than", "-o"])
+            .arg(&tmp)
+            .arg(&src)
+            .output()
+            .expect("gcc is needed to build the C fixtures (apt-get install gcc)");
+        assert!(o.status.success(), "compiling {}:\n{}", src.display(), String::from_utf8_lossy(&o.stderr));
+        std::fs::rename(&tmp, &out).unwrap();
+    }
+    out
+}
+
+/// A finished `mtracer record` run.
+pub struct Recorded {
+    pub output: Output,
+    pub trace: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Recorded {
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+    pub fn code(&self) -> Option<i32> {
+        self.output.status.code()
+    }
+    /// `mtracer report --json` of the trace.
+    pub fn report(&self) -> Value {
+        report_json(&self.trace)
+    }
+}
+
+/// Run `cmd` under `mtracer record` (with extra `mtracer` options and environment).
+pub fn record(opts: &[&str], cmd: &[&str], env: &[(&str, &str)]) -> Recorded {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace.mtr");
+    let output = Command::new(paths().mtracer())
+        .arg("record")
+        .arg("-q")
+        .arg("-o")
+        .arg(&trace)
+        .args(opts)
+        .arg("--")
+        .args(cmd)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("running mtracer record");
+    Recorded { output, trace, _dir: dir }
+}
+
+/// `mtracer report --json FILE --timeline-points 0`, parsed.
+pub fn report_json(trace: &Path) -> Value {
+    let o = Command::new(paths().mtracer()).args(["report", "--json", "--timeline-points", "0"]).arg(trace).output().unwrap();
+    assert!(o.status.success(), "mtracer report failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("report JSON")
+}
+
+/// Lines `key value` (or `role key value key value ...`) a fixture printed.
+pub fn truth(stdout: &str) -> HashMap<String, u64> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A fixture's `role k1 v1 k2 v2 ...` line as a map.
+pub fn role_line(stdout: &str, role: &str) -> HashMap<String, u64> {
+    let line = stdout.lines().find(|l| l.split_whitespace().next() == Some(role)).unwrap_or_else(|| panic!("no `{role}` line in:\n{stdout}"));
+    let v: Vec<&str> = line.split_whitespace().skip(1).collect();
+    v.chunks(2).map(|kv| (kv[0].to_string(), kv[1].parse().unwrap())).collect()
+}
+
+/// `report.processes[i][key]` as u64.
+pub fn num(p: &Value, key: &str) -> u64 {
+    p[key].as_u64().unwrap_or_else(|| panic!("report has no number `{key}`: {p}"))
+}
+
+/// The report's anomalies of a process, as (name, count) for the non-zero ones.
+pub fn anomalies(p: &Value) -> Vec<(String, u64)> {
+    p["anomalies"].as_object().unwrap().iter().filter(|(_, v)| v.as_u64() != Some(0)).map(|(k, v)| (k.clone(), v.as_u64().unwrap())).collect()
+}

@@ -219,10 +219,14 @@ fn finish_image(shared: &Shared, img: &Arc<Image>, gone: bool, buf: &mut Vec<u8>
     img.close_ring();
     let bye = *img.bye.lock().unwrap();
     let (dropped_events, dropped_blocks) = img.dropped();
-    let reason = match (gone, bye.is_some()) {
-        (true, true) => end_reason::EXITED,
-        (true, false) => end_reason::VANISHED,
-        (false, _) => end_reason::DETACHED,
+    let reason = if img.superseded.load(Ordering::Acquire) {
+        end_reason::EXECED
+    } else {
+        match (gone, bye.is_some()) {
+            (true, true) => end_reason::EXITED,
+            (true, false) => end_reason::VANISHED,
+            (false, _) => end_reason::DETACHED,
+        }
     };
     Record::ProcessEnd(ProcessEnd {
         image: img.id,

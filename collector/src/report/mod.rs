@@ -31,8 +31,10 @@ pub struct Report {
 pub enum Ending {
     /// Exited normally (destructors ran, or `_exit`).
     Exited,
-    /// Disappeared without saying goodbye: killed, crashed, or replaced by exec.
+    /// Disappeared without saying goodbye: killed or crashed.
     Vanished,
+    /// Replaced by a new program image (exec); its heap ended there.
+    Exec,
     /// Still running when the recording stopped.
     Detached,
     /// The trace ends before the image did (the recorder was killed).
@@ -64,6 +66,8 @@ pub struct ProcessReport {
     pub peak_live_time_s: f64,
     pub final_live_bytes: u64,
     pub final_live_blocks: u64,
+    /// Final live bytes by the call that created the block (malloc, calloc, realloc, …).
+    pub final_live_by_call: BTreeMap<String, u64>,
     /// A fork child's live bytes inherited from its parent at the fork.
     pub inherited_live_bytes: u64,
     /// brk heap + thread-arena heaps held from the OS at the end.
@@ -141,6 +145,7 @@ fn process(img: &ImageAnalysis, opts: ReportOptions) -> ProcessReport {
                 end_reason::EXITED => Ending::Exited,
                 end_reason::VANISHED => Ending::Vanished,
                 end_reason::DETACHED => Ending::Detached,
+                end_reason::EXECED => Ending::Exec,
                 _ => Ending::Unknown,
             },
             (e.status >= 0).then_some(e.status),
@@ -188,6 +193,13 @@ fn process(img: &ImageAnalysis, opts: ReportOptions) -> ProcessReport {
         peak_live_time_s: secs(c.peak_live_time_ns.saturating_sub(img.start_ns)),
         final_live_bytes: c.live_bytes,
         final_live_blocks: c.live_blocks,
+        final_live_by_call: {
+            let mut m = BTreeMap::new();
+            for b in img.model.live.values().chain(img.model.extra.values().flatten()) {
+                *m.entry(b.kind.label().to_string()).or_insert(0) += b.size;
+            }
+            m
+        },
         inherited_live_bytes: img.inherited_bytes,
         final_heap_bytes: img.model.heap_bytes(),
         final_mmapped_bytes: c.mmapped_bytes,

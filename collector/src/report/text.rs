@@ -50,7 +50,8 @@ fn process(s: &mut String, p: &ProcessReport, lossy: bool) {
     }
     let ending = match p.ending {
         Ending::Exited => "exited".to_string(),
-        Ending::Vanished => "vanished (killed, crashed or exec'd)".to_string(),
+        Ending::Vanished => "vanished (killed or crashed)".to_string(),
+        Ending::Exec => "replaced by exec".to_string(),
         Ending::Detached => "still running when the recording stopped".to_string(),
         Ending::Unknown => "unknown (the trace ends first)".to_string(),
     };
