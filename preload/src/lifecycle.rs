@@ -51,8 +51,13 @@ extern "C" fn init(_argc: c_int, argv: *const *const c_char, envp: *const *const
     match session::register_start() {
         Registered::Yes => {
             writer::STATE.store(ACTIVE, Ordering::Release);
-            // SAFETY: guard held.
-            unsafe { writer::drain_preinit(t) };
+            // SAFETY: guard held; lowered around setenv so that its allocations are recorded.
+            unsafe {
+                writer::drain_preinit(t);
+                (*t).busy -= 1;
+                session::export_socket_env();
+                (*t).busy += 1;
+            }
         }
         Registered::No => {
             writer::STATE.store(OFF, Ordering::Release);
@@ -225,6 +230,7 @@ pub fn on_exit(status: i64) {
     // SAFETY: `t` is this thread's TLS block.
     unsafe {
         (*t).busy += 1;
+        writer::flush_dropped(t);
         glibc::observe_brk(t);
         session::bye(status);
         (*t).busy -= 1;

@@ -444,14 +444,27 @@ fn spawn_agent() -> Option<()> {
             sys::warn(&[b"cannot start the collector agent; running untraced"]);
             return None;
         }
-        // Children (exec'd images, forks) join this trace.
+        // Children (exec'd images, forks) join this trace: see `export_socket_env`.
         let env = &mut *core::ptr::addr_of_mut!(ENV_SOCK);
         env.len = 0;
         env.push(addr.as_bytes());
-        libc::setenv(c"MTRACE_SOCK".as_ptr(), env.as_cstr_ptr(), 1);
         sys::warn(&[b"recording to ", out.as_bytes()]);
     }
     Some(())
+}
+
+/// Standalone mode: put the agent's address in the environment, so that exec'd images and
+/// spawned children join the same trace. Called once registered and *outside* the reentrancy
+/// guard: glibc allocates the new `environ` array, the program may free it later, and that
+/// allocation must be in the trace like any other.
+pub fn export_socket_env() {
+    // SAFETY: single-threaded initialisation; ENV_SOCK holds a NUL-terminated copy.
+    unsafe {
+        let env = &mut *core::ptr::addr_of_mut!(ENV_SOCK);
+        if env.len > 0 {
+            libc::setenv(c"MTRACE_SOCK".as_ptr(), env.as_cstr_ptr(), 1);
+        }
+    }
 }
 
 /// Current image id (for fork children).

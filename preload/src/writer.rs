@@ -160,8 +160,7 @@ unsafe fn switch_block(t: *mut ThreadState) -> bool {
                     *p.add(1) = (*t).dropped;
                     *p.add(2) = 1;
                     commit(t, 3);
-                    ring.header().alloc.0.dropped_events.fetch_add((*t).dropped, Ordering::Relaxed);
-                    (*t).dropped = 0;
+                    flush_dropped(t);
                 }
                 return true;
             }
@@ -175,6 +174,11 @@ unsafe fn switch_block(t: *mut ThreadState) -> bool {
                 }
                 (*t).mode = mode::DROPPING;
                 (*t).dropped += 1;
+                // Publish the count as it grows (we are dropping anyway: the cost is moot), so
+                // a program that ends while dropping cannot under-report.
+                if (*t).dropped >= 256 {
+                    flush_dropped(t);
+                }
                 return false;
             }
             // Lossless: wait for the collector to recycle a block. A collector whose clock
@@ -196,6 +200,24 @@ unsafe fn switch_block(t: *mut ThreadState) -> bool {
     }
 }
 
+/// Add this thread's count of dropped events to the ring's total. The ring total is what the
+/// report counts; `Lost` events in the stream only mark where the gaps are.
+///
+/// # Safety
+/// `t` is this thread's state.
+pub unsafe fn flush_dropped(t: *mut ThreadState) {
+    // SAFETY: per the contract.
+    unsafe {
+        if (*t).dropped == 0 {
+            return;
+        }
+        if let Some(ring) = hot().ring {
+            ring.header().alloc.0.dropped_events.fetch_add((*t).dropped, Ordering::Relaxed);
+        }
+        (*t).dropped = 0;
+    }
+}
+
 /// Stop tracing this image (the application keeps running untraced).
 pub fn detach(why: &[u8]) {
     if STATE.swap(OFF, Ordering::AcqRel) == ACTIVE {
@@ -211,6 +233,7 @@ pub fn detach(why: &[u8]) {
 pub unsafe fn release_block(t: *mut ThreadState) {
     // SAFETY: per the contract.
     unsafe {
+        flush_dropped(t);
         if STATE.load(Ordering::Acquire) != ACTIVE || (*t).mode != mode::WRITING {
             return;
         }

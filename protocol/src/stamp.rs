@@ -17,16 +17,20 @@
 //! Layout before keying (`stamp ^ key`):
 //!
 //! ```text
-//! bits 56..64  MAGIC
-//! bits 36..56  stream id       (20 bits)
-//! bits 14..36  block sequence  (22 bits, wraps; the collector resolves it near its frontier)
+//! bits 52..64  MAGIC           (12 bits: a random word passes for a stamp once in 4096)
+//! bits 32..52  stream id       (20 bits)
+//! bits 14..32  block sequence  (18 bits, wraps; the collector resolves it near its frontier)
 //! bits  0..14  word offset of the free event in its block
 //! ```
+//!
+//! Blocks a fork child inherits still hold its parent's stamps, made with the parent's key: the
+//! magic rejects almost all, and the collector rejects references beyond what a stream wrote.
 
-pub const MAGIC: u64 = 0xA5;
+pub const MAGIC: u64 = 0xA5C;
 pub const STREAM_BITS: u32 = 20;
-pub const SEQ_BITS: u32 = 22;
+pub const SEQ_BITS: u32 = 18;
 pub const WORD_BITS: u32 = 14;
+const MAGIC_SHIFT: u32 = STREAM_BITS + SEQ_BITS + WORD_BITS;
 
 /// A decoded stamp: the position of a free event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -39,8 +43,8 @@ pub struct StampRef {
 
 #[inline(always)]
 pub const fn encode(key: u64, stream: u32, block_seq: u32, word: u32) -> u64 {
-    let raw = (MAGIC << 56)
-        | (((stream as u64) & ((1 << STREAM_BITS) - 1)) << 36)
+    let raw = (MAGIC << MAGIC_SHIFT)
+        | (((stream as u64) & ((1 << STREAM_BITS) - 1)) << (SEQ_BITS + WORD_BITS))
         | (((block_seq as u64) & ((1 << SEQ_BITS) - 1)) << 14)
         | ((word as u64) & ((1 << WORD_BITS) - 1));
     raw ^ key
@@ -49,16 +53,16 @@ pub const fn encode(key: u64, stream: u32, block_seq: u32, word: u32) -> u64 {
 /// Does `word` look like a stamp made with `key`? (Cheap pre-filter used by the preload.)
 #[inline(always)]
 pub const fn looks_genuine(key: u64, word: u64) -> bool {
-    (word ^ key) >> 56 == MAGIC
+    (word ^ key) >> MAGIC_SHIFT == MAGIC
 }
 
 pub const fn decode(key: u64, word: u64) -> Option<StampRef> {
     let raw = word ^ key;
-    if raw >> 56 != MAGIC {
+    if raw >> MAGIC_SHIFT != MAGIC {
         return None;
     }
     Some(StampRef {
-        stream: ((raw >> 36) & ((1 << STREAM_BITS) - 1)) as u32,
+        stream: ((raw >> (SEQ_BITS + WORD_BITS)) & ((1 << STREAM_BITS) - 1)) as u32,
         seq_low: ((raw >> 14) & ((1 << SEQ_BITS) - 1)) as u32,
         word: (raw & ((1 << WORD_BITS) - 1)) as u32,
     })
@@ -91,7 +95,7 @@ mod tests {
         let key = 0x1234_5678_9abc_def0;
         let s = encode(key, 77, 123_456, 8000);
         assert!(looks_genuine(key, s));
-        assert_eq!(decode(key, s), Some(StampRef { stream: 77, seq_low: 123_456, word: 8000 }));
+        assert_eq!(decode(key, s), Some(StampRef { stream: 77, seq_low: 123_456 & ((1 << SEQ_BITS) - 1), word: 8000 }));
         assert_eq!(decode(key ^ 1 << 60, s), None);
     }
 

@@ -134,7 +134,6 @@ impl Use {
 /// A pending event's use of an address, for the per-address search.
 #[derive(Clone, Copy, Debug)]
 struct Use {
-    stream: usize,
     serial: u64,
     kind: UseKind,
     /// Header of the block a Free or Keep ends (0: unknown).
@@ -161,8 +160,9 @@ pub struct Merger {
     stamp_waiters: Vec<Vec<(Pos, usize)>>,
     queued: usize,
     serial: u64,
-    /// Pending (not applied) allocations and frees per address, in stream order.
-    uses: FxHashMap<u64, Vec<Use>>,
+    /// Pending (not applied) allocations and frees per address: per stream that has any, its
+    /// uses in stream order (pushed at the back as chunks arrive, popped at the front as applied).
+    uses: FxHashMap<u64, Vec<(usize, VecDeque<Use>)>>,
     pub stats: MergeStats,
 }
 
@@ -238,8 +238,15 @@ impl Merger {
                     for (addr, kind, chunk, new_chunk) in uses_of(&ev).into_iter().flatten() {
                         // A realloc's stamp belongs to its new block; a free's to the freed one.
                         let stamp = if kind != UseKind::Free || is_free { stamp } else { None };
-                        self.uses.entry(addr).or_default().push(Use {
-                            stream: i,
+                        let per_stream = self.uses.entry(addr).or_default();
+                        let k = match per_stream.iter().position(|(st, _)| *st == i) {
+                            Some(k) => k,
+                            None => {
+                                per_stream.push((i, VecDeque::new()));
+                                per_stream.len() - 1
+                            }
+                        };
+                        per_stream[k].1.push_back(Use {
                             serial: self.serial,
                             kind,
                             chunk,
@@ -448,25 +455,16 @@ impl Merger {
     /// uses of `addr` (safe ones) for a valid interleaving that starts with it.
     fn address_order(&self, i: usize, addr: u64, serial: u64, live: AddrState) -> Order {
         let Some(uses) = self.uses.get(&addr) else { return Order::Clear };
-        if uses.iter().all(|u| u.stream == i) {
+        if uses.iter().all(|(st, _)| *st == i) {
             return Order::Clear;
         }
-        // Per stream, its pending uses of `addr` in order: all that are present. Safe uses are
-        // mandatory (their causal pasts are present); newer ones are an optional suffix (their
-        // pasts may still be on the way) that histories take as far as they can go.
-        let mut streams: Vec<usize> = Vec::new();
-        let mut seqs: Vec<Vec<&Use>> = Vec::new();
-        for u in uses {
-            let k = match streams.iter().position(|&s| s == u.stream) {
-                Some(k) => k,
-                None => {
-                    streams.push(u.stream);
-                    seqs.push(Vec::new());
-                    streams.len() - 1
-                }
-            };
-            seqs[k].push(u);
-        }
+        // Per stream, its first pending uses of `addr` in order (a bounded horizon: the search is
+        // about who goes next, not about the far future). Safe uses are mandatory (their causal
+        // pasts are present); newer ones are an optional suffix (their pasts may still be on the
+        // way) that histories take as far as they can go.
+        const HORIZON: usize = 12;
+        let streams: Vec<usize> = uses.iter().map(|(st, _)| *st).collect();
+        let seqs: Vec<Vec<&Use>> = uses.iter().map(|(_, q)| q.iter().take(HORIZON).collect()).collect();
         let Some(me) = streams.iter().position(|&s| s == i) else { return Order::Clear };
         if seqs[me].first().is_none_or(|u| u.serial != serial) {
             // Not this stream's first use of the address (cannot happen for a head).
@@ -500,9 +498,17 @@ impl Merger {
         if r.stream == 0 || r.stream == self.streams[i].id {
             return None;
         }
+        let known = self.by_id.contains_key(&r.stream);
         let j = self.stream_index(r.stream);
         let s = &self.streams[j];
         let seq = stamp::resolve_seq(r.seq_low, s.max_seq.max(s.frontier.seq));
+        // A reference far beyond anything the stream wrote is not a stamp of this image (e.g. a
+        // parent's stamp in memory a fork child inherited, decoded with the child's key).
+        let plausible = if known { seq <= s.max_seq + 2 } else { seq <= 2 };
+        if !plausible {
+            self.stats.ignored_stamps += 1;
+            return None;
+        }
         Some((j, Pos { seq, word: r.word }))
     }
 
@@ -510,9 +516,20 @@ impl Merger {
         let p = self.streams[i].queue.pop_front().expect("apply on an empty stream");
         self.queued -= 1;
         for (addr, ..) in uses_of(&p.ev).into_iter().flatten() {
-            if let Some(v) = self.uses.get_mut(&addr) {
-                v.retain(|u| u.serial != p.serial);
-                if v.is_empty() {
+            if let Some(per_stream) = self.uses.get_mut(&addr) {
+                if let Some(k) = per_stream.iter().position(|(st, _)| *st == i) {
+                    // Applied in stream order: it is at the front.
+                    let q = &mut per_stream[k].1;
+                    if q.front().is_some_and(|u| u.serial == p.serial) {
+                        q.pop_front();
+                    } else {
+                        q.retain(|u| u.serial != p.serial);
+                    }
+                    if q.is_empty() {
+                        per_stream.swap_remove(k);
+                    }
+                }
+                if per_stream.is_empty() {
                     self.uses.remove(&addr);
                 }
             }

@@ -116,7 +116,8 @@ impl Analyzer {
                     continue;
                 };
                 let snap = self.images[pi].fork_snapshots.remove(&seq);
-                let parent_done = self.images[pi].end.is_some() && snap.is_none();
+                // A parent that is itself waiting for its heap has not replayed its fork yet.
+                let parent_done = self.images[pi].end.is_some() && self.images[pi].awaiting().is_none() && snap.is_none();
                 if snap.is_some() || parent_done {
                     self.images[ci].start_from(snap);
                     progressed = true;

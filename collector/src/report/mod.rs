@@ -206,7 +206,9 @@ fn process(img: &ImageAnalysis, opts: ReportOptions) -> ProcessReport {
         peak_rss_bytes: img.peak_rss_sample.max(hwm),
         final_rss_bytes: exit_rss.unwrap_or(img.last_rss_sample),
         rss_samples: img.rss_samples,
-        lost_events: c.lost_events + img.end.as_ref().map_or(0, |e| e.dropped_events.saturating_sub(c.lost_events)),
+        // The ring's total counts every dropped event; `Lost` events in the streams mark where
+        // (they can lag it). Take the larger, for traces whose end was never recorded.
+        lost_events: img.end.as_ref().map_or(0, |e| e.dropped_events).max(c.lost_events),
         unmatched_frees: c.unmatched_frees,
         ending,
         exit_status,

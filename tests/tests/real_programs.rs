@@ -1,0 +1,119 @@
+//! Real programs run unchanged under the tracer: same stdout and exit code as without it, through
+//! `mtracer record` and through a plain `LD_PRELOAD`; and their traces read back. A hang or an
+//! exit 134 would be a bug of ours.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use mtrace_tests::*;
+
+fn bare(cmd: &[&str], dir: &Path) -> Output {
+    Command::new(cmd[0]).args(&cmd[1..]).current_dir(dir).stdin(Stdio::null()).output().unwrap()
+}
+
+fn preloaded(cmd: &[&str], dir: &Path, trace: &Path) -> Output {
+    Command::new(cmd[0])
+        .args(&cmd[1..])
+        .current_dir(dir)
+        .env("LD_PRELOAD", paths().preload())
+        .env("MTRACE_OUTPUT", trace)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Run `cmd` bare, under `mtracer record` and under plain LD_PRELOAD; compare; check the traces.
+fn same_behaviour(name: &str, cmd: &[&str], dir: &Path) {
+    let want = bare(cmd, dir);
+    assert!(want.status.success(), "{name} fails even without the tracer: {}", String::from_utf8_lossy(&want.stderr));
+    let r = {
+        let trace = dir.join(format!("{name}.record.mtr"));
+        let o = Command::new(paths().mtracer())
+            .args(["record", "-q", "-o"])
+            .arg(&trace)
+            .arg("--")
+            .args(cmd)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (o, trace)
+    };
+    let p = {
+        let trace = dir.join(format!("{name}.preload.mtr"));
+        (preloaded(cmd, dir, &trace), trace)
+    };
+    for (how, (o, trace)) in [("record", &r), ("LD_PRELOAD", &p)] {
+        assert_eq!(o.status.code(), want.status.code(), "{name} under {how}: {}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&want.stdout), "{name} under {how}: stdout differs");
+        let rep = report_json(trace);
+        let procs = rep["processes"].as_array().unwrap();
+        assert!(!procs.is_empty(), "{name} under {how}: no process in the trace");
+        let allocs: u64 = procs.iter().map(|p| num(p, "alloc_count")).sum();
+        assert!(allocs > 0, "{name} under {how}: no allocation seen");
+        for p in procs {
+            assert_eq!(num(p, "lost_events"), 0, "{name} under {how}");
+            assert_eq!(num(p, "unmatched_frees"), 0, "{name} under {how}: {}", p["exe"]);
+            assert_eq!(p["anomalies"]["forced_events"], 0, "{name} under {how}: {}", p["exe"]);
+        }
+    }
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn python3() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "import json, threading\n\
+        d = {str(i): [i] * (i % 7) for i in range(20000)}\n\
+        out = []\n\
+        def work(n): out.append(sum(len(v) for k, v in d.items() if int(k) % n == 0))\n\
+        ts = [threading.Thread(target=work, args=(n,)) for n in range(1, 5)]\n\
+        [t.start() for t in ts]; [t.join() for t in ts]\n\
+        print(json.dumps(sorted(out)))\n";
+    std::fs::write(dir.path().join("s.py"), script).unwrap();
+    same_behaviour("python3", &["python3", "s.py"], dir.path());
+}
+
+#[test]
+fn perl() {
+    let dir = tempfile::tempdir().unwrap();
+    same_behaviour("perl", &["perl", "-e", "my %h; $h{$_} = [1..($_ % 9)] for 1..20000; my $n = 0; $n += @$_ for values %h; print \"$n\\n\";"], dir.path());
+}
+
+#[test]
+fn git() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let git = |args: &[&str]| assert!(Command::new("git").args(args).current_dir(d).output().unwrap().status.success(), "git {args:?}");
+    git(&["init", "-q"]);
+    git(&["config", "user.email", "t@example.com"]);
+    git(&["config", "user.name", "t"]);
+    std::fs::write(d.join("a.txt"), "hello\n").unwrap();
+    git(&["add", "a.txt"]);
+    git(&["commit", "-q", "-m", "first"]);
+    same_behaviour("git", &["git", "log", "--format=%s %an", "--stat"], d);
+}
+
+#[test]
+fn sqlite3() {
+    assert!(have("sqlite3"), "sqlite3 is needed (apt-get install sqlite3)");
+    let dir = tempfile::tempdir().unwrap();
+    same_behaviour(
+        "sqlite3",
+        &["sqlite3", ":memory:", "create table t(a, b); with recursive c(x) as (select 1 union all select x + 1 from c where x < 20000) insert into t select x, hex(randomblob(16)) from c; select count(*), sum(a) from t;"],
+        dir.path(),
+    );
+}
+
+#[test]
+fn gcc_compiling_a_small_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hello.c"), "#include <stdio.h>\nint main(void) { puts(\"hi\"); return 0; }\n").unwrap();
+    // gcc runs cc1, as and ld: exec'd and spawned images join the trace.
+    same_behaviour("gcc", &["gcc", "-O2", "-o", "hello", "hello.c"], dir.path());
+    let o = Command::new(dir.path().join("hello")).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hi\n");
+}
