@@ -51,13 +51,8 @@ extern "C" fn init(_argc: c_int, argv: *const *const c_char, envp: *const *const
     match session::register_start() {
         Registered::Yes => {
             writer::STATE.store(ACTIVE, Ordering::Release);
-            // SAFETY: guard held; lowered around setenv so that its allocations are recorded.
-            unsafe {
-                writer::drain_preinit(t);
-                (*t).busy -= 1;
-                session::export_socket_env();
-                (*t).busy += 1;
-            }
+            // SAFETY: guard held.
+            unsafe { writer::drain_preinit(t) };
         }
         Registered::No => {
             writer::STATE.store(OFF, Ordering::Release);

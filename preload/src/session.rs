@@ -51,15 +51,34 @@ fn getenv(name: &core::ffi::CStr) -> Option<&'static [u8]> {
 }
 
 /// Register a process image that starts (constructor of a program or of an exec'd image).
+///
+/// Without `MTRACE_SOCK` (plain `LD_PRELOAD`), the agent of a standalone recording listens under
+/// `@mtrace-agent-<pid>` for every pid it traces: an exec'd image finds it under its own pid, a
+/// child under its parent's. Only a process with neither starts an agent of its own. (The
+/// environment of the traced program is never modified.)
 pub fn register_start() -> Registered {
-    if let Some(addr) = getenv(c"MTRACE_SOCK") {
-        // SAFETY: single-threaded initialisation.
-        unsafe {
-            let a = &mut *core::ptr::addr_of_mut!(SOCK_ADDR);
-            a.len = 0;
-            a.push(addr);
+    // SAFETY: single-threaded initialisation owns SOCK_ADDR.
+    let set_addr = |parts: &[&[u8]], n: Option<u64>| unsafe {
+        let a = &mut *core::ptr::addr_of_mut!(SOCK_ADDR);
+        a.len = 0;
+        for p in parts {
+            a.push(p);
         }
+        if let Some(n) = n {
+            a.push_u64(n);
+        }
+    };
+    if let Some(addr) = getenv(c"MTRACE_SOCK") {
+        set_addr(&[addr], None);
         return register(control::Origin::Start, 0, 0);
+    }
+    for pid in [sys::getpid(), sys::getppid()] {
+        set_addr(&[b"@mtrace-agent-"], Some(pid as u64));
+        if let Some(fd) = connect() {
+            // SAFETY: `fd` is ours; we only probed that an agent listens there.
+            unsafe { libc::close(fd) };
+            return register(control::Origin::Start, 0, 0);
+        }
     }
     match spawn_agent() {
         Some(()) => register(control::Origin::Start, 0, 0),
@@ -297,7 +316,6 @@ static mut OUTPUT_PATH: FixedBuf<4096> = FixedBuf::new();
 static mut ARG_BUFS: [FixedBuf<64>; 4] = [const { FixedBuf::new() }; 4];
 static mut AGENT_ARGV: [*const c_char; 16] = [core::ptr::null(); 16];
 static mut AGENT_ENVP: [*const c_char; 1024] = [core::ptr::null(); 1024];
-static mut ENV_SOCK: FixedBuf<160> = FixedBuf::new();
 
 /// Find `mtracer`: `$MTRACE_COLLECTOR`, else next to this library, else `../bin/mtracer`.
 fn find_agent() -> bool {
@@ -366,7 +384,7 @@ fn spawn_agent() -> Option<()> {
         }
         let addr = &mut *core::ptr::addr_of_mut!(SOCK_ADDR);
         addr.len = 0;
-        addr.push(b"@mtrace-agent-").push_u64(pid as u64).push(b"-").push_hex(g().stamp_key & 0xffff_ffff);
+        addr.push(b"@mtrace-agent-").push_u64(pid as u64);
         let mut sa: libc::sockaddr_un = core::mem::zeroed();
         sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
         let name = &addr.as_bytes()[1..];
@@ -444,27 +462,9 @@ fn spawn_agent() -> Option<()> {
             sys::warn(&[b"cannot start the collector agent; running untraced"]);
             return None;
         }
-        // Children (exec'd images, forks) join this trace: see `export_socket_env`.
-        let env = &mut *core::ptr::addr_of_mut!(ENV_SOCK);
-        env.len = 0;
-        env.push(addr.as_bytes());
         sys::warn(&[b"recording to ", out.as_bytes()]);
     }
     Some(())
-}
-
-/// Standalone mode: put the agent's address in the environment, so that exec'd images and
-/// spawned children join the same trace. Called once registered and *outside* the reentrancy
-/// guard: glibc allocates the new `environ` array, the program may free it later, and that
-/// allocation must be in the trace like any other.
-pub fn export_socket_env() {
-    // SAFETY: single-threaded initialisation; ENV_SOCK holds a NUL-terminated copy.
-    unsafe {
-        let env = &mut *core::ptr::addr_of_mut!(ENV_SOCK);
-        if env.len > 0 {
-            libc::setenv(c"MTRACE_SOCK".as_ptr(), env.as_cstr_ptr(), 1);
-        }
-    }
 }
 
 /// Current image id (for fork children).

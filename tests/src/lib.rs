@@ -79,6 +79,15 @@ pub fn fixture(name: &str) -> PathBuf {
     out
 }
 
+/// Serialises heavy recordings inside one test binary. An 8-thread churn recorded next to three
+/// others on a 2-core machine starves the recorder of CPU: its clock barely ticks and whole
+/// seconds of events arrive in one pass, so the only order left is causal (and the report then
+/// flags the rare blocks it had to admit out of order). Tests about exactness take turns.
+pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A finished `mtracer record` run.
 pub struct Recorded {
     pub output: Output,

@@ -382,22 +382,26 @@ impl Merger {
                 self.step(i, model, on_applied);
                 min_epoch = self.min_queued_epoch();
             }
-            // Heads held back by publication order: retry if earlier-read events were applied.
-            let progressed_epoch = self.min_queued_epoch() != min_epoch;
-            let retry: Vec<usize> = held.into_iter().filter(|&i| self.streams[i].queue.front().is_some_and(|h| self.published_in_order(h, self.min_queued_epoch()))).collect();
-            if !retry.is_empty() || progressed_epoch {
-                for i in retry {
+            // Heads held back by publication order: retry those that earlier-read events no
+            // longer hold back.
+            let me = self.min_queued_epoch();
+            let mut retried = false;
+            for &i in &held {
+                if self.streams[i].queue.front().is_some_and(|h| self.published_in_order(h, me)) {
                     self.push_if_ready(i);
-                }
-                if !self.ready.is_empty() {
-                    continue;
+                    retried = true;
                 }
             }
-            if !self.force_one(model, on_applied) {
-                // Held heads stay queued for the next run (after the next Sync or chunk).
-                for i in 0..self.streams.len() {
-                    self.push_if_ready(i);
-                }
+            if retried {
+                continue;
+            }
+            let forced = self.force_one(model, on_applied);
+            // Every stream goes back in the heap: held heads stay candidates (after a force, or
+            // for the next run, after the next chunk or Sync).
+            for i in 0..self.streams.len() {
+                self.push_if_ready(i);
+            }
+            if !forced {
                 return;
             }
         }
@@ -569,6 +573,17 @@ impl Merger {
 
     /// Nothing is ready: force the oldest blocked event whose precondition can no longer be met.
     fn force_one(&mut self, model: &mut LiveModel, on_applied: &mut impl FnMut(&Pending, u32, &LiveModel)) -> bool {
+        // Only a stall that more data cannot resolve is broken: while any blocked head is
+        // younger than the margin, what it waits for (or what waits for it) may still arrive
+        // or be re-decided at the next Sync, and forcing an older event would act on a guess.
+        let all_settled = self
+            .streams
+            .iter()
+            .filter(|s| s.wait != Wait::None)
+            .all(|s| s.queue.front().is_none_or(|h| self.safe(h, 3)));
+        if !all_settled {
+            return false;
+        }
         // Deferrals behind pairs are a preference, not a precondition: release them first.
         let mut released = false;
         for i in 0..self.streams.len() {
@@ -611,8 +626,19 @@ impl Merger {
         if std::env::var_os("MTRACE_DEBUG_MERGE").is_some() {
             let h = self.streams[i].queue.front().unwrap();
             eprintln!("force: stream {} wait {:?} head {:?} at {:?} epoch {} syncs {} ended {}", self.streams[i].id, self.streams[i].wait, h.ev, h.pos, h.epoch, self.syncs, self.ended);
+            let me = self.min_queued_epoch();
+            eprintln!("   min_epoch {me} pass_starts tail {:?}", &self.pass_starts[self.pass_starts.len().saturating_sub(4)..]);
             for s in &self.streams {
-                eprintln!("   stream {} wait {:?} frontier {:?} queued {} head {:?}", s.id, s.wait, s.frontier, s.queue.len(), s.queue.front().map(|p| (p.ev, p.pos, p.epoch)));
+                eprintln!(
+                    "   stream {} wait {:?} frontier {:?} queued {} head {:?} time {:?} pass_of {:?}",
+                    s.id,
+                    s.wait,
+                    s.frontier,
+                    s.queue.len(),
+                    s.queue.front().map(|p| (p.ev, p.pos, p.epoch)),
+                    s.queue.front().map(|p| p.time_ns),
+                    s.queue.front().map(|p| self.pass_of(p.time_ns))
+                );
             }
         }
         match self.streams[i].wait {

@@ -200,6 +200,7 @@ pub fn agent(mut opts: Options, listen_fd: i32, pid: u32, output: PathBuf) -> Re
     let listener = unsafe { OwnedFd::from_raw_fd(listen_fd) };
     opts.output = output;
     opts.wait_on_exit = true;
+    opts.pid_aliases = true;
     // The application has gone on; ignore terminal signals aimed at its process group.
     // SAFETY: setting dispositions of our own process.
     unsafe {

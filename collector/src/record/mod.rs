@@ -39,6 +39,9 @@ pub struct Options {
     pub block_size: u32,
     /// Standalone agent: acknowledge Bye only once the image's events are on disk.
     pub wait_on_exit: bool,
+    /// Standalone agent: also listen as `@mtrace-agent-<pid>` for every pid that registers, so
+    /// that its exec'd images and its children find this agent.
+    pub pid_aliases: bool,
 }
 
 impl Default for Options {
@@ -52,6 +55,7 @@ impl Default for Options {
             ring_size: mtrace_protocol::ring::DEFAULT_RING_SIZE,
             block_size: mtrace_protocol::ring::DEFAULT_BLOCK_SIZE,
             wait_on_exit: false,
+            pid_aliases: false,
         }
     }
 }

@@ -38,7 +38,9 @@ struct Conn {
 
 /// Runs the accept/handshake loop until `shared.stop_control` is set.
 pub struct Server {
-    listener: OwnedFd,
+    /// The socket we were given, then the `@mtrace-agent-<pid>` aliases (standalone agent).
+    listeners: Vec<OwnedFd>,
+    aliased: std::collections::HashSet<u32>,
     conns: Vec<Conn>,
     buf: Vec<u8>,
 }
@@ -53,7 +55,16 @@ impl Server {
             libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
             libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
         }
-        Server { listener, conns: Vec::new(), buf: vec![0u8; 256 << 10] }
+        Server { listeners: vec![listener], aliased: Default::default(), conns: Vec::new(), buf: vec![0u8; 256 << 10] }
+    }
+
+    /// Also listen as `@mtrace-agent-<pid>` (once per pid; a name already taken is skipped).
+    fn alias(&mut self, pid: u32) {
+        if self.aliased.insert(pid) {
+            if let Ok(fd) = listen_abstract(&format!("mtrace-agent-{pid}")) {
+                self.listeners.push(fd);
+            }
+        }
     }
 
     /// Connections that have not said Hello yet (a process in the middle of registering).
@@ -63,8 +74,11 @@ impl Server {
 
     /// One round: wait up to `timeout_ms` for activity and handle it.
     pub fn poll_once(&mut self, shared: &Shared, timeout_ms: i32) {
-        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.conns.len() + 1);
-        fds.push(libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        let nl = self.listeners.len();
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.conns.len() + nl);
+        for l in &self.listeners {
+            fds.push(libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        }
         for c in &self.conns {
             fds.push(libc::pollfd { fd: c.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         }
@@ -73,19 +87,22 @@ impl Server {
         if n <= 0 {
             return;
         }
-        if fds[0].revents & libc::POLLIN != 0 {
-            while let Ok(fd) = socket::accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
+        for (li, p) in fds.iter().enumerate().take(nl) {
+            if p.revents & libc::POLLIN == 0 {
+                continue;
+            }
+            while let Ok(fd) = socket::accept4(self.listeners[li].as_raw_fd(), SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
                 // SAFETY: accept4 returned a new descriptor that nobody else owns.
                 let fd = unsafe { OwnedFd::from_raw_fd(fd) };
                 self.conns.push(Conn { fd, state: ConnState::AwaitingHello });
             }
         }
         let mut closed = Vec::new();
-        for (i, p) in fds.iter().enumerate().skip(1) {
+        for (i, p) in fds.iter().enumerate().skip(nl) {
             if p.revents == 0 {
                 continue;
             }
-            let ci = i - 1;
+            let ci = i - nl;
             loop {
                 match socket::recv(self.conns[ci].fd.as_raw_fd(), &mut self.buf, MsgFlags::MSG_DONTWAIT) {
                     Ok(0) => {
@@ -198,6 +215,11 @@ impl Server {
         if shared.opts.wait_on_exit {
             flags |= control::WELCOME_WAIT_ON_EXIT;
         }
+        // Before the process can run on (and fork or exec), its alias must exist.
+        if shared.opts.pid_aliases {
+            self.alias(pid);
+        }
+        let fd = self.conns[ci].fd.as_fd();
         let mut out = [0u8; control::WELCOME_LEN];
         let n = Welcome { version: control::PROTOCOL_VERSION, flags, image_id: id as u64, ring_size: geo.total_size }.encode(&mut out);
         let fds = [memfd.as_raw_fd()];

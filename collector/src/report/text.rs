@@ -91,7 +91,7 @@ fn process(s: &mut String, p: &ProcessReport, lossy: bool) {
             a.stream_gaps, a.undecodable_chunks, a.ignored_stamps, a.forced_events
         );
     }
-    if a.reordered_blocks + a.ambiguous_orders > 0 {
+    if a.reordered_blocks + a.forced_events > 0 {
         let _ = writeln!(
             s,
             "   ordering: {} blocks admitted out of order, {} undecidable orders (threads reusing one address within a tick)",
