@@ -32,11 +32,10 @@ struct RecordArgs {
     /// Size of one ring block, in KiB (power of two, 4..=128)
     #[arg(long, default_value_t = 64)]
     block_kb: u32,
-    /// Pause after every pass over the rings, in milliseconds. 0 (default): passes run back to back
-    /// while events flow. A pause uses less CPU and needs a larger ring; with --lossy it shows what
-    /// losses look like
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10000))]
-    drain_interval_ms: u64,
+    /// Pause after every pass over the rings, in microseconds (a longer pause uses less CPU and
+    /// needs a larger ring; with --lossy it shows what losses look like)
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=10_000_000))]
+    drain_interval_us: u64,
     /// Say nothing on stderr
     #[arg(short, long)]
     quiet: bool,
@@ -53,7 +52,7 @@ impl RecordArgs {
             lossy: self.lossy,
             ring_size: self.ring_mb << 20,
             block_size: block,
-            drain_interval: Duration::from_millis(self.drain_interval_ms),
+            drain_interval: Duration::from_micros(self.drain_interval_us),
             ..Options::default()
         })
     }

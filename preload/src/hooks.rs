@@ -30,14 +30,42 @@ fn enter() -> Option<*mut ThreadState> {
     Some(t)
 }
 
+/// Write an event of `n` words: straight into the ring when registered (the hot path), through
+/// the pre-init buffer before.
+#[inline(always)]
+unsafe fn put(t: *mut ThreadState, n: usize, fill: impl FnOnce(*mut u64)) {
+    // SAFETY: guard held by the caller.
+    unsafe {
+        if writer::STATE.load(core::sync::atomic::Ordering::Acquire) == ACTIVE {
+            let w = writer::reserve(t, n);
+            if !w.is_null() {
+                fill(w);
+                writer::commit(t, n);
+            }
+        } else {
+            writer::emit(t, n, fill);
+        }
+    }
+}
+
 #[inline(always)]
 fn leave(t: *mut ThreadState) {
     // SAFETY: `t` is this thread's TLS block.
     unsafe { (*t).busy = 0 };
 }
 
-/// Record an allocation that returned `p` (null on failure).
+/// Is this call to be recorded? Inlined into every hook: a TLS byte and one load, so that the
+/// hook itself stays a small function and the recording work (with its larger frame) lives out of
+/// line.
 #[inline(always)]
+fn recording() -> bool {
+    let t = tls::state();
+    // SAFETY: `t` is this thread's TLS block.
+    unsafe { (*t).busy == 0 && writer::STATE.load(core::sync::atomic::Ordering::Relaxed) != OFF }
+}
+
+/// Record an allocation that returned `p` (null on failure).
+#[inline(never)]
 unsafe fn record_alloc(kind: EventKind, p: *mut c_void, size: u64, align: u64) {
     let Some(t) = enter() else { return };
     // SAFETY: `p` is null or a live block the real allocator just returned; guard held.
@@ -45,7 +73,7 @@ unsafe fn record_alloc(kind: EventKind, p: *mut c_void, size: u64, align: u64) {
         let (aux, prev_size, stamp) = inspect_new_block(t, kind, p as *const u8);
         let base = kind.base_words();
         let n = base + (aux & AUX_HAS_PREV_SIZE != 0) as usize + (aux & AUX_HAS_STAMP != 0) as usize;
-        writer::emit(t, n, |w| {
+        put(t, n, |w| {
             *w = header(kind, n, aux);
             *w.add(1) = p as u64;
             *w.add(2) = size;
@@ -97,32 +125,31 @@ unsafe fn inspect_new_block(t: *mut ThreadState, kind: EventKind, p: *const u8) 
     }
 }
 
-/// A stamp another thread's free left in the block at `p`, if any. A moved realloc's block
-/// starts with a copy of the old block, so its end slot speaks for its own past first.
+/// A stamp another thread's free left in the block at `p`, if any: in the front slot — or, for a
+/// moved realloc (whose front holds a copy of the old block), in the end slot first.
 #[inline(always)]
-unsafe fn find_stamp(t: *mut ThreadState, p: *const u8, size: u64, end_first: bool) -> Option<u64> {
+unsafe fn find_stamp(t: *mut ThreadState, p: *const u8, size: u64, realloc: bool) -> Option<u64> {
     let key = g().stamp_key;
-    // SAFETY: both slots lie inside the live block (see `chunk::stamp_front`/`stamp_end`).
-    let read = |off: usize| unsafe { *(p.add(off) as *const u64) };
-    let genuine = |w: u64| {
-        // SAFETY: `t` is this thread's state.
-        stamp::looks_genuine(key, w) && stamp::decode(key, w).is_some_and(|r| r.stream != unsafe { (*t).stream })
-    };
-    let front = chunk::stamp_front(size);
-    let end = chunk::stamp_end(size);
-    let (first, second) = if end_first { (end, Some(front)) } else { (Some(front), end) };
-    for off in [first, second].into_iter().flatten() {
-        let w = read(off);
-        if genuine(w) {
-            return Some(w);
+    // SAFETY: `t` is this thread's state; both slots lie inside the live block.
+    unsafe {
+        let me = (*t).stream;
+        let genuine = |w: u64| stamp::looks_genuine(key, w) && stamp::decode(key, w).is_some_and(|r| r.stream != me);
+        if realloc {
+            if let Some(end) = chunk::stamp_end(size) {
+                let w = *(p.add(end) as *const u64);
+                if genuine(w) {
+                    return Some(w);
+                }
+            }
         }
+        let w = *(p.add(chunk::stamp_front(size)) as *const u64);
+        genuine(w).then_some(w)
     }
-    None
 }
 
 /// Record a free of `p` (before the real free runs) and leave a stamp in the block. A stamp of
 /// another thread's earlier free still in the block is recorded too (an ordering edge).
-#[inline(always)]
+#[inline(never)]
 unsafe fn record_free(kind: EventKind, p: *mut c_void, a: u64, b: u64) {
     let Some(t) = enter() else { return };
     // SAFETY: `p` is null or a live block about to be freed; guard held.
@@ -144,23 +171,19 @@ unsafe fn record_free(kind: EventKind, p: *mut c_void, a: u64, b: u64) {
             }
         }
         let n = kind.base_words() + (aux & AUX_HAS_STAMP != 0) as usize;
-        if writer::STATE.load(core::sync::atomic::Ordering::Acquire) == ACTIVE {
-            let w = writer::reserve(t, n);
-            if !w.is_null() {
-                if stampable {
-                    let word = (w as usize - (*t).base as usize) / 8;
-                    let st = stamp::encode(g().stamp_key, (*t).stream, (*t).block_seq, word as u32);
-                    *((p as *mut u8).add(chunk::stamp_front(size)) as *mut u64) = st;
-                    if let Some(end) = chunk::stamp_end(size) {
-                        *((p as *mut u8).add(end) as *mut u64) = st;
-                    }
+        put(t, n, |w| {
+            // The ring position of this very event names it in the stamp (pre-init events have
+            // no position: their `base` is null and no stamp is left).
+            if stampable && !(*t).base.is_null() && writer::STATE.load(core::sync::atomic::Ordering::Relaxed) == ACTIVE {
+                let word = (w as usize - (*t).base as usize) / 8;
+                let st = stamp::encode(g().stamp_key, (*t).stream, (*t).block_seq, word as u32);
+                *((p as *mut u8).add(chunk::stamp_front(size)) as *mut u64) = st;
+                if let Some(end) = chunk::stamp_end(size) {
+                    *((p as *mut u8).add(end) as *mut u64) = st;
                 }
-                fill_free(w, kind, n, aux, p, a, b, found);
-                writer::commit(t, n);
             }
-        } else {
-            writer::emit(t, n, |w| fill_free(w, kind, n, aux, p, a, b, found));
-        }
+            fill_free(w, kind, n, aux, p, a, b, found)
+        });
     }
     leave(t);
 }
@@ -185,16 +208,22 @@ unsafe fn fill_free(w: *mut u64, kind: EventKind, n: usize, aux: u64, p: *mut c_
     }
 }
 
-/// After a free: report a program break that moved (systrim).
+/// After a free: report a program break that moved (systrim). A load and a compare.
 #[inline(always)]
 fn after_free() {
-    if g().curbrk.is_null() {
+    let cb = g().curbrk;
+    if cb.is_null() {
         return;
     }
-    if let Some(t) = enter() {
-        // SAFETY: guard held.
-        unsafe { glibc::observe_brk(t) };
-        leave(t);
+    let t = tls::state();
+    // SAFETY: `t` is this thread's TLS block; `cb` is glibc's `__curbrk`.
+    unsafe {
+        if core::ptr::read_volatile(cb) != (*t).last_brk && (*t).busy == 0 {
+            if let Some(t) = enter() {
+                glibc::observe_brk(t);
+                leave(t);
+            }
+        }
     }
 }
 
@@ -230,8 +259,10 @@ pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
             None => unsafe { real::malloc().map_or(null_mut(), |f| f(size)) },
         },
     };
-    // SAFETY: `p` came from the real malloc.
-    unsafe { record_alloc(EventKind::Malloc, p, size as u64, 0) };
+    if recording() {
+        // SAFETY: `p` came from the real malloc.
+        unsafe { record_alloc(EventKind::Malloc, p, size as u64, 0) };
+    }
     p
 }
 
@@ -257,8 +288,10 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
     if real::is_bootstrap(p) {
         return;
     }
-    // SAFETY: `p` is the application's block (or null), about to be freed.
-    unsafe { record_free(EventKind::Free, p, 0, 0) };
+    if recording() {
+        // SAFETY: `p` is the application's block (or null), about to be freed.
+        unsafe { record_free(EventKind::Free, p, 0, 0) };
+    }
     match real::free() {
         // SAFETY: forwarding to the real free.
         Some(f) => unsafe { f(p) },

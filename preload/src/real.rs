@@ -28,7 +28,9 @@ macro_rules! real_fns {
             #[inline(always)]
             #[allow(dead_code)]
             pub fn $name() -> Option<$ty> {
-                let p = REAL.$name.load(Ordering::Acquire);
+                // Relaxed: a pointer is written once, before `STATE` publishes it (Release); a
+                // thread that sees null resolves (and synchronises) through `ensure_resolved`.
+                let p = REAL.$name.load(Ordering::Relaxed);
                 if p.is_null() { return None; }
                 // SAFETY: `p` came from dlsym for this symbol, whose C type is `$ty`.
                 Some(unsafe { core::mem::transmute::<*mut c_void, $ty>(p) })

@@ -3,18 +3,19 @@
 //!
 //! ```text
 //! offset 0                  RingHeader (512 B)
-//! CELLS_OFFSET              free-block queue cells: [QueueCell; capacity]   (Vyukov MPMC)
-//! descs_offset(capacity)    block descriptors:      [BlockDesc; nblocks]     (64 B each)
+//! DESCS_OFFSET              block descriptors:      [BlockDesc; nblocks]     (64 B each)
 //! data_offset(..)           block data:             nblocks × block_size    (page aligned)
 //! ```
 //!
 //! * Each application thread owns one block at a time and appends events to it with plain
 //!   stores, then publishes the new length with a release store to `BlockDesc::len`. No
 //!   read-modify-write happens on the per-event path.
-//! * A thread whose block is full marks it `FULL` and takes another: from the free queue, or a
+//! * A thread whose block is full marks it `FULL` and takes another: from the free stack, or a
 //!   never-used block (`next_unused`). The collector reads every `OWNED` and `FULL` block up to its
 //!   published length — partially filled blocks included, so nothing waits for a block to fill —
-//!   and returns fully read `FULL` blocks to the free queue, bumping `free_futex`.
+//!   and returns fully read `FULL` blocks to the free stack, bumping `free_futex`. The stack is
+//!   LIFO on purpose: the block a writer gets is the one the collector finished last, still
+//!   mapped and in cache, instead of cycling cold through the whole ring.
 //! * Lossless mode: a thread that finds no free block waits on `free_futex` (a shared futex, not
 //!   `FUTEX_PRIVATE`). Lossy mode: it drops its events and counts them instead.
 //! * `clock_ns` is written by the collector every tick: it is both the time base of events and
@@ -53,8 +54,7 @@ pub struct RingHeader {
     pub version: u32,
     pub block_size: u32,
     pub nblocks: u32,
-    /// Capacity of the free queue (power of two ≥ nblocks).
-    pub queue_capacity: u32,
+    pub _r1: u32,
     pub flags: u32,
     pub _r0: u32,
     pub data_offset: u64,
@@ -64,8 +64,9 @@ pub struct RingHeader {
     pub clock: CacheLine<ClockLine>,
     /// Read-modify-written by writers on their slow path only.
     pub alloc: CacheLine<AllocLine>,
-    pub enq_pos: CacheLine<AtomicU64>,
-    pub deq_pos: CacheLine<AtomicU64>,
+    /// Free stack top: `tag << 32 | (index + 1)`, 0 index = empty; the tag defeats ABA.
+    pub free_top: CacheLine<AtomicU64>,
+    pub _reserved: CacheLine<AtomicU64>,
     pub _pad1: [u64; 24],
 }
 
@@ -91,12 +92,6 @@ pub struct AllocLine {
     pub dropped_blocks: AtomicU64,
 }
 
-#[repr(C)]
-pub struct QueueCell {
-    pub seq: AtomicU64,
-    pub value: AtomicU64,
-}
-
 /// Per-block descriptor. `stream`, `seq`, `tid` are written by the owner before it publishes
 /// `state = OWNED` (release).
 #[repr(C, align(64))]
@@ -108,22 +103,19 @@ pub struct BlockDesc {
     /// The owner's block sequence number in its stream (0, 1, 2, …).
     pub seq: AtomicU32,
     pub tid: AtomicU32,
-    pub _r: [u32; 11],
+    /// Next block on the free stack (index + 1; 0 = none).
+    pub next_free: AtomicU32,
+    pub _r: [u32; 10],
 }
 
 pub const HEADER_SIZE: usize = core::mem::size_of::<RingHeader>();
-pub const CELLS_OFFSET: usize = HEADER_SIZE;
+pub const DESCS_OFFSET: usize = HEADER_SIZE;
 
 const _: () = assert!(HEADER_SIZE == 512);
 const _: () = assert!(core::mem::size_of::<BlockDesc>() == 64);
-const _: () = assert!(core::mem::size_of::<QueueCell>() == 16);
 
-pub const fn descs_offset(capacity: u32) -> usize {
-    CELLS_OFFSET + capacity as usize * core::mem::size_of::<QueueCell>()
-}
-
-pub const fn data_offset(capacity: u32, nblocks: u32, page: usize) -> usize {
-    let end = descs_offset(capacity) + nblocks as usize * core::mem::size_of::<BlockDesc>();
+pub const fn data_offset(nblocks: u32, page: usize) -> usize {
+    let end = DESCS_OFFSET + nblocks as usize * core::mem::size_of::<BlockDesc>();
     (end + page - 1) / page * page
 }
 
@@ -132,7 +124,6 @@ pub const fn data_offset(capacity: u32, nblocks: u32, page: usize) -> usize {
 pub struct Geometry {
     pub block_size: u32,
     pub nblocks: u32,
-    pub queue_capacity: u32,
     pub data_offset: u64,
     pub total_size: u64,
 }
@@ -144,12 +135,10 @@ impl Geometry {
             return None;
         }
         let nblocks = (ring_size / block_size as u64).clamp(4, 1 << 20) as u32;
-        let queue_capacity = nblocks.next_power_of_two();
-        let data = data_offset(queue_capacity, nblocks, 4096) as u64;
+        let data = data_offset(nblocks, 4096) as u64;
         Some(Geometry {
             block_size,
             nblocks,
-            queue_capacity,
             data_offset: data,
             total_size: data + nblocks as u64 * block_size as u64,
         })
@@ -184,14 +173,10 @@ impl Ring {
             (*h).version = RING_VERSION;
             (*h).block_size = geo.block_size;
             (*h).nblocks = geo.nblocks;
-            (*h).queue_capacity = geo.queue_capacity;
             (*h).flags = flags;
             (*h).data_offset = geo.data_offset;
             (*h).total_size = geo.total_size;
             let ring = Ring { base, geo };
-            for i in 0..geo.queue_capacity {
-                ring.cell(i as u64).seq.store(i as u64, Ordering::Relaxed);
-            }
             (*h).clock.0.collector_state.store(COLLECTOR_RUNNING, Ordering::Release);
             ring
         }
@@ -214,7 +199,6 @@ impl Ring {
         }
         let geo = Geometry::new(h.nblocks as u64 * h.block_size as u64, h.block_size)?;
         if geo.nblocks != h.nblocks
-            || geo.queue_capacity != h.queue_capacity
             || geo.data_offset != h.data_offset
             || geo.total_size != h.total_size
             || geo.total_size > len
@@ -237,16 +221,11 @@ impl Ring {
     pub fn flags(&self) -> u32 {
         self.header().flags
     }
-    fn cell(&self, pos: u64) -> &QueueCell {
-        let i = (pos & (self.geo.queue_capacity as u64 - 1)) as usize;
-        // SAFETY: `i < queue_capacity`, and the cells array lies inside the mapping.
-        unsafe { &*(self.base.add(CELLS_OFFSET) as *const QueueCell).add(i) }
-    }
     /// Descriptor of block `i` (`i < nblocks`).
     pub fn desc(&self, i: u32) -> &BlockDesc {
         assert!(i < self.geo.nblocks);
         // SAFETY: bounds checked above; descriptors lie inside the mapping.
-        unsafe { &*(self.base.add(descs_offset(self.geo.queue_capacity)) as *const BlockDesc).add(i as usize) }
+        unsafe { &*(self.base.add(DESCS_OFFSET) as *const BlockDesc).add(i as usize) }
     }
     /// Start of block `i`'s data (`i < nblocks`).
     pub fn block_data(&self, i: u32) -> *mut u8 {
@@ -259,47 +238,39 @@ impl Ring {
         self.header().clock.0.clock_ns.load(Ordering::Relaxed)
     }
 
-    /// Push a block index on the free queue (collector side; single producer). `false` if full.
+    /// Push a block on the free stack (collector side). `false` if `v` is out of range.
     pub fn push_free(&self, v: u32) -> bool {
-        let enq = &self.header().enq_pos.0;
-        let mut pos = enq.load(Ordering::Relaxed);
-        for _ in 0..1_000_000 {
-            let cell = self.cell(pos);
-            let seq = cell.seq.load(Ordering::Acquire);
-            let dif = seq as i64 - pos as i64;
-            if dif == 0 {
-                if enq.compare_exchange_weak(pos, pos + 1, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
-                    cell.value.store(v as u64, Ordering::Relaxed);
-                    cell.seq.store(pos + 1, Ordering::Release);
-                    return true;
-                }
-            } else if dif < 0 {
-                return false;
-            } else {
-                pos = enq.load(Ordering::Relaxed);
+        if v >= self.geo.nblocks {
+            return false;
+        }
+        let top = &self.header().free_top.0;
+        let mut old = top.load(Ordering::Acquire);
+        loop {
+            self.desc(v).next_free.store((old & 0xffff_ffff) as u32, Ordering::Relaxed);
+            let new = ((old >> 32).wrapping_add(1) << 32) | (v as u64 + 1);
+            match top.compare_exchange_weak(old, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(cur) => old = cur,
             }
         }
-        false
     }
 
-    /// Pop a free block index (writer side; many consumers).
+    /// Pop a free block (writer side; many threads).
     pub fn pop_free(&self) -> Option<u32> {
-        let deq = &self.header().deq_pos.0;
-        let mut pos = deq.load(Ordering::Relaxed);
+        let top = &self.header().free_top.0;
+        let mut old = top.load(Ordering::Acquire);
         loop {
-            let cell = self.cell(pos);
-            let seq = cell.seq.load(Ordering::Acquire);
-            let dif = seq as i64 - (pos + 1) as i64;
-            if dif == 0 {
-                if deq.compare_exchange_weak(pos, pos + 1, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
-                    let v = cell.value.load(Ordering::Relaxed);
-                    cell.seq.store(pos + self.geo.queue_capacity as u64, Ordering::Release);
-                    return Some(v as u32);
-                }
-            } else if dif < 0 {
+            let idx = (old & 0xffff_ffff) as u32;
+            if idx == 0 || idx > self.geo.nblocks {
                 return None;
-            } else {
-                pos = deq.load(Ordering::Relaxed);
+            }
+            // Possibly stale if another thread popped it meanwhile: then the tag changed and
+            // the exchange below fails.
+            let next = self.desc(idx - 1).next_free.load(Ordering::Relaxed);
+            let new = ((old >> 32).wrapping_add(1) << 32) | next as u64;
+            match top.compare_exchange_weak(old, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(idx - 1),
+                Err(cur) => old = cur,
             }
         }
     }
@@ -377,15 +348,17 @@ mod tests {
         assert_eq!(ring.take_block(), None);
         assert!(ring.push_free(3));
         assert!(ring.push_free(9));
-        assert_eq!(ring.take_block(), Some(3));
+        // LIFO: the block recycled last comes back first.
         assert_eq!(ring.take_block(), Some(9));
+        assert_eq!(ring.take_block(), Some(3));
         assert_eq!(ring.take_block(), None);
+        assert!(!ring.push_free(16), "out of range");
     }
 
-    /// Many consumer threads race on the free queue while one producer recycles: every index is
-    /// handed out exactly once per push.
+    /// Many consumer threads race on the free stack while one producer recycles: every push is
+    /// popped exactly once.
     #[test]
-    fn queue_is_exact_under_contention() {
+    fn free_stack_is_exact_under_contention() {
         let g = Geometry::new(64 * 4096, 4096).unwrap();
         let mut m = mapping(g);
         let base = m.as_mut_ptr() as usize;
@@ -393,20 +366,19 @@ mod tests {
         let ring = unsafe { Ring::init(base as *mut u8, g, 0) };
         while ring.take_block().is_some() {}
         let done = Arc::new(AtomicBool::new(false));
-        let rounds = 20_000u32;
+        let (pending_tx, pending_rx) = std::sync::mpsc::channel::<u32>();
+        let rounds = 200_000u32;
         let mut handles = Vec::new();
         for _ in 0..4 {
             let done = done.clone();
+            let tx = pending_tx.clone();
             handles.push(std::thread::spawn(move || {
                 let mut seen = Vec::new();
                 loop {
                     if let Some(v) = ring.pop_free() {
                         seen.push(v);
+                        tx.send(v).unwrap();
                     } else if done.load(Ordering::Acquire) {
-                        if let Some(v) = ring.pop_free() {
-                            seen.push(v);
-                            continue;
-                        }
                         return seen;
                     } else {
                         std::hint::spin_loop();
@@ -414,16 +386,42 @@ mod tests {
                 }
             }));
         }
-        let mut pushed = 0u32;
-        while pushed < rounds {
-            if ring.push_free(pushed) {
-                pushed += 1;
+        // Push every block index `rounds / nblocks` times; a block is pushed again only once it
+        // was popped (as the collector only recycles blocks writers gave back).
+        let n = g.nblocks;
+        let mut pushes = vec![0u32; n as usize];
+        let per = rounds / n;
+        let mut outstanding = 0u32;
+        let mut total = 0u32;
+        let mut seen_pops = vec![0u32; n as usize];
+        while total < per * n {
+            for i in 0..n {
+                if pushes[i as usize] < per && pushes[i as usize] == seen_pops[i as usize] {
+                    assert!(ring.push_free(i));
+                    pushes[i as usize] += 1;
+                    total += 1;
+                    outstanding += 1;
+                }
+            }
+            // Learn which blocks consumers took (they report through `pending`).
+            while let Ok(i) = pending_rx.try_recv() {
+                seen_pops[i as usize] += 1;
+                outstanding -= 1;
+            }
+            std::hint::spin_loop();
+        }
+        while outstanding > 0 {
+            if let Ok(i) = pending_rx.recv_timeout(std::time::Duration::from_secs(10)) {
+                seen_pops[i as usize] += 1;
+                outstanding -= 1;
+            } else {
+                panic!("a pushed block was never popped");
             }
         }
         done.store(true, Ordering::Release);
-        let mut all: Vec<u32> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
-        all.sort_unstable();
-        assert_eq!(all, (0..rounds).collect::<Vec<_>>());
+        let all: Vec<u32> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        assert_eq!(all.len() as u32, per * n);
+        assert_eq!(seen_pops, vec![per; n as usize]);
         drop(m);
     }
 }

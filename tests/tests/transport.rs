@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use mtrace_tests::*;
 
-const STARVED: &[&str] = &["--ring-mb", "1", "--block-kb", "4", "--drain-interval-ms", "200"];
+const STARVED: &[&str] = &["--ring-mb", "1", "--block-kb", "4", "--drain-interval-us", "200000"];
 
 #[test]
 fn lossy_mode_under_a_starved_collector_reports_its_losses() {

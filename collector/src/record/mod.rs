@@ -31,8 +31,10 @@ pub struct Options {
     pub output: PathBuf,
     pub sample_period: Duration,
     pub tick: Duration,
-    /// Pause after every pass over the rings. Zero (the default): back-to-back passes while data
-    /// flows, a 1 ms nap when a pass found nothing.
+    /// Pause after every pass over the rings. Each pass reads the cache lines a writer is
+    /// working on (its block's descriptor and tail, the clock), so passes must not run back to
+    /// back: 200 µs keeps writers' lines their own while data still lands within a fraction of a
+    /// millisecond (and publication order, see `analysis::merge`, resolves to one period).
     pub drain_interval: Duration,
     pub lossy: bool,
     pub ring_size: u64,
@@ -50,7 +52,7 @@ impl Default for Options {
             output: PathBuf::from("mtrace.mtr"),
             sample_period: Duration::from_millis(10),
             tick: Duration::from_millis(1),
-            drain_interval: Duration::ZERO,
+            drain_interval: Duration::from_micros(200),
             lossy: false,
             ring_size: mtrace_protocol::ring::DEFAULT_RING_SIZE,
             block_size: mtrace_protocol::ring::DEFAULT_BLOCK_SIZE,
@@ -165,11 +167,13 @@ impl Workers {
 
 /// Read all rings until told to exit; finish images whose process is gone.
 fn drain_loop(shared: &Shared) {
+    // Precise short sleeps: the default 50 µs timer slack would stretch a 200 µs period.
+    // SAFETY: prctl on the calling thread.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000usize, 0usize, 0usize, 0usize) };
     let mut buf = Vec::with_capacity(1 << 20);
     loop {
         let exiting = shared.drain_exit.load(Ordering::Acquire);
         let images: Vec<Arc<Image>> = shared.images.lock().unwrap().clone();
-        let mut moved = 0u64;
         for img in &images {
             // Each pass also advances the clock: under load, events are time-marked to the pass
             // (tens of µs) instead of the 1 ms tick. The Sync record carries this pass-start clock
@@ -183,7 +187,6 @@ fn drain_loop(shared: &Shared) {
             let gone = img.disconnected.load(Ordering::Acquire) && (img.process_gone() || img.superseded.load(Ordering::Acquire));
             let finishing = gone || exiting;
             let pass = img.drain(&mut st, &mut buf);
-            moved += pass.bytes;
             let now = crate::clock::now_ns();
             if pass.bytes > 0 || now.saturating_sub(st.last_sync_ns) >= 10_000_000 || finishing {
                 Record::Sync { image: img.id, time_ns: pass_start }.encode(&mut buf);
@@ -211,11 +214,7 @@ fn drain_loop(shared: &Shared) {
         if exiting {
             break;
         }
-        if !shared.opts.drain_interval.is_zero() {
-            std::thread::sleep(shared.opts.drain_interval);
-        } else if moved == 0 {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        std::thread::sleep(shared.opts.drain_interval);
     }
 }
 
