@@ -108,6 +108,12 @@ unsafe fn switch_block(t: *mut ThreadState) -> bool {
     let Some(ring) = hot().ring else { return false };
     // SAFETY: `t` is this thread's state and `ring` is mapped while STATE is ACTIVE.
     unsafe {
+        // From the first attempt, not the first success: a thread that starts when the ring is
+        // exhausted (lossy mode) drops events from the start, and its count must still be
+        // flushed when it exits.
+        if (*t).key_set == 0 {
+            crate::lifecycle::on_thread_first_block();
+        }
         let first = (*t).stream == 0;
         if (*t).mode == mode::WRITING {
             ring.desc((*t).block).state.store(ring::BLOCK_FULL, Ordering::Release);
@@ -131,7 +137,6 @@ unsafe fn switch_block(t: *mut ThreadState) -> bool {
                     (*t).stream = ring.header().alloc.0.next_stream.fetch_add(1, Ordering::Relaxed) + 1;
                     (*t).block_seq = 0;
                     (*t).tid = sys::gettid();
-                    crate::lifecycle::on_thread_first_block();
                 } else {
                     (*t).block_seq = (*t).block_seq.wrapping_add(1);
                 }
