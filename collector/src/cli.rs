@@ -132,18 +132,18 @@ pub fn main() -> i32 {
         Cmd::Report { file, json, partial, timeline_points } => match crate::analysis::analyze_file(&file, partial) {
             Ok(a) => {
                 let r = report::build(&a, report::ReportOptions { max_timeline: timeline_points });
-                if json {
+                let text = if json {
                     match serde_json::to_string_pretty(&r) {
-                        Ok(s) => println!("{s}"),
+                        Ok(s) => s + "\n",
                         Err(e) => {
                             eprintln!("mtracer: {e}");
                             return 2;
                         }
                     }
                 } else {
-                    print!("{}", report::text::render(&r));
-                }
-                0
+                    report::text::render(&r)
+                };
+                write_stdout(text.as_bytes())
             }
             Err(e) => {
                 eprintln!("mtracer: {e:#}");
@@ -152,6 +152,7 @@ pub fn main() -> i32 {
         },
         Cmd::Dump { file } => match crate::trace::dump(&file, &mut std::io::stdout().lock()) {
             Ok(()) => 0,
+            Err(crate::trace::TraceError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
             Err(e) => {
                 eprintln!("mtracer: {e:#}");
                 2
@@ -166,3 +167,18 @@ pub fn main() -> i32 {
         },
     }
 }
+
+/// Write to stdout; a reader that went away (`mtracer report f | head`) is not an error.
+fn write_stdout(bytes: &[u8]) -> i32 {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => 0,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+        Err(e) => {
+            eprintln!("mtracer: writing to stdout: {e}");
+            2
+        }
+    }
+}
+

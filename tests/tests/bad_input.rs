@@ -135,3 +135,29 @@ fn garbage_after_a_valid_prefix_never_panics() {
         }
     }
 }
+
+#[test]
+fn a_reader_that_stops_early_is_not_an_error() {
+    // `mtracer report f | head -1`: stdout closes before mtracer is done writing; mtracer must
+    // exit 0 quietly, not panic on the broken pipe. `report` is closed on before it has analysed
+    // the trace (its output is small enough to fit a pipe otherwise); `dump` after its first byte.
+    let (_dir, path, _) = big_trace();
+    for (args, read_first) in [(vec!["report", "--json"], false), (vec!["report"], false), (vec!["dump"], true)] {
+        let mut child = Command::new(paths().mtracer())
+            .args(&args)
+            .arg(&path)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        if read_first {
+            let mut first = [0u8; 1];
+            std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+        }
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {err}");
+        no_panic(&err);
+    }
+}
