@@ -22,8 +22,11 @@ fn preloaded(cmd: &[&str], dir: &Path, trace: &Path) -> Output {
         .unwrap()
 }
 
-/// Run `cmd` bare, under `mtracer record` and under plain LD_PRELOAD; compare; check the traces.
+/// Run `cmd` bare, under `mtracer record` and under plain LD_PRELOAD; compare; check the traces:
+/// nothing lost, nothing unmatched, no anomaly at all, and — unless the program starts threads —
+/// exactly one thread in every image.
 fn same_behaviour(name: &str, cmd: &[&str], dir: &Path) {
+    let threaded = name == "python3";
     let want = bare(cmd, dir);
     assert!(want.status.success(), "{name} fails even without the tracer: {}", String::from_utf8_lossy(&want.stderr));
     let r = {
@@ -54,7 +57,10 @@ fn same_behaviour(name: &str, cmd: &[&str], dir: &Path) {
         for p in procs {
             assert_eq!(num(p, "lost_events"), 0, "{name} under {how}");
             assert_eq!(num(p, "unmatched_frees"), 0, "{name} under {how}: {}", p["exe"]);
-            assert_eq!(p["anomalies"]["forced_events"], 0, "{name} under {how}: {}", p["exe"]);
+            assert_eq!(anomalies(p), vec![], "{name} under {how}: {}", p["exe"]);
+            if !threaded {
+                assert_eq!(num(p, "threads"), 1, "{name} under {how}: {}", p["exe"]);
+            }
         }
     }
 }

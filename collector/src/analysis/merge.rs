@@ -98,6 +98,10 @@ pub struct MergeStats {
     pub decode_errors: u64,
     /// Stamps that named no reachable free, ignored.
     pub ignored_stamps: u64,
+    /// Words that passed the stamp magic but name nothing this image could have written
+    /// (application data, or a stamp whose low bytes the program overwrote): not stamps, and not
+    /// an anomaly.
+    pub rejected_stamps: u64,
     /// Frees applied although their block never appeared (unmatched).
     pub forced: u64,
     /// Unstamped allocations whose order against another thread's allocation of the same
@@ -342,8 +346,9 @@ impl Merger {
         self.by_id.get(&stream_id).map(|&i| self.streams[i].tid)
     }
 
+    /// Threads that wrote events (streams a stamp named but that never appeared do not count).
     pub fn stream_count(&self) -> usize {
-        self.streams.len()
+        self.streams.iter().filter(|s| s.tid != 0).count()
     }
 
     fn safe(&self, p: &Pending, margin: u32) -> bool {
@@ -502,17 +507,18 @@ impl Merger {
         if r.stream == 0 || r.stream == self.streams[i].id {
             return None;
         }
-        let known = self.by_id.contains_key(&r.stream);
-        let j = self.stream_index(r.stream);
-        let s = &self.streams[j];
-        let seq = stamp::resolve_seq(r.seq_low, s.max_seq.max(s.frontier.seq));
+        let known = self.by_id.get(&r.stream).copied();
+        let (max_seq, frontier) = known.map_or((0, 0), |j| (self.streams[j].max_seq, self.streams[j].frontier.seq));
+        let seq = stamp::resolve_seq(r.seq_low, max_seq.max(frontier));
         // A reference far beyond anything the stream wrote is not a stamp of this image (e.g. a
-        // parent's stamp in memory a fork child inherited, decoded with the child's key).
-        let plausible = if known { seq <= s.max_seq + 2 } else { seq <= 2 };
+        // parent's stamp in memory a fork child inherited, decoded with the child's key). A
+        // stream not seen yet must be at its very beginning. Only then is a stream made for it.
+        let plausible = if known.is_some() { seq <= max_seq + 2 } else { seq <= 2 };
         if !plausible {
-            self.stats.ignored_stamps += 1;
+            self.stats.rejected_stamps += 1;
             return None;
         }
+        let j = self.stream_index(r.stream);
         Some((j, Pos { seq, word: r.word }))
     }
 

@@ -74,7 +74,11 @@ fn process(s: &mut String, p: &ProcessReport, lossy: bool) {
     }
     let _ = writeln!(s, "   final heap     {:>12}  (brk heap + arena heaps held from the OS)", bytes(p.final_heap_bytes));
     let _ = writeln!(s, "   final mmapped  {:>12}  (large blocks mapped on their own)", bytes(p.final_mmapped_bytes));
-    let _ = writeln!(s, "   peak RSS       {:>12}  final RSS {}", bytes(p.peak_rss_bytes), bytes(p.final_rss_bytes));
+    if p.peak_rss_bytes == 0 && p.final_rss_bytes == 0 {
+        let _ = writeln!(s, "   RSS            not sampled (the image ended within one sampling period)");
+    } else {
+        let _ = writeln!(s, "   peak RSS       {:>12}  final RSS {}", bytes(p.peak_rss_bytes), bytes(p.final_rss_bytes));
+    }
     let calls: Vec<String> = p.calls.iter().map(|(k, v)| format!("{k} {v}")).collect();
     let _ = writeln!(s, "   calls: {}", calls.join(", "));
     if p.lost_events > 0 || lossy {
