@@ -62,6 +62,16 @@ pub unsafe fn mmapped_prev_size(p: *const u8) -> u64 {
     unsafe { *(p as *const u64).sub(2) }
 }
 
+/// A word that stays 0: the fast paths' `curbrk` when glibc's is unknown (`observe_brk` never
+/// reports a break then, so `last_brk` stays 0 too and the comparison always passes).
+static NO_BRK: u64 = 0;
+
+/// `&__curbrk`, or a word that stays 0 (for the fast paths, which compare without a null check).
+pub fn curbrk_or_zero() -> *const u64 {
+    let cb = g().curbrk;
+    if cb.is_null() { &NO_BRK } else { cb }
+}
+
 /// Observe the program break; emit `ProgramBreak` if it moved since this thread last looked.
 ///
 /// # Safety

@@ -13,7 +13,7 @@ use mtrace_protocol::stamp;
 
 use crate::glibc::{self, g};
 use crate::real;
-use crate::tls::{self, ThreadState};
+use crate::tls::{self, fast, ThreadState};
 use crate::writer::{self, ACTIVE, OFF};
 
 /// Take the guard if this call should be recorded.
@@ -30,22 +30,12 @@ fn enter() -> Option<*mut ThreadState> {
     Some(t)
 }
 
-/// Write an event of `n` words: straight into the ring when registered (the hot path), through
-/// the pre-init buffer before.
+/// Write an event of `n` words: into the ring when registered, through the pre-init buffer
+/// before (see [`writer::emit`]).
 #[inline(always)]
 unsafe fn put(t: *mut ThreadState, n: usize, fill: impl FnOnce(*mut u64)) {
     // SAFETY: guard held by the caller.
-    unsafe {
-        if writer::STATE.load(core::sync::atomic::Ordering::Acquire) == ACTIVE {
-            let w = writer::reserve(t, n);
-            if !w.is_null() {
-                fill(w);
-                writer::commit(t, n);
-            }
-        } else {
-            writer::emit(t, n, fill);
-        }
-    }
+    unsafe { writer::emit(t, n, fill) }
 }
 
 #[inline(always)]
@@ -68,6 +58,15 @@ fn recording() -> bool {
 #[inline(never)]
 unsafe fn record_alloc(kind: EventKind, p: *mut c_void, size: u64, align: u64) {
     let Some(t) = enter() else { return };
+    // SAFETY: per the caller; guard held.
+    unsafe { record_alloc_held(t, kind, p, size, align) };
+    leave(t);
+}
+
+/// [`record_alloc`] with the guard already held (the general path, also the fast path's
+/// fallback).
+#[inline(never)]
+unsafe fn record_alloc_held(t: *mut ThreadState, kind: EventKind, p: *mut c_void, size: u64, align: u64) {
     // SAFETY: `p` is null or a live block the real allocator just returned; guard held.
     unsafe {
         let (aux, prev_size, stamp) = inspect_new_block(t, kind, p as *const u8);
@@ -91,7 +90,6 @@ unsafe fn record_alloc(kind: EventKind, p: *mut c_void, size: u64, align: u64) {
         });
         glibc::observe_brk(t);
     }
-    leave(t);
 }
 
 /// Read what glibc and earlier frees left on a block we are about to report: its chunk header,
@@ -152,6 +150,14 @@ unsafe fn find_stamp(t: *mut ThreadState, p: *const u8, size: u64, realloc: bool
 #[inline(never)]
 unsafe fn record_free(kind: EventKind, p: *mut c_void, a: u64, b: u64) {
     let Some(t) = enter() else { return };
+    // SAFETY: per the caller; guard held.
+    unsafe { record_free_held(t, kind, p, a, b) };
+    leave(t);
+}
+
+/// [`record_free`] with the guard already held (the general path, also the fast path's fallback).
+#[inline(never)]
+unsafe fn record_free_held(t: *mut ThreadState, kind: EventKind, p: *mut c_void, a: u64, b: u64) {
     // SAFETY: `p` is null or a live block about to be freed; guard held.
     unsafe {
         let hdr = glibc::chunk_header(p as *const u8);
@@ -185,7 +191,6 @@ unsafe fn record_free(kind: EventKind, p: *mut c_void, a: u64, b: u64) {
             fill_free(w, kind, n, aux, p, a, b, found)
         });
     }
-    leave(t);
 }
 
 #[inline(always)]
@@ -241,6 +246,390 @@ fn record_words<const N: usize>(words: [u64; N]) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Fast paths of malloc and free.
+//
+// The common case — a live heap chunk, nothing new to report about the thread's heap or the
+// program break, the clock unchanged since the last `Time` event, room in the block — in straight
+// line code inlined into the hooks: reads first, then the stores of one event. Whatever else is
+// seen (before anything is written) hands the call to the general path, which records it exactly
+// as it would have without the fast path. Event layouts and stamp semantics are the general
+// path's: see `record_alloc_held`, `inspect_new_block`, `find_stamp`, `record_free_held`.
+
+/// `p`, in a way the optimiser cannot see through. The out-of-line tails of the hooks return the
+/// block they were given: without this, LLVM infers that they return their argument and keeps a
+/// copy of it in the hook across the call (a callee-saved register and a stack frame) instead of
+/// making the call a tail call. Costs no instruction.
+#[inline(always)]
+fn opaque(p: *mut c_void) -> *mut c_void {
+    let mut v = p as usize;
+    // SAFETY: an empty asm that "computes" `v` in place: touches no memory, no other register.
+    unsafe { core::arch::asm!("/* {0} */", inout(reg) v, options(pure, nomem, nostack, preserves_flags)) };
+    v as *mut c_void
+}
+
+/// A word found in a block is a genuine stamp of another stream (see `ThreadState::stamp_xor`;
+/// `fast::CHUNKS` guarantees that the stream id fits the stamp, as `find_stamp` compares it).
+#[inline(always)]
+fn foreign_stamp(w: u64, stamp_xor: u64) -> bool {
+    ((w ^ stamp_xor) >> 32).wrapping_sub(1) < (1 << stamp::STREAM_BITS) - 1
+}
+
+/// The chunk header of block `p`, if the fast paths may record it; `None`: take the general path
+/// (not a heap chunk, or something to report about its thread-arena heap — any heap other than
+/// the thread's current one if `any_heap`, as allocations do, else only a size change of the
+/// current one, as frees do).
+///
+/// # Safety
+/// `t` is this thread's state with `fast == CHUNKS` (chunk headers may be read); `p` is a non-null
+/// live block of the real allocator.
+#[inline(always)]
+unsafe fn fast_header(t: *mut ThreadState, p: *mut c_void, any_heap: bool) -> Option<u64> {
+    // SAFETY: per the contract.
+    unsafe {
+        let hdr = *(p as *const u64).sub(1);
+        // A heap chunk's header: not 0 (the general path's "unknown"), not mmapped, and within
+        // `AUX_CHUNK_MASK` (so it is its own `aux` chunk bits).
+        if hdr & !(AUX_CHUNK_MASK & !chunk::IS_MMAPPED) != 0 || hdr == 0 {
+            return None;
+        }
+        if chunk::non_main_arena(hdr) && g().heap_info {
+            // As `observe_heap`: a heap other than the thread's current one (allocations), or a
+            // size change of the current one, is reported by the general path.
+            let base = p as u64 & !(chunk::HEAP_MAX_SIZE - 1);
+            if base != (*t).heap {
+                if any_heap {
+                    return None;
+                }
+            } else if core::ptr::read_volatile((base + 16) as *const u64) != (*t).heap_size {
+                return None;
+            }
+        }
+        Some(hdr)
+    }
+}
+
+/// The event kind of [`malloc_fast`]: `Calloc` or `Malloc`.
+#[inline(always)]
+const fn alloc_kind(calloc: bool) -> EventKind {
+    if calloc { EventKind::Calloc } else { EventKind::Malloc }
+}
+
+/// Write a `Malloc` or `Calloc` event (`FOUND`: with the stamp `st`). `false`: no room, nothing
+/// written.
+///
+/// # Safety
+/// As [`malloc_fast`], after its checks.
+#[inline(always)]
+unsafe fn malloc_event<const CALLOC: bool, const FOUND: bool>(t: *mut ThreadState, p: *mut c_void, size: u64, hdr: u64, st: u64) -> bool {
+    let n = 3 + FOUND as usize;
+    // SAFETY: `reserve_fast` gave room for `n` words.
+    unsafe {
+        let Some(w) = writer::reserve_fast(t, n) else { return false };
+        let aux = (hdr & AUX_CHUNK_MASK) | if FOUND { AUX_HAS_STAMP } else { 0 };
+        *w = header(alloc_kind(CALLOC), n, aux);
+        *w.add(1) = p as u64;
+        *w.add(2) = size;
+        if FOUND {
+            *w.add(3) = st;
+        }
+        writer::commit_at(t, w, n);
+    }
+    true
+}
+
+/// [`malloc_fast`] when the block holds another stream's stamp.
+#[cold]
+#[inline(never)]
+unsafe fn malloc_fast_found(t: *mut ThreadState, p: *mut c_void, size: u64, hdr: u64, st: u64) -> *mut c_void {
+    // SAFETY: per `malloc_fast`.
+    unsafe {
+        if !malloc_event::<false, true>(t, p, size, hdr, st) {
+            return malloc_general(t, EventKind::Malloc, p, size);
+        }
+        tls::release_fast(t, fast::CHUNKS);
+    }
+    opaque(p)
+}
+
+/// Record `malloc(size) = p` (`CALLOC`: `calloc` of `size` bytes in all) — on the fast path if
+/// it applies, else on the general one — release the guard and return `p`. Everything after a
+/// check is a tail call, so that the hook keeps no state across calls (no callee-saved
+/// registers).
+///
+/// # Safety
+/// `t` is this thread's state with `fast == CHUNKS`, guard held, `STATE` is `ACTIVE`; `p` is what
+/// the real allocator returned.
+#[inline(always)]
+unsafe fn malloc_fast<const CALLOC: bool>(t: *mut ThreadState, p: *mut c_void, size: u64) -> *mut c_void {
+    let gl = g();
+    let kind = alloc_kind(CALLOC);
+    // SAFETY: `p` is null or a live block; `t` is ours.
+    unsafe {
+        if p.is_null() {
+            return malloc_general(t, kind, p, size);
+        }
+        let Some(hdr) = fast_header(t, p, true) else { return malloc_general(t, kind, p, size) };
+        // As `observe_brk` after the event: a moved break is reported by the general path.
+        if core::ptr::read_volatile((*t).curbrk) != (*t).last_brk {
+            return malloc_general(t, kind, p, size);
+        }
+        // calloc zeroes the block: nothing to find (as `inspect_new_block`).
+        if gl.stamps && !CALLOC {
+            let w = *((p as *const u8).add(chunk::stamp_front(chunk::size(hdr))) as *const u64);
+            if foreign_stamp(w, (*t).stamp_xor) {
+                return malloc_fast_found(t, p, size, hdr, w);
+            }
+        }
+        if !malloc_event::<CALLOC, false>(t, p, size, hdr, 0) {
+            return malloc_general(t, kind, p, size);
+        }
+        tls::release_fast(t, fast::CHUNKS);
+    }
+    p
+}
+
+/// Write a `Free` event (`FOUND`: with the stamp `found` that was in the block) and leave this
+/// free's stamp in the block (when stamps are on). `false`: no room, nothing written.
+///
+/// # Safety
+/// As [`free_fast`], after its checks.
+#[inline(always)]
+unsafe fn free_event<const FOUND: bool>(t: *mut ThreadState, p: *mut c_void, hdr: u64, front: *mut u64, found: u64) -> bool {
+    let n = 2 + FOUND as usize;
+    // SAFETY: `reserve_fast` gave room for `n` words; the stamp slots lie inside the live block.
+    unsafe {
+        let Some(w) = writer::reserve_fast(t, n) else { return false };
+        if g().stamps {
+            // The ring position of this very event names it (`stamp::encode` of its word offset).
+            let word = ((w as usize - (*t).base as usize) / 8) as u64 & ((1 << stamp::WORD_BITS) - 1);
+            let st = (*t).stamp_xor ^ word;
+            let csize = chunk::size(hdr);
+            *front = st;
+            if let Some(end) = chunk::stamp_end(csize) {
+                *((p as *mut u8).add(end) as *mut u64) = st;
+            }
+        }
+        let aux = (hdr & AUX_CHUNK_MASK) | if FOUND { AUX_HAS_STAMP } else { 0 };
+        *w = header(EventKind::Free, n, aux);
+        *w.add(1) = p as u64;
+        if FOUND {
+            *w.add(2) = found;
+        }
+        writer::commit_at(t, w, n);
+    }
+    true
+}
+
+/// [`free_fast`] when the block holds another stream's stamp.
+#[cold]
+#[inline(never)]
+unsafe fn free_fast_found(t: *mut ThreadState, p: *mut c_void, hdr: u64, front: *mut u64, found: u64) {
+    // SAFETY: per `free_fast`.
+    unsafe {
+        if !free_event::<true>(t, p, hdr, front, found) {
+            return free_general(t, p);
+        }
+        tls::release_fast(t, fast::CHUNKS);
+        free_recorded(p, hdr)
+    }
+}
+
+/// Forward a recorded free of the chunk with header `hdr`. A thread-arena chunk's free cannot
+/// move the program break (glibc trims thread-arena heaps with `mmap`/`madvise`, and only the
+/// main arena with `sbrk`): nothing to observe after it, so the real free is a tail call. (A move
+/// made meanwhile by another thread is seen by this one at its next allocation, and is reported
+/// by the thread that made it.)
+///
+/// # Safety
+/// `p` is the application's block, recorded, guard released.
+#[inline(always)]
+unsafe fn free_recorded(p: *mut c_void, hdr: u64) {
+    if chunk::non_main_arena(hdr)
+        && let Some(f) = real::free()
+    {
+        // SAFETY: forwarding to the real free.
+        return unsafe { f(p) };
+    }
+    // SAFETY: per the contract.
+    unsafe { free_forward(p) }
+}
+
+/// Record `free(p)` and leave the stamp — on the fast path if it applies, else on the general
+/// one — release the guard and forward to the real free. Tail calls only, as [`malloc_fast`].
+///
+/// # Safety
+/// As [`malloc_fast`]; `p` is the application's block (or null) about to be freed (not a
+/// bootstrap one).
+#[inline(always)]
+unsafe fn free_fast(t: *mut ThreadState, p: *mut c_void) {
+    // SAFETY: `p` is null or a live block; `t` is ours.
+    unsafe {
+        if p.is_null() {
+            return free_general(t, p);
+        }
+        // As `record_free_held`: only the thread's current heap is looked at.
+        let Some(hdr) = fast_header(t, p, false) else { return free_general(t, p) };
+        let front = (p as *mut u8).add(chunk::stamp_front(chunk::size(hdr))) as *mut u64;
+        if g().stamps {
+            let w = *front;
+            if foreign_stamp(w, (*t).stamp_xor) {
+                return free_fast_found(t, p, hdr, front, w);
+            }
+        }
+        if !free_event::<false>(t, p, hdr, front, 0) {
+            return free_general(t, p);
+        }
+        tls::release_fast(t, fast::CHUNKS);
+        free_recorded(p, hdr)
+    }
+}
+
+/// The fast path of `malloc` without chunk headers (`fast::PLAIN`): the general path's event when
+/// it reads no header (no chunk, stamp or heap information). Tail calls only, as [`malloc_fast`].
+///
+/// # Safety
+/// As [`malloc_fast`], with `fast == PLAIN`.
+#[inline(always)]
+unsafe fn malloc_plain(t: *mut ThreadState, p: *mut c_void, size: u64) -> *mut c_void {
+    // SAFETY: `t` is ours; `reserve_fast` gave room for 3 words.
+    unsafe {
+        // As `observe_brk` after the event (a word that stays 0 when the break is not known).
+        if core::ptr::read_volatile((*t).curbrk) != (*t).last_brk {
+            return malloc_general(t, EventKind::Malloc, p, size);
+        }
+        let Some(w) = writer::reserve_fast(t, 3) else { return malloc_general(t, EventKind::Malloc, p, size) };
+        *w = header(EventKind::Malloc, 3, 0);
+        *w.add(1) = p as u64;
+        *w.add(2) = size;
+        writer::commit_at(t, w, 3);
+        tls::release_fast(t, fast::PLAIN);
+    }
+    p
+}
+
+/// The fast path of `free` without chunk headers (`fast::PLAIN`), as [`malloc_plain`].
+///
+/// # Safety
+/// As [`free_fast`], with `fast == PLAIN`.
+#[inline(always)]
+unsafe fn free_plain(t: *mut ThreadState, p: *mut c_void) {
+    // SAFETY: `t` is ours; `reserve_fast` gave room for 2 words.
+    unsafe {
+        let Some(w) = writer::reserve_fast(t, 2) else { return free_general(t, p) };
+        *w = header(EventKind::Free, 2, 0);
+        *w.add(1) = p as u64;
+        writer::commit_at(t, w, 2);
+        tls::release_fast(t, fast::PLAIN);
+        if g().curbrk.is_null() {
+            // No break to observe after the free.
+            if let Some(f) = real::free() {
+                return f(p);
+            }
+        }
+        free_forward(p)
+    }
+}
+
+/// The general path of a `malloc` or `calloc` the fast path did not take, guard held: record,
+/// release the guard, return `p` (a tail call, so that the hook keeps no state across calls).
+#[cold]
+#[inline(never)]
+unsafe fn malloc_general(t: *mut ThreadState, kind: EventKind, p: *mut c_void, size: u64) -> *mut c_void {
+    // SAFETY: per `malloc_fast`.
+    unsafe {
+        record_alloc_held(t, kind, p, size, 0);
+        (*t).busy = 0;
+    }
+    opaque(p)
+}
+
+/// `malloc` when the chunk fast path is not available: the plain fast path, or the general one
+/// (guard taken, not registered, not tracing). Out of line, reached by a tail call.
+#[inline(never)]
+unsafe fn malloc_other(size: usize, p: *mut c_void) -> *mut c_void {
+    let t = tls::state();
+    // SAFETY: `t` is this thread's state; the guard is taken before anything is read or written.
+    if unsafe { tls::guard_and_fast(t) } == tls::ready(fast::PLAIN) && writer::STATE.load(core::sync::atomic::Ordering::Acquire) == ACTIVE {
+        // SAFETY: as above; `p` came from the real malloc.
+        unsafe {
+            (*t).busy = 1;
+            return malloc_plain(t, p, size as u64);
+        }
+    }
+    if recording() {
+        // SAFETY: `p` came from the real malloc.
+        unsafe { record_alloc(EventKind::Malloc, p, size as u64, 0) };
+    }
+    opaque(p)
+}
+
+/// `malloc` before the real functions are resolved.
+#[cold]
+#[inline(never)]
+unsafe fn malloc_unresolved(size: usize) -> *mut c_void {
+    let p = match unresolved_alloc(size, 16) {
+        Some(p) => return p,
+        // SAFETY: resolved now.
+        None => unsafe { real::malloc().map_or(null_mut(), |f| f(size)) },
+    };
+    // SAFETY: `p` came from the real malloc.
+    unsafe { malloc_other(size, p) }
+}
+
+/// Forward a `free` to the real one, then report a program break it moved. Out of line: the
+/// `free` hook jumps here, and so keeps no stack frame of its own.
+#[inline(never)]
+unsafe fn free_forward(p: *mut c_void) {
+    match real::free() {
+        // SAFETY: forwarding to the real free.
+        Some(f) => unsafe { f(p) },
+        None => {
+            if real::ensure_resolved() {
+                // SAFETY: resolved now.
+                if let Some(f) = real::free() {
+                    unsafe { f(p) }
+                }
+            }
+        }
+    }
+    after_free();
+}
+
+/// The general path of a `free` the fast path did not take, guard held: record, release the
+/// guard, forward.
+#[cold]
+#[inline(never)]
+unsafe fn free_general(t: *mut ThreadState, p: *mut c_void) {
+    // SAFETY: per `free_fast`.
+    unsafe {
+        record_free_held(t, EventKind::Free, p, 0, 0);
+        (*t).busy = 0;
+        free_forward(p)
+    }
+}
+
+/// `free` when the chunk fast path is not available: the plain fast path, or the general one
+/// (guard taken, not registered, not tracing). Out of line, reached by a tail call.
+#[inline(never)]
+unsafe fn free_other(p: *mut c_void) {
+    let t = tls::state();
+    // SAFETY: `t` is this thread's state; the guard is taken before anything is read or written.
+    if unsafe { tls::guard_and_fast(t) } == tls::ready(fast::PLAIN) && writer::STATE.load(core::sync::atomic::Ordering::Acquire) == ACTIVE {
+        // SAFETY: as above; `p` is the application's block (or null), about to be freed.
+        unsafe {
+            (*t).busy = 1;
+            return free_plain(t, p);
+        }
+    }
+    if recording() {
+        // SAFETY: `p` is the application's block (or null), about to be freed.
+        unsafe { record_free(EventKind::Free, p, 0, 0) };
+    }
+    // SAFETY: as above.
+    unsafe { free_forward(p) }
+}
+
+// ---------------------------------------------------------------------------------------------
 // malloc family
 
 #[cold]
@@ -253,17 +642,25 @@ pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
     let p = match real::malloc() {
         // SAFETY: forwarding to the real malloc.
         Some(f) => unsafe { f(size) },
-        None => match unresolved_alloc(size, 16) {
-            Some(p) => return p,
-            // SAFETY: resolved now.
-            None => unsafe { real::malloc().map_or(null_mut(), |f| f(size)) },
-        },
+        // SAFETY: forwarded and recorded there.
+        None => return unsafe { malloc_unresolved(size) },
     };
-    if recording() {
-        // SAFETY: `p` came from the real malloc.
-        unsafe { record_alloc(EventKind::Malloc, p, size as u64, 0) };
+    let t = tls::state();
+    // SAFETY: `t` is this thread's state; the guard is taken before anything is read or written.
+    // `p` came from the real malloc.
+    unsafe {
+        match writer::STATE.load(core::sync::atomic::Ordering::Acquire) {
+            ACTIVE => {
+                if tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
+                    (*t).busy = 1;
+                    return malloc_fast::<false>(t, p, size as u64);
+                }
+                malloc_other(size, p)
+            }
+            OFF => p,
+            _ => malloc_other(size, p),
+        }
     }
-    p
 }
 
 #[unsafe(no_mangle)]
@@ -278,8 +675,16 @@ pub unsafe extern "C" fn calloc(nmemb: usize, size: usize) -> *mut c_void {
             None => unsafe { real::calloc().map_or(null_mut(), |f| f(nmemb, size)) },
         },
     };
-    // SAFETY: `p` came from the real calloc.
-    unsafe { record_alloc(EventKind::Calloc, p, total.map_or(u64::MAX, |t| t as u64), 0) };
+    let bytes = total.map_or(u64::MAX, |t| t as u64);
+    let t = tls::state();
+    // SAFETY: as in `malloc`; `p` came from the real calloc.
+    unsafe {
+        if writer::STATE.load(core::sync::atomic::Ordering::Acquire) == ACTIVE && tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
+            (*t).busy = 1;
+            return malloc_fast::<true>(t, p, bytes);
+        }
+        record_alloc(EventKind::Calloc, p, bytes, 0);
+    }
     p
 }
 
@@ -288,23 +693,26 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
     if real::is_bootstrap(p) {
         return;
     }
-    if recording() {
-        // SAFETY: `p` is the application's block (or null), about to be freed.
-        unsafe { record_free(EventKind::Free, p, 0, 0) };
-    }
-    match real::free() {
-        // SAFETY: forwarding to the real free.
-        Some(f) => unsafe { f(p) },
-        None => {
-            if real::ensure_resolved() {
-                // SAFETY: resolved now.
-                if let Some(f) = real::free() {
-                    unsafe { f(p) }
+    let t = tls::state();
+    // SAFETY: `t` is this thread's state; the guard is taken before anything is read or written.
+    // `p` is the application's block (or null), about to be freed.
+    unsafe {
+        match writer::STATE.load(core::sync::atomic::Ordering::Acquire) {
+            ACTIVE => {
+                if tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
+                    (*t).busy = 1;
+                    return free_fast(t, p);
                 }
+                free_other(p)
             }
+            // Not tracing: nothing to record, nor to observe after the free.
+            OFF => match real::free() {
+                Some(f) => f(p),
+                None => free_forward(p),
+            },
+            _ => free_other(p),
         }
     }
-    after_free();
 }
 
 /// realloc and reallocarray: read the old header, forward (guarded, so glibc's inner calls are

@@ -148,9 +148,8 @@ fn arena_base() -> usize {
 /// Is `p` a pointer handed out by the bootstrap arena?
 #[inline(always)]
 pub fn is_bootstrap(p: *const c_void) -> bool {
-    let a = p as usize;
-    let b = arena_base();
-    a >= b && a < b + ARENA_SIZE
+    // One unsigned compare: below the arena wraps around to a huge offset.
+    (p as usize).wrapping_sub(arena_base()) < ARENA_SIZE
 }
 
 /// Allocate from the arena (zeroed: the arena is never reused). Null when exhausted.

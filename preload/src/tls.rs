@@ -7,7 +7,7 @@
 //! is zero-initialised by the loader for every thread, has no destructor, and never allocates.
 //! Keep it small: a large static TLS block breaks `dlopen` of the library and small-stack threads.
 
-use core::sync::atomic::AtomicU32;
+use core::sync::atomic::{AtomicU32, AtomicU64};
 
 core::arch::global_asm!(
     ".section .tbss,\"awT\",@nobits",
@@ -31,16 +31,31 @@ pub mod mode {
     pub const DROPPING: u8 = 2;
 }
 
+/// Values of `ThreadState::fast`.
+pub mod fast {
+    /// No fast path: the hooks take the general one.
+    pub const NONE: u8 = 0;
+    /// Chunk headers may be read (glibc's malloc) and the stream id fits a stamp.
+    pub const CHUNKS: u8 = 1;
+    /// Chunk headers are not read (`MTRACE_CHUNKS=0`, or another allocator): events carry no
+    /// chunk, stamp or heap information.
+    pub const PLAIN: u8 = 2;
+}
+
 /// Everything a thread needs on the hot path. Must stay ≤ 128 bytes and valid when all-zero.
+///
+/// The fields the malloc/free fast paths read come first (`busy` and `fast` are read together as
+/// one 16-bit word, see [`guard_and_fast`]).
 #[repr(C)]
 pub struct ThreadState {
     /// Reentrancy guard: non-zero while our own code runs on this thread.
     pub busy: u8,
+    /// Which malloc/free fast path may run for this thread ([`fast`]); non-zero only while it
+    /// owns a block (`mode` is `WRITING`) and `clock`, `stamp_xor` and `curbrk` are set for it.
+    pub fast: u8,
     pub mode: u8,
     /// This thread is resolving the real functions (its allocations use the bootstrap arena).
     pub resolving: u8,
-    /// The thread-exit key has been set for this thread.
-    pub key_set: u8,
     pub block: u32,
     /// Next word to write, end of the block, start of the block.
     pub cur: *mut u64,
@@ -48,20 +63,28 @@ pub struct ThreadState {
     pub base: *mut u64,
     /// The block descriptor's published length.
     pub len: *const AtomicU32,
+    /// The collector clock (a copy of `writer::HOT.clock`, valid while `fast` is not `NONE`).
+    pub clock: *const AtomicU64,
     /// Collector clock value this thread last wrote a `Time` event for.
     pub last_clock: u64,
+    /// `stamp::encode(key, stream, block_seq, 0)` for the current block (valid while `fast` is not `NONE`):
+    /// a free's stamp is this XOR its word offset, and a word `w` found in a block is a genuine
+    /// stamp of another stream iff `(w ^ stamp_xor) >> 32` is in `1..2^20`.
+    pub stamp_xor: u64,
     /// Program break this thread last reported.
     pub last_brk: u64,
-    pub stream: u32,
-    pub block_seq: u32,
+    /// `glibc::GLIBC.curbrk`, or a word holding 0 where that is null (valid while `fast` is not `NONE`).
+    pub curbrk: *const u64,
     /// Thread-arena heap this thread last touched, and the size it last reported for it.
     pub heap: u64,
     pub heap_size: u64,
+    pub stream: u32,
+    pub block_seq: u32,
     /// Events dropped since the last block (lossy mode).
     pub dropped: u64,
     pub tid: u32,
-    /// Generation of the ring this state belongs to (see `writer::ring_generation`).
-    pub ring_gen: u32,
+    /// The thread-exit key has been set for this thread.
+    pub key_set: u8,
 }
 
 const _: () = assert!(core::mem::size_of::<ThreadState>() <= 128);
@@ -81,4 +104,35 @@ pub fn state() -> *mut ThreadState {
         );
     }
     p
+}
+
+/// `busy` and `fast` in one load: `ready(fast::X)` means "not busy, fast path X".
+///
+/// # Safety
+/// `t` is this thread's state.
+#[inline(always)]
+pub unsafe fn guard_and_fast(t: *mut ThreadState) -> u16 {
+    // SAFETY: `busy` and `fast` are the first two bytes of the (8-aligned) state, read as one
+    // little-endian u16; only this thread writes them.
+    unsafe { *(t as *const u16) }
+}
+
+/// Release the guard at the end of fast path `mode` (`fast` is `mode`): `busy` and `fast` in one
+/// 16-bit store, the width of the [`guard_and_fast`] load that the next hook makes. A 1-byte store
+/// of `busy` cannot be forwarded to that wider load, which then waits until the store reaches the
+/// cache — behind the event's stores to a ring line that may still be on its way from the
+/// collector's core: the next hook would stall for the whole transfer.
+///
+/// # Safety
+/// `t` is this thread's state and `fast` is `mode`.
+#[inline(always)]
+pub unsafe fn release_fast(t: *mut ThreadState, mode: u8) {
+    // SAFETY: as `guard_and_fast`; `fast` keeps its value.
+    unsafe { *(t as *mut u16) = ready(mode) }
+}
+
+/// The value of [`guard_and_fast`] when the guard is free and the fast path is `mode`.
+#[inline(always)]
+pub const fn ready(mode: u8) -> u16 {
+    (mode as u16) << 8
 }

@@ -16,6 +16,7 @@ use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use mtrace_protocol::event::{self, EventKind};
 use mtrace_protocol::ring::{self, Ring};
+use mtrace_protocol::stamp;
 
 use crate::sys;
 use crate::tls::{mode, ThreadState};
@@ -62,6 +63,41 @@ pub unsafe fn reserve(t: *mut ThreadState, n: usize) -> *mut u64 {
             return cur;
         }
         reserve_slow(t, n, clock)
+    }
+}
+
+/// The fast paths' reserve: the cursor if `n` words fit in the block and the collector clock has
+/// not ticked since the last `Time` event, else `None` (the caller takes the general path, whose
+/// [`reserve`] writes the `Time` event or switches blocks). Reads only this thread's state and the
+/// clock word.
+///
+/// # Safety
+/// `t` is this thread's state with `fast` not `NONE` (so `clock` is set) and its guard held.
+#[inline(always)]
+pub unsafe fn reserve_fast(t: *mut ThreadState, n: usize) -> Option<*mut u64> {
+    // SAFETY: per the contract `clock` points into the mapped ring. `cur` and `end` are both null
+    // or both inside the block, so `cur + n <= end` also rejects a thread without a block.
+    unsafe {
+        let clock = (*(*t).clock).load(Ordering::Relaxed);
+        let cur = (*t).cur;
+        if clock == (*t).last_clock && (cur as usize).wrapping_add(n * 8) <= (*t).end as usize { Some(cur) } else { None }
+    }
+}
+
+/// [`commit`] for a caller that still has the reserved position `w` at hand (saves reloading the
+/// cursor after the event's stores).
+///
+/// # Safety
+/// `w` is what a successful `reserve_fast(t, n)` or `reserve(t, n)` returned on this thread, and
+/// nothing was committed since.
+#[inline(always)]
+pub unsafe fn commit_at(t: *mut ThreadState, w: *mut u64, n: usize) {
+    // SAFETY: per the contract, `w + n` is within the block; `len` points to our descriptor.
+    unsafe {
+        let cur = w.add(n);
+        (*t).cur = cur;
+        let len = (cur as usize - (*t).base as usize) as u32;
+        (*(*t).len).store(len, Ordering::Release);
     }
 }
 
@@ -117,6 +153,7 @@ unsafe fn switch_block(t: *mut ThreadState) -> bool {
         let first = (*t).stream == 0;
         if (*t).mode == mode::WRITING {
             ring.desc((*t).block).state.store(ring::BLOCK_FULL, Ordering::Release);
+            (*t).fast = crate::tls::fast::NONE;
             (*t).mode = mode::IDLE;
             (*t).cur = core::ptr::null_mut();
             (*t).end = core::ptr::null_mut();
@@ -153,6 +190,18 @@ unsafe fn switch_block(t: *mut ThreadState) -> bool {
                 (*t).end = base.add(ring.geometry().block_size as usize / 8);
                 (*t).len = &d.len;
                 (*t).mode = mode::WRITING;
+                (*t).clock = hot().clock;
+                (*t).stamp_xor = stamp::encode(crate::glibc::g().stamp_key, (*t).stream, (*t).block_seq, 0);
+                (*t).curbrk = crate::glibc::curbrk_or_zero();
+                // The chunk fast path compares stream ids in stamps' 20 bits, as `find_stamp` does
+                // only for ids that fit them.
+                (*t).fast = if !crate::glibc::g().chunks {
+                    crate::tls::fast::PLAIN
+                } else if (*t).stream < stamp::MAX_STREAMS {
+                    crate::tls::fast::CHUNKS
+                } else {
+                    crate::tls::fast::NONE
+                };
                 // Every block starts with the time, so it can be read on its own.
                 let clock = (*hot().clock).load(Ordering::Relaxed);
                 *base = event::header(EventKind::Time, 2, 0);
@@ -252,6 +301,7 @@ pub unsafe fn release_block(t: *mut ThreadState) {
                 ring.desc((*t).block).state.store(ring::BLOCK_FULL, Ordering::Release);
             }
         }
+        (*t).fast = crate::tls::fast::NONE;
         (*t).mode = mode::IDLE;
         (*t).cur = core::ptr::null_mut();
         (*t).end = core::ptr::null_mut();
@@ -358,28 +408,29 @@ pub fn discard_preinit() {
 
 /// Write one event of `n` words, built by `fill`, to the ring or the pre-init buffer.
 ///
+/// `fill` is called in one place only, so that it is inlined (a closure called from two branches
+/// is compiled out of line, with its captures spilled to the stack).
+///
 /// # Safety
 /// `t` is this thread's state with the guard held; `fill` writes exactly `n` words.
 #[inline(always)]
 pub unsafe fn emit(t: *mut ThreadState, n: usize, fill: impl FnOnce(*mut u64)) {
     // SAFETY: per the contract.
     unsafe {
-        match STATE.load(Ordering::Acquire) {
-            ACTIVE => {
-                let p = reserve(t, n);
-                if !p.is_null() {
-                    fill(p);
-                    commit(t, n);
-                }
-            }
-            PREINIT => {
-                let p = pre_reserve(n);
-                if !p.is_null() {
-                    fill(p);
-                    pre_commit(n);
-                }
-            }
-            _ => {}
+        let active = match STATE.load(Ordering::Acquire) {
+            ACTIVE => true,
+            PREINIT => false,
+            _ => return,
+        };
+        let p = if active { reserve(t, n) } else { pre_reserve(n) };
+        if p.is_null() {
+            return;
+        }
+        fill(p);
+        if active {
+            commit(t, n);
+        } else {
+            pre_commit(n);
         }
     }
 }
