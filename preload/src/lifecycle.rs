@@ -86,8 +86,10 @@ fn env_is(name: &core::ffi::CStr, value: &[u8]) -> bool {
 fn detect_glibc() {
     // SAFETY: single-threaded initialisation writes GLIBC before any hook reads it.
     let gl = unsafe { &mut *core::ptr::addr_of_mut!(GLIBC) };
+    // SAFETY: getauxval only reads the auxiliary vector.
     gl.page = unsafe { libc::getauxval(libc::AT_PAGESZ) }.max(4096);
     gl.stamp_key = random_u64();
+    // SAFETY: Dl_info is plain pointers and integers; all-zero is a valid value.
     let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
     let is_glibc = real::malloc().is_some_and(|f| {
         // SAFETY: dladdr on a function address; dli_fname is NUL-terminated.
@@ -106,6 +108,7 @@ fn detect_glibc() {
     let (major, minor) = glibc_version();
     gl.heap_info_size = if (major, minor) >= (2, 35) { 48 } else { 32 };
     // The hugetlb tunable changes heap alignment (2.35–2.41): do not guess where heap_info is.
+    // SAFETY: getenv with a NUL-terminated name, during single-threaded initialisation.
     let tunables = unsafe { libc::getenv(c"GLIBC_TUNABLES".as_ptr()) };
     // SAFETY: NUL-terminated environment string.
     let hugetlb = !tunables.is_null() && unsafe { sys::cstr_bytes(tunables as *const u8) }.windows(20).any(|w| w == b"glibc.malloc.hugetlb");

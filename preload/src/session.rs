@@ -330,6 +330,7 @@ fn find_agent() -> bool {
         path.push(c);
         return executable(path);
     }
+    // SAFETY: Dl_info is plain pointers and integers; all-zero is a valid value.
     let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
     // SAFETY: dladdr on the address of one of our functions.
     if unsafe { libc::dladdr(find_agent as *const c_void, &mut info) } == 0 || info.dli_fname.is_null() {
