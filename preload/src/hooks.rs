@@ -985,42 +985,44 @@ pub unsafe extern "C" fn mallopt(param: c_int, value: c_int) -> c_int {
 // ---------------------------------------------------------------------------------------------
 // The application's own memory mappings and break.
 
+/// `mmap` and `mmap64` (one function on 64-bit): forward to `real` (the raw system call if the
+/// libc has none), then record the call as `kind`.
 #[inline(always)]
-fn mmap_common(kind: EventKind, addr: *mut c_void, len: usize, prot: c_int, flags: c_int, fd: c_int, off: i64, r: *mut c_void) {
-    let aux = (prot as u64 & 0xff) | ((flags as u32 as u64) << 8);
-    record_words([header(kind, 6, aux), r as u64, len as u64, fd as i64 as u64, off as u64, addr as u64]);
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn mmap(addr: *mut c_void, len: usize, prot: c_int, flags: c_int, fd: c_int, off: i64) -> *mut c_void {
+unsafe fn mmap_hook(
+    kind: EventKind,
+    real: fn() -> Option<real::MmapFn>,
+    addr: *mut c_void,
+    len: usize,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: i64,
+) -> *mut c_void {
     if !real::resolved() {
         real::ensure_resolved();
     }
     // SAFETY: forwarding to the real mmap (the raw syscall if it is missing).
     let r = unsafe {
-        match real::mmap() {
+        match real() {
             Some(f) => f(addr, len, prot, flags, fd, off),
             None => crate::sys::mmap(addr, len, prot, flags, fd, off),
         }
     };
-    mmap_common(EventKind::Mmap, addr, len, prot, flags, fd, off, r);
+    let aux = (prot as u64 & 0xff) | ((flags as u32 as u64) << 8);
+    record_words([header(kind, 6, aux), r as u64, len as u64, fd as i64 as u64, off as u64, addr as u64]);
     r
 }
 
 #[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmap(addr: *mut c_void, len: usize, prot: c_int, flags: c_int, fd: c_int, off: i64) -> *mut c_void {
+    // SAFETY: the caller's arguments, passed on unchanged.
+    unsafe { mmap_hook(EventKind::Mmap, real::mmap, addr, len, prot, flags, fd, off) }
+}
+
+#[unsafe(no_mangle)]
 pub unsafe extern "C" fn mmap64(addr: *mut c_void, len: usize, prot: c_int, flags: c_int, fd: c_int, off: i64) -> *mut c_void {
-    if !real::resolved() {
-        real::ensure_resolved();
-    }
-    // SAFETY: forwarding to the real mmap64 (the raw syscall if it is missing).
-    let r = unsafe {
-        match real::mmap64() {
-            Some(f) => f(addr, len, prot, flags, fd, off),
-            None => crate::sys::mmap(addr, len, prot, flags, fd, off),
-        }
-    };
-    mmap_common(EventKind::Mmap64, addr, len, prot, flags, fd, off, r);
-    r
+    // SAFETY: the caller's arguments, passed on unchanged.
+    unsafe { mmap_hook(EventKind::Mmap64, real::mmap64, addr, len, prot, flags, fd, off) }
 }
 
 #[unsafe(no_mangle)]
@@ -1089,14 +1091,15 @@ pub unsafe extern "C" fn sbrk(increment: isize) -> *mut c_void {
 // ---------------------------------------------------------------------------------------------
 // Leaving without running destructors.
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn _exit(status: c_int) -> ! {
+/// `_exit` and `_Exit`: flush what this process recorded, then leave through `real` (the raw
+/// `exit_group` if the libc has none).
+fn exit_hook(status: c_int, real: fn() -> Option<real::ExitFn>) -> ! {
     crate::lifecycle::on_exit(status as i64);
     if !real::resolved() {
         real::ensure_resolved();
     }
-    if let Some(f) = real::exit_() {
-        // SAFETY: forwarding to the real _exit.
+    if let Some(f) = real() {
+        // SAFETY: forwarding to the real _exit / _Exit.
         unsafe { f(status) }
     }
     // SAFETY: exit_group never returns.
@@ -1105,16 +1108,11 @@ pub unsafe extern "C" fn _exit(status: c_int) -> ! {
 }
 
 #[unsafe(no_mangle)]
+pub unsafe extern "C" fn _exit(status: c_int) -> ! {
+    exit_hook(status, real::exit_)
+}
+
+#[unsafe(no_mangle)]
 pub unsafe extern "C" fn _Exit(status: c_int) -> ! {
-    crate::lifecycle::on_exit(status as i64);
-    if !real::resolved() {
-        real::ensure_resolved();
-    }
-    if let Some(f) = real::exit_upper() {
-        // SAFETY: forwarding to the real _Exit.
-        unsafe { f(status) }
-    }
-    // SAFETY: exit_group never returns.
-    unsafe { libc::syscall(libc::SYS_exit_group, status) };
-    loop {}
+    exit_hook(status, real::exit_upper)
 }

@@ -151,13 +151,7 @@ unsafe fn switch_block(t: *mut ThreadState) -> bool {
             crate::lifecycle::on_thread_first_block();
         }
         let first = (*t).stream == 0;
-        if (*t).mode == mode::WRITING {
-            ring.desc((*t).block).state.store(ring::BLOCK_FULL, Ordering::Release);
-            (*t).fast = crate::tls::fast::NONE;
-            (*t).mode = mode::IDLE;
-            (*t).cur = core::ptr::null_mut();
-            (*t).end = core::ptr::null_mut();
-        }
+        give_up_block(t, &ring);
         let mut waited_since = 0u64;
         let mut clock_seen = 0u64;
         let clock = &ring.header().clock.0;
@@ -297,14 +291,28 @@ pub unsafe fn release_block(t: *mut ThreadState) {
             commit(t, 1);
         }
         if let Some(ring) = hot().ring {
-            if (*t).mode == mode::WRITING {
-                ring.desc((*t).block).state.store(ring::BLOCK_FULL, Ordering::Release);
-            }
+            give_up_block(t, &ring);
         }
-        (*t).fast = crate::tls::fast::NONE;
+        // A thread that was dropping events (lossy, ring exhausted) ends idle too.
         (*t).mode = mode::IDLE;
-        (*t).cur = core::ptr::null_mut();
-        (*t).end = core::ptr::null_mut();
+    }
+}
+
+/// Publish the block this thread writes into (if it writes) as full, for the collector to drain
+/// and recycle, and leave the thread idle: its next event takes a new block.
+///
+/// # Safety
+/// `t` is this thread's state with the guard held; `ring` is the mapped ring.
+unsafe fn give_up_block(t: *mut ThreadState, ring: &Ring) {
+    // SAFETY: per the contract.
+    unsafe {
+        if (*t).mode == mode::WRITING {
+            ring.desc((*t).block).state.store(ring::BLOCK_FULL, Ordering::Release);
+            (*t).fast = crate::tls::fast::NONE;
+            (*t).mode = mode::IDLE;
+            (*t).cur = core::ptr::null_mut();
+            (*t).end = core::ptr::null_mut();
+        }
     }
 }
 
