@@ -39,6 +39,7 @@
 //! | `Lost` | `w0 events blocks` |
 //! | `ThreadExit` | `w0` |
 //! | `Fork` | `w0 fork_seq` |
+//! | `Mallinfo` | `w0(reason) arena ordblks smblks hblks hblkhd fsmblks uordblks fordblks keepcost` |
 //!
 //! `size` of `Calloc`/`Reallocarray` is `nmemb * size`, saturated at `u64::MAX` on overflow.
 //! A failed allocation has `ptr == 0` (for realloc: `new_ptr == 0` with `size > 0`).
@@ -98,7 +99,7 @@ pub const AUX_HAS_PREV_SIZE: u64 = 1 << 46;
 pub const AUX_HAS_STAMP: u64 = 1 << 47;
 
 /// The longest event, in words.
-pub const MAX_EVENT_WORDS: usize = 8;
+pub const MAX_EVENT_WORDS: usize = 10;
 
 macro_rules! kinds {
     ($($name:ident = $val:literal, $base:literal, $label:literal;)*) => {
@@ -152,6 +153,7 @@ kinds! {
     Lost = 36, 3, "lost";
     ThreadExit = 37, 1, "thread exit";
     Fork = 38, 2, "fork";
+    Mallinfo = 39, 10, "mallinfo2";
 }
 
 impl EventKind {
@@ -229,8 +231,87 @@ pub enum Event {
     ThreadExit,
     /// The thread is about to fork; the child registers with this sequence number.
     Fork { seq: u64 },
+    /// glibc's own books (`mallinfo2()`), taken by the preload as ground truth for the model.
+    Mallinfo { reason: MallinfoReason, mi: Mallinfo2 },
     /// A kind this decoder does not know (written by a newer preload).
     Unknown { kind: u8 },
+}
+
+/// Why the preload took a `mallinfo2()` checkpoint. Values are part of the trace format.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MallinfoReason {
+    /// The periodic sampler thread (`MTRACE_MALLINFO_MS`). Other threads may be running.
+    Periodic = 1,
+    /// Right before the application's `malloc_trim` call, on its thread.
+    BeforeTrim = 2,
+    /// Right after the application's `malloc_trim` call returned, on its thread.
+    AfterTrim = 3,
+    /// At process exit, on the exiting thread.
+    Exit = 4,
+    Other = 255,
+}
+
+impl MallinfoReason {
+    pub const fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Periodic,
+            2 => Self::BeforeTrim,
+            3 => Self::AfterTrim,
+            4 => Self::Exit,
+            _ => Self::Other,
+        }
+    }
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Periodic => "periodic",
+            Self::BeforeTrim => "before malloc_trim",
+            Self::AfterTrim => "after malloc_trim",
+            Self::Exit => "exit",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// The fields of glibc's `struct mallinfo2` that carry information (`usmblks` is always 0).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Mallinfo2 {
+    /// Bytes obtained from the OS for arenas (brk heap + thread-arena heaps), mmapped chunks excluded.
+    pub arena: u64,
+    /// Free chunks in bins, plus one per arena for its top.
+    pub ordblks: u64,
+    /// Fastbin chunks.
+    pub smblks: u64,
+    /// mmapped chunks.
+    pub hblks: u64,
+    /// Bytes in mmapped chunks (whole mappings).
+    pub hblkhd: u64,
+    /// Bytes in fastbin chunks.
+    pub fsmblks: u64,
+    /// `arena - fordblks`: in-use chunks, tcache'd chunks, metadata.
+    pub uordblks: u64,
+    /// Free bytes: top + fastbins + bins.
+    pub fordblks: u64,
+    /// The main arena's top chunk.
+    pub keepcost: u64,
+}
+
+impl Mallinfo2 {
+    /// The event words (header included) for a checkpoint.
+    pub const fn encode(&self, reason: MallinfoReason) -> [u64; 10] {
+        [
+            header(EventKind::Mallinfo, 10, reason as u64),
+            self.arena,
+            self.ordblks,
+            self.smblks,
+            self.hblks,
+            self.hblkhd,
+            self.fsmblks,
+            self.uordblks,
+            self.fordblks,
+            self.keepcost,
+        ]
+    }
 }
 
 /// Why a word sequence is not a valid event stream.
@@ -354,6 +435,20 @@ pub fn decode(words: &[u64], at: usize) -> Result<(Event, usize), DecodeError> {
         EventKind::Lost => Event::Lost { events: w[1], blocks: w[2] },
         EventKind::ThreadExit => Event::ThreadExit,
         EventKind::Fork => Event::Fork { seq: w[1] },
+        EventKind::Mallinfo => Event::Mallinfo {
+            reason: MallinfoReason::from_u8((aux & 0xff) as u8),
+            mi: Mallinfo2 {
+                arena: w[1],
+                ordblks: w[2],
+                smblks: w[3],
+                hblks: w[4],
+                hblkhd: w[5],
+                fsmblks: w[6],
+                uordblks: w[7],
+                fordblks: w[8],
+                keepcost: w[9],
+            },
+        },
     };
     Ok((ev, len))
 }
@@ -433,6 +528,13 @@ mod tests {
                 stamp: Some(0xdead)
             }
         );
+    }
+
+    #[test]
+    fn mallinfo_round_trips() {
+        let mi = Mallinfo2 { arena: 1, ordblks: 2, smblks: 3, hblks: 4, hblkhd: 5, fsmblks: 6, uordblks: 7, fordblks: 8, keepcost: 9 };
+        let w = mi.encode(MallinfoReason::AfterTrim);
+        assert_eq!(decode(&w, 0).unwrap(), (Event::Mallinfo { reason: MallinfoReason::AfterTrim, mi }, 10));
     }
 
     #[test]

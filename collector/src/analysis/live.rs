@@ -236,7 +236,7 @@ impl LiveModel {
                 self.arena_heaps.entry(heap).or_insert((0, 0)).1 = size;
             }
             Event::Lost { events, .. } => self.c.lost_events += events,
-            Event::Time { .. } | Event::ThreadExit | Event::Fork { .. } | Event::Unknown { .. } => {}
+            Event::Time { .. } | Event::ThreadExit | Event::Fork { .. } | Event::Mallinfo { .. } | Event::Unknown { .. } => {}
         }
     }
 
