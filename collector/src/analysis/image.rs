@@ -8,6 +8,7 @@ use mtrace_protocol::event::Event;
 use crate::trace::{Chunk, ProcessEnd, ProcessStart};
 use rustc_hash::FxHashMap;
 
+use super::glibc::GlibcModel;
 use super::live::LiveModel;
 use super::merge::{MergeStats, Merger};
 use super::meta::ProcessMeta;
@@ -35,6 +36,7 @@ pub struct TimelinePoint {
     pub heap_bytes: u64,
     pub mmapped_bytes: u64,
     pub rss_bytes: u64,
+    pub categories: super::glibc::breakdown::Categories,
 }
 
 enum Phase {
@@ -54,6 +56,8 @@ pub struct ImageAnalysis {
     pub start_ns: u64,
     pub end: Option<ProcessEnd>,
     pub model: LiveModel,
+    /// glibc's arenas, bins and thresholds, fed the same merged events.
+    pub glibc: GlibcModel,
     merger: Merger,
     phase: Phase,
     held: Vec<Held>,
@@ -64,8 +68,10 @@ pub struct ImageAnalysis {
     pub peak_rss_sample: u64,
     pub last_rss_sample: u64,
     /// Heaps at each of this image's fork events, for its children.
-    pub fork_snapshots: FxHashMap<u64, LiveModel>,
+    pub fork_snapshots: FxHashMap<u64, (LiveModel, GlibcModel)>,
     pub inherited_bytes: u64,
+    /// The glibc model's breakdown and causes at the highest RSS sample so far.
+    pub peak_retention: Option<(u64, super::glibc::breakdown::Breakdown, Vec<super::glibc::explain::Cause>)>,
 }
 
 enum Held {
@@ -83,6 +89,7 @@ impl ImageAnalysis {
         let start_ns = if meta.start_monotonic_ns != 0 { meta.start_monotonic_ns } else { ps.time_ns };
         let mut model = LiveModel::default();
         model.heap_start = if meta.start_brk != 0 { meta.start_brk } else { meta.brk_at_init };
+        let glibc = GlibcModel::new(&meta, model.heap_start, start_ns);
         ImageAnalysis {
             id: ps.image,
             pid: ps.pid,
@@ -93,6 +100,7 @@ impl ImageAnalysis {
             start_ns,
             end: None,
             model,
+            glibc,
             merger: Merger::new(stamp_key),
             phase,
             held: Vec::new(),
@@ -104,6 +112,7 @@ impl ImageAnalysis {
             last_rss_sample: 0,
             fork_snapshots: FxHashMap::default(),
             inherited_bytes: 0,
+            peak_retention: None,
         }
     }
 
@@ -116,8 +125,14 @@ impl ImageAnalysis {
     }
 
     /// Start from the parent's heap at the fork (or from nothing if it cannot be had).
-    pub fn start_from(&mut self, snapshot: Option<LiveModel>) {
-        if let Some(mut s) = snapshot {
+    pub fn start_from(&mut self, snapshot: Option<(LiveModel, GlibcModel)>) {
+        if let Some((mut s, mut g)) = snapshot {
+            // The child's glibc state is the parent's at the fork, with the child's own books.
+            g.start_ns = self.start_ns;
+            g.checkpoints.clear();
+            g.trims.clear();
+            g.params.changes.clear();
+            self.glibc = g;
             s.now_ns = self.start_ns;
             // Counters describe this image's own calls; the heap is inherited.
             let live = s.c.live_bytes;
@@ -185,9 +200,11 @@ impl ImageAnalysis {
             return;
         }
         let snaps = &mut self.fork_snapshots;
-        self.merger.run(&mut self.model, &mut |p, _stream, model| {
+        let glibc = &mut self.glibc;
+        self.merger.run(&mut self.model, &mut |p, stream, model| {
+            glibc.apply(&p.ev, p.time_ns, stream);
             if let Event::Fork { seq } = p.ev {
-                snaps.insert(seq, model.clone());
+                snaps.insert(seq, (model.clone(), glibc.clone()));
             }
         });
         self.emit_timeline();
@@ -212,7 +229,13 @@ impl ImageAnalysis {
                 heap_bytes: self.model.heap_bytes(),
                 mmapped_bytes: self.model.c.mmapped_bytes,
                 rss_bytes: rss,
+                categories: self.glibc.categories(),
             });
+            if self.glibc.enabled && self.peak_retention.as_ref().is_none_or(|(r, _, _)| rss > *r) {
+                let b = self.glibc.breakdown(t);
+                let causes = super::glibc::explain::causes(&self.glibc, &self.model, &b, self.start_ns);
+                self.peak_retention = Some((rss, b, causes));
+            }
         }
     }
 
@@ -231,5 +254,6 @@ impl ImageAnalysis {
         }
         self.merger.end();
         self.run();
+        self.glibc.finish();
     }
 }

@@ -2,6 +2,7 @@
 //! record. The same code serves offline reports and (later) the live dashboard: it consumes
 //! records in the order the recorder wrote them and never needs the whole trace in memory.
 
+pub mod glibc;
 pub mod image;
 pub mod live;
 pub mod merge;

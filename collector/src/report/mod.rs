@@ -1,6 +1,7 @@
 //! The summary report: what `mtracer report` prints, as text or JSON. Built from an
 //! [`Analysis`]; the analysis knows nothing about it.
 
+pub mod retention;
 pub mod text;
 
 use std::collections::BTreeMap;
@@ -84,6 +85,9 @@ pub struct ProcessReport {
     pub exit_status: Option<i64>,
     /// Inconsistencies met while rebuilding (all zero in a healthy trace).
     pub anomalies: Anomalies,
+    /// Why the process holds more than it uses (glibc model); absent when the allocator is not
+    /// glibc's.
+    pub retention: Option<retention::Retention>,
     pub timeline: Vec<TimelineSample>,
 }
 
@@ -104,6 +108,8 @@ pub struct TimelineSample {
     pub heap_bytes: u64,
     pub mmapped_bytes: u64,
     pub rss_bytes: u64,
+    /// OS-held bytes by retention category (see `analysis::glibc::breakdown`).
+    pub categories: crate::analysis::glibc::breakdown::Categories,
 }
 
 /// Options of the report.
@@ -164,6 +170,7 @@ fn process(img: &ImageAnalysis, opts: ReportOptions) -> ProcessReport {
             heap_bytes: p.heap_bytes,
             mmapped_bytes: p.mmapped_bytes,
             rss_bytes: p.rss_bytes,
+            categories: p.categories,
         })
         .collect();
     if opts.max_timeline > 0 && timeline.len() > opts.max_timeline {
@@ -220,6 +227,7 @@ fn process(img: &ImageAnalysis, opts: ReportOptions) -> ProcessReport {
             reordered_blocks: c.reordered,
             ambiguous_orders: stats.ambiguous,
         },
+        retention: retention::build(img),
         timeline,
     }
 }

@@ -1,0 +1,653 @@
+//! The glibc malloc model: fed the merged event stream of one process image, it knows at every
+//! moment each arena's heaps, chunks and top, what sits in each thread's tcache, in fastbins and
+//! in the bins, the mmapped chunks, and the thresholds in force — and so why the process holds
+//! more from the OS than it uses.
+//!
+//! * [`params`]: thresholds and limits (defaults, environment, `mallopt`, the dynamic rule);
+//! * [`arena`]: one arena's chunks and the rules that move them between states;
+//! * [`breakdown`]: OS-held bytes by category, the model's `mallinfo2`, residency;
+//! * [`explain`]: causes in plain words and what would change them.
+//!
+//! The model is checked, not trusted: `mallinfo2()` checkpoints the preload takes are compared
+//! field by field as they arrive ([`Checkpoint`]), and contradictions between the trace and the
+//! model are counted ([`GlibcModel::conflicts`]). Rules are glibc 2.36's; see
+//! [`GlibcModel::uncertain`] for settings and versions where they may not hold.
+
+pub mod arena;
+pub mod breakdown;
+pub mod explain;
+pub mod params;
+
+use mtrace_protocol::event::{chunk, Event, EventKind, Mallinfo2, MallinfoReason};
+use rustc_hash::FxHashMap;
+
+use arena::{Arena, Freed, Heap, State, Taken, Tcaches, TCACHE_STRUCT_CHUNK};
+use params::Params;
+
+/// Bytes in the unit people read best (B, KiB, MiB, GiB).
+pub fn human(n: u64) -> String {
+    const K: f64 = 1024.0;
+    let f = n as f64;
+    if f < K {
+        format!("{n} B")
+    } else if f < K * K {
+        format!("{:.1} KiB", f / K)
+    } else if f < K * K * K {
+        format!("{:.1} MiB", f / K / K)
+    } else {
+        format!("{:.2} GiB", f / K / K / K)
+    }
+}
+
+/// One `mallinfo2()` checkpoint and the model's values at the same point of the event stream.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    pub time_ns: u64,
+    pub reason: MallinfoReason,
+    pub glibc: Mallinfo2,
+    pub model: Mallinfo2,
+    /// The checkpoint was taken where the stream's order is exact: on the thread whose calls it
+    /// follows (trim, exit), or by the sampler thread while no other thread was calling (no
+    /// event of another stream within 2 ms). `None` until known.
+    pub exact_order: Option<bool>,
+    stream: u32,
+}
+
+/// A `malloc_trim` call with the model's prediction of what it would return.
+#[derive(Clone, Debug)]
+pub struct Trim {
+    pub time_ns: u64,
+    pub pad: u64,
+    pub result: i64,
+    /// Resident bytes the model expected `madvise` to release and the heap shrink to return.
+    pub predicted_madvise: u64,
+    pub predicted_shrink: u64,
+}
+
+impl Trim {
+    pub fn predicted(&self) -> u64 {
+        self.predicted_madvise + self.predicted_shrink
+    }
+}
+
+/// A live mmapped chunk.
+#[derive(Clone, Copy, Debug)]
+pub struct Mmapped {
+    /// Start of its mapping.
+    pub start: u64,
+    /// Length of its mapping.
+    pub len: u64,
+    pub req: u64,
+}
+
+/// Per stream (thread): its tcache state and arena binding.
+#[derive(Clone, Debug, Default)]
+struct ThreadInfo {
+    tcache_ready: bool,
+    /// Where its `tcache_perthread_struct` is: (arena index, chunk address).
+    tcache_struct: Option<(usize, u64)>,
+    arena: Option<usize>,
+}
+
+#[derive(Clone, Debug)]
+pub struct GlibcModel {
+    pub enabled: bool,
+    pub params: Params,
+    /// Arenas; index 0 is the main arena.
+    pub arenas: Vec<Arena>,
+    arena_index: FxHashMap<u64, usize>,
+    /// Thread-arena heap base → arena index.
+    heap_index: FxHashMap<u64, usize>,
+    tcaches: Tcaches,
+    threads: FxHashMap<u32, ThreadInfo>,
+    pub mmapped: FxHashMap<u64, Mmapped>,
+    pub mmapped_bytes: u64,
+    pub mmapped_req: u64,
+    /// The application's own mappings (mmap/mremap results), start → length.
+    pub app_maps: std::collections::BTreeMap<u64, u64>,
+    pub checkpoints: Vec<Checkpoint>,
+    pub trims: Vec<Trim>,
+    /// Time of the last event of each stream (for checkpoint ordering).
+    last_event: FxHashMap<u32, u64>,
+    pub start_ns: u64,
+    pub lost_events: u64,
+    /// Heap-size and program-break reports older than what the model already knew.
+    pub stale_observations: u64,
+    pub uncertain: Vec<String>,
+    /// Stream → thread id, filled by the image analysis.
+    pub tids: FxHashMap<u32, u32>,
+}
+
+impl GlibcModel {
+    pub fn new(meta: &super::meta::ProcessMeta, heap_start: u64, start_ns: u64) -> GlibcModel {
+        let params = Params::from_env(&meta.env, meta.ncpus);
+        let mut uncertain = params.uncertain.clone();
+        let enabled = meta.glibc_chunks;
+        if !enabled {
+            uncertain.push(format!(
+                "the allocator is not glibc's ({}) or chunk headers were not recorded: no glibc model",
+                if meta.allocator.is_empty() { "unknown" } else { &meta.allocator }
+            ));
+        }
+        if let Some(v) = glibc_version(&meta.glibc_version) {
+            if v >= (2, 42) {
+                uncertain.push(format!(
+                    "glibc {}: tcache rules changed in 2.42 (large tcache bins, and fastbins are gone after 2.42); the model follows 2.36",
+                    meta.glibc_version
+                ));
+            } else if v < (2, 26) {
+                uncertain.push(format!("glibc {} has no tcache; the model assumes one", meta.glibc_version));
+            }
+        }
+        if enabled && !meta.heap_info {
+            uncertain.push("thread-arena heaps were not recorded (heap_info reading disabled): thread arenas are approximate".into());
+        }
+        GlibcModel {
+            enabled,
+            params,
+            arenas: vec![Arena::new_main(heap_start)],
+            arena_index: [(0u64, 0usize)].into_iter().collect(),
+            heap_index: FxHashMap::default(),
+            tcaches: Tcaches::default(),
+            threads: FxHashMap::default(),
+            mmapped: FxHashMap::default(),
+            mmapped_bytes: 0,
+            mmapped_req: 0,
+            app_maps: Default::default(),
+            checkpoints: Vec::new(),
+            trims: Vec::new(),
+            last_event: FxHashMap::default(),
+            start_ns,
+            lost_events: 0,
+            stale_observations: 0,
+            uncertain,
+            tids: FxHashMap::default(),
+        }
+    }
+
+    fn t_s(&self, time_ns: u64) -> f64 {
+        time_ns.saturating_sub(self.start_ns) as f64 / 1e9
+    }
+
+    /// Contradictions between the trace and the model, summed over arenas.
+    pub fn conflicts(&self) -> u64 {
+        self.arenas.iter().map(|a| a.conflicts).sum()
+    }
+
+    /// The arena a live heap chunk belongs to (created on the fly for unknown heaps).
+    fn arena_of(&mut self, ptr: u64, hdr: u64) -> usize {
+        if !chunk::non_main_arena(hdr) {
+            return 0;
+        }
+        let base = ptr & !(params::HEAP_MAX_SIZE - 1);
+        if let Some(&i) = self.heap_index.get(&base) {
+            return i;
+        }
+        // A heap never announced: model it as an arena of its own, starting at the chunk.
+        let i = self.arenas.len();
+        let mut a = Arena::new_thread(base, Heap { base, size: 0 });
+        a.top = ptr - 16;
+        a.header_meta = 0;
+        self.arenas.push(a);
+        self.heap_index.insert(base, i);
+        self.arena_index.insert(base, i);
+        if !self.uncertain.iter().any(|u| u.starts_with("a thread-arena heap")) {
+            self.uncertain.push("a thread-arena heap was used before it was announced: its arena's bytes are approximate".into());
+        }
+        i
+    }
+
+    fn tcache_bin(&self, stream: u32, csize: u64) -> Option<usize> {
+        let i = self.params.tcache_index(csize)?;
+        let ready = self.threads.get(&stream).is_some_and(|t| t.tcache_ready);
+        if !ready {
+            return None;
+        }
+        let n = self.tcaches.get(&stream).map_or(0, |b| b[i].len()) as u64;
+        (n < self.params.tcache_count).then_some(i)
+    }
+
+    /// `MAYBE_INIT_TCACHE`: a thread's first malloc or free allocates its tcache struct from its
+    /// arena. In a fresh arena the struct shows up as the gap before the first chunk seen; in an
+    /// arena already in use it is placed as `_int_malloc` would (exact fit, best fit, top).
+    fn init_tcache(&mut self, stream: u32, ai: usize, first_chunk: Option<u64>) {
+        let info = self.threads.entry(stream).or_default();
+        if info.tcache_ready {
+            return;
+        }
+        info.tcache_ready = true;
+        if self.params.tcache_count == 0 {
+            return;
+        }
+        let a = &mut self.arenas[ai];
+        if a.chunks.is_empty() {
+            // Fresh arena: the struct is the first chunk, at the top.
+            if first_chunk.is_none_or(|c| c >= a.top + TCACHE_STRUCT_CHUNK) {
+                let at = a.top;
+                a.take(at, TCACHE_STRUCT_CHUNK, 0, false, &mut self.tcaches);
+                a.restate(at, State::Meta, &mut self.tcaches);
+                self.threads.get_mut(&stream).unwrap().tcache_struct = Some((ai, at));
+            }
+            return;
+        }
+        let at = a.place(TCACHE_STRUCT_CHUNK);
+        a.take(at, TCACHE_STRUCT_CHUNK, 0, false, &mut self.tcaches);
+        a.restate(at, State::Meta, &mut self.tcaches);
+        self.threads.get_mut(&stream).unwrap().tcache_struct = Some((ai, at));
+    }
+
+    fn bind(&mut self, stream: u32, ai: usize) {
+        let info = self.threads.entry(stream).or_default();
+        if info.arena != Some(ai) {
+            if let Some(old) = info.arena {
+                self.arenas[old].threads.remove(&stream);
+            }
+            info.arena = Some(ai);
+            self.arenas[ai].threads.insert(stream);
+        }
+    }
+
+    /// A heap chunk handed to the application.
+    fn heap_alloc(&mut self, kind: EventKind, ptr: u64, req: u64, align: u64, hdr: u64, stream: u32, via_tcache: bool) {
+        let ai = self.arena_of(ptr, hdr);
+        let c = ptr - 16;
+        let size = chunk::size(hdr);
+        if via_tcache {
+            self.init_tcache(stream, ai, Some(c));
+        }
+        self.bind(stream, ai);
+        // Requests of 1024 B or more go through the large-bin path, which consolidates first.
+        let nb = if align > 16 { size + align + params::MINSIZE } else { size };
+        let a = &mut self.arenas[ai];
+        let in_tcache = matches!(a.chunks.get(&c), Some(ch) if matches!(ch.state, State::Tcache { .. }));
+        if nb >= 1024 && !in_tcache && a.t.fast_count > 0 {
+            a.consolidate(&mut self.tcaches);
+        }
+        let memalign = matches!(kind, EventKind::Memalign | EventKind::PosixMemalign | EventKind::AlignedAlloc | EventKind::Valloc | EventKind::Pvalloc);
+        let taken = a.take(c, size, req, memalign, &mut self.tcaches);
+        self.params.note_heap_allocation(size);
+        // `_int_malloc` refills the tcache with chunks of the same size it passes on the way.
+        if matches!(taken, Taken::Fast | Taken::FreeExact) {
+            if let Some(bin) = self.params.tcache_index(size) {
+                let ready = self.threads.get(&stream).is_some_and(|t| t.tcache_ready);
+                if ready {
+                    let have = self.tcaches.get(&stream).map_or(0, |b| b[bin].len()) as u64;
+                    let room = self.params.tcache_count.saturating_sub(have);
+                    self.arenas[ai].stash(size, bin, room, taken == Taken::Fast, stream, &mut self.tcaches);
+                }
+            }
+        }
+    }
+
+    /// A heap chunk freed through `_int_free` (tcache first).
+    fn heap_free(&mut self, ptr: u64, hdr: u64, stream: u32, init_tcache: bool) {
+        let ai = self.arena_of(ptr, hdr);
+        if init_tcache {
+            let own = self.threads.get(&stream).and_then(|t| t.arena).unwrap_or(ai);
+            self.init_tcache(stream, own, None);
+        }
+        let c = ptr - 16;
+        let size = chunk::size(hdr);
+        let bin = self.tcache_bin(stream, size);
+        let fast = self.params.is_fast(size);
+        if let Some(ch) = self.arenas[ai].chunks.get(&c) {
+            if ch.size != size {
+                let had = ch.size;
+                self.arenas[ai].conflict(|| format!("free of {c:#x}: chunk of {size} B, the model has {had} B"));
+            }
+        }
+        let freed = self.arenas[ai].free(c, stream, bin, fast, &mut self.tcaches);
+        self.after_bins_free(ai, freed);
+    }
+
+    fn mmapped_alloc(&mut self, ptr: u64, req: u64, hdr: u64, prev_size: u64) {
+        let len = chunk::size(hdr) + prev_size;
+        let m = Mmapped { start: ptr - 16 - prev_size, len, req };
+        if let Some(old) = self.mmapped.insert(ptr, m) {
+            self.mmapped_bytes -= old.len;
+            self.mmapped_req -= old.req;
+        }
+        self.mmapped_bytes += len;
+        self.mmapped_req += req;
+    }
+
+    fn mmapped_free(&mut self, ptr: u64) {
+        if let Some(m) = self.mmapped.remove(&ptr) {
+            self.mmapped_bytes -= m.len;
+            self.mmapped_req -= m.req;
+        }
+    }
+
+    /// The allocating thread's arena, when a request larger than a chunk went to mmap: it still
+    /// passed through `_int_malloc` there (and consolidated its fastbins).
+    fn consolidate_for_large(&mut self, stream: u32) {
+        if let Some(ai) = self.threads.get(&stream).and_then(|t| t.arena) {
+            if self.arenas[ai].t.fast_count > 0 {
+                self.arenas[ai].consolidate(&mut self.tcaches);
+            }
+        }
+    }
+
+    /// Apply one event in merged order.
+    pub fn apply(&mut self, ev: &Event, time_ns: u64, stream: u32) {
+        self.settle_checkpoints(stream, time_ns);
+        if !matches!(ev, Event::Mallinfo { .. } | Event::Time { .. }) {
+            self.last_event.insert(stream, time_ns);
+        }
+        match *ev {
+            Event::Alloc { kind, ptr, size, align, chunk: hdr, prev_size, .. } => {
+                if ptr == 0 || hdr == 0 || !self.enabled {
+                    return;
+                }
+                if chunk::is_mmapped(hdr) {
+                    self.consolidate_for_large(stream);
+                    self.mmapped_alloc(ptr, size, hdr, prev_size);
+                } else {
+                    self.heap_alloc(kind, ptr, size, align, hdr, stream, kind == EventKind::Malloc);
+                }
+            }
+            Event::Free { ptr, chunk: hdr, .. } => {
+                if ptr == 0 || hdr == 0 || !self.enabled {
+                    return;
+                }
+                self.libc_free(ptr, hdr, stream, time_ns);
+            }
+            Event::Realloc { old_ptr, new_ptr, size, old_chunk, chunk: hdr, prev_size, .. } => {
+                if !self.enabled {
+                    return;
+                }
+                if new_ptr == 0 {
+                    if size == 0 && old_ptr != 0 && old_chunk != 0 {
+                        self.libc_free(old_ptr, old_chunk, stream, time_ns);
+                    }
+                    return;
+                }
+                if hdr == 0 {
+                    return;
+                }
+                if old_ptr == 0 {
+                    // realloc(NULL, n) is malloc(n).
+                    if chunk::is_mmapped(hdr) {
+                        self.consolidate_for_large(stream);
+                        self.mmapped_alloc(new_ptr, size, hdr, prev_size);
+                    } else {
+                        self.heap_alloc(EventKind::Malloc, new_ptr, size, 0, hdr, stream, true);
+                    }
+                    return;
+                }
+                self.realloc(old_ptr, new_ptr, size, old_chunk, hdr, prev_size, stream);
+            }
+            Event::Mmap { result, len, .. } => {
+                if result != u64::MAX && result != 0 {
+                    self.app_maps.insert(result, len.next_multiple_of(arena::PAGE));
+                }
+            }
+            Event::Munmap { addr, len, result } => {
+                if result == 0 {
+                    self.unmap_app(addr, len.next_multiple_of(arena::PAGE));
+                }
+            }
+            Event::Mremap { old_addr, old_len, new_len, result, .. } => {
+                if result != u64::MAX {
+                    self.unmap_app(old_addr, old_len.next_multiple_of(arena::PAGE));
+                    self.app_maps.insert(result, new_len.next_multiple_of(arena::PAGE));
+                }
+            }
+            Event::ProgramBreak { brk } => {
+                // Threads report the break they saw at their own events; in a merged order that
+                // is ambiguous within a few hundred µs, a report can be stale. The top chunk
+                // always lies below the break: a report below it is stale, not news.
+                let a = &mut self.arenas[0];
+                let h = &mut a.heaps[0];
+                if brk >= h.base && brk >= a.top + params::MINSIZE.min(brk - h.base) {
+                    h.size = brk - h.base;
+                    a.touched = a.touched.min(brk);
+                } else {
+                    self.stale_observations += 1;
+                }
+            }
+            Event::ArenaHeap { heap, ar_ptr, size, prev } => self.arena_heap(heap, ar_ptr, size, prev, stream),
+            Event::HeapSize { heap, size } => {
+                if let Some(&ai) = self.heap_index.get(&heap) {
+                    let a = &mut self.arenas[ai];
+                    let last = a.heaps.last().is_some_and(|h| h.base == heap);
+                    // As for the break: the top chunk lies inside the last heap.
+                    if last && heap + size < a.top + params::MINSIZE {
+                        self.stale_observations += 1;
+                    } else if let Some(h) = a.heaps.iter_mut().find(|h| h.base == heap) {
+                        h.size = size;
+                        let end = a.end();
+                        a.touched = a.touched.min(end);
+                    }
+                }
+            }
+            Event::MallocTrim { pad, result } => {
+                if !self.enabled {
+                    return;
+                }
+                let (mut madv, mut shrink) = (0, 0);
+                for a in &self.arenas {
+                    let (m, s) = a.predict_trim(pad);
+                    madv += m;
+                    shrink += s;
+                }
+                self.trims.push(Trim { time_ns, pad, result, predicted_madvise: madv, predicted_shrink: shrink });
+                for a in &mut self.arenas {
+                    a.consolidate(&mut self.tcaches);
+                    a.release_free_pages();
+                }
+                // systrim's new break follows as a ProgramBreak event.
+            }
+            Event::Mallopt { param, value, result } => {
+                self.arenas[0].consolidate(&mut self.tcaches);
+                let t = self.t_s(time_ns);
+                self.params.mallopt(param, value, result, time_ns, t);
+            }
+            Event::ThreadExit => self.thread_exit(stream),
+            Event::Lost { events, .. } => {
+                self.lost_events += events;
+            }
+            Event::Mallinfo { reason, mi } => {
+                let exact = match reason {
+                    MallinfoReason::Periodic => None,
+                    _ => Some(true),
+                };
+                let model = self.mallinfo();
+                self.checkpoints.push(Checkpoint { time_ns, reason, glibc: mi, model, exact_order: exact, stream });
+            }
+            _ => {}
+        }
+    }
+
+    /// `__libc_free` of a live chunk: the dynamic threshold rule for mmapped chunks, else
+    /// `_int_free` after `MAYBE_INIT_TCACHE`.
+    fn libc_free(&mut self, ptr: u64, hdr: u64, stream: u32, time_ns: u64) {
+        if chunk::is_mmapped(hdr) {
+            let t = self.t_s(time_ns);
+            self.params.free_mmapped(hdr & !chunk::PREV_INUSE & !chunk::NON_MAIN_ARENA, time_ns, t);
+            self.mmapped_free(ptr);
+        } else {
+            self.heap_free(ptr, hdr, stream, true);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn realloc(&mut self, old_ptr: u64, new_ptr: u64, req: u64, old_hdr: u64, hdr: u64, prev_size: u64, stream: u32) {
+        let old_mm = chunk::is_mmapped(old_hdr);
+        let new_mm = chunk::is_mmapped(hdr);
+        if old_mm {
+            // mremap_chunk, or malloc + copy + munmap_chunk: no threshold update either way.
+            self.mmapped_free(old_ptr);
+            if new_mm {
+                self.mmapped_alloc(new_ptr, req, hdr, prev_size);
+            } else {
+                self.heap_alloc(EventKind::Realloc, new_ptr, req, 0, hdr, stream, false);
+            }
+            return;
+        }
+        if new_ptr != old_ptr {
+            if new_mm {
+                self.consolidate_for_large(stream);
+                self.mmapped_alloc(new_ptr, req, hdr, prev_size);
+            } else {
+                self.heap_alloc(EventKind::Realloc, new_ptr, req, 0, hdr, stream, false);
+            }
+            self.heap_free(old_ptr, old_hdr, stream, false);
+            return;
+        }
+        // In place.
+        let ai = self.arena_of(old_ptr, old_hdr);
+        let c = old_ptr - 16;
+        let old_size = chunk::size(old_hdr);
+        let new_size = chunk::size(hdr);
+        let a = &mut self.arenas[ai];
+        if new_size > old_size {
+            a.take(c + old_size, new_size - old_size, 0, false, &mut self.tcaches);
+            a.join_in_use(c, new_size, req, &mut self.tcaches);
+        } else if new_size < old_size {
+            a.join_in_use(c, new_size, req, &mut self.tcaches);
+            // The remainder is split off and goes through _int_free.
+            let rem = c + new_size;
+            a.insert_meta(rem, old_size - new_size);
+            let bin = self.tcache_bin(stream, old_size - new_size);
+            let fast = self.params.is_fast(old_size - new_size);
+            let freed = self.arenas[ai].free(rem, stream, bin, fast, &mut self.tcaches);
+            self.after_bins_free(ai, freed);
+        } else {
+            a.join_in_use(c, new_size, req, &mut self.tcaches);
+        }
+    }
+
+    fn unmap_app(&mut self, addr: u64, len: u64) {
+        let end = addr + len;
+        let hit: Vec<(u64, u64)> = self.app_maps.range(..end).filter(|&(&s, &l)| s + l > addr).map(|(&s, &l)| (s, l)).collect();
+        for (s, l) in hit {
+            self.app_maps.remove(&s);
+            if s < addr {
+                self.app_maps.insert(s, addr - s);
+            }
+            if s + l > end {
+                self.app_maps.insert(end, s + l - end);
+            }
+        }
+    }
+
+    fn arena_heap(&mut self, heap: u64, ar_ptr: u64, size: u64, prev: u64, stream: u32) {
+        if !self.enabled || self.heap_index.contains_key(&heap) {
+            return;
+        }
+        let h = Heap { base: heap, size };
+        if let Some(&ai) = self.arena_index.get(&ar_ptr) {
+            let params = &self.params;
+            let max_fast = params.max_fast;
+            let tcache_ready = self.threads.get(&stream).is_some_and(|t| t.tcache_ready);
+            let counts: Vec<usize> = self.tcaches.get(&stream).map_or(vec![0; 64], |b| b.iter().map(|v| v.len()).collect());
+            let (tc_count, tc_max) = (params.tcache_count, params.tcache_max_chunk);
+            let decide = move |s: u64| {
+                let bin = (tcache_ready && tc_count > 0 && s <= tc_max && s >= params::MINSIZE)
+                    .then(|| ((s - params::MINSIZE) / 16) as usize)
+                    .filter(|&i| (counts[i] as u64) < tc_count);
+                (bin, s <= max_fast)
+            };
+            self.arenas[ai].add_heap(h, stream, decide, &mut self.tcaches);
+            self.heap_index.insert(heap, ai);
+            return;
+        }
+        let ai = self.arenas.len();
+        let a = if ar_ptr == heap + arena::HEAP_INFO || prev == 0 {
+            Arena::new_thread(ar_ptr, h)
+        } else {
+            let mut a = Arena::new_thread(ar_ptr, h);
+            a.top = heap + arena::HEAP_INFO;
+            a.header_meta = arena::HEAP_INFO;
+            self.uncertain.push(format!("arena {ar_ptr:#x} was first seen in a later heap: its earlier heaps are not modelled"));
+            a
+        };
+        self.arenas.push(a);
+        self.arena_index.insert(ar_ptr, ai);
+        self.heap_index.insert(heap, ai);
+    }
+
+    /// A thread exits: `tcache_thread_shutdown` frees every cached chunk (tcache off, so to the
+    /// fastbins or bins), then the tcache struct; its arena goes on the free list.
+    fn thread_exit(&mut self, stream: u32) {
+        if let Some(bins) = self.tcaches.remove(&stream) {
+            for addr in bins.into_iter().flatten() {
+                let Some(ai) = self.arenas.iter().position(|a| a.chunks.get(&addr).is_some_and(|c| c.state == State::Tcache { tid: stream })) else {
+                    continue;
+                };
+                let a = &mut self.arenas[ai];
+                let size = a.chunks[&addr].size;
+                a.restate(addr, State::Meta, &mut self.tcaches);
+                let fast = self.params.is_fast(size);
+                let freed = self.arenas[ai].free(addr, stream, None, fast, &mut self.tcaches);
+                self.after_bins_free(ai, freed);
+            }
+        }
+        if let Some(info) = self.threads.remove(&stream) {
+            if let Some((ai, at)) = info.tcache_struct {
+                let freed = self.arenas[ai].free(at, stream, None, false, &mut self.tcaches);
+                self.after_bins_free(ai, freed);
+            }
+            if let Some(ai) = info.arena {
+                self.arenas[ai].threads.remove(&stream);
+            }
+        }
+    }
+
+    fn after_bins_free(&mut self, ai: usize, freed: Freed) {
+        if let Freed::Bins { merged } = freed {
+            if merged >= params::CONSOLIDATION_THRESHOLD && !self.arenas[ai].is_main() {
+                let (pad, thr) = (self.params.top_pad, self.params.trim_threshold);
+                self.arenas[ai].heap_trim(pad, thr);
+            }
+        }
+    }
+
+    /// Decide the order of pending periodic checkpoints: exact when no other stream had an
+    /// event within 2 ms on either side.
+    fn settle_checkpoints(&mut self, stream: u32, time_ns: u64) {
+        const QUIET_NS: u64 = 2_000_000;
+        for cp in self.checkpoints.iter_mut().rev().take(4) {
+            if cp.exact_order.is_none() && cp.stream != stream {
+                let before_ok = self.last_event.iter().filter(|(s, _)| **s != cp.stream).all(|(_, &t)| t + QUIET_NS <= cp.time_ns);
+                cp.exact_order = Some(before_ok && time_ns >= cp.time_ns + QUIET_NS);
+            }
+        }
+    }
+
+    /// End of the stream: checkpoints nobody came after are exact if nothing came just before.
+    pub fn finish(&mut self) {
+        const QUIET_NS: u64 = 2_000_000;
+        for cp in &mut self.checkpoints {
+            if cp.exact_order.is_none() {
+                let before_ok = self.last_event.iter().filter(|(s, _)| **s != cp.stream).all(|(_, &t)| t + QUIET_NS <= cp.time_ns);
+                cp.exact_order = Some(before_ok);
+            }
+        }
+    }
+
+    /// What `mallinfo2()` would say in the model's state.
+    pub fn mallinfo(&self) -> Mallinfo2 {
+        let mut m = Mallinfo2::default();
+        for a in &self.arenas {
+            m.arena += a.held();
+            m.ordblks += a.t.free_count + 1;
+            m.smblks += a.t.fast_count;
+            m.fsmblks += a.t.fast;
+            m.fordblks += a.t.fast + a.t.free + a.top_size();
+        }
+        m.hblks = self.mmapped.len() as u64;
+        m.hblkhd = self.mmapped_bytes;
+        m.uordblks = m.arena.saturating_sub(m.fordblks);
+        m.keepcost = self.arenas[0].top_size();
+        m
+    }
+}
+
+fn glibc_version(s: &str) -> Option<(u32, u32)> {
+    let mut it = s.trim().split('.');
+    let a = it.next()?.trim().parse().ok()?;
+    let b = it.next()?.chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse().ok()?;
+    Some((a, b))
+}
