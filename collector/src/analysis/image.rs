@@ -62,16 +62,49 @@ pub struct ImageAnalysis {
     phase: Phase,
     held: Vec<Held>,
     last_sync_ns: u64,
-    rss: VecDeque<(u64, u64)>,
-    pub timeline: Vec<TimelinePoint>,
+    /// RSS samples waiting for the merged history to reach them, and the points made of them.
+    pub samples: Samples,
     pub rss_samples: u64,
     pub peak_rss_sample: u64,
     pub last_rss_sample: u64,
     /// Heaps at each of this image's fork events, for its children.
     pub fork_snapshots: FxHashMap<u64, (LiveModel, GlibcModel)>,
     pub inherited_bytes: u64,
+}
+
+/// RSS samples in time order, turned into timeline points as the merged history passes them.
+#[derive(Default)]
+pub struct Samples {
+    pending: VecDeque<(u64, u64)>,
+    pub timeline: Vec<TimelinePoint>,
     /// The glibc model's breakdown and causes at the highest RSS sample so far.
     pub peak_retention: Option<(u64, super::glibc::breakdown::Breakdown, Vec<super::glibc::explain::Cause>)>,
+    start_ns: u64,
+}
+
+impl Samples {
+    /// Points for the samples taken before `time_ns`, with the models as they are now.
+    fn emit_before(&mut self, time_ns: u64, model: &LiveModel, glibc: &GlibcModel) {
+        while let Some(&(t, rss)) = self.pending.front() {
+            if t >= time_ns {
+                break;
+            }
+            self.pending.pop_front();
+            self.timeline.push(TimelinePoint {
+                time_ns: t,
+                live_bytes: model.c.live_bytes,
+                heap_bytes: model.heap_bytes(),
+                mmapped_bytes: model.c.mmapped_bytes,
+                rss_bytes: rss,
+                categories: glibc.categories(),
+            });
+            if glibc.enabled && self.peak_retention.as_ref().is_none_or(|(r, _, _)| rss > *r) {
+                let b = glibc.breakdown(t);
+                let causes = super::glibc::explain::causes(glibc, model, &b, self.start_ns);
+                self.peak_retention = Some((rss, b, causes));
+            }
+        }
+    }
 }
 
 enum Held {
@@ -105,14 +138,12 @@ impl ImageAnalysis {
             phase,
             held: Vec::new(),
             last_sync_ns: 0,
-            rss: VecDeque::new(),
-            timeline: Vec::new(),
+            samples: Samples { start_ns, ..Default::default() },
             rss_samples: 0,
             peak_rss_sample: 0,
             last_rss_sample: 0,
             fork_snapshots: FxHashMap::default(),
             inherited_bytes: 0,
-            peak_retention: None,
         }
     }
 
@@ -180,7 +211,7 @@ impl ImageAnalysis {
     }
 
     pub fn add_rss(&mut self, time_ns: u64, rss: u64) {
-        self.rss.push_back((time_ns, rss));
+        self.samples.pending.push_back((time_ns, rss));
         self.rss_samples += 1;
         self.peak_rss_sample = self.peak_rss_sample.max(rss);
         self.last_rss_sample = rss;
@@ -201,7 +232,10 @@ impl ImageAnalysis {
         }
         let snaps = &mut self.fork_snapshots;
         let glibc = &mut self.glibc;
+        let samples = &mut self.samples;
         self.merger.run(&mut self.model, &mut |p, stream, model| {
+            // RSS samples taken before this event see the state before it (to one event).
+            samples.emit_before(p.time_ns, model, glibc);
             glibc.apply(&p.ev, p.time_ns, stream);
             if let Event::Fork { seq } = p.ev {
                 snaps.insert(seq, (model.clone(), glibc.clone()));
@@ -218,25 +252,7 @@ impl ImageAnalysis {
             let synced = self.last_sync_ns.saturating_sub(20_000_000);
             self.merger.min_queued_time().map_or(synced, |t| t.min(synced))
         };
-        while let Some(&(t, rss)) = self.rss.front() {
-            if t >= bound {
-                break;
-            }
-            self.rss.pop_front();
-            self.timeline.push(TimelinePoint {
-                time_ns: t,
-                live_bytes: self.model.c.live_bytes,
-                heap_bytes: self.model.heap_bytes(),
-                mmapped_bytes: self.model.c.mmapped_bytes,
-                rss_bytes: rss,
-                categories: self.glibc.categories(),
-            });
-            if self.glibc.enabled && self.peak_retention.as_ref().is_none_or(|(r, _, _)| rss > *r) {
-                let b = self.glibc.breakdown(t);
-                let causes = super::glibc::explain::causes(&self.glibc, &self.model, &b, self.start_ns);
-                self.peak_retention = Some((rss, b, causes));
-            }
-        }
+        self.samples.emit_before(bound, &self.model, &self.glibc);
     }
 
     pub fn merge_stats(&self) -> MergeStats {

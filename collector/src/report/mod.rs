@@ -162,7 +162,7 @@ fn process(img: &ImageAnalysis, opts: ReportOptions) -> ProcessReport {
     let hwm = img.end.as_ref().map_or(0, |e| e.hwm_bytes);
     let stats = img.merge_stats();
     let mut timeline: Vec<TimelineSample> = img
-        .timeline
+        .samples.timeline
         .iter()
         .map(|p| TimelineSample {
             t_s: secs(p.time_ns.saturating_sub(img.start_ns)),

@@ -133,9 +133,9 @@ pub fn build(img: &ImageAnalysis) -> Option<Retention> {
     });
     let rss_at = |t: u64, after: bool| -> u64 {
         if after {
-            img.timeline.iter().find(|p| p.time_ns > t).map_or(0, |p| p.rss_bytes)
+            img.samples.timeline.iter().find(|p| p.time_ns > t).map_or(0, |p| p.rss_bytes)
         } else {
-            img.timeline.iter().rev().find(|p| p.time_ns < t).map_or(0, |p| p.rss_bytes)
+            img.samples.timeline.iter().rev().find(|p| p.time_ns < t).map_or(0, |p| p.rss_bytes)
         }
     };
     let trims = g
@@ -171,7 +171,7 @@ pub fn build(img: &ImageAnalysis) -> Option<Retention> {
         mallinfo2_checkpoint,
         checkpoints,
         trims,
-        at_peak_rss: img.peak_retention.as_ref().map(|(rss, b, causes)| PeakState { rss_bytes: *rss, breakdown: b.clone(), causes: causes.clone() }),
+        at_peak_rss: img.samples.peak_retention.as_ref().map(|(rss, b, causes)| PeakState { rss_bytes: *rss, breakdown: b.clone(), causes: causes.clone() }),
         model_conflicts: g.conflicts(),
         model_conflict_examples: g.arenas.iter().flat_map(|a| a.conflict_log.iter().map(move |l| format!("{}: {l}", if a.is_main() { "main".to_string() } else { format!("{:#x}", a.id) }))).take(10).collect(),
         uncertain: g.uncertain.clone(),

@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 
+use super::retention::Retention;
 use super::{Ending, ProcessReport, Report};
 
 /// `1234567` → `1.18 MiB`.
@@ -101,5 +102,107 @@ fn process(s: &mut String, p: &ProcessReport, lossy: bool) {
             "   ordering: {} blocks admitted out of order, {} undecidable orders (threads reusing one address within a tick)",
             a.reordered_blocks, a.ambiguous_orders
         );
+    }
+    if let Some(r) = &p.retention {
+        retention(s, r);
+    }
+}
+
+/// Wrap `text` at about 96 columns, indenting continuation lines.
+fn wrap(s: &mut String, first: &str, rest: &str, text: &str) {
+    let mut line = String::from(first);
+    for w in text.split_whitespace() {
+        if line.len() + w.len() + 1 > 100 && line.len() > rest.len() {
+            let _ = writeln!(s, "{line}");
+            line = String::from(rest);
+        } else if line.len() > first.len().min(rest.len()) && !line.ends_with(' ') {
+            line.push(' ');
+        }
+        line.push_str(w);
+    }
+    let _ = writeln!(s, "{line}");
+}
+
+fn retention(s: &mut String, r: &Retention) {
+    let b = &r.at_end;
+    let _ = writeln!(s, "   -- retention at the end: {} held from the OS, {} live", bytes(b.os_held_bytes), bytes(b.live_bytes));
+    for (k, v) in b.categories.pairs() {
+        if v > 0 {
+            let pct = b.percent.get(k).copied().unwrap_or(0.0);
+            let _ = writeln!(s, "      {k:<17}{:>12}  {pct:>5.1} %", bytes(v));
+        }
+    }
+    if b.arenas.len() > 1 {
+        let _ = writeln!(s, "      {:<16} {:>5} {:>11} {:>11} {:>11} {:>11} {:>7}", "arena", "heaps", "held", "live", "free", "top", "threads");
+        for a in &b.arenas {
+            let _ = writeln!(
+                s,
+                "      {:<16} {:>5} {:>11} {:>11} {:>11} {:>11} {:>7}",
+                a.id,
+                a.heaps,
+                bytes(a.os_held_bytes),
+                bytes(a.live_bytes),
+                bytes(a.free_bytes),
+                bytes(a.top_bytes),
+                a.threads
+            );
+        }
+    }
+    let t = &r.thresholds;
+    let how = if t.dynamic { "dynamic".to_string() } else { format!("fixed by {}", t.fixed_by.as_deref().unwrap_or("a setting")) };
+    let _ = writeln!(
+        s,
+        "      thresholds: mmap {}, trim {} ({how}); arena limit {} ({})",
+        bytes(t.mmap_threshold),
+        bytes(t.trim_threshold),
+        t.arena_limit,
+        t.arena_limit_source
+    );
+    if let Some(pk) = &r.at_peak_rss {
+        let _ = writeln!(
+            s,
+            "      at peak RSS ({} at {:.3} s): {} held, {} live",
+            bytes(pk.rss_bytes),
+            pk.breakdown.t_s,
+            bytes(pk.breakdown.os_held_bytes),
+            bytes(pk.breakdown.live_bytes)
+        );
+        for c in pk.causes.iter().take(3) {
+            wrap(s, "        · ", "          ", &c.text);
+        }
+    }
+    if !r.causes.is_empty() {
+        let _ = writeln!(s, "      why:");
+        for c in &r.causes {
+            wrap(s, "        · ", "          ", &c.text);
+        }
+    }
+    if !r.remedies.is_empty() {
+        let _ = writeln!(s, "      what would change it:");
+        for m in &r.remedies {
+            wrap(s, "        · ", "          ", &m.text);
+        }
+    }
+    for t in &r.trims {
+        let measured = if t.rss_before > 0 && t.rss_after > 0 {
+            format!(", RSS {} → {}", bytes(t.rss_before), bytes(t.rss_after))
+        } else {
+            String::new()
+        };
+        let _ = writeln!(s, "      malloc_trim({}) at {:.3} s: predicted to return {}{measured}", t.pad, t.t_s, bytes(t.predicted_release_bytes));
+    }
+    if let Some(cp) = &r.mallinfo2_checkpoint {
+        let verdict = if cp.matches { "model and glibc agree".to_string() } else { format!("differences (model − glibc): {:?}", cp.differences) };
+        let _ = writeln!(s, "      mallinfo2 at {:.3} s ({}): {verdict}", cp.t_s, cp.reason);
+        let fields: Vec<String> = r.mallinfo2.iter().filter(|(_, v)| v.model != v.glibc).map(|(k, v)| format!("{k} {} vs {}", v.model, v.glibc)).collect();
+        if !fields.is_empty() {
+            let _ = writeln!(s, "        {}", fields.join(", "));
+        }
+    }
+    if r.model_conflicts > 0 {
+        let _ = writeln!(s, "      model: {} contradictions with the trace (approximate in places)", r.model_conflicts);
+    }
+    for u in &r.uncertain {
+        wrap(s, "      uncertain: ", "        ", u);
     }
 }

@@ -651,3 +651,148 @@ fn glibc_version(s: &str) -> Option<(u32, u32)> {
     let b = it.next()?.chars().take_while(|c| c.is_ascii_digit()).collect::<String>().parse().ok()?;
     Some((a, b))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::meta::ProcessMeta;
+
+    const HEAP: u64 = 0x5555_0000_0000;
+
+    fn model() -> GlibcModel {
+        let meta = ProcessMeta { glibc_chunks: true, heap_info: true, ncpus: 2, glibc_version: "2.36".into(), ..Default::default() };
+        let mut g = GlibcModel::new(&meta, HEAP, 0);
+        g.apply(&Event::ProgramBreak { brk: HEAP + 0x21000 }, 0, 1);
+        g
+    }
+
+    fn malloc(g: &mut GlibcModel, chunk_addr: u64, req: u64) -> u64 {
+        let size = params::request2size(req);
+        let ptr = chunk_addr + 16;
+        g.apply(&Event::Alloc { kind: EventKind::Malloc, ptr, size: req, align: 0, chunk: size | 1, prev_size: 0, stamp: None }, 1, 1);
+        ptr
+    }
+
+    fn free(g: &mut GlibcModel, ptr: u64, req: u64, stream: u32) {
+        let size = params::request2size(req);
+        g.apply(&Event::Free { kind: EventKind::Free, ptr, chunk: size | 1, stamp: None }, 2, stream);
+    }
+
+    /// `n` blocks of `req` bytes one after another from the start of the heap (after the main
+    /// thread's tcache struct).
+    fn fill(g: &mut GlibcModel, n: u64, req: u64) -> Vec<u64> {
+        let cs = params::request2size(req);
+        (0..n).map(|i| malloc(g, HEAP + TCACHE_STRUCT_CHUNK + i * cs, req)).collect()
+    }
+
+    fn check_consistent(g: &GlibcModel) {
+        for v in g.breakdown(0).arenas {
+            assert_eq!(v.unexplained_bytes, 0, "arena {}", v.id);
+        }
+        assert_eq!(g.conflicts(), 0, "{:?}", g.arenas[0].conflict_log);
+    }
+
+    #[test]
+    fn small_frees_fill_the_tcache_then_fastbins_until_a_large_request_consolidates() {
+        let mut g = model();
+        let p = fill(&mut g, 20, 100);
+        let m = g.mallinfo();
+        assert_eq!(m.arena, 0x21000);
+        assert_eq!(m.uordblks, TCACHE_STRUCT_CHUNK + 20 * 112);
+        assert_eq!(m.keepcost, 0x21000 - TCACHE_STRUCT_CHUNK - 20 * 112);
+        for &q in &p {
+            free(&mut g, q, 100, 1);
+        }
+        let m = g.mallinfo();
+        assert_eq!((m.smblks, m.fsmblks), (13, 13 * 112));
+        let c = g.categories();
+        assert_eq!((c.tcache, c.fastbins, c.live), (7 * 112, 13 * 112, 0));
+        assert_eq!(m.fordblks, 13 * 112 + m.keepcost);
+        check_consistent(&g);
+        // malloc(2000): the 13 fast chunks merge into the top, and the block comes from there.
+        let big = malloc(&mut g, HEAP + TCACHE_STRUCT_CHUNK + 7 * 112, 2000);
+        assert_eq!(g.mallinfo().smblks, 0);
+        assert_eq!(g.categories().fastbins, 0);
+        assert_eq!(g.arenas[0].top, big - 16 + 2016);
+        check_consistent(&g);
+    }
+
+    #[test]
+    fn a_fastbin_take_refills_the_tcache() {
+        let mut g = model();
+        let p = fill(&mut g, 20, 100);
+        for &q in &p {
+            free(&mut g, q, 100, 1);
+        }
+        // Seven come from the tcache (most recent first), the eighth from the fastbin head
+        // (the last freed), which moves 7 more fast chunks to the tcache.
+        for i in 0..8 {
+            let addr = if i < 7 { p[6 - i] - 16 } else { p[19] - 16 };
+            malloc(&mut g, addr, 100);
+        }
+        let c = g.categories();
+        assert_eq!((c.tcache, c.fastbins), (7 * 112, 5 * 112));
+        check_consistent(&g);
+    }
+
+    #[test]
+    fn large_frees_coalesce_into_the_top_and_a_pin_holds_them() {
+        let mut g = model();
+        let p = fill(&mut g, 100, 1500);
+        let pin = malloc(&mut g, HEAP + TCACHE_STRUCT_CHUNK + 100 * 1520, 100);
+        for &q in &p {
+            free(&mut g, q, 1500, 1);
+        }
+        // One free chunk of 100 × 1520 bytes below the pin.
+        let a = &g.arenas[0];
+        assert_eq!((a.t.free, a.t.free_count), (100 * 1520, 1));
+        let b = g.breakdown(0);
+        let causes = explain::causes(&g, &crate::analysis::live::LiveModel::default(), &b, 0);
+        assert!(causes.iter().any(|c| c.kind == "top_pinned" && c.text.contains("live 100-byte block")), "{causes:?}");
+        // malloc_trim(0) would release the whole pages inside the free chunk.
+        let (madv, shrink) = explain::predict_trim(&g, 0);
+        let start = (HEAP + TCACHE_STRUCT_CHUNK + 48).next_multiple_of(4096);
+        let end = HEAP + TCACHE_STRUCT_CHUNK + 100 * 1520;
+        assert_eq!(madv, (end - start) & !4095);
+        // The top above the pin was never touched: cutting it returns nothing resident.
+        assert_eq!(shrink, 0);
+        check_consistent(&g);
+        // Freeing the pin merges everything into the top.
+        free(&mut g, pin, 100, 1);
+        free(&mut g, pin, 100, 1); // a double free: a contradiction, counted
+        assert_eq!(g.conflicts(), 1);
+    }
+
+    #[test]
+    fn freeing_an_mmapped_chunk_raises_the_thresholds() {
+        let mut g = model();
+        let hdr = 1_052_672 | chunk::IS_MMAPPED;
+        g.apply(&Event::Alloc { kind: EventKind::Malloc, ptr: 0x7f00_0000_0010, size: 1 << 20, align: 0, chunk: hdr, prev_size: 0, stamp: None }, 1, 1);
+        assert_eq!(g.mallinfo().hblkhd, 1_052_672);
+        g.apply(&Event::Free { kind: EventKind::Free, ptr: 0x7f00_0000_0010, chunk: hdr, stamp: None }, 2, 1);
+        assert_eq!(g.params.mmap_threshold, 1_052_672);
+        assert_eq!(g.params.trim_threshold, 2 * 1_052_672);
+        assert_eq!(g.mallinfo().hblkhd, 0);
+        // A 512 KiB block now comes from the heap: counted against the change.
+        malloc(&mut g, HEAP + TCACHE_STRUCT_CHUNK, 512 << 10);
+        assert_eq!(g.params.changes[0].heap_allocations_between, 1);
+    }
+
+    #[test]
+    fn thread_exit_flushes_its_tcache() {
+        let mut g = model();
+        let p = fill(&mut g, 3, 200);
+        // Thread 2 frees them: they go to its tcache (it gets a tcache struct from the top).
+        for &q in &p {
+            free(&mut g, q, 200, 2);
+        }
+        assert_eq!(g.categories().tcache, 3 * 208);
+        g.apply(&Event::ThreadExit, 3, 2);
+        let c = g.categories();
+        assert_eq!(c.tcache, 0);
+        // Everything merged back into the top.
+        assert_eq!(g.arenas[0].t.free, 0);
+        assert_eq!(c.metadata, TCACHE_STRUCT_CHUNK);
+        check_consistent(&g);
+    }
+}
