@@ -66,6 +66,8 @@ pub struct ImageAnalysis {
     /// Heaps at each of this image's fork events, for its children.
     pub fork_snapshots: FxHashMap<u64, LiveModel>,
     pub inherited_bytes: u64,
+    /// `/proc/<pid>/smaps` samples (time, mappings), in trace order.
+    pub smaps: VecDeque<(u64, Vec<crate::trace::Mapping>)>,
 }
 
 enum Held {
@@ -104,6 +106,7 @@ impl ImageAnalysis {
             last_rss_sample: 0,
             fork_snapshots: FxHashMap::default(),
             inherited_bytes: 0,
+            smaps: VecDeque::new(),
         }
     }
 
@@ -169,6 +172,10 @@ impl ImageAnalysis {
         self.rss_samples += 1;
         self.peak_rss_sample = self.peak_rss_sample.max(rss);
         self.last_rss_sample = rss;
+    }
+
+    pub fn add_smaps(&mut self, time_ns: u64, maps: Vec<crate::trace::Mapping>) {
+        self.smaps.push_back((time_ns, maps));
     }
 
     pub fn set_end(&mut self, e: ProcessEnd) {
