@@ -97,14 +97,14 @@ fn exiting(pid: u32) -> bool {
 /// residency; the trace ring's mapping left out.
 pub fn parse(text: &[u8]) -> Vec<Mapping> {
     let mut out = Vec::new();
-    // The mapping being read: (start, end, kind, keep it at all).
+    // The mapping being read: (start, end, kind, is the trace ring).
     let mut cur: Option<(u64, u64, MapKind, bool)> = None;
     let mut rss = 0u64;
     let flush = |cur: &mut Option<(u64, u64, MapKind, bool)>, rss: u64, out: &mut Vec<Mapping>| {
-        if let Some((start, end, kind, ours)) = cur.take() {
-            if !ours && (rss > 0 || matches!(kind, MapKind::Heap | MapKind::Anon)) {
-                out.push(Mapping { start, end, rss, kind });
-            }
+        if let Some((start, end, kind, false)) = cur.take()
+            && (rss > 0 || matches!(kind, MapKind::Heap | MapKind::Anon))
+        {
+            out.push(Mapping { start, end, rss, kind });
         }
     };
     for line in text.split(|&b| b == b'\n') {
