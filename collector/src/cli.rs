@@ -23,6 +23,10 @@ struct RecordArgs {
     /// RSS sampling period in milliseconds
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     sample_ms: u64,
+    /// Period of the per-mapping resident-bytes samples (/proc/<pid>/smaps), in milliseconds;
+    /// 0: none
+    #[arg(long, default_value_t = 100)]
+    smaps_interval_ms: u64,
     /// Drop events (counted) instead of slowing the program down when mtracer falls behind
     #[arg(long)]
     lossy: bool,
@@ -49,6 +53,7 @@ impl RecordArgs {
         }
         Ok(Options {
             sample_period: Duration::from_millis(self.sample_ms),
+            smaps_period: Duration::from_millis(self.smaps_interval_ms),
             lossy: self.lossy,
             ring_size: self.ring_mb << 20,
             block_size: block,

@@ -69,6 +69,66 @@ pub struct ProcessEnd {
     pub status: i64,
 }
 
+/// What a mapping of `/proc/<pid>/smaps` is (from its name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MapKind {
+    /// `[heap]`: the brk heap.
+    Heap,
+    /// Anonymous, without a name: thread-arena heaps, mmapped chunks, the application's own
+    /// anonymous mmaps, thread stacks.
+    Anon,
+    /// A file mapping (a path): executables, libraries, mapped files, shared memory.
+    File,
+    /// `[stack]`: the main thread's stack.
+    Stack,
+    /// Anything else: `[vdso]`, `[vvar]`, `[anon:<name>]`, …
+    Other,
+}
+
+impl MapKind {
+    /// The code stored in a `Smaps` record (see `mtrace_protocol::tracefile`).
+    pub const fn code(self) -> u64 {
+        match self {
+            MapKind::Heap => map_kind::HEAP,
+            MapKind::Anon => map_kind::ANON,
+            MapKind::File => map_kind::FILE,
+            MapKind::Stack => map_kind::STACK,
+            MapKind::Other => map_kind::OTHER,
+        }
+    }
+    /// Inverse of [`MapKind::code`]; codes this reader does not know are `Other`.
+    pub const fn from_code(c: u64) -> MapKind {
+        match c {
+            map_kind::HEAP => MapKind::Heap,
+            map_kind::ANON => MapKind::Anon,
+            map_kind::FILE => MapKind::File,
+            map_kind::STACK => MapKind::Stack,
+            _ => MapKind::Other,
+        }
+    }
+    pub const fn label(self) -> &'static str {
+        match self {
+            MapKind::Heap => "heap",
+            MapKind::Anon => "anon",
+            MapKind::File => "file",
+            MapKind::Stack => "stack",
+            MapKind::Other => "other",
+        }
+    }
+}
+
+/// One mapping of a process and its resident bytes, as `/proc/<pid>/smaps` showed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    /// Page-aligned start address.
+    pub start: u64,
+    /// End address (exclusive).
+    pub end: u64,
+    /// Resident bytes (`Rss:`).
+    pub rss: u64,
+    pub kind: MapKind,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
     Session(Vec<u8>),
@@ -79,6 +139,9 @@ pub enum Record {
     SessionEnd { time_ns: u64, exit_status: i64 },
     Note { image: u32, text: String },
     Sync { image: u32, time_ns: u64 },
+    /// Resident bytes per mapping (`/proc/<pid>/smaps`), sampled by the recorder: mappings with
+    /// resident bytes, and every `Heap`/`Anon` mapping even when nothing of it is resident.
+    Smaps { image: u32, time_ns: u64, maps: Vec<Mapping> },
     /// A record type this reader does not know (skipped by length).
     Unknown(u8),
 }
@@ -150,6 +213,18 @@ impl Record {
                 put_u32(out, 0);
                 put_u64(out, *time_ns);
                 record_type::SYNC
+            }
+            Record::Smaps { image, time_ns, maps } => {
+                put_u32(out, *image);
+                put_u32(out, maps.len() as u32);
+                put_u64(out, *time_ns);
+                out.reserve(maps.len() * SMAPS_ENTRY_LEN);
+                for m in maps {
+                    put_u64(out, (m.start & !SMAPS_KIND_MASK) | m.kind.code());
+                    put_u64(out, m.end);
+                    put_u64(out, m.rss);
+                }
+                record_type::SMAPS
             }
             Record::Unknown(t) => *t,
         };
@@ -265,6 +340,26 @@ impl Record {
                 let image = r.u32().ok_or_else(short)?;
                 r.u32().ok_or_else(short)?;
                 Record::Sync { image, time_ns: r.u64().ok_or_else(short)? }
+            }
+            record_type::SMAPS => {
+                let image = r.u32().ok_or_else(short)?;
+                let count = r.u32().ok_or_else(short)? as usize;
+                let time_ns = r.u64().ok_or_else(short)?;
+                let data = &body[r.pos..];
+                if Some(data.len()) != count.checked_mul(SMAPS_ENTRY_LEN) {
+                    return Err((at, format!("smaps record announces {count} mappings but carries {} bytes of them", data.len())));
+                }
+                let word = |i: usize| u64::from_le_bytes(data[i * 8..i * 8 + 8].try_into().unwrap());
+                let mut maps = Vec::with_capacity(count);
+                for i in 0..count {
+                    let (first, end, rss) = (word(3 * i), word(3 * i + 1), word(3 * i + 2));
+                    let start = first & !SMAPS_KIND_MASK;
+                    if end < start {
+                        return Err((at, format!("smaps mapping {i} ends ({end:#x}) before it starts ({start:#x})")));
+                    }
+                    maps.push(Mapping { start, end, rss, kind: MapKind::from_code(first & SMAPS_KIND_MASK) });
+                }
+                Record::Smaps { image, time_ns, maps }
             }
             other => Record::Unknown(other),
         };
@@ -418,6 +513,12 @@ pub fn dump(path: &std::path::Path, out: &mut impl Write) -> Result<(), TraceErr
                         p.image, p.pid, p.ppid, p.parent_image, p.origin, p.fork_seq, p.time_ns
                     )?
                 }
+                Record::Smaps { image, time_ns, maps } => {
+                    writeln!(out, "smaps image {image} t {time_ns} ({} mappings)", maps.len())?;
+                    for m in maps {
+                        writeln!(out, "  {:#x}-{:#x} {} rss {}", m.start, m.end, m.kind.label(), m.rss)?;
+                    }
+                }
                 other => writeln!(out, "{other:?}")?,
             }
         }
@@ -548,6 +649,18 @@ mod tests {
             }),
             Record::Note { image: NO_IMAGE, text: "hello".into() },
             Record::Sync { image: 0, time_ns: 99 },
+            Record::Smaps {
+                image: 0,
+                time_ns: 100,
+                maps: vec![
+                    Mapping { start: 0x5555_5555_8000, end: 0x5555_5557_9000, rss: 135168, kind: MapKind::Heap },
+                    Mapping { start: 0x7f00_0000_0000, end: 0x7f00_0400_0000, rss: 0, kind: MapKind::Anon },
+                    Mapping { start: 0x7f10_0000_0000, end: 0x7f10_0000_2000, rss: 8192, kind: MapKind::File },
+                    Mapping { start: 0x7ffc_0000_0000, end: 0x7ffc_0002_1000, rss: 12288, kind: MapKind::Stack },
+                    Mapping { start: 0x7ffc_1000_0000, end: 0x7ffc_1000_1000, rss: 4096, kind: MapKind::Other },
+                ],
+            },
+            Record::Smaps { image: 1, time_ns: 101, maps: vec![] },
             Record::SessionEnd { time_ns: 12, exit_status: 3 },
         ]
     }
@@ -609,6 +722,56 @@ mod tests {
         assert!(matches!(read_all(&bytes), Err(TraceError::UnsupportedVersion { found: 99, supported: 1 })));
         assert!(matches!(read_all(b"hello world, not a trace"), Err(TraceError::NotATrace)));
         assert!(matches!(read_all(b""), Err(TraceError::NotATrace)));
+    }
+
+    /// The raw bytes of one record, as a frame holds them.
+    fn raw(rec: &Record) -> Vec<u8> {
+        let mut v = Vec::new();
+        rec.encode(&mut v);
+        v
+    }
+
+    #[test]
+    fn smaps_record_round_trips_and_damage_is_an_error_with_an_offset() {
+        let rec = sample().into_iter().find(|r| matches!(r, Record::Smaps { .. })).unwrap();
+        let bytes = raw(&rec);
+        assert_eq!(bytes.len(), 8 + 16 + 5 * SMAPS_ENTRY_LEN);
+        assert_eq!(Record::decode(&bytes, 0).unwrap(), (rec.clone(), bytes.len()));
+        // Cut inside the mapping list, with the record length patched to match (a record that
+        // lies about its count), and with the frame cut short (the length runs past the end).
+        for cut in [8 + 16 + SMAPS_ENTRY_LEN + 5, 8 + 10, 8 + 16 + 4 * SMAPS_ENTRY_LEN] {
+            let mut b = bytes[..cut].to_vec();
+            let len = (cut - 8) as u32;
+            b[4..8].copy_from_slice(&len.to_le_bytes());
+            let (at, what) = Record::decode(&b, 0).unwrap_err();
+            assert_eq!(at, 0);
+            assert!(what.contains("smaps") || what.contains("too short"), "{what}");
+            assert!(Record::decode(&bytes[..cut], 0).is_err());
+        }
+        // A mapping that ends before it starts.
+        let mut b = bytes.clone();
+        b[8 + 16 + 8..8 + 16 + 16].copy_from_slice(&1u64.to_le_bytes());
+        assert!(Record::decode(&b, 0).unwrap_err().1.contains("before it starts"));
+        // In a file: the error names the frame's offset.
+        let mut file = write(&[Record::Sync { image: 0, time_ns: 1 }], 1);
+        let frame_at = file.len() as u64;
+        let mut w = TraceWriter::new(Vec::new(), 1 << 20).unwrap();
+        let mut damaged = bytes.clone();
+        damaged[12..16].copy_from_slice(&9u32.to_le_bytes());
+        w.push_encoded(&damaged).unwrap();
+        file.extend_from_slice(&w.finish().unwrap()[FILE_HEADER_LEN..]);
+        let err = read_all(&file).unwrap_err();
+        assert_eq!(err.offset(), Some(frame_at), "{err}");
+        assert!(err.to_string().contains("smaps record announces 9 mappings"), "{err}");
+    }
+
+    #[test]
+    fn map_kinds_survive_and_unknown_kinds_are_other() {
+        for k in [MapKind::Heap, MapKind::Anon, MapKind::File, MapKind::Stack, MapKind::Other] {
+            assert_eq!(MapKind::from_code(k.code()), k);
+            assert!(k.code() <= SMAPS_KIND_MASK && k.code() != 0);
+        }
+        assert_eq!(MapKind::from_code(0xabc), MapKind::Other);
     }
 
     proptest::proptest! {

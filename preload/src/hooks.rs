@@ -960,15 +960,52 @@ pub unsafe extern "C" fn free_aligned_sized(p: *mut c_void, align: usize, size: 
     after_free();
 }
 
+/// `malloc_trim`, recorded as `MallocTrim` — between two `mallinfo2` checkpoints (`BeforeTrim`,
+/// `AfterTrim`, see [`crate::mallinfo`]) when glibc has `mallinfo2`: what the trim released, in
+/// glibc's own books. The one hook that does something before forwarding: `mallinfo2` right
+/// before the call (no lock of glibc's is held here).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn malloc_trim(pad: usize) -> c_int {
     if !real::resolved() {
         real::ensure_resolved();
     }
+    if crate::mallinfo::available() && recording() {
+        // SAFETY: forwards to the real malloc_trim.
+        return unsafe { malloc_trim_checkpointed(pad) };
+    }
     // SAFETY: forwarding to the real malloc_trim.
     let r = unsafe { real::malloc_trim().map_or(0, |f| f(pad)) };
     record_words([header(EventKind::MallocTrim, 2, event::aux_i48(r as i64)), pad as u64]);
     r
+}
+
+/// `malloc_trim` with its checkpoints, all on this thread, in this order in its stream:
+/// `Mallinfo(BeforeTrim)`, `MallocTrim`, `Mallinfo(AfterTrim)`.
+#[cold]
+#[inline(never)]
+unsafe fn malloc_trim_checkpointed(pad: usize) -> c_int {
+    // SAFETY: forwarding to the real malloc_trim.
+    let trim = || unsafe { real::malloc_trim().map_or(0, |f| f(pad)) };
+    let Some(t) = enter() else { return trim() };
+    // SAFETY: guard held; glibc's malloc_trim calls none of our hooks (its system calls are
+    // internal), so holding the guard across it hides nothing.
+    unsafe {
+        if let Some(mi) = crate::mallinfo::take() {
+            crate::mallinfo::emit(t, event::MallinfoReason::BeforeTrim, &mi);
+        }
+        let r = trim();
+        let after = crate::mallinfo::take();
+        writer::emit(t, 2, |w| {
+            *w = header(EventKind::MallocTrim, 2, event::aux_i48(r as i64));
+            *w.add(1) = pad as u64;
+        });
+        glibc::observe_brk(t);
+        if let Some(mi) = after {
+            crate::mallinfo::emit(t, event::MallinfoReason::AfterTrim, &mi);
+        }
+        leave(t);
+        r
+    }
 }
 
 #[unsafe(no_mangle)]

@@ -22,6 +22,7 @@
 //! * [`session`] — registering with the collector, or starting the standalone agent.
 //! * [`meta`] — process metadata sent at registration.
 //! * [`lifecycle`] — constructor, fork, thread exit, process exit.
+//! * [`mallinfo`] — `mallinfo2()` checkpoints (around `malloc_trim`, at exit, periodic sampler).
 //! * [`tls`] — initial-exec thread-local state.
 //! * [`sys`] — raw system calls and allocation-free helpers.
 #![no_std]
@@ -29,6 +30,7 @@
 pub mod glibc;
 pub mod hooks;
 pub mod lifecycle;
+pub mod mallinfo;
 pub mod meta;
 pub mod real;
 pub mod session;

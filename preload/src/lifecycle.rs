@@ -5,8 +5,11 @@
 //! * `pthread_atfork`: the parent writes a `Fork` event; the child drops the parent's ring and
 //!   registers as a fork child of the parent's image.
 //! * A `pthread_key` destructor releases a thread's block when the thread exits.
-//! * Destructor (`.fini_array`) and the `_exit` hooks: say Bye to the collector. Events after
-//!   that still reach the ring (the collector reads it until the process is gone).
+//! * Destructor (`.fini_array`) and the `_exit` hooks: take the `Exit` mallinfo2 checkpoint and
+//!   say Bye to the collector. Events after that still reach the ring (the collector reads it
+//!   until the process is gone).
+//! * Once registered (constructor, fork child): start the mallinfo2 sampler thread
+//!   ([`crate::mallinfo`]).
 
 use core::ffi::{c_char, c_int, c_void};
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +17,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use mtrace_protocol::event::{self, EventKind};
 
 use crate::glibc::{self, GLIBC};
+use crate::mallinfo;
 use crate::real;
 use crate::session::{self, Registered};
 use crate::sys;
@@ -53,6 +57,7 @@ extern "C" fn init(_argc: c_int, argv: *const *const c_char, envp: *const *const
             writer::STATE.store(ACTIVE, Ordering::Release);
             // SAFETY: guard held.
             unsafe { writer::drain_preinit(t) };
+            mallinfo::start_sampler();
         }
         Registered::No => {
             writer::STATE.store(OFF, Ordering::Release);
@@ -99,6 +104,9 @@ fn detect_glibc() {
                 && sys::cstr_bytes(info.dli_fname as *const u8).windows(7).any(|w| w == b"libc.so")
         }
     });
+    if is_glibc {
+        mallinfo::resolve();
+    }
     if !is_glibc || env_is(c"MTRACE_CHUNKS", b"0") {
         return;
     }
@@ -206,6 +214,8 @@ unsafe extern "C" fn fork_child() {
                     libc::close(parent_fd);
                 }
                 writer::STATE.store(ACTIVE, Ordering::Release);
+                // The parent's sampler thread did not survive the fork.
+                mallinfo::start_sampler();
             }
             Registered::No => {
                 if parent_fd >= 0 && parent_fd != session::SOCK_FD {
@@ -219,7 +229,8 @@ unsafe extern "C" fn fork_child() {
     }
 }
 
-/// Leaving (destructor or `_exit`): tell the collector. Only once per image.
+/// Leaving (destructor or `_exit`): the `Exit` checkpoint, then tell the collector. Only once per
+/// image.
 pub fn on_exit(status: i64) {
     if writer::STATE.load(Ordering::Acquire) != ACTIVE || SAID_BYE.swap(true, Ordering::AcqRel) {
         return;
@@ -227,7 +238,12 @@ pub fn on_exit(status: i64) {
     let t = tls::state();
     // SAFETY: `t` is this thread's TLS block.
     unsafe {
+        // Not from inside our own code (an `_exit` from a signal handler that interrupted a hook).
+        let nested = (*t).busy != 0;
         (*t).busy += 1;
+        if !nested {
+            mallinfo::exit_checkpoint(t);
+        }
         writer::flush_dropped(t);
         glibc::observe_brk(t);
         session::bye(status);

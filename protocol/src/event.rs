@@ -242,6 +242,8 @@ pub enum Event {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MallinfoReason {
     /// The periodic sampler thread (`MTRACE_MALLINFO_MS`). Other threads may be running.
+    /// Only that thread writes these, and it writes nothing else: a stream that carries one is
+    /// the preload's own thread, not the application's (the collector does not count it).
     Periodic = 1,
     /// Right before the application's `malloc_trim` call, on its thread.
     BeforeTrim = 2,

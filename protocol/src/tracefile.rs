@@ -29,6 +29,7 @@
 //! | 6 | `SessionEnd` | time_ns u64, exit_status i64 |
 //! | 7 | `Note` | image u32 (`u32::MAX`: session), 0 u32, UTF-8 text |
 //! | 8 | `Sync` | image u32, 0 u32, pass_start_ns u64 |
+//! | 9 | `Smaps` | image u32, count u32, time_ns u64, then `count` mappings of 3 × u64: start \| kind (in the 12 low bits, see [`map_kind`]), end, rss_bytes |
 //!
 //! `Sync` marks the end of one pass of the collector over an image's ring: every event published
 //! before that pass began appears in the file before the record. An event read in a pass has all
@@ -36,6 +37,13 @@
 //! pass, so the analysis treats an event as complete-in-context two `Sync`s after it.
 //! `pass_start_ns` is the clock the collector wrote into the ring as that pass began: an event
 //! time-marked with it or later was written after every event read in earlier passes.
+//!
+//! `Smaps` is a sample of `/proc/<pid>/smaps` taken by the recorder (the resident bytes of each
+//! mapping, `Rss:`), at the time its reading began: every mapping with resident bytes, and every
+//! `[heap]` and unnamed anonymous mapping even when nothing of it is resident; the trace ring's
+//! own mapping is left out. A mapping's start is page-aligned: its 12 low bits hold its
+//! [`map_kind`] (a reader maps a code it does not know to `OTHER`). A record whose length does
+//! not match its count, or a mapping that ends before it starts, is corruption.
 //!
 //! Times are CLOCK_MONOTONIC nanoseconds of the recording machine (the same clock as the events'
 //! `Time` records). A stream is one thread of one process image; its chunks appear in order and
@@ -62,6 +70,8 @@ pub mod session_tag {
     pub const SAMPLE_PERIOD_NS: u16 = 5;
     pub const LOSSY: u16 = 6;
     pub const HOSTNAME: u16 = 7;
+    /// Period of the `Smaps` samples in ns (0: none were taken).
+    pub const SMAPS_PERIOD_NS: u16 = 8;
 }
 
 /// Why a process image's connection ended (`ProcessEnd::reason`).
@@ -85,4 +95,24 @@ pub mod record_type {
     pub const SESSION_END: u8 = 6;
     pub const NOTE: u8 = 7;
     pub const SYNC: u8 = 8;
+    pub const SMAPS: u8 = 9;
+}
+
+/// Bytes per mapping in a `Smaps` record.
+pub const SMAPS_ENTRY_LEN: usize = 24;
+/// The low bits of a `Smaps` mapping's first word that hold its kind.
+pub const SMAPS_KIND_MASK: u64 = 0xfff;
+
+/// Kinds of mappings in `Smaps` records, from the mapping's name in `/proc/<pid>/smaps`.
+pub mod map_kind {
+    /// `[heap]`.
+    pub const HEAP: u64 = 1;
+    /// Anonymous, no name.
+    pub const ANON: u64 = 2;
+    /// A path (files, libraries, memfd and shm mappings).
+    pub const FILE: u64 = 3;
+    /// `[stack]`.
+    pub const STACK: u64 = 4;
+    /// Anything else (`[vdso]`, `[vvar]`, `[anon:<name>]`, …).
+    pub const OTHER: u64 = 5;
 }

@@ -70,6 +70,8 @@ pub struct ImageAnalysis {
     /// Heaps at each of this image's fork events, for its children.
     pub fork_snapshots: FxHashMap<u64, (LiveModel, GlibcModel)>,
     pub inherited_bytes: u64,
+    /// `/proc/<pid>/smaps` samples (time, mappings), in trace order.
+    pub smaps: VecDeque<(u64, Vec<crate::trace::Mapping>)>,
 }
 
 /// RSS samples in time order, turned into timeline points as the merged history passes them.
@@ -144,6 +146,7 @@ impl ImageAnalysis {
             last_rss_sample: 0,
             fork_snapshots: FxHashMap::default(),
             inherited_bytes: 0,
+            smaps: VecDeque::new(),
         }
     }
 
@@ -215,6 +218,10 @@ impl ImageAnalysis {
         self.rss_samples += 1;
         self.peak_rss_sample = self.peak_rss_sample.max(rss);
         self.last_rss_sample = rss;
+    }
+
+    pub fn add_smaps(&mut self, time_ns: u64, maps: Vec<crate::trace::Mapping>) {
+        self.smaps.push_back((time_ns, maps));
     }
 
     pub fn set_end(&mut self, e: ProcessEnd) {

@@ -38,7 +38,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
-use mtrace_protocol::event::{Event, Events};
+use mtrace_protocol::event::{Event, Events, MallinfoReason};
 use mtrace_protocol::stamp;
 use crate::trace::Chunk;
 use rustc_hash::FxHashMap;
@@ -87,6 +87,10 @@ struct Stream {
     frontier: Pos,
     max_seq: u64,
     wait: Wait,
+    /// The preload's own mallinfo2 sampler thread, not a thread of the application: its stream
+    /// carries `Mallinfo(Periodic)` checkpoints, which no other thread writes (see
+    /// [`Merger::stream_count`]).
+    internal: bool,
 }
 
 /// Anomalies the merger met (all zero in a healthy trace).
@@ -204,6 +208,7 @@ impl Merger {
             frontier: Pos::default(),
             max_seq: 0,
             wait: Wait::None,
+            internal: false,
         });
         self.stamp_waiters.push(Vec::new());
         self.by_id.insert(id, i);
@@ -235,6 +240,9 @@ impl Merger {
                     s.time_ns = s.time_ns.max(clock_ns);
                 }
                 Ok((at, ev)) => {
+                    if let Event::Mallinfo { reason: MallinfoReason::Periodic, .. } = ev {
+                        s.internal = true;
+                    }
                     let len = mtrace_protocol::event::split_header(c.words[at]).1 as u32;
                     self.serial += 1;
                     let stamp = stamp_of(&ev);
@@ -346,9 +354,13 @@ impl Merger {
         self.by_id.get(&stream_id).map(|&i| self.streams[i].tid)
     }
 
-    /// Threads that wrote events (streams a stamp named but that never appeared do not count).
+    /// Threads of the application that wrote events. Not counted: streams a stamp named but that
+    /// never appeared, and the preload's mallinfo2 sampler thread — recognised by the
+    /// `Mallinfo(Periodic)` checkpoints it writes: only that thread writes them, and it writes
+    /// nothing else (see `preload/src/mallinfo.rs`). Its stream needs no mark of its own in the
+    /// ring or the trace, and a trace without periodic checkpoints counts as before.
     pub fn stream_count(&self) -> usize {
-        self.streams.iter().filter(|s| s.tid != 0).count()
+        self.streams.iter().filter(|s| s.tid != 0 && !s.internal).count()
     }
 
     fn safe(&self, p: &Pending, margin: u32) -> bool {

@@ -12,6 +12,8 @@ pub struct SessionMeta {
     pub start_realtime_ns: u64,
     pub start_monotonic_ns: u64,
     pub sample_period_ns: u64,
+    /// Period of the `Smaps` samples (0: none, or a trace older than them).
+    pub smaps_period_ns: u64,
     pub lossy: bool,
     pub hostname: String,
 }
@@ -26,6 +28,7 @@ impl SessionMeta {
                 session_tag::START_REALTIME_NS => m.start_realtime_ns = u64le(v),
                 session_tag::START_MONOTONIC_NS => m.start_monotonic_ns = u64le(v),
                 session_tag::SAMPLE_PERIOD_NS => m.sample_period_ns = u64le(v),
+                session_tag::SMAPS_PERIOD_NS => m.smaps_period_ns = u64le(v),
                 session_tag::LOSSY => m.lossy = v.first() == Some(&1),
                 session_tag::HOSTNAME => m.hostname = lossy(v),
                 _ => {}

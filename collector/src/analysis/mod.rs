@@ -90,6 +90,11 @@ impl Analyzer {
                     self.images[i].add_rss(time_ns, rss_bytes);
                 }
             }
+            Record::Smaps { image, time_ns, maps } => {
+                if let Some(&i) = self.index.get(&image) {
+                    self.images[i].add_smaps(time_ns, maps);
+                }
+            }
             Record::ProcessEnd(e) => {
                 if let Some(&i) = self.index.get(&e.image) {
                     self.images[i].set_end(e);

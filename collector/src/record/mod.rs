@@ -7,12 +7,14 @@
 //!   and finishes images whose process is gone;
 //! * ticker — writes the clock into every ring (the events' time base and our heartbeat);
 //! * sampler — reads `/proc/<pid>/statm` of every traced process;
+//! * smaps — reads `/proc/<pid>/smaps` of every traced process, less often ([`smaps`]);
 //! * sink — compresses and writes the trace file.
 
 pub mod image;
 pub mod launch;
 pub mod server;
 pub mod sink;
+pub mod smaps;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -30,6 +32,8 @@ use sink::Sink;
 pub struct Options {
     pub output: PathBuf,
     pub sample_period: Duration,
+    /// Period of the `/proc/<pid>/smaps` samples (zero: none; see [`smaps`]).
+    pub smaps_period: Duration,
     pub tick: Duration,
     /// Pause after every pass over the rings. Each pass reads the cache lines a writer is
     /// working on (its block's descriptor and tail, the clock), so passes must not run back to
@@ -51,6 +55,7 @@ impl Default for Options {
         Options {
             output: PathBuf::from("mtrace.mtr"),
             sample_period: Duration::from_millis(10),
+            smaps_period: Duration::from_millis(100),
             tick: Duration::from_millis(1),
             drain_interval: Duration::from_micros(200),
             lossy: false,
@@ -77,6 +82,8 @@ pub struct Shared {
     drain_exit: AtomicBool,
     pub images_seen: AtomicU32,
     pub images_done: AtomicU32,
+    /// The smaps reader's buffer; held while a sample is taken and sent (see [`smaps`]).
+    smaps_buf: Mutex<Vec<u8>>,
 }
 
 impl Shared {
@@ -91,6 +98,7 @@ impl Shared {
             drain_exit: AtomicBool::new(false),
             images_seen: AtomicU32::new(0),
             images_done: AtomicU32::new(0),
+            smaps_buf: Mutex::new(Vec::new()),
         }
     }
 
@@ -131,6 +139,7 @@ pub fn session_record(opts: &Options, command: &[String]) -> Record {
     tlv(session_tag::START_REALTIME_NS, &crate::clock::realtime_ns().to_le_bytes());
     tlv(session_tag::START_MONOTONIC_NS, &crate::clock::now_ns().to_le_bytes());
     tlv(session_tag::SAMPLE_PERIOD_NS, &(opts.sample_period.as_nanos() as u64).to_le_bytes());
+    tlv(session_tag::SMAPS_PERIOD_NS, &(opts.smaps_period.as_nanos() as u64).to_le_bytes());
     tlv(session_tag::LOSSY, &[opts.lossy as u8]);
     if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
         tlv(session_tag::HOSTNAME, h.trim().as_bytes());
@@ -152,6 +161,10 @@ impl Workers {
         handles.push(std::thread::Builder::new().name("mtrace-ticker".into()).spawn(move || ticker_loop(&s))?);
         let s = shared.clone();
         handles.push(std::thread::Builder::new().name("mtrace-sampler".into()).spawn(move || sampler_loop(&s))?);
+        if !shared.opts.smaps_period.is_zero() {
+            let s = shared.clone();
+            handles.push(std::thread::Builder::new().name("mtrace-smaps".into()).spawn(move || smaps::smaps_loop(&s))?);
+        }
         Ok(Workers { handles })
     }
 

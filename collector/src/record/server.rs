@@ -152,6 +152,11 @@ impl Server {
             ConnState::Registered(img) => {
                 if let Some(bye) = Bye::decode(msg) {
                     *img.bye.lock().unwrap() = Some(bye);
+                    // The last smaps sample, as late as can be (see `smaps`): before the ack a
+                    // waiting process needs to go on exiting.
+                    if !shared.opts.smaps_period.is_zero() {
+                        super::smaps::sample_and_send(shared, img);
+                    }
                     if shared.opts.wait_on_exit {
                         img.ack_wanted.store(true, Ordering::Release);
                     }

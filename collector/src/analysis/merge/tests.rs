@@ -364,3 +364,35 @@ fn gaps_are_counted() {
 }
 
 
+
+/// The preload's mallinfo2 sampler thread (a stream of `Periodic` checkpoints) is not an
+/// application thread; a thread that takes other checkpoints (malloc_trim, exit) is.
+#[test]
+fn the_mallinfo_sampler_stream_is_not_counted_as_a_thread() {
+    use mtrace_protocol::event::{Mallinfo2, MallinfoReason};
+    let mut m = Merger::new(None);
+    let mut model = LiveModel::default();
+    let mi = Mallinfo2 { arena: 135168, ..Default::default() };
+    let mut app = vec![ev::header(EventKind::Time, 2, 0), 5, ev::header(EventKind::Malloc, 3, 0), 0x10, 4];
+    app.extend_from_slice(&mi.encode(MallinfoReason::BeforeTrim));
+    app.extend_from_slice(&[ev::header(EventKind::MallocTrim, 2, 0), 0]);
+    app.extend_from_slice(&mi.encode(MallinfoReason::AfterTrim));
+    app.extend_from_slice(&mi.encode(MallinfoReason::Exit));
+    let mut sampler = vec![ev::header(EventKind::Time, 2, 0), 1];
+    sampler.extend_from_slice(&mi.encode(MallinfoReason::Periodic));
+    m.add_chunk(&Chunk { image: 0, stream: 1, tid: 100, block_seq: 0, offset: 0, words: sampler });
+    m.add_chunk(&Chunk { image: 0, stream: 2, tid: 99, block_seq: 0, offset: 0, words: app });
+    m.end();
+    let mut seen = Vec::new();
+    m.run(&mut model, &mut |p, stream, _| {
+        if let Event::Mallinfo { reason, .. } = p.ev {
+            seen.push((stream, reason));
+        }
+    });
+    assert_eq!(m.stream_count(), 1);
+    assert_eq!(model.c.live_bytes, 4);
+    assert_eq!(
+        seen,
+        vec![(1, MallinfoReason::Periodic), (2, MallinfoReason::BeforeTrim), (2, MallinfoReason::AfterTrim), (2, MallinfoReason::Exit)]
+    );
+}
