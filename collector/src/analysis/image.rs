@@ -70,14 +70,16 @@ pub struct ImageAnalysis {
     /// Heaps at each of this image's fork events, for its children.
     pub fork_snapshots: FxHashMap<u64, (LiveModel, GlibcModel)>,
     pub inherited_bytes: u64,
-    /// `/proc/<pid>/smaps` samples (time, mappings), in trace order.
-    pub smaps: VecDeque<(u64, Vec<crate::trace::Mapping>)>,
 }
 
 /// RSS samples in time order, turned into timeline points as the merged history passes them.
 #[derive(Default)]
 pub struct Samples {
     pending: VecDeque<(u64, u64)>,
+    /// `/proc/<pid>/smaps` samples (time, mappings) not reached yet.
+    pending_smaps: VecDeque<(u64, Vec<crate::trace::Mapping>)>,
+    /// Each smaps sample classified by what the glibc model knows, with its estimate.
+    pub resident: Vec<super::glibc::breakdown::Resident>,
     pub timeline: Vec<TimelinePoint>,
     /// The glibc model's breakdown and causes at the highest RSS sample so far.
     pub peak_retention: Option<(u64, super::glibc::breakdown::Breakdown, Vec<super::glibc::explain::Cause>)>,
@@ -87,6 +89,12 @@ pub struct Samples {
 impl Samples {
     /// Points for the samples taken before `time_ns`, with the models as they are now.
     fn emit_before(&mut self, time_ns: u64, model: &LiveModel, glibc: &GlibcModel) {
+        while self.pending_smaps.front().is_some_and(|(t, _)| *t < time_ns) {
+            let (t, maps) = self.pending_smaps.pop_front().unwrap();
+            if glibc.enabled {
+                self.resident.push(glibc.classify(t, &maps));
+            }
+        }
         while let Some(&(t, rss)) = self.pending.front() {
             if t >= time_ns {
                 break;
@@ -146,7 +154,6 @@ impl ImageAnalysis {
             last_rss_sample: 0,
             fork_snapshots: FxHashMap::default(),
             inherited_bytes: 0,
-            smaps: VecDeque::new(),
         }
     }
 
@@ -221,7 +228,7 @@ impl ImageAnalysis {
     }
 
     pub fn add_smaps(&mut self, time_ns: u64, maps: Vec<crate::trace::Mapping>) {
-        self.smaps.push_back((time_ns, maps));
+        self.samples.pending_smaps.push_back((time_ns, maps));
     }
 
     pub fn set_end(&mut self, e: ProcessEnd) {

@@ -27,6 +27,8 @@ pub struct Retention {
     pub trims: Vec<TrimInfo>,
     /// The state when RSS peaked.
     pub at_peak_rss: Option<PeakState>,
+    /// The last `/proc/<pid>/smaps` sample, classified, with the model's heap estimate.
+    pub resident: Option<crate::analysis::glibc::breakdown::Resident>,
     /// Contradictions between the trace and the model (0 in a healthy model).
     pub model_conflicts: u64,
     /// The first few, described.
@@ -172,6 +174,7 @@ pub fn build(img: &ImageAnalysis) -> Option<Retention> {
         checkpoints,
         trims,
         at_peak_rss: img.samples.peak_retention.as_ref().map(|(rss, b, causes)| PeakState { rss_bytes: *rss, breakdown: b.clone(), causes: causes.clone() }),
+        resident: img.samples.resident.last().cloned(),
         model_conflicts: g.conflicts(),
         model_conflict_examples: g.arenas.iter().flat_map(|a| a.conflict_log.iter().map(move |l| format!("{}: {l}", if a.is_main() { "main".to_string() } else { format!("{:#x}", a.id) }))).take(10).collect(),
         uncertain: g.uncertain.clone(),

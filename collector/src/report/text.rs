@@ -199,6 +199,24 @@ fn retention(s: &mut String, r: &Retention) {
             let _ = writeln!(s, "        {}", fields.join(", "));
         }
     }
+    if let Some(res) = &r.resident {
+        let d = if res.heap_measured > 0 { (res.heap_model as f64 - res.heap_measured as f64) * 100.0 / res.heap_measured as f64 } else { 0.0 };
+        let _ = writeln!(
+            s,
+            "      resident at {:.3} s (smaps): heap {} (model {}, {d:+.1} %), mmapped blocks {}, own mmaps {}, other {}",
+            res.t_s,
+            bytes(res.heap_measured),
+            bytes(res.heap_model),
+            bytes(res.mmapped_chunks),
+            bytes(res.app_mmaps),
+            bytes(res.other)
+        );
+    }
+    let bad = r.checkpoints.iter().filter(|c| c.exact_order && !c.matches).count();
+    let exact = r.checkpoints.iter().filter(|c| c.exact_order).count();
+    if exact > 0 {
+        let _ = writeln!(s, "      mallinfo2 checkpoints: {} of {exact} in exact order agree with the model", exact - bad);
+    }
     if r.model_conflicts > 0 {
         let _ = writeln!(s, "      model: {} contradictions with the trace (approximate in places)", r.model_conflicts);
     }
