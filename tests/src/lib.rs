@@ -1,6 +1,7 @@
 //! Test harness for the end-to-end tests in `tests/tests/`: locates (and if needed builds) the
-//! `mtracer` binary and `libmtrace.so` of the profile the tests run in, compiles the C fixtures
-//! of `tests/fixtures/` with gcc, runs commands under the tracer, and reads reports as JSON.
+//! `mtracer` binary and `libmtrace.so` of the profile the tests run in, compiles the C and C++
+//! fixtures of `tests/fixtures/` with gcc / g++, runs commands under the tracer, and reads
+//! reports as JSON.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -58,21 +59,35 @@ fn mtime(p: &Path) -> Option<SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
-/// Compile `tests/fixtures/<name>.c` (once per source change) and return the executable.
+/// Compile `tests/fixtures/<name>.c` with gcc, or `tests/fixtures/<name>.cpp` with g++ when there
+/// is no `.c` (once per change of the source or of a header in `tests/fixtures/`), and return the
+/// executable.
 pub fn fixture(name: &str) -> PathBuf {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let p = paths();
-    let src = p.workspace.join("tests/fixtures").join(format!("{name}.c"));
+    let dir = p.workspace.join("tests/fixtures");
+    let c = dir.join(format!("{name}.c"));
+    let (src, compiler, std) = if c.exists() { (c, "gcc", None) } else { (dir.join(format!("{name}.cpp")), "g++", Some("-std=c++17")) };
     let out = p.fixtures_out.join(name);
+    // Fixtures may include shared headers (`#include "retention.h"`).
+    let newest_input = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|f| f.extension().is_some_and(|x| x == "h"))
+        .chain([src.clone()])
+        .filter_map(|f| mtime(&f))
+        .max();
     let _g = LOCK.lock().unwrap();
-    if mtime(&out).is_none() || mtime(&out) < mtime(&src) {
+    if mtime(&out).is_none() || mtime(&out) < newest_input {
         let tmp = out.with_extension(format!("tmp{}", std::process::id()));
-        let o = Command::new("gcc")
-            .args(["-O1", "-g", "-fno-builtin", "-pthread", "-Wall", "-Wno-use-after-free", "-Wno-alloc-size-larger-than", "-o"])
+        let o = Command::new(compiler)
+            .args(["-O1", "-g", "-fno-builtin", "-pthread", "-Wall", "-Wno-use-after-free", "-Wno-alloc-size-larger-than"])
+            .args(std)
+            .arg("-o")
             .arg(&tmp)
             .arg(&src)
             .output()
-            .expect("gcc is needed to build the C fixtures (apt-get install gcc)");
+            .unwrap_or_else(|e| panic!("{compiler} is needed to build the fixtures (apt-get install {compiler}): {e}"));
         assert!(o.status.success(), "compiling {}:\n{}", src.display(), String::from_utf8_lossy(&o.stderr));
         std::fs::rename(&tmp, &out).unwrap();
     }
