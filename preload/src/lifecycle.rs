@@ -58,6 +58,8 @@ extern "C" fn init(_argc: c_int, argv: *const *const c_char, envp: *const *const
             // SAFETY: guard held.
             unsafe { writer::drain_preinit(t) };
             mallinfo::start_sampler();
+            // SAFETY: guard held.
+            unsafe { mallinfo::start_checkpoint(t) };
         }
         Registered::No => {
             writer::STATE.store(OFF, Ordering::Release);
@@ -216,6 +218,7 @@ unsafe extern "C" fn fork_child() {
                 writer::STATE.store(ACTIVE, Ordering::Release);
                 // The parent's sampler thread did not survive the fork.
                 mallinfo::start_sampler();
+                mallinfo::start_checkpoint(t);
             }
             Registered::No => {
                 if parent_fd >= 0 && parent_fd != session::SOCK_FD {

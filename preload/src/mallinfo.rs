@@ -213,6 +213,25 @@ pub unsafe fn exit_checkpoint(t: *mut ThreadState) {
     }
 }
 
+/// The `Start` checkpoint: once the image is registered (and its sampler thread started), what
+/// glibc already holds that the trace never showed — allocations made before recording began or
+/// by our own code (the sampler's DTV, failing `dlsym` lookups). The model starts from it.
+///
+/// # Safety
+/// `t` is this thread's state with the guard held.
+pub unsafe fn start_checkpoint(t: *mut ThreadState) {
+    if !available() {
+        return;
+    }
+    if let Some(mi) = take() {
+        // SAFETY: per the contract; the break first, so the model knows where the heap ends.
+        unsafe {
+            crate::glibc::observe_brk(t);
+            emit(t, MallinfoReason::Start, &mi);
+        }
+    }
+}
+
 /// Does this thread block a signal that has a handler? A handler runs with its own signal
 /// blocked (unless installed with `SA_NODEFER`), and a thread that only blocks signals it
 /// waits for (`sigwait`, `signalfd`) leaves them at their default action. One system call when

@@ -251,6 +251,9 @@ pub enum MallinfoReason {
     AfterTrim = 3,
     /// At process exit, on the exiting thread.
     Exit = 4,
+    /// When the image starts recording (after registration and the sampler thread's start):
+    /// what glibc holds that the trace never showed.
+    Start = 5,
     Other = 255,
 }
 
@@ -261,6 +264,7 @@ impl MallinfoReason {
             2 => Self::BeforeTrim,
             3 => Self::AfterTrim,
             4 => Self::Exit,
+            5 => Self::Start,
             _ => Self::Other,
         }
     }
@@ -270,6 +274,7 @@ impl MallinfoReason {
             Self::BeforeTrim => "before malloc_trim",
             Self::AfterTrim => "after malloc_trim",
             Self::Exit => "exit",
+            Self::Start => "start",
             Self::Other => "other",
         }
     }

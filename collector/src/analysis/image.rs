@@ -83,6 +83,8 @@ pub struct Samples {
     pub timeline: Vec<TimelinePoint>,
     /// The glibc model's breakdown and causes at the highest RSS sample so far.
     pub peak_retention: Option<(u64, super::glibc::breakdown::Breakdown, Vec<super::glibc::explain::Cause>)>,
+    /// The causes right before each `malloc_trim` call (in the order of the model's trims).
+    pub before_trims: Vec<Vec<super::glibc::explain::Cause>>,
     start_ns: u64,
 }
 
@@ -108,7 +110,8 @@ impl Samples {
                 rss_bytes: rss,
                 categories: glibc.categories(),
             });
-            if glibc.enabled && self.peak_retention.as_ref().is_none_or(|(r, _, _)| rss > *r) {
+            // The last sample at the peak: where the most of it is no longer live.
+            if glibc.enabled && self.peak_retention.as_ref().is_none_or(|(r, _, _)| rss >= *r) {
                 let b = glibc.breakdown(t);
                 let causes = super::glibc::explain::causes(glibc, model, &b, self.start_ns);
                 self.peak_retention = Some((rss, b, causes));
@@ -250,6 +253,13 @@ impl ImageAnalysis {
         self.merger.run(&mut self.model, &mut |p, stream, model| {
             // RSS samples taken before this event see the state before it (to one event).
             samples.emit_before(p.time_ns, model, glibc);
+            if let Event::MallocTrim { .. } = p.ev {
+                if glibc.enabled {
+                    // What the call is about to change, in words.
+                    let b = glibc.breakdown(p.time_ns);
+                    samples.before_trims.push(super::glibc::explain::causes(glibc, model, &b, samples.start_ns));
+                }
+            }
             glibc.apply(&p.ev, p.time_ns, stream);
             if let Event::Fork { seq } = p.ev {
                 snaps.insert(seq, (model.clone(), glibc.clone()));

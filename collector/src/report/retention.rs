@@ -78,6 +78,8 @@ pub struct TrimInfo {
     /// RSS samples around the call (0 when none).
     pub rss_before: u64,
     pub rss_after: u64,
+    /// Why the process held what it held right before the call.
+    pub causes_before: Vec<Cause>,
 }
 
 #[derive(Serialize)]
@@ -143,14 +145,16 @@ pub fn build(img: &ImageAnalysis) -> Option<Retention> {
     let trims = g
         .trims
         .iter()
-        .map(|t| TrimInfo {
+        .enumerate()
+        .map(|(i, t)| TrimInfo {
+            causes_before: img.samples.before_trims.get(i).cloned().unwrap_or_default(),
             t_s: secs(t.time_ns.saturating_sub(img.start_ns)),
             pad: t.pad,
             result: t.result,
             predicted_release_bytes: t.predicted(),
             predicted_madvise_bytes: t.predicted_madvise,
             predicted_shrink_bytes: t.predicted_shrink,
-            rss_before: rss_at(t.time_ns, false),
+            rss_before: rss_at(t.start_ns, false),
             rss_after: rss_at(t.time_ns, true),
         })
         .collect();

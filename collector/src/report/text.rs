@@ -190,6 +190,9 @@ fn retention(s: &mut String, r: &Retention) {
             String::new()
         };
         let _ = writeln!(s, "      malloc_trim({}) at {:.3} s: predicted to return {}{measured}", t.pad, t.t_s, bytes(t.predicted_release_bytes));
+        for c in t.causes_before.iter().take(3) {
+            wrap(s, "        before it · ", "          ", &c.text);
+        }
     }
     if let Some(cp) = &r.mallinfo2_checkpoint {
         let verdict = if cp.matches { "model and glibc agree".to_string() } else { format!("differences (model − glibc): {:?}", cp.differences) };

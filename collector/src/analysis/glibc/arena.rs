@@ -377,6 +377,11 @@ impl Arena {
         self.insert(addr, Chunk::new(size, State::Meta));
     }
 
+    /// Heap the trace has not explained (see [`State::Unseen`]).
+    pub fn insert_unseen(&mut self, addr: u64, size: u64) {
+        self.insert(addr, Chunk::new(size, State::Unseen));
+    }
+
     /// The chunk at `c` is now `size` bytes holding `req`: whatever the model had inside
     /// `[c, c + size)` becomes that one chunk (realloc in place).
     pub fn join_in_use(&mut self, c: u64, size: u64, req: u64, tcaches: &mut Tcaches) {

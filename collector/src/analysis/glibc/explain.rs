@@ -84,7 +84,8 @@ pub fn causes(g: &GlibcModel, live: &LiveModel, b: &Breakdown, start_ns: u64) ->
         // The top, and what pins it.
         let free_below = a.t.tcache + a.t.fast + a.t.free;
         if significant(free_below, held) {
-            if let Some((addr, c)) = a.top_neighbour() {
+            // A fast chunk at the top is the fastbins' story, told above.
+            if let Some((addr, c)) = a.top_neighbour().filter(|(_, c)| c.state != State::Fast) {
                 let (who, when) = match c.state {
                     State::InUse { req } => {
                         let t = t_of(addr + 16).map(|t| format!(" allocated at {t:.2} s")).unwrap_or_default();

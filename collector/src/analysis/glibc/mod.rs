@@ -56,7 +56,10 @@ pub struct Checkpoint {
 /// A `malloc_trim` call with the model's prediction of what it would return.
 #[derive(Clone, Debug)]
 pub struct Trim {
+    /// When the call returned (its event), and when it started (the checkpoint taken right
+    /// before it, else the same).
     pub time_ns: u64,
+    pub start_ns: u64,
     pub pad: u64,
     pub result: i64,
     /// Resident bytes the model expected `madvise` to release and the heap shrink to return.
@@ -431,7 +434,11 @@ impl GlibcModel {
                     madv += m;
                     shrink += s;
                 }
-                self.trims.push(Trim { time_ns, pad, result, predicted_madvise: madv, predicted_shrink: shrink });
+                let start_ns = match self.checkpoints.last() {
+                    Some(cp) if cp.reason == MallinfoReason::BeforeTrim && cp.stream == stream => cp.time_ns,
+                    _ => time_ns,
+                };
+                self.trims.push(Trim { time_ns, start_ns, pad, result, predicted_madvise: madv, predicted_shrink: shrink });
                 for a in &mut self.arenas {
                     a.consolidate(&mut self.tcaches);
                     a.release_free_pages();
@@ -448,6 +455,9 @@ impl GlibcModel {
                 self.lost_events += events;
             }
             Event::Mallinfo { reason, mi } => {
+                if reason == MallinfoReason::Start {
+                    self.start_from_books(stream, &mi);
+                }
                 let exact = match reason {
                     MallinfoReason::Periodic => None,
                     _ => Some(true),
@@ -456,6 +466,28 @@ impl GlibcModel {
                 self.checkpoints.push(Checkpoint { time_ns, reason, glibc: mi, model, exact_order: exact, stream });
             }
             _ => {}
+        }
+    }
+
+    /// The `Start` checkpoint: glibc's main arena as it was when recording began. What lies below
+    /// its top that the model has not seen is `Unseen` (allocations before recording, or by the
+    /// tracer itself), and the recording thread's tcache already exists if anything was allocated.
+    fn start_from_books(&mut self, stream: u32, mi: &Mallinfo2) {
+        if !self.enabled || mi.arena == 0 {
+            return;
+        }
+        self.threads.entry(stream).or_default().tcache_ready = true;
+        let a = &mut self.arenas[0];
+        let end = a.end();
+        if mi.keepcost > end.saturating_sub(a.heaps[0].base) {
+            return;
+        }
+        let glibc_top = end - mi.keepcost;
+        if glibc_top > a.top && a.chunks.range(a.top..).next().is_none() {
+            let (at, size) = (a.top, glibc_top - a.top);
+            a.top = glibc_top;
+            a.insert_unseen(at, size);
+            a.touched = a.touched.max(glibc_top + 16);
         }
     }
 
