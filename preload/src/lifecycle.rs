@@ -244,11 +244,12 @@ pub fn on_exit(status: i64) {
         // Not from inside our own code (an `_exit` from a signal handler that interrupted a hook).
         let nested = (*t).busy != 0;
         (*t).busy += 1;
+        // The break first: the model must know where the heap ends before it compares.
+        glibc::observe_brk(t);
         if !nested {
             mallinfo::exit_checkpoint(t);
         }
         writer::flush_dropped(t);
-        glibc::observe_brk(t);
         session::bye(status);
         (*t).busy -= 1;
     }

@@ -29,7 +29,8 @@
 //!   process: it never delays exit. It stops writing once the exiting thread took the `Exit`
 //!   checkpoint, and it never exits itself (a thread that exits has its DTV freed later by an
 //!   application thread: an unmatched free);
-//! * writes only `Periodic` checkpoints (and the `Time` marks every stream has), on a stream of
+//! * writes only `Periodic` checkpoints (with the program break before each, and the `Time` marks
+//!   every stream has), on a stream of
 //!   its own: the collector does not count a stream carrying a `Periodic` checkpoint as an
 //!   application thread (`analysis::merge::Merger::stream_count`).
 //!
@@ -331,8 +332,12 @@ extern "C" fn sampler_main(_: *mut c_void) -> *mut c_void {
             if STOP.load(Ordering::Acquire) {
                 break;
             }
-            // SAFETY: `t` is this thread's state, guard held.
-            unsafe { emit(t, MallinfoReason::Periodic, &mi) };
+            // SAFETY: `t` is this thread's state, guard held. The break first: glibc may have
+            // trimmed the heap in calls the hooks never see (a thread's exit empties its tcache).
+            unsafe {
+                crate::glibc::observe_brk(t);
+                emit(t, MallinfoReason::Periodic, &mi)
+            };
         }
         next = next.saturating_add(period_ns);
         let now = sys::clock_ns(libc::CLOCK_MONOTONIC);

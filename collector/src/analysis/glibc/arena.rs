@@ -103,6 +103,13 @@ pub struct Arena {
     pub conflicts: u64,
     /// The first few contradictions, described.
     pub conflict_log: Vec<String>,
+    /// Tcache structs whose place was guessed (see `GlibcModel::init_tcache`): an allocation
+    /// may overlap one without contradiction — the guess was wrong, and it moves.
+    pub guesses: BTreeSet<u64>,
+    /// Guesses the last [`Arena::take`] overlapped.
+    pub displaced: Vec<u64>,
+    /// The space between the old top and the chunk the last [`Arena::take`] carved from the top.
+    pub last_gap: Option<(u64, u64)>,
 }
 
 fn fast_index(size: u64) -> usize {
@@ -133,6 +140,9 @@ impl Arena {
             threads: BTreeSet::new(),
             conflicts: 0,
             conflict_log: Vec::new(),
+            guesses: BTreeSet::new(),
+            displaced: Vec::new(),
+            last_gap: None,
         }
     }
 
@@ -277,6 +287,7 @@ impl Arena {
     pub fn take(&mut self, c: u64, size: u64, req: u64, gap_is_free: bool, tcaches: &mut Tcaches) -> Taken {
         let end = c + size;
         let mut from = Taken::Top;
+        self.last_gap = None;
         // Fast chunks are not where glibc carves from: if the chunk overlaps fast chunks other
         // than an exact one, a consolidation happened first.
         let ov = self.overlapping(c, end);
@@ -285,14 +296,21 @@ impl Arena {
             self.consolidate(tcaches);
         }
         let ov = self.overlapping(c, end);
+        // Pieces of wrongly guessed structs: free space the guess had taken.
+        let mut unguessed = Vec::new();
         for a in ov {
             let Some(old) = self.remove(a, tcaches) else { continue };
+            let was_guess = old.state == State::Meta && self.guesses.contains(&a);
             from = match old.state {
                 State::Tcache { .. } => Taken::Tcache,
                 State::Fast => Taken::Fast,
                 State::Free if a == c && old.size == size => Taken::FreeExact,
                 State::Free => Taken::FreeSplit,
                 State::Unseen => Taken::Top,
+                State::Meta if self.guesses.remove(&a) => {
+                    self.displaced.push(a);
+                    Taken::Top
+                }
                 State::InUse { .. } | State::Meta => {
                     self.conflict(|| format!("allocation [{c:#x}+{size}] overlaps {:?} chunk [{a:#x}+{}]", old.state, old.size));
                     Taken::Conflict
@@ -315,11 +333,13 @@ impl Arena {
                     (lo, k)
                 })
             };
-            if let Some((lo, k)) = keep(a, c.min(a + old.size)) {
-                self.insert(lo, k);
-            }
-            if let Some((lo, k)) = keep(end.max(a), a + old.size) {
-                self.insert(lo, k);
+            for (lo, hi) in [(a, c.min(a + old.size)), (end.max(a), a + old.size)] {
+                if let Some((lo, k)) = keep(lo, hi) {
+                    self.insert(lo, k);
+                    if was_guess {
+                        unguessed.push(lo);
+                    }
+                }
             }
         }
         if end > self.top {
@@ -331,6 +351,7 @@ impl Arena {
                 if gap_is_free {
                     self.free_region(at, gap.size, tcaches);
                 } else {
+                    self.last_gap = Some((at, gap.size));
                     self.insert(at, gap);
                 }
             }
@@ -348,6 +369,9 @@ impl Arena {
             }
         }
         self.insert(c, Chunk::new(size, State::InUse { req }));
+        for lo in unguessed {
+            self.free_to_bins(lo, tcaches);
+        }
         self.touch(end.min(self.end()));
         self.touch(self.top + 16);
         from

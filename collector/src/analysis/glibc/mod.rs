@@ -211,9 +211,11 @@ impl GlibcModel {
     }
 
     /// `MAYBE_INIT_TCACHE`: a thread's first malloc or free allocates its tcache struct from its
-    /// arena. In a fresh arena the struct shows up as the gap before the first chunk seen; in an
-    /// arena already in use it is placed as `_int_malloc` would (exact fit, best fit, top).
-    fn init_tcache(&mut self, stream: u32, ai: usize, first_chunk: Option<u64>) {
+    /// arena, right before the block asked for. In a fresh arena it is the first chunk. Else it
+    /// shows up as a gap of exactly its size below a block carved from the top (`gap`); if not,
+    /// it was placed from the bins, and the model guesses where as `_int_malloc` would (exact
+    /// fit, best fit, top) — a guess that moves if a later allocation proves it wrong.
+    fn init_tcache(&mut self, stream: u32, ai: usize, first_chunk: Option<u64>, gap: Option<(u64, u64)>) {
         let info = self.threads.entry(stream).or_default();
         if info.tcache_ready {
             return;
@@ -223,6 +225,11 @@ impl GlibcModel {
             return;
         }
         let a = &mut self.arenas[ai];
+        if let Some((at, TCACHE_STRUCT_CHUNK)) = gap {
+            a.restate(at, State::Meta, &mut self.tcaches);
+            self.threads.get_mut(&stream).unwrap().tcache_struct = Some((ai, at));
+            return;
+        }
         if a.chunks.is_empty() {
             // Fresh arena: the struct is the first chunk, at the top.
             if first_chunk.is_none_or(|c| c >= a.top + TCACHE_STRUCT_CHUNK) {
@@ -233,10 +240,59 @@ impl GlibcModel {
             }
             return;
         }
+        // Space the trace has not explained yet (another thread's blocks, applied out of order,
+        // or this struct) holds it more likely than free space: right below the block first,
+        // then any unexplained piece that fits.
+        let fits = |(&a, ch): (&u64, &arena::Chunk)| (ch.state == State::Unseen && ch.size >= TCACHE_STRUCT_CHUNK).then_some((a, ch.size));
+        let below = first_chunk.and_then(|c| a.chunks.range(..c).next_back().and_then(fits).filter(|&(u, size)| u + size == c));
+        let unseen = below.map(|(u, size)| u + size - TCACHE_STRUCT_CHUNK).or_else(|| a.chunks.iter().find_map(fits).map(|(u, _)| u));
+        let at = match unseen {
+            Some(at) => {
+                a.take(at, TCACHE_STRUCT_CHUNK, 0, false, &mut self.tcaches);
+                a.restate(at, State::Meta, &mut self.tcaches);
+                at
+            }
+            None => self.guess_struct(ai),
+        };
+        self.threads.get_mut(&stream).unwrap().tcache_struct = Some((ai, at));
+    }
+
+    /// Place a tcache struct where `_int_malloc` probably put it (see [`Self::init_tcache`]).
+    fn guess_struct(&mut self, ai: usize) -> u64 {
+        let a = &mut self.arenas[ai];
         let at = a.place(TCACHE_STRUCT_CHUNK);
         a.take(at, TCACHE_STRUCT_CHUNK, 0, false, &mut self.tcaches);
         a.restate(at, State::Meta, &mut self.tcaches);
+        a.guesses.insert(at);
+        at
+    }
+
+    /// A tcache-struct-sized gap showed up below a block carved from the top of arena `ai`: if a
+    /// thread's struct there was only guessed, this is where it is; the guessed place is free.
+    fn adopt_gap(&mut self, ai: usize, at: u64) {
+        let Some((&stream, _)) = self.threads.iter().find(|(_, t)| t.tcache_struct.is_some_and(|(a, g)| a == ai && self.arenas[ai].guesses.contains(&g)))
+        else {
+            return;
+        };
+        let (_, g) = self.threads[&stream].tcache_struct.unwrap();
+        let a = &mut self.arenas[ai];
+        a.guesses.remove(&g);
+        a.restate(at, State::Meta, &mut self.tcaches);
+        let freed = a.free(g, stream, None, false, &mut self.tcaches);
         self.threads.get_mut(&stream).unwrap().tcache_struct = Some((ai, at));
+        self.after_bins_free(ai, freed);
+    }
+
+    /// Guessed tcache structs an allocation landed on: they were elsewhere; guess again.
+    fn move_displaced_guesses(&mut self, ai: usize) {
+        for _ in 0..64 {
+            let Some(g) = self.arenas[ai].displaced.pop() else { return };
+            let owner = self.threads.iter().find(|(_, t)| t.tcache_struct == Some((ai, g))).map(|(&s, _)| s);
+            let at = self.guess_struct(ai);
+            if let Some(s) = owner {
+                self.threads.get_mut(&s).unwrap().tcache_struct = Some((ai, at));
+            }
+        }
     }
 
     fn bind(&mut self, stream: u32, ai: usize) {
@@ -255,8 +311,11 @@ impl GlibcModel {
         let ai = self.arena_of(ptr, hdr);
         let c = ptr - 16;
         let size = chunk::size(hdr);
-        if via_tcache {
-            self.init_tcache(stream, ai, Some(c));
+        let ready = self.threads.get(&stream).is_some_and(|t| t.tcache_ready);
+        // In a fresh arena the struct goes first; elsewhere the block's placement tells.
+        let init_after = via_tcache && !ready && !self.arenas[ai].chunks.is_empty();
+        if via_tcache && !init_after {
+            self.init_tcache(stream, ai, Some(c), None);
         }
         self.bind(stream, ai);
         // Requests of 1024 B or more go through the large-bin path, which consolidates first.
@@ -268,6 +327,14 @@ impl GlibcModel {
         }
         let memalign = matches!(kind, EventKind::Memalign | EventKind::PosixMemalign | EventKind::AlignedAlloc | EventKind::Valloc | EventKind::Pvalloc);
         let taken = a.take(c, size, req, memalign, &mut self.tcaches);
+        let gap = a.last_gap;
+        if init_after {
+            self.init_tcache(stream, ai, Some(c), gap);
+        } else if let Some((at, TCACHE_STRUCT_CHUNK)) = gap {
+            // A struct-sized gap at the top: a struct the model guessed elsewhere is here.
+            self.adopt_gap(ai, at);
+        }
+        self.move_displaced_guesses(ai);
         self.params.note_heap_allocation(size);
         // `_int_malloc` refills the tcache with chunks of the same size it passes on the way.
         if matches!(taken, Taken::Fast | Taken::FreeExact) {
@@ -287,7 +354,8 @@ impl GlibcModel {
         let ai = self.arena_of(ptr, hdr);
         if init_tcache {
             let own = self.threads.get(&stream).and_then(|t| t.arena).unwrap_or(ai);
-            self.init_tcache(stream, own, None);
+            self.init_tcache(stream, own, None, None);
+            self.move_displaced_guesses(own);
         }
         let c = ptr - 16;
         let size = chunk::size(hdr);
@@ -627,12 +695,30 @@ impl GlibcModel {
         }
     }
 
+    /// After `_int_free` put a chunk in the bins: a merged chunk of 64 KiB or more trims — the
+    /// main heap with `systrim` (its new break is also reported when a hooked call made it), a
+    /// thread arena's heap with `heap_trim`.
     fn after_bins_free(&mut self, ai: usize, freed: Freed) {
-        if let Freed::Bins { merged } = freed {
-            if merged >= params::CONSOLIDATION_THRESHOLD && !self.arenas[ai].is_main() {
-                let (pad, thr) = (self.params.top_pad, self.params.trim_threshold);
-                self.arenas[ai].heap_trim(pad, thr);
-            }
+        let Freed::Bins { merged } = freed else { return };
+        if merged < params::CONSOLIDATION_THRESHOLD {
+            return;
+        }
+        let (pad, thr) = (self.params.top_pad, self.params.trim_threshold);
+        let a = &mut self.arenas[ai];
+        if !a.is_main() {
+            a.heap_trim(pad, thr);
+            return;
+        }
+        let top = a.top_size();
+        if top < thr {
+            return;
+        }
+        let area = top.saturating_sub(params::MINSIZE + 1);
+        if area > pad {
+            let extra = (area - pad) & !(arena::PAGE - 1);
+            a.heaps[0].size -= extra;
+            let end = a.end();
+            a.touched = a.touched.min(end);
         }
     }
 
