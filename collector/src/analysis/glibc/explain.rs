@@ -9,7 +9,8 @@ use crate::analysis::live::LiveModel;
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Cause {
     /// `fastbins`, `tcache`, `bins`, `top_pinned`, `top`, `mmap_threshold`, `arenas`,
-    /// `released`, `mmapped_rounding`, `metadata`.
+    /// `released`, `mmapped_rounding`, `metadata`, `returned` (memory that went back since the
+    /// peak).
     pub kind: &'static str,
     /// The arena it is about ("main", an address), when one.
     pub arena: Option<String>,
@@ -213,6 +214,21 @@ pub fn causes(g: &GlibcModel, live: &LiveModel, b: &Breakdown, start_ns: u64) ->
             arena: None,
             bytes: b.categories.metadata,
             text: format!("{} are glibc's own: arena and heap headers, tcache structs, and chunks the trace did not show", human(b.categories.metadata)),
+        });
+    }
+    // What went back.
+    let gone = g.peak_os_held.saturating_sub(held);
+    if gone >= 1 << 20 && gone * 2 >= g.peak_os_held {
+        out.push(Cause {
+            kind: "returned",
+            arena: None,
+            bytes: gone,
+            text: format!(
+                "{} of the {} held at the peak ({:.2} s) went back to the OS: freed memory merged into the top and glibc trimmed the heap, or freed mmapped blocks were unmapped",
+                human(gone),
+                human(g.peak_os_held),
+                g.peak_os_held_ns.saturating_sub(start_ns) as f64 / 1e9
+            ),
         });
     }
     out.sort_by_key(|c| std::cmp::Reverse(c.bytes));

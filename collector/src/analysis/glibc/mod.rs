@@ -114,6 +114,9 @@ pub struct GlibcModel {
     last_event: FxHashMap<u32, u64>,
     pub start_ns: u64,
     pub lost_events: u64,
+    /// The most the process held from the OS for its heap and mmapped blocks, and when.
+    pub peak_os_held: u64,
+    pub peak_os_held_ns: u64,
     /// Heap-size and program-break reports older than what the model already knew.
     pub stale_observations: u64,
     pub uncertain: Vec<String>,
@@ -163,6 +166,8 @@ impl GlibcModel {
             start_ns,
             lost_events: 0,
             stale_observations: 0,
+            peak_os_held: 0,
+            peak_os_held_ns: 0,
             uncertain,
             tids: FxHashMap::default(),
         }
@@ -401,6 +406,18 @@ impl GlibcModel {
 
     /// Apply one event in merged order.
     pub fn apply(&mut self, ev: &Event, time_ns: u64, stream: u32) {
+        self.apply_event(ev, time_ns, stream);
+        // What is held changes with the heap's size or an mmapped block.
+        if matches!(ev, Event::ProgramBreak { .. } | Event::HeapSize { .. } | Event::ArenaHeap { .. } | Event::Alloc { .. } | Event::Realloc { .. }) {
+            let held = self.heap_held() + self.mmapped_bytes;
+            if held > self.peak_os_held {
+                self.peak_os_held = held;
+                self.peak_os_held_ns = time_ns;
+            }
+        }
+    }
+
+    fn apply_event(&mut self, ev: &Event, time_ns: u64, stream: u32) {
         self.settle_checkpoints(stream, time_ns);
         if !matches!(ev, Event::Mallinfo { .. } | Event::Time { .. }) {
             self.last_event.insert(stream, time_ns);
