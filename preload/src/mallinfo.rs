@@ -29,8 +29,7 @@
 //!   process: it never delays exit. It stops writing once the exiting thread took the `Exit`
 //!   checkpoint, and it never exits itself (a thread that exits has its DTV freed later by an
 //!   application thread: an unmatched free);
-//! * writes only `Periodic` checkpoints (with the program break before each, and the `Time` marks
-//!   every stream has), on a stream of
+//! * writes only `Periodic` checkpoints (and the `Time` marks every stream has), on a stream of
 //!   its own: the collector does not count a stream carrying a `Periodic` checkpoint as an
 //!   application thread (`analysis::merge::Merger::stream_count`).
 //!
@@ -166,15 +165,18 @@ pub fn available() -> bool {
     !MALLINFO2.load(Ordering::Relaxed).is_null()
 }
 
-/// `mallinfo2()` now. Takes every arena lock in turn: never call it from the allocation hooks.
-pub fn take() -> Option<Mallinfo2> {
+/// `mallinfo2()` now, with the collector clock read right before the call (0 before the ring is
+/// mapped): glibc's books describe an instant between that and the event's own time mark.
+/// Takes every arena lock in turn: never call it from the allocation hooks.
+pub fn take() -> Option<(Mallinfo2, u64)> {
     let p = MALLINFO2.load(Ordering::Acquire);
     if p.is_null() {
         return None;
     }
+    let before = writer::clock_now();
     // SAFETY: `p` is glibc's `mallinfo2`, whose C type is `Mallinfo2Fn`.
     let m = unsafe { core::mem::transmute::<*mut c_void, Mallinfo2Fn>(p)() };
-    Some(Mallinfo2 {
+    Some((Mallinfo2 {
         arena: m.arena as u64,
         ordblks: m.ordblks as u64,
         smblks: m.smblks as u64,
@@ -184,15 +186,15 @@ pub fn take() -> Option<Mallinfo2> {
         uordblks: m.uordblks as u64,
         fordblks: m.fordblks as u64,
         keepcost: m.keepcost as u64,
-    })
+    }, before))
 }
 
 /// Write a checkpoint into this thread's stream.
 ///
 /// # Safety
 /// `t` is this thread's state with the guard held.
-pub unsafe fn emit(t: *mut ThreadState, reason: MallinfoReason, mi: &Mallinfo2) {
-    let words = mi.encode(reason);
+pub unsafe fn emit(t: *mut ThreadState, reason: MallinfoReason, (mi, clock_before): &(Mallinfo2, u64)) {
+    let words = mi.encode(reason, *clock_before);
     // SAFETY: guard held per the contract; exactly `words.len()` words are written.
     unsafe { writer::emit(t, words.len(), |w| core::ptr::copy_nonoverlapping(words.as_ptr(), w, words.len())) };
 }
@@ -332,12 +334,8 @@ extern "C" fn sampler_main(_: *mut c_void) -> *mut c_void {
             if STOP.load(Ordering::Acquire) {
                 break;
             }
-            // SAFETY: `t` is this thread's state, guard held. The break first: glibc may have
-            // trimmed the heap in calls the hooks never see (a thread's exit empties its tcache).
-            unsafe {
-                crate::glibc::observe_brk(t);
-                emit(t, MallinfoReason::Periodic, &mi)
-            };
+            // SAFETY: `t` is this thread's state, guard held.
+            unsafe { emit(t, MallinfoReason::Periodic, &mi) };
         }
         next = next.saturating_add(period_ns);
         let now = sys::clock_ns(libc::CLOCK_MONOTONIC);

@@ -39,6 +39,15 @@ pub struct Hot {
 
 pub static mut HOT: Hot = Hot { ring: None, clock: core::ptr::null(), lossy: false };
 
+/// The collector clock as the ring publishes it (0 before the ring is mapped).
+pub fn clock_now() -> u64 {
+    // SAFETY: `HOT.clock` is null or points into the mapped ring, set before recording starts.
+    unsafe {
+        let c = (*core::ptr::addr_of!(HOT)).clock;
+        if c.is_null() { 0 } else { (*c).load(Ordering::Relaxed) }
+    }
+}
+
 /// Fork sequence numbers of this image (the child registers with the value current at fork).
 pub static FORK_SEQ: AtomicU64 = AtomicU64::new(0);
 

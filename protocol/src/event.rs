@@ -39,7 +39,7 @@
 //! | `Lost` | `w0 events blocks` |
 //! | `ThreadExit` | `w0` |
 //! | `Fork` | `w0 fork_seq` |
-//! | `Mallinfo` | `w0(reason) arena ordblks smblks hblks hblkhd fsmblks uordblks fordblks keepcost` |
+//! | `Mallinfo` | `w0(reason) arena ordblks smblks hblks hblkhd fsmblks uordblks fordblks keepcost clock_before` |
 //!
 //! `size` of `Calloc`/`Reallocarray` is `nmemb * size`, saturated at `u64::MAX` on overflow.
 //! A failed allocation has `ptr == 0` (for realloc: `new_ptr == 0` with `size > 0`).
@@ -99,7 +99,7 @@ pub const AUX_HAS_PREV_SIZE: u64 = 1 << 46;
 pub const AUX_HAS_STAMP: u64 = 1 << 47;
 
 /// The longest event, in words.
-pub const MAX_EVENT_WORDS: usize = 10;
+pub const MAX_EVENT_WORDS: usize = 11;
 
 macro_rules! kinds {
     ($($name:ident = $val:literal, $base:literal, $label:literal;)*) => {
@@ -153,7 +153,7 @@ kinds! {
     Lost = 36, 3, "lost";
     ThreadExit = 37, 1, "thread exit";
     Fork = 38, 2, "fork";
-    Mallinfo = 39, 10, "mallinfo2";
+    Mallinfo = 39, 11, "mallinfo2";
 }
 
 impl EventKind {
@@ -232,7 +232,10 @@ pub enum Event {
     /// The thread is about to fork; the child registers with this sequence number.
     Fork { seq: u64 },
     /// glibc's own books (`mallinfo2()`), taken by the preload as ground truth for the model.
-    Mallinfo { reason: MallinfoReason, mi: Mallinfo2 },
+    /// `clock_before`: the collector clock read right before `mallinfo2()` was called (the
+    /// event's own time mark is read after it returned): glibc's books are of an instant
+    /// between the two.
+    Mallinfo { reason: MallinfoReason, mi: Mallinfo2, clock_before: u64 },
     /// A kind this decoder does not know (written by a newer preload).
     Unknown { kind: u8 },
 }
@@ -304,10 +307,11 @@ pub struct Mallinfo2 {
 }
 
 impl Mallinfo2 {
-    /// The event words (header included) for a checkpoint.
-    pub const fn encode(&self, reason: MallinfoReason) -> [u64; 10] {
+    /// The event words (header included) for a checkpoint taken after the collector clock read
+    /// `clock_before`.
+    pub const fn encode(&self, reason: MallinfoReason, clock_before: u64) -> [u64; 11] {
         [
-            header(EventKind::Mallinfo, 10, reason as u64),
+            header(EventKind::Mallinfo, 11, reason as u64),
             self.arena,
             self.ordblks,
             self.smblks,
@@ -317,6 +321,7 @@ impl Mallinfo2 {
             self.uordblks,
             self.fordblks,
             self.keepcost,
+            clock_before,
         ]
     }
 }
@@ -455,6 +460,7 @@ pub fn decode(words: &[u64], at: usize) -> Result<(Event, usize), DecodeError> {
                 fordblks: w[8],
                 keepcost: w[9],
             },
+            clock_before: w[10],
         },
     };
     Ok((ev, len))
@@ -540,8 +546,8 @@ mod tests {
     #[test]
     fn mallinfo_round_trips() {
         let mi = Mallinfo2 { arena: 1, ordblks: 2, smblks: 3, hblks: 4, hblkhd: 5, fsmblks: 6, uordblks: 7, fordblks: 8, keepcost: 9 };
-        let w = mi.encode(MallinfoReason::AfterTrim);
-        assert_eq!(decode(&w, 0).unwrap(), (Event::Mallinfo { reason: MallinfoReason::AfterTrim, mi }, 10));
+        let w = mi.encode(MallinfoReason::AfterTrim, 77);
+        assert_eq!(decode(&w, 0).unwrap(), (Event::Mallinfo { reason: MallinfoReason::AfterTrim, mi, clock_before: 77 }, 11));
     }
 
     #[test]

@@ -83,6 +83,7 @@ pub struct Samples {
     pub timeline: Vec<TimelinePoint>,
     /// The glibc model's breakdown and causes at the highest RSS sample so far.
     pub peak_retention: Option<(u64, super::glibc::breakdown::Breakdown, Vec<super::glibc::explain::Cause>)>,
+    peak_rss: u64,
     /// The causes right before each `malloc_trim` call (in the order of the model's trims).
     pub before_trims: Vec<Vec<super::glibc::explain::Cause>>,
     start_ns: u64,
@@ -110,8 +111,10 @@ impl Samples {
                 rss_bytes: rss,
                 categories: glibc.categories(),
             });
-            // The last sample at the peak: where the most of it is no longer live.
-            if glibc.enabled && self.peak_retention.as_ref().is_none_or(|(r, _, _)| rss >= *r) {
+            // The last sample of the peak's plateau (within 1 % of the highest so far): there,
+            // the most of it is no longer live.
+            self.peak_rss = self.peak_rss.max(rss);
+            if glibc.enabled && rss as u128 * 100 >= self.peak_rss as u128 * 99 {
                 let b = glibc.breakdown(t);
                 let causes = super::glibc::explain::causes(glibc, model, &b, self.start_ns);
                 self.peak_retention = Some((rss, b, causes));

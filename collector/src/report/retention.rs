@@ -33,6 +33,9 @@ pub struct Retention {
     pub model_conflicts: u64,
     /// The first few, described.
     pub model_conflict_examples: Vec<String>,
+    /// Reports of the program break or a heap's size that lay below the model's top chunk:
+    /// stale (merged after a newer one) or a sign the model holds in use what glibc trimmed.
+    pub stale_observations: u64,
     /// Where a rule may not hold for this process, in words.
     pub uncertain: Vec<String>,
 }
@@ -179,6 +182,7 @@ pub fn build(img: &ImageAnalysis) -> Option<Retention> {
         trims,
         at_peak_rss: img.samples.peak_retention.as_ref().map(|(rss, b, causes)| PeakState { rss_bytes: *rss, breakdown: b.clone(), causes: causes.clone() }),
         resident: img.samples.resident.last().cloned(),
+        stale_observations: g.stale_observations,
         model_conflicts: g.conflicts(),
         model_conflict_examples: g.arenas.iter().flat_map(|a| a.conflict_log.iter().map(move |l| format!("{}: {l}", if a.is_main() { "main".to_string() } else { format!("{:#x}", a.id) }))).take(10).collect(),
         uncertain: g.uncertain.clone(),

@@ -46,10 +46,13 @@ pub struct Checkpoint {
     pub reason: MallinfoReason,
     pub glibc: Mallinfo2,
     pub model: Mallinfo2,
-    /// The checkpoint was taken where the stream's order is exact: on the thread whose calls it
-    /// follows (trim, exit), or by the sampler thread while no other thread was calling (no
-    /// event of another stream within 2 ms). `None` until known.
+    /// The checkpoint sits where the merged order is exact: every event of another thread
+    /// applied before it carries an earlier time mark than the clock read before `mallinfo2`
+    /// was called, and every one applied after it a later mark than its own (read after). Its
+    /// own thread's events are in order anyway. `None` until known.
     pub exact_order: Option<bool>,
+    /// The collector clock read right before `mallinfo2()` (0: unknown).
+    pub clock_before: u64,
     stream: u32,
 }
 
@@ -418,8 +421,9 @@ impl GlibcModel {
     }
 
     fn apply_event(&mut self, ev: &Event, time_ns: u64, stream: u32) {
-        self.settle_checkpoints(stream, time_ns);
-        if !matches!(ev, Event::Mallinfo { .. } | Event::Time { .. }) {
+        // Only the allocator's own calls matter for a checkpoint's order (not observations).
+        if ev_is_call(ev) {
+            self.settle_checkpoints(stream, time_ns);
             self.last_event.insert(stream, time_ns);
         }
         match *ev {
@@ -491,6 +495,8 @@ impl GlibcModel {
                     h.size = brk - h.base;
                     a.touched = a.touched.min(brk);
                 } else {
+                    // Stale (another thread's older look, merged after a newer one), or glibc
+                    // trimmed below what the model holds in use: counted, not applied.
                     self.stale_observations += 1;
                 }
             }
@@ -539,16 +545,17 @@ impl GlibcModel {
             Event::Lost { events, .. } => {
                 self.lost_events += events;
             }
-            Event::Mallinfo { reason, mi } => {
+            Event::Mallinfo { reason, mi, clock_before } => {
                 if reason == MallinfoReason::Start {
                     self.start_from_books(stream, &mi);
                 }
-                let exact = match reason {
-                    MallinfoReason::Periodic => None,
-                    _ => Some(true),
-                };
+                let start = if clock_before != 0 { clock_before.min(time_ns) } else { time_ns };
+                // Nothing of another thread applied so far may have happened after the clock
+                // read `start`.
+                let before_ok = self.last_event.iter().filter(|(s, _)| **s != stream).all(|(_, &t)| t < start);
                 let model = self.mallinfo();
-                self.checkpoints.push(Checkpoint { time_ns, reason, glibc: mi, model, exact_order: exact, stream });
+                let exact_order = if before_ok { None } else { Some(false) };
+                self.checkpoints.push(Checkpoint { time_ns, reason, glibc: mi, model, exact_order, clock_before, stream });
             }
             _ => {}
         }
@@ -739,25 +746,27 @@ impl GlibcModel {
         }
     }
 
-    /// Decide the order of pending periodic checkpoints: exact when no other stream had an
-    /// event within 2 ms on either side.
+    /// Decide the order of pending checkpoints as other threads' events come: one stamped no
+    /// later than the checkpoint's own mark, applied after it, may have happened before it.
+    /// Once the merged history is 20 ms past a checkpoint, nothing can come back before it.
     fn settle_checkpoints(&mut self, stream: u32, time_ns: u64) {
-        const QUIET_NS: u64 = 2_000_000;
-        for cp in self.checkpoints.iter_mut().rev().take(4) {
+        const SETTLED_NS: u64 = 20_000_000;
+        for cp in self.checkpoints.iter_mut().rev().take(8) {
             if cp.exact_order.is_none() && cp.stream != stream {
-                let before_ok = self.last_event.iter().filter(|(s, _)| **s != cp.stream).all(|(_, &t)| t + QUIET_NS <= cp.time_ns);
-                cp.exact_order = Some(before_ok && time_ns >= cp.time_ns + QUIET_NS);
+                if time_ns <= cp.time_ns {
+                    cp.exact_order = Some(false);
+                } else if time_ns > cp.time_ns + SETTLED_NS {
+                    cp.exact_order = Some(true);
+                }
             }
         }
     }
 
-    /// End of the stream: checkpoints nobody came after are exact if nothing came just before.
+    /// End of the stream: checkpoints nothing contradicted are exact.
     pub fn finish(&mut self) {
-        const QUIET_NS: u64 = 2_000_000;
         for cp in &mut self.checkpoints {
             if cp.exact_order.is_none() {
-                let before_ok = self.last_event.iter().filter(|(s, _)| **s != cp.stream).all(|(_, &t)| t + QUIET_NS <= cp.time_ns);
-                cp.exact_order = Some(before_ok);
+                cp.exact_order = Some(true);
             }
         }
     }
@@ -778,6 +787,11 @@ impl GlibcModel {
         m.keepcost = self.arenas[0].top_size();
         m
     }
+}
+
+/// A call of the application (what a checkpoint's order is judged against).
+fn ev_is_call(ev: &Event) -> bool {
+    matches!(ev, Event::Alloc { .. } | Event::Free { .. } | Event::Realloc { .. } | Event::MallocTrim { .. } | Event::Mallopt { .. } | Event::ThreadExit)
 }
 
 fn glibc_version(s: &str) -> Option<(u32, u32)> {

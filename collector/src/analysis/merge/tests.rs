@@ -374,12 +374,12 @@ fn the_mallinfo_sampler_stream_is_not_counted_as_a_thread() {
     let mut model = LiveModel::default();
     let mi = Mallinfo2 { arena: 135168, ..Default::default() };
     let mut app = vec![ev::header(EventKind::Time, 2, 0), 5, ev::header(EventKind::Malloc, 3, 0), 0x10, 4];
-    app.extend_from_slice(&mi.encode(MallinfoReason::BeforeTrim));
+    app.extend_from_slice(&mi.encode(MallinfoReason::BeforeTrim, 0));
     app.extend_from_slice(&[ev::header(EventKind::MallocTrim, 2, 0), 0]);
-    app.extend_from_slice(&mi.encode(MallinfoReason::AfterTrim));
-    app.extend_from_slice(&mi.encode(MallinfoReason::Exit));
+    app.extend_from_slice(&mi.encode(MallinfoReason::AfterTrim, 0));
+    app.extend_from_slice(&mi.encode(MallinfoReason::Exit, 0));
     let mut sampler = vec![ev::header(EventKind::Time, 2, 0), 1];
-    sampler.extend_from_slice(&mi.encode(MallinfoReason::Periodic));
+    sampler.extend_from_slice(&mi.encode(MallinfoReason::Periodic, 0));
     m.add_chunk(&Chunk { image: 0, stream: 1, tid: 100, block_seq: 0, offset: 0, words: sampler });
     m.add_chunk(&Chunk { image: 0, stream: 2, tid: 99, block_seq: 0, offset: 0, words: app });
     m.end();
