@@ -95,6 +95,20 @@ pub unsafe fn observe_brk(t: *mut ThreadState) {
     }
 }
 
+/// Report the program break even if this thread saw the same value last time: other threads
+/// may have moved it and glibc may have moved it back (a thread's exit trims the heap with
+/// frees the hooks never see), so only a fresh report is sure to be current.
+///
+/// # Safety
+/// Guard held, `t` this thread's state.
+pub unsafe fn report_brk(t: *mut ThreadState) {
+    // SAFETY: per the contract.
+    unsafe {
+        (*t).last_brk = u64::MAX;
+        observe_brk(t);
+    }
+}
+
 // Known thread-arena heaps and arenas, so each heap is validated once per process.
 const MAX_HEAPS: usize = 1024;
 static HEAPS: [AtomicU64; MAX_HEAPS] = [const { AtomicU64::new(0) }; MAX_HEAPS];

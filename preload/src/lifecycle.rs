@@ -245,7 +245,7 @@ pub fn on_exit(status: i64) {
         let nested = (*t).busy != 0;
         (*t).busy += 1;
         // The break first: the model must know where the heap ends before it compares.
-        glibc::observe_brk(t);
+        glibc::report_brk(t);
         if !nested {
             mallinfo::exit_checkpoint(t);
         }

@@ -229,7 +229,7 @@ pub unsafe fn start_checkpoint(t: *mut ThreadState) {
     if let Some(mi) = take() {
         // SAFETY: per the contract; the break first, so the model knows where the heap ends.
         unsafe {
-            crate::glibc::observe_brk(t);
+            crate::glibc::report_brk(t);
             emit(t, MallinfoReason::Start, &mi);
         }
     }

@@ -253,7 +253,8 @@ impl GlibcModel {
         // then any unexplained piece that fits.
         let fits = |(&a, ch): (&u64, &arena::Chunk)| (ch.state == State::Unseen && ch.size >= TCACHE_STRUCT_CHUNK).then_some((a, ch.size));
         let below = first_chunk.and_then(|c| a.chunks.range(..c).next_back().and_then(fits).filter(|&(u, size)| u + size == c));
-        let unseen = below.map(|(u, size)| u + size - TCACHE_STRUCT_CHUNK).or_else(|| a.chunks.iter().find_map(fits).map(|(u, _)| u));
+        let exact = || a.chunks.iter().find(|(_, ch)| ch.state == State::Unseen && ch.size == TCACHE_STRUCT_CHUNK).map(|(&u, _)| u);
+        let unseen = below.map(|(u, size)| u + size - TCACHE_STRUCT_CHUNK).or_else(exact).or_else(|| a.chunks.iter().find_map(fits).map(|(u, _)| u));
         let at = match unseen {
             Some(at) => {
                 a.take(at, TCACHE_STRUCT_CHUNK, 0, false, &mut self.tcaches);
