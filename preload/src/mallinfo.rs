@@ -324,7 +324,9 @@ extern "C" fn sampler_main(_: *mut c_void) -> *mut c_void {
         libc::prctl(libc::PR_SET_NAME, c"mtrace-mallinfo".as_ptr() as usize, 0usize, 0usize, 0usize);
     }
     let period_ns = PERIOD_MS.load(Ordering::Relaxed).saturating_mul(1_000_000);
-    let mut next = sys::clock_ns(libc::CLOCK_MONOTONIC);
+    // The first checkpoint one period in: the registering thread takes the `Start` one.
+    let mut next = sys::clock_ns(libc::CLOCK_MONOTONIC).saturating_add(period_ns);
+    sleep_until(next);
     loop {
         if STOP.load(Ordering::Acquire) || writer::STATE.load(Ordering::Acquire) != ACTIVE {
             break;

@@ -120,6 +120,8 @@ pub struct GlibcModel {
     /// The most the process held from the OS for its heap and mmapped blocks, and when.
     pub peak_os_held: u64,
     pub peak_os_held_ns: u64,
+    /// The `Start` checkpoint was applied (or the image was forked from a started one).
+    started: bool,
     /// Heap-size and program-break reports older than what the model already knew.
     pub stale_observations: u64,
     pub uncertain: Vec<String>,
@@ -169,6 +171,7 @@ impl GlibcModel {
             start_ns,
             lost_events: 0,
             stale_observations: 0,
+            started: false,
             peak_os_held: 0,
             peak_os_held_ns: 0,
             uncertain,
@@ -424,7 +427,13 @@ impl GlibcModel {
     fn apply_event(&mut self, ev: &Event, time_ns: u64, stream: u32) {
         // Only the allocator's own calls matter for a checkpoint's order (not observations).
         if ev_is_call(ev) {
-            self.settle_checkpoints(stream, time_ns);
+            // A call's effect lies just before its event's mark — except malloc_trim's, which
+            // takes milliseconds: it began after the thread's previous event.
+            let effect = match ev {
+                Event::MallocTrim { .. } => self.last_event.get(&stream).copied().unwrap_or(0),
+                _ => time_ns,
+            };
+            self.settle_checkpoints(stream, effect, time_ns);
             self.last_event.insert(stream, time_ns);
         }
         match *ev {
@@ -555,7 +564,9 @@ impl GlibcModel {
                 // read `start`.
                 let before_ok = self.last_event.iter().filter(|(s, _)| **s != stream).all(|(_, &t)| t < start);
                 let model = self.mallinfo();
-                let exact_order = if before_ok { None } else { Some(false) };
+                // Before the image's `Start` checkpoint the model does not know the heap yet.
+                let exact_order = if before_ok && (self.started || reason == MallinfoReason::Start) { None } else { Some(false) };
+                self.started |= reason == MallinfoReason::Start;
                 self.checkpoints.push(Checkpoint { time_ns, reason, glibc: mi, model, exact_order, clock_before, stream });
             }
             _ => {}
@@ -750,11 +761,11 @@ impl GlibcModel {
     /// Decide the order of pending checkpoints as other threads' events come: one stamped no
     /// later than the checkpoint's own mark, applied after it, may have happened before it.
     /// Once the merged history is 20 ms past a checkpoint, nothing can come back before it.
-    fn settle_checkpoints(&mut self, stream: u32, time_ns: u64) {
+    fn settle_checkpoints(&mut self, stream: u32, effect_ns: u64, time_ns: u64) {
         const SETTLED_NS: u64 = 20_000_000;
         for cp in self.checkpoints.iter_mut().rev().take(8) {
             if cp.exact_order.is_none() && cp.stream != stream {
-                if time_ns <= cp.time_ns {
+                if effect_ns <= cp.time_ns {
                     cp.exact_order = Some(false);
                 } else if time_ns > cp.time_ns + SETTLED_NS {
                     cp.exact_order = Some(true);
