@@ -218,6 +218,7 @@ unsafe extern "C" fn fork_child() {
                 writer::STATE.store(ACTIVE, Ordering::Release);
                 // The parent's sampler thread did not survive the fork.
                 mallinfo::start_sampler();
+                // SAFETY: guard held (`busy` raised above).
                 mallinfo::start_checkpoint(t);
             }
             Registered::No => {
@@ -246,7 +247,10 @@ pub fn on_exit(status: i64) {
         (*t).busy += 1;
         // The break first: the model must know where the heap ends before it compares.
         glibc::report_brk(t);
-        if !nested {
+        // Only on the way out through exit() (the destructor, status -1): `_exit` may be called
+        // from a signal handler that interrupted malloc holding an arena lock (mallinfo2 would
+        // wait for it forever), or from a vfork child sharing the parent's memory.
+        if !nested && status == -1 {
             mallinfo::exit_checkpoint(t);
         }
         writer::flush_dropped(t);

@@ -5,8 +5,9 @@
 //!
 //! * around every `malloc_trim` of the application ([`crate::hooks::malloc_trim`]), on the
 //!   calling thread: `BeforeTrim`, the `MallocTrim` event, `AfterTrim`, in that order;
-//! * at exit ([`crate::lifecycle::on_exit`]: library destructor, `_exit`, `_Exit`), on the exiting
-//!   thread, once per process image, before the Bye;
+//! * at exit ([`crate::lifecycle::on_exit`], from the library destructor: `exit()` or a return
+//!   from `main`, not `_exit`/`_Exit`, which signal handlers and vfork children call), on the
+//!   exiting thread, once per process image, before the Bye;
 //! * periodically (`Periodic`), from a sampler thread of ours, every `MTRACE_MALLINFO_MS`
 //!   milliseconds (default 1000; `0`: no sampler thread at all). It starts when the image
 //!   registers with the collector and again in every fork child (in the atfork child handler,
@@ -309,6 +310,9 @@ pub fn start_sampler() {
             // pthread_create counted the thread in `__nptl_nthreads` before starting it; glibc
             // calls exit(0) when a leaving thread brings the count to zero. Ours never leaves:
             // uncounted, it does not keep a process whose threads all left alive.
+            // SAFETY: `nthreads` is glibc's `__nptl_nthreads` (resolved by name), an aligned
+            // `unsigned int` that lives as long as libc and that glibc itself only updates
+            // atomically; viewing it as an AtomicU32 matches those accesses.
             AtomicU32::from_ptr(nthreads as *mut u32).fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -318,6 +322,7 @@ extern "C" fn sampler_main(_: *mut c_void) -> *mut c_void {
     let t = tls::state();
     // SAFETY: `t` is this new thread's TLS block (zeroed by the loader). The guard stays held for
     // the thread's whole life; `key_set` keeps `switch_block` from calling pthread_setspecific.
+    // prctl(PR_SET_NAME) reads a NUL-terminated name of at most 16 bytes (ours is static).
     unsafe {
         (*t).busy = 1;
         (*t).key_set = 1;

@@ -68,7 +68,8 @@ pub struct ImageAnalysis {
     pub peak_rss_sample: u64,
     pub last_rss_sample: u64,
     /// Heaps at each of this image's fork events, for its children.
-    pub fork_snapshots: FxHashMap<u64, (LiveModel, GlibcModel)>,
+    /// (with the glibc model and the stream that forked).
+    pub fork_snapshots: FxHashMap<u64, (LiveModel, (GlibcModel, u32))>,
     pub inherited_bytes: u64,
 }
 
@@ -172,14 +173,9 @@ impl ImageAnalysis {
     }
 
     /// Start from the parent's heap at the fork (or from nothing if it cannot be had).
-    pub fn start_from(&mut self, snapshot: Option<(LiveModel, GlibcModel)>) {
-        if let Some((mut s, mut g)) = snapshot {
-            // The child's glibc state is the parent's at the fork, with the child's own books.
-            g.start_ns = self.start_ns;
-            g.checkpoints.clear();
-            g.trims.clear();
-            g.params.changes.clear();
-            self.glibc = g;
+    pub fn start_from(&mut self, snapshot: Option<(LiveModel, (GlibcModel, u32))>) {
+        if let Some((mut s, g)) = snapshot {
+            self.glibc = g.0.fork_child(g.1, self.start_ns);
             s.now_ns = self.start_ns;
             // Counters describe this image's own calls; the heap is inherited.
             let live = s.c.live_bytes;
@@ -265,7 +261,7 @@ impl ImageAnalysis {
             }
             glibc.apply(&p.ev, p.time_ns, stream);
             if let Event::Fork { seq } = p.ev {
-                snaps.insert(seq, (model.clone(), glibc.clone()));
+                snaps.insert(seq, (model.clone(), (glibc.clone(), stream)));
             }
         });
         self.emit_timeline();

@@ -116,7 +116,7 @@ pub fn build(img: &ImageAnalysis) -> Option<Retention> {
         .map(|cp| {
             let (m, gl) = (fields(&cp.model), fields(&cp.glibc));
             let differences: BTreeMap<&'static str, i64> =
-                FIELDS.iter().zip(m.iter().zip(gl.iter())).filter(|(_, (a, b))| a != b).map(|(k, (a, b))| (*k, *a as i64 - *b as i64)).collect();
+                FIELDS.iter().zip(m.iter().zip(gl.iter())).filter(|(_, (a, b))| a != b).map(|(k, (a, b))| (*k, (*a as i128 - *b as i128).clamp(i64::MIN as i128, i64::MAX as i128) as i64)).collect();
             CheckpointInfo {
                 t_s: secs(cp.time_ns.saturating_sub(img.start_ns)),
                 reason: cp.reason.label(),
@@ -138,11 +138,12 @@ pub fn build(img: &ImageAnalysis) -> Option<Retention> {
         let c = &checkpoints[i];
         Some(CheckpointInfo { t_s: c.t_s, reason: c.reason, exact_order: c.exact_order, matches: c.matches, differences: c.differences.clone() })
     });
+    let tl = &img.samples.timeline;
     let rss_at = |t: u64, after: bool| -> u64 {
         if after {
-            img.samples.timeline.iter().find(|p| p.time_ns > t).map_or(0, |p| p.rss_bytes)
+            tl.get(tl.partition_point(|p| p.time_ns <= t)).map_or(0, |p| p.rss_bytes)
         } else {
-            img.samples.timeline.iter().rev().find(|p| p.time_ns < t).map_or(0, |p| p.rss_bytes)
+            tl.partition_point(|p| p.time_ns < t).checked_sub(1).map_or(0, |i| tl[i].rss_bytes)
         }
     };
     let trims = g

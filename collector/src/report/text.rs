@@ -195,7 +195,12 @@ fn retention(s: &mut String, r: &Retention) {
         }
     }
     if let Some(cp) = &r.mallinfo2_checkpoint {
-        let verdict = if cp.matches { "model and glibc agree".to_string() } else { format!("differences (model − glibc): {:?}", cp.differences) };
+        let verdict = if cp.matches {
+            "model and glibc agree".to_string()
+        } else {
+            let d: Vec<String> = cp.differences.iter().map(|(k, v)| format!("{k} {v:+}")).collect();
+            format!("model − glibc: {}", d.join(", "))
+        };
         let _ = writeln!(s, "      mallinfo2 at {:.3} s ({}): {verdict}", cp.t_s, cp.reason);
         let fields: Vec<String> = r.mallinfo2.iter().filter(|(_, v)| v.model != v.glibc).map(|(k, v)| format!("{k} {} vs {}", v.model, v.glibc)).collect();
         if !fields.is_empty() {

@@ -269,10 +269,17 @@ impl Arena {
         v
     }
 
+    /// The process wrote up to `addr` in the last heap.
     fn touch(&mut self, addr: u64) {
-        if addr > self.touched && addr <= self.end().max(addr) {
+        if addr > self.touched && addr <= self.end() {
             self.touched = addr;
         }
+    }
+
+    /// Does `addr` lie in the reservation of the last heap (where the top is)? Always for the
+    /// main arena (one heap); a thread arena's next heap may be mapped below its earlier ones.
+    fn in_last_heap(&self, addr: u64) -> bool {
+        self.is_main() || self.heaps.last().is_some_and(|h| addr >= h.base && addr < h.base.saturating_add(super::params::HEAP_MAX_SIZE))
     }
 
     // ---- what allocations do ------------------------------------------------------------
@@ -285,9 +292,15 @@ impl Arena {
     /// `gap_is_free`: a gap between the old top and `c` was given back by glibc (memalign's
     /// leading fragment) rather than used by glibc itself (a tcache struct, unseen chunks).
     pub fn take(&mut self, c: u64, size: u64, req: u64, gap_is_free: bool, tcaches: &mut Tcaches) -> Taken {
-        let end = c + size;
+        let end = c.saturating_add(size);
         let mut from = Taken::Top;
         self.last_gap = None;
+        let from_top = end > self.top && self.in_last_heap(c);
+        // The top was too small: before growing the heap, `_int_malloc` consolidates the
+        // fastbins (and retries).
+        if from_top && end.saturating_add(MINSIZE) > self.end() && self.t.fast_count > 0 {
+            self.consolidate(tcaches);
+        }
         // Fast chunks are not where glibc carves from: if the chunk overlaps fast chunks other
         // than an exact one, a consolidation happened first.
         let ov = self.overlapping(c, end);
@@ -342,7 +355,7 @@ impl Arena {
                 }
             }
         }
-        if end > self.top {
+        if from_top && end > self.top {
             if c > self.top {
                 // Space between the old top and the chunk.
                 let gap = Chunk::new(c - self.top, if gap_is_free { State::Free } else { State::Unseen });
@@ -357,8 +370,6 @@ impl Arena {
             }
             if c >= self.top {
                 from = Taken::Top;
-            } else if from != Taken::Conflict {
-                // Straddles the top: the rest came from it (in-place growth into top).
             }
             self.top = self.top.max(end);
             // The program break (or heap size) is reported right after the event that moved it.
@@ -438,7 +449,16 @@ impl Arena {
             moved.extend(self.bins.range((size, 0)..(size + 1, 0)).take(room as usize).map(|&(_, a)| a));
         }
         for &a in &moved {
-            self.restate(a, State::Tcache { tid }, tcaches);
+            // In place: a fast chunk's fastbin entry is already popped; a free chunk leaves
+            // its bin index.
+            let Some(c) = self.chunks.get(&a).copied() else { continue };
+            self.account(&c, -1);
+            if c.state == State::Free {
+                self.bins.remove(&(c.size, a));
+            }
+            let k = Chunk::new(c.size, State::Tcache { tid });
+            self.account(&k, 1);
+            self.chunks.insert(a, k);
         }
         tcaches.entry(tid).or_insert_with(|| vec![Vec::new(); 64])[bin].extend(moved);
     }
@@ -483,9 +503,11 @@ impl Arena {
         let mut lo = addr;
         let mut hi = addr + c.size;
         let mut released = (0u64, 0u64);
+        // A free chunk keeps one released range: of its neighbours', the larger (never their
+        // hull, which would cover the resident pages of the chunk freed between them).
         let mut join = |r: (u64, u64)| {
-            if r.1 > r.0 {
-                released = if released.1 > released.0 { (released.0.min(r.0), released.1.max(r.1)) } else { r };
+            if r.1 - r.0 > released.1 - released.0 {
+                released = r;
             }
         };
         if let Some((&pa, pc)) = self.chunks.range(..addr).next_back() {
@@ -505,11 +527,9 @@ impl Arena {
         }
         if hi == self.top {
             self.top = lo;
-            return hi - lo + self.top_size();
+            return self.top_size();
         }
         let mut k = Chunk::new(hi - lo, State::Free);
-        // Released ranges stay released only where they were (the merged range may cover a
-        // live page between them; keep the larger known range, a lower bound either way).
         k.released = released;
         self.insert(lo, k);
         hi - lo
@@ -555,7 +575,7 @@ impl Arena {
                 }
                 _ => 0,
             };
-            if tail + (super::params::HEAP_MAX_SIZE - prev.size) < top_pad + MINSIZE + PAGE {
+            if tail + super::params::HEAP_MAX_SIZE.saturating_sub(prev.size) < top_pad + MINSIZE + PAGE {
                 break;
             }
             self.heaps.pop();
@@ -594,7 +614,7 @@ impl Arena {
             return returned;
         }
         if let Some(h) = self.heaps.last_mut() {
-            h.size -= extra;
+            h.size = h.size.saturating_sub(extra);
         }
         self.touched = self.touched.min(self.end());
         returned + extra

@@ -158,7 +158,7 @@ impl GlibcModel {
                 categories: c,
                 untouched_bytes: untouched,
                 resident_estimate_bytes: res,
-                unexplained_bytes: held as i64 - c.sum() as i64,
+                unexplained_bytes: (held as i128 - c.sum() as i128).clamp(i64::MIN as i128, i64::MAX as i128) as i64,
                 conflicts: a.conflicts,
             });
         }
@@ -234,7 +234,7 @@ impl GlibcModel {
             heap_held: self.heap_held(),
         };
         for m in maps {
-            let len = (m.end - m.start).max(1);
+            let len = m.end.saturating_sub(m.start).max(1);
             match m.kind {
                 MapKind::Heap => r.brk_heap += m.rss,
                 MapKind::Anon => {
@@ -246,7 +246,7 @@ impl GlibcModel {
                     // by overlap.
                     let i = mm.partition_point(|&(_, e)| e <= m.start);
                     let in_mm = overlap(&mut mm[i..].iter().copied().take_while(|&(s, _)| s < m.end), m.start, m.end);
-                    let in_app = overlap(&mut self.app_maps.range(..m.end).map(|(&s, &l)| (s, s + l)), m.start, m.end);
+                    let in_app = overlap(&mut self.app_maps.range(..m.end).rev().map(|(&s, &l)| (s, s + l)).take_while(|&(_, e)| e > m.start), m.start, m.end);
                     let a = (m.rss as u128 * in_mm.min(len) as u128 / len as u128) as u64;
                     let b = (m.rss as u128 * in_app.min(len - in_mm.min(len)) as u128 / len as u128) as u64;
                     r.mmapped_chunks += a;

@@ -51,7 +51,7 @@ pub fn causes(g: &GlibcModel, live: &LiveModel, b: &Breakdown, start_ns: u64) ->
             let mut by: Vec<(u64, u64)> = a.fastbins.iter().enumerate().map(|(i, v)| ((i as u64 + 2) * 16, v.len() as u64)).filter(|&(_, n)| n > 0).collect();
             by.sort_by_key(|&(s, n)| std::cmp::Reverse(s * n));
             let what = match by.as_slice() {
-                [(s, n)] => format!("{} of freed {s}-byte chunks ({n} chunks, requests of {}–{} B)", human(s * n), s.saturating_sub(23).max(1), s - 8),
+                [(s, n)] => format!("{} of freed {s}-byte chunks ({n} chunks, requests of {}–{} B)", human(s * n), if *s > 32 { s - 23 } else { 0 }, s - 8),
                 [(s, n), ..] => format!("{} of freed small chunks (mostly {s}-byte: {})", human(a.t.fast), human(s * n)),
                 [] => human(a.t.fast),
             };
@@ -60,7 +60,7 @@ pub fn causes(g: &GlibcModel, live: &LiveModel, b: &Breakdown, start_ns: u64) ->
                 arena: arena_id(a),
                 bytes: a.t.fast,
                 text: format!(
-                    "{what} sit in fastbins of {}; fastbin chunks never coalesce or go back to the OS until consolidated, which only a request of 1009 B or more, a free that merges to 64 KiB, mallopt or malloc_trim does",
+                    "{what} sit in fastbins of {}; fastbin chunks never coalesce or go back to the OS until consolidated, which only a request of 1009 B or more, a request the top cannot serve, a free that merges to 64 KiB, mallopt or malloc_trim does",
                     arena_name(a)
                 ),
             });
@@ -103,7 +103,7 @@ pub fn causes(g: &GlibcModel, live: &LiveModel, b: &Breakdown, start_ns: u64) ->
                     arena: arena_id(a),
                     bytes: free_below,
                     text: format!(
-                        "the heap top of {} is pinned by {who}{when}; {} below it are free but cannot be given back by shrinking the heap",
+                        "the heap top of {} is pinned by {who}{when}: the {} of free chunks below it (the tcache, fastbin and bin bytes) cannot be given back by shrinking the heap",
                         arena_name(a),
                         human(free_below)
                     ),
@@ -127,18 +127,14 @@ pub fn causes(g: &GlibcModel, live: &LiveModel, b: &Breakdown, start_ns: u64) ->
                     arena_name(a),
                     human(top),
                     human(thr),
-                    if g.params.changes.iter().any(|c| c.new > c.old) { " (raised by the dynamic mmap threshold)" } else { "" }
+                    if g.params.changes.iter().any(|c| c.dynamic && c.new > c.old) { " (raised by the dynamic mmap threshold)" } else { "" }
                 )
             };
             out.push(Cause { kind: "top", arena: arena_id(a), bytes: top, text });
         }
     }
     if significant(b.categories.tcache, held) {
-        let threads = g.arenas.iter().flat_map(|a| a.chunks.values()).filter_map(|c| match c.state {
-            State::Tcache { tid } => Some(tid),
-            _ => None,
-        });
-        let n = threads.collect::<std::collections::BTreeSet<_>>().len();
+        let n = g.tcache_threads();
         out.push(Cause {
             kind: "tcache",
             arena: None,
@@ -152,7 +148,7 @@ pub fn causes(g: &GlibcModel, live: &LiveModel, b: &Breakdown, start_ns: u64) ->
         });
     }
     for c in &g.params.changes {
-        if c.new > c.old && c.heap_allocations_between > 0 {
+        if c.dynamic && c.new > c.old && c.heap_allocations_between > 0 {
             out.push(Cause {
                 kind: "mmap_threshold",
                 arena: None,
@@ -256,7 +252,7 @@ pub fn remedies(g: &GlibcModel, b: &Breakdown) -> Vec<Remedy> {
             ),
         });
     }
-    let rises: Vec<_> = g.params.changes.iter().filter(|c| c.new > c.old && c.heap_allocations_between > 0).collect();
+    let rises: Vec<_> = g.params.changes.iter().filter(|c| c.dynamic && c.new > c.old && c.heap_allocations_between > 0).collect();
     if !rises.is_empty() {
         let bytes: u64 = rises.iter().map(|c| c.heap_bytes_between).sum();
         let free_heap: u64 = g.arenas.iter().map(|a| a.t.free + a.t.fast + a.top_size()).sum();

@@ -122,6 +122,8 @@ pub struct GlibcModel {
     pub peak_os_held_ns: u64,
     /// The `Start` checkpoint was applied (or the image was forked from a started one).
     started: bool,
+    /// Checkpoints before this index have a decided order.
+    first_unsettled: usize,
     /// Heap-size and program-break reports older than what the model already knew.
     pub stale_observations: u64,
     pub uncertain: Vec<String>,
@@ -172,6 +174,7 @@ impl GlibcModel {
             lost_events: 0,
             stale_observations: 0,
             started: false,
+            first_unsettled: 0,
             peak_os_held: 0,
             peak_os_held_ns: 0,
             uncertain,
@@ -181,6 +184,53 @@ impl GlibcModel {
 
     fn t_s(&self, time_ns: u64) -> f64 {
         time_ns.saturating_sub(self.start_ns) as f64 / 1e9
+    }
+
+    /// The model of a fork child, from its parent's at the fork made by `forking_stream`. Only
+    /// the forking thread lives on in the child, where it writes stream 1: its tcache and arena
+    /// are the child's thread's; the other threads' cached chunks stay cached for good (glibc
+    /// never frees them). The books (checkpoints, trims, threshold history, peaks) start over.
+    pub fn fork_child(mut self, forking_stream: u32, start_ns: u64) -> GlibcModel {
+        const CHILD: u32 = 1;
+        const GONE: u32 = u32::MAX;
+        let mut threads = FxHashMap::default();
+        if let Some(t) = self.threads.remove(&forking_stream) {
+            threads.insert(CHILD, t);
+        }
+        let mut tcaches = Tcaches::default();
+        if let Some(b) = self.tcaches.remove(&forking_stream) {
+            tcaches.insert(CHILD, b);
+        }
+        for a in &mut self.arenas {
+            a.threads.clear();
+            for c in a.chunks.values_mut() {
+                if let State::Tcache { tid } = c.state {
+                    c.state = State::Tcache { tid: if tid == forking_stream { CHILD } else { GONE } };
+                }
+            }
+        }
+        if let Some(ai) = threads.get(&CHILD).and_then(|t: &ThreadInfo| t.arena) {
+            self.arenas[ai].threads.insert(CHILD);
+        }
+        self.threads = threads;
+        self.tcaches = tcaches;
+        self.start_ns = start_ns;
+        self.checkpoints.clear();
+        self.first_unsettled = 0;
+        self.trims.clear();
+        self.params.changes.clear();
+        self.last_event.clear();
+        self.stale_observations = 0;
+        self.lost_events = 0;
+        self.tids.clear();
+        self.peak_os_held = self.heap_held() + self.mmapped_bytes;
+        self.peak_os_held_ns = start_ns;
+        self
+    }
+
+    /// Threads whose tcache holds chunks.
+    pub fn tcache_threads(&self) -> usize {
+        self.tcaches.values().filter(|b| b.iter().any(|v| !v.is_empty())).count()
     }
 
     /// Contradictions between the trace and the model, summed over arenas.
@@ -411,8 +461,13 @@ impl GlibcModel {
         }
     }
 
-    /// Apply one event in merged order.
+    /// Apply one event in merged order. Values no glibc would produce (a misaligned block, a
+    /// chunk or heap larger than the address space) are counted as contradictions and ignored.
     pub fn apply(&mut self, ev: &Event, time_ns: u64, stream: u32) {
+        if self.enabled && !plausible(ev) {
+            self.arenas[0].conflict(|| format!("implausible event ignored: {ev:?}"));
+            return;
+        }
         self.apply_event(ev, time_ns, stream);
         // What is held changes with the heap's size or an mmapped block.
         if matches!(ev, Event::ProgramBreak { .. } | Event::HeapSize { .. } | Event::ArenaHeap { .. } | Event::Alloc { .. } | Event::Realloc { .. }) {
@@ -655,15 +710,15 @@ impl GlibcModel {
     }
 
     fn unmap_app(&mut self, addr: u64, len: u64) {
-        let end = addr + len;
-        let hit: Vec<(u64, u64)> = self.app_maps.range(..end).filter(|&(&s, &l)| s + l > addr).map(|(&s, &l)| (s, l)).collect();
+        let end = addr.saturating_add(len);
+        let hit: Vec<(u64, u64)> = self.app_maps.range(..end).filter(|&(&s, &l)| s.saturating_add(l) > addr).map(|(&s, &l)| (s, l)).collect();
         for (s, l) in hit {
             self.app_maps.remove(&s);
             if s < addr {
                 self.app_maps.insert(s, addr - s);
             }
-            if s + l > end {
-                self.app_maps.insert(end, s + l - end);
+            if s.saturating_add(l) > end {
+                self.app_maps.insert(end, s.saturating_add(l) - end);
             }
         }
     }
@@ -752,7 +807,7 @@ impl GlibcModel {
         let area = top.saturating_sub(params::MINSIZE + 1);
         if area > pad {
             let extra = (area - pad) & !(arena::PAGE - 1);
-            a.heaps[0].size -= extra;
+            a.heaps[0].size = a.heaps[0].size.saturating_sub(extra);
             let end = a.end();
             a.touched = a.touched.min(end);
         }
@@ -763,7 +818,8 @@ impl GlibcModel {
     /// Once the merged history is 20 ms past a checkpoint, nothing can come back before it.
     fn settle_checkpoints(&mut self, stream: u32, effect_ns: u64, time_ns: u64) {
         const SETTLED_NS: u64 = 20_000_000;
-        for cp in self.checkpoints.iter_mut().rev().take(8) {
+        let first = self.first_unsettled;
+        for cp in self.checkpoints[first..].iter_mut() {
             if cp.exact_order.is_none() && cp.stream != stream {
                 if effect_ns <= cp.time_ns {
                     cp.exact_order = Some(false);
@@ -771,6 +827,9 @@ impl GlibcModel {
                     cp.exact_order = Some(true);
                 }
             }
+        }
+        while self.checkpoints.get(self.first_unsettled).is_some_and(|c| c.exact_order.is_some()) {
+            self.first_unsettled += 1;
         }
     }
 
@@ -798,6 +857,26 @@ impl GlibcModel {
         m.uordblks = m.arena.saturating_sub(m.fordblks);
         m.keepcost = self.arenas[0].top_size();
         m
+    }
+}
+
+/// Could glibc have produced these values? Heap pointers are 16-aligned and above their
+/// 16-byte header, sizes stay far below the 47-bit address space, heaps below `HEAP_MAX_SIZE`.
+fn plausible(ev: &Event) -> bool {
+    const LIMIT: u64 = 1 << 47;
+    let block = |ptr: u64, hdr: u64, prev: u64| {
+        ptr == 0 || hdr == 0 || (ptr % 16 == 0 && ptr >= 16 + prev && chunk::size(hdr) < LIMIT && prev < LIMIT && ptr < LIMIT << 1)
+    };
+    match *ev {
+        Event::Alloc { ptr, chunk, prev_size, .. } => block(ptr, chunk, prev_size),
+        Event::Free { ptr, chunk, .. } => block(ptr, chunk, 0),
+        Event::Realloc { old_ptr, new_ptr, old_chunk, chunk, prev_size, .. } => block(old_ptr, old_chunk, 0) && block(new_ptr, chunk, prev_size),
+        Event::HeapSize { heap, size } => size <= params::HEAP_MAX_SIZE && heap < LIMIT << 1,
+        Event::ArenaHeap { heap, size, .. } => size <= params::HEAP_MAX_SIZE && heap < LIMIT << 1,
+        Event::ProgramBreak { brk } => brk < LIMIT << 1,
+        Event::Mmap { len, .. } | Event::Munmap { len, .. } => len < LIMIT,
+        Event::Mremap { old_len, new_len, .. } => old_len < LIMIT && new_len < LIMIT,
+        _ => true,
     }
 }
 
@@ -937,6 +1016,49 @@ mod tests {
         // A 512 KiB block now comes from the heap: counted against the change.
         malloc(&mut g, HEAP + TCACHE_STRUCT_CHUNK, 512 << 10);
         assert_eq!(g.params.changes[0].heap_allocations_between, 1);
+    }
+
+    #[test]
+    fn a_free_merging_into_a_small_top_under_64_kib_does_not_consolidate() {
+        let mut g = model();
+        let p = fill(&mut g, 20, 100);
+        let filler_at = HEAP + TCACHE_STRUCT_CHUNK + 20 * 112;
+        malloc(&mut g, filler_at, 70_000);
+        let big_at = filler_at + 70_016;
+        let big = malloc(&mut g, big_at, 40_000);
+        for &q in &p {
+            free(&mut g, q, 100, 1);
+        }
+        assert_eq!(g.mallinfo().smblks, 13);
+        // 40 016 + the top (under 24 KiB) < 64 KiB: glibc does not consolidate.
+        assert!(g.arenas[0].top_size() + 40_016 < 65_536, "{}", g.arenas[0].top_size());
+        free(&mut g, big, 40_000, 1);
+        assert_eq!(g.mallinfo().smblks, 13);
+        assert_eq!(g.arenas[0].top, big_at);
+        check_consistent(&g);
+    }
+
+    #[test]
+    fn implausible_values_are_ignored_not_a_panic() {
+        let mut g = model();
+        g.apply(&Event::Free { kind: EventKind::Free, ptr: 8, chunk: 33, stamp: None }, 1, 1);
+        g.apply(&Event::HeapSize { heap: 0x7f00_0000_0000, size: u64::MAX - 10 }, 1, 1);
+        g.apply(&Event::Alloc { kind: EventKind::Malloc, ptr: u64::MAX - 15, size: 1, align: 0, chunk: u64::MAX, prev_size: 0, stamp: None }, 1, 1);
+        assert_eq!(g.conflicts(), 3);
+        assert_eq!(g.mallinfo().arena, 0x21000);
+    }
+
+    #[test]
+    fn a_fork_child_keeps_the_forking_threads_tcache_as_its_own() {
+        let mut g = model();
+        let p = fill(&mut g, 2, 200);
+        free(&mut g, p[0], 200, 1);
+        free(&mut g, p[1], 200, 3);
+        let child = g.fork_child(3, 99);
+        // Stream 3's cached chunk is the child's thread's (stream 1); stream 1's is orphaned.
+        assert_eq!(child.tcache_threads(), 1);
+        assert_eq!(child.categories().tcache, 2 * 208);
+        assert!(child.checkpoints.is_empty() && child.start_ns == 99);
     }
 
     #[test]

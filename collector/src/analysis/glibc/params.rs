@@ -31,6 +31,8 @@ pub struct ThresholdChange {
     pub old: u64,
     pub new: u64,
     pub cause: String,
+    /// Made by the dynamic rule (a free), not by `mallopt`.
+    pub dynamic: bool,
     /// Heap (not mmapped) allocations since this change whose chunk size lies in `[old, new)`:
     /// under the old threshold they would have been mmapped and returned to the OS on free.
     pub heap_allocations_between: u64,
@@ -93,8 +95,7 @@ impl Params {
             changes: Vec::new(),
             uncertain: Vec::new(),
         };
-        // Tunables first, then the MALLOC_*_ aliases (glibc applies the aliases as tunables too;
-        // when both are given the GLIBC_TUNABLES string wins, as here).
+        // The MALLOC_*_ aliases first, then GLIBC_TUNABLES, which wins when both are given.
         let mut settings: Vec<(String, String, String)> = Vec::new();
         for e in env {
             let Some((k, v)) = e.split_once('=') else { continue };
@@ -147,8 +148,9 @@ impl Params {
                     p.arena_limit_source = format!("{source}={v}");
                 }
                 "mxfast" => p.set_max_fast(n),
-                "tcache_count" => p.tcache_count = n.min(65535),
-                "tcache_max" => p.tcache_max_chunk = request2size(n).min(TCACHE_MAX_CHUNK),
+                // glibc ignores counts above its maximum.
+                "tcache_count" if n <= 65535 => p.tcache_count = n,
+                "tcache_max" => p.tcache_max_chunk = request2size(n.min(1 << 20)).min(TCACHE_MAX_CHUNK),
                 "hugetlb" if n != 0 => p.uncertain.push(format!(
                     "{source}={v}: huge-page heaps change heap alignment and the main arena's use of brk; the arena model may be wrong"
                 )),
@@ -160,8 +162,12 @@ impl Params {
     }
 
     fn set_max_fast(&mut self, v: u64) {
-        // set_max_fast: 0 → MINSIZE/2 (no chunk qualifies), else (v + SIZE_SZ) & ~MALLOC_ALIGN_MASK.
-        self.max_fast = if v == 0 { 16 } else { (v + 8) & !15 };
+        // do_set_mxfast ignores values above MAX_FAST_SIZE (160); set_max_fast: a value under
+        // SIZE_SZ → MINSIZE/2 (no chunk qualifies), else (v + SIZE_SZ) & ~MALLOC_ALIGN_MASK.
+        if v > 160 {
+            return;
+        }
+        self.max_fast = if v < 8 { 16 } else { (v + 8) & !15 };
     }
 
     /// A `mallopt(param, value)` call that returned `result`.
@@ -195,6 +201,7 @@ impl Params {
                         old,
                         new: v,
                         cause: format!("mallopt(M_MMAP_THRESHOLD, {value})"),
+                        dynamic: false,
                         heap_allocations_between: 0,
                         heap_bytes_between: 0,
                     });
@@ -227,6 +234,7 @@ impl Params {
                 old,
                 new,
                 cause: format!("free() of a {} mmapped block (the dynamic threshold rule)", super::human(new)),
+                dynamic: true,
                 heap_allocations_between: 0,
                 heap_bytes_between: 0,
             });
@@ -238,7 +246,7 @@ impl Params {
     /// A heap (not mmapped) allocation of chunk size `csize`: count it against threshold rises
     /// that made it a heap allocation.
     pub fn note_heap_allocation(&mut self, csize: u64) {
-        for c in self.changes.iter_mut().filter(|c| c.new > c.old) {
+        for c in self.changes.iter_mut().filter(|c| c.dynamic && c.new > c.old) {
             if csize >= c.old && csize < c.new {
                 c.heap_allocations_between += 1;
                 c.heap_bytes_between += csize;
