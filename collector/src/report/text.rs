@@ -195,16 +195,14 @@ fn retention(s: &mut String, r: &Retention) {
         }
     }
     if let Some(cp) = &r.mallinfo2_checkpoint {
-        let verdict = if cp.matches {
-            "model and glibc agree".to_string()
-        } else {
-            let d: Vec<String> = cp.differences.iter().map(|(k, v)| format!("{k} {v:+}")).collect();
-            format!("model − glibc: {}", d.join(", "))
-        };
+        let verdict = if cp.matches { "model and glibc agree" } else { "model and glibc differ" };
         let _ = writeln!(s, "      mallinfo2 at {:.3} s ({}): {verdict}", cp.t_s, cp.reason);
-        let fields: Vec<String> = r.mallinfo2.iter().filter(|(_, v)| v.model != v.glibc).map(|(k, v)| format!("{k} {} vs {}", v.model, v.glibc)).collect();
-        if !fields.is_empty() {
-            let _ = writeln!(s, "        {}", fields.join(", "));
+        let _ = writeln!(s, "        {:<10} {:>14} {:>14} {:>12}", "field", "model", "glibc", "difference");
+        for k in ["arena", "hblkhd", "uordblks", "fordblks", "fsmblks", "keepcost"] {
+            if let Some(v) = r.mallinfo2.get(k) {
+                let d = v.model as i128 - v.glibc as i128;
+                let _ = writeln!(s, "        {k:<10} {:>14} {:>14} {:>12}", v.model, v.glibc, if d == 0 { "=".to_string() } else { format!("{d:+}") });
+            }
         }
     }
     if let Some(res) = &r.resident {

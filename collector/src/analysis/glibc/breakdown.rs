@@ -87,6 +87,9 @@ pub struct ArenaView {
     /// Free bytes: tcache + fastbins + bins + top (released pages included).
     pub free_bytes: u64,
     pub top_bytes: u64,
+    /// The part of the top above the trim threshold: what a trim would cut (glibc trims only
+    /// after a free that merges 64 KiB or more, or on `malloc_trim`).
+    pub top_above_trim_threshold_bytes: u64,
     /// Threads bound to the arena (that allocated from it last).
     pub threads: usize,
     pub thread_ids: Vec<u32>,
@@ -153,6 +156,7 @@ impl GlibcModel {
                 live_bytes: c.live,
                 free_bytes: c.tcache + c.fastbins + c.bins + c.released + c.top,
                 top_bytes: c.top,
+                top_above_trim_threshold_bytes: c.top.saturating_sub(self.params.trim_threshold),
                 threads: tids.len(),
                 thread_ids: tids,
                 categories: c,
