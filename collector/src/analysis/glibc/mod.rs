@@ -693,8 +693,25 @@ impl GlibcModel {
         let new_size = chunk::size(hdr);
         let a = &mut self.arenas[ai];
         if new_size > old_size {
-            a.take(c + old_size, new_size - old_size, 0, false, &mut self.tcaches);
+            // Grown into the next chunk: a free one is taken whole and what is left of it is
+            // split off and freed through _int_free (tcache, fastbin or bins); the top is cut.
+            let next = c + old_size;
+            let leftover = match a.chunks.get(&next) {
+                Some(n) if n.state == arena::State::Free && old_size + n.size >= new_size + params::MINSIZE => Some(old_size + n.size - new_size),
+                _ => None,
+            };
+            a.take(next, new_size - old_size, 0, false, &mut self.tcaches);
             a.join_in_use(c, new_size, req, &mut self.tcaches);
+            if let Some(rest) = leftover {
+                let rem = c + new_size;
+                if a.chunks.get(&rem).is_some_and(|ch| ch.state == arena::State::Free && ch.size == rest) {
+                    a.restate(rem, State::Meta, &mut self.tcaches);
+                    let bin = self.tcache_bin(stream, rest);
+                    let fast = self.params.is_fast(rest);
+                    let freed = self.arenas[ai].free(rem, stream, bin, fast, &mut self.tcaches);
+                    self.after_bins_free(ai, freed);
+                }
+            }
         } else if new_size < old_size {
             a.join_in_use(c, new_size, req, &mut self.tcaches);
             // The remainder is split off and goes through _int_free.
