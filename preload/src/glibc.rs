@@ -102,10 +102,51 @@ pub unsafe fn observe_brk(t: *mut ThreadState) {
 /// # Safety
 /// Guard held, `t` this thread's state.
 pub unsafe fn report_brk(t: *mut ThreadState) {
-    // SAFETY: per the contract.
+    let cb = g().curbrk;
+    if cb.is_null() {
+        return;
+    }
+    // SAFETY: `cb` is glibc's exported `__curbrk`; guard held per the contract.
     unsafe {
-        (*t).last_brk = u64::MAX;
-        observe_brk(t);
+        let b = core::ptr::read_volatile(cb);
+        (*t).last_brk = b;
+        writer::emit(t, 2, |w| {
+            *w = event::header(EventKind::ProgramBreak, 2, event::PROGRAM_BREAK_FRESH);
+            *w.add(1) = b;
+        });
+    }
+}
+
+/// Report the size of every thread-arena heap met so far (0 for one no longer mapped: glibc
+/// deleted it), fresh: at exit, when glibc may have trimmed heaps with frees the hooks never saw.
+///
+/// # Safety
+/// Guard held, `t` this thread's state.
+pub unsafe fn report_heaps(t: *mut ThreadState) {
+    if !g().heap_info {
+        return;
+    }
+    let n = NHEAPS.load(Ordering::Acquire).min(MAX_HEAPS);
+    for h in &HEAPS[..n] {
+        let base = h.load(Ordering::Relaxed);
+        if base == 0 {
+            continue;
+        }
+        let size = if crate::sys::page_is_mapped(base, g().page) {
+            // SAFETY: the page at `base` is mapped (just checked) and holds the heap's
+            // `heap_info`, whose `size` is the third word.
+            unsafe { core::ptr::read_volatile((base + 16) as *const u64) }
+        } else {
+            0
+        };
+        // SAFETY: guard held per the contract.
+        unsafe {
+            writer::emit(t, 3, |w| {
+                *w = event::header(EventKind::HeapSize, 3, event::PROGRAM_BREAK_FRESH);
+                *w.add(1) = base;
+                *w.add(2) = size;
+            });
+        }
     }
 }
 

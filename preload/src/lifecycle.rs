@@ -245,8 +245,11 @@ pub fn on_exit(status: i64) {
         // Not from inside our own code (an `_exit` from a signal handler that interrupted a hook).
         let nested = (*t).busy != 0;
         (*t).busy += 1;
-        // The break first: the model must know where the heap ends before it compares.
+        // The break and the heaps first: the model must know where they end before it compares.
         glibc::report_brk(t);
+        if status == -1 {
+            glibc::report_heaps(t);
+        }
         // Only on the way out through exit() (the destructor, status -1): `_exit` may be called
         // from a signal handler that interrupted malloc holding an arena lock (mallinfo2 would
         // wait for it forever), or from a vfork child sharing the parent's memory.

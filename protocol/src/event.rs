@@ -33,9 +33,9 @@
 //! | `MallocTrim` | `w0(result) pad` |
 //! | `Mallopt` | `w0(result) param value` |
 //! | `Time` | `w0 clock_ns` |
-//! | `ProgramBreak` | `w0 brk` |
+//! | `ProgramBreak` | `w0(fresh) brk` |
 //! | `ArenaHeap` | `w0 heap ar_ptr size prev` |
-//! | `HeapSize` | `w0 heap size` |
+//! | `HeapSize` | `w0(fresh) heap size` |
 //! | `Lost` | `w0 events blocks` |
 //! | `ThreadExit` | `w0` |
 //! | `Fork` | `w0 fork_seq` |
@@ -97,6 +97,9 @@ pub const AUX_HAS_PREV_SIZE: u64 = 1 << 46;
 /// `aux` flag: a stamp word (see [`crate::stamp`]) is the last word (allocations: the stamp found
 /// in the new block; frees: the stamp found in the block before this free replaced it).
 pub const AUX_HAS_STAMP: u64 = 1 << 47;
+
+/// `aux` flag of `ProgramBreak` and `HeapSize`: a fresh report (see [`Event::ProgramBreak`]).
+pub const PROGRAM_BREAK_FRESH: u64 = 1;
 
 /// The longest event, in words.
 pub const MAX_EVENT_WORDS: usize = 11;
@@ -220,12 +223,14 @@ pub enum Event {
     Mallopt { param: i32, value: i32, result: i64 },
     /// The collector's clock (CLOCK_MONOTONIC ns) as this thread saw it change.
     Time { clock_ns: u64 },
-    /// The program break, observed to have moved.
-    ProgramBreak { brk: u64 },
+    /// The program break, observed to have moved — or, `fresh`, reported at a point where no
+    /// other thread runs (the image's start and exit), whether it moved or not.
+    ProgramBreak { brk: u64, fresh: bool },
     /// A thread-arena heap seen for the first time (validated `heap_info`).
     ArenaHeap { heap: u64, ar_ptr: u64, size: u64, prev: u64 },
     /// A thread-arena heap's `heap_info.size` changed.
-    HeapSize { heap: u64, size: u64 },
+    /// `fresh`: reported at the image's exit for every heap (0: unmapped), see `ProgramBreak`.
+    HeapSize { heap: u64, size: u64, fresh: bool },
     /// Events dropped in lossy mode right before this point.
     Lost { events: u64, blocks: u64 },
     ThreadExit,
@@ -441,9 +446,9 @@ pub fn decode(words: &[u64], at: usize) -> Result<(Event, usize), DecodeError> {
         EventKind::MallocTrim => Event::MallocTrim { pad: w[1], result: sign_extend48(aux) },
         EventKind::Mallopt => Event::Mallopt { param: w[1] as i32, value: w[2] as i32, result: sign_extend48(aux) },
         EventKind::Time => Event::Time { clock_ns: w[1] },
-        EventKind::ProgramBreak => Event::ProgramBreak { brk: w[1] },
+        EventKind::ProgramBreak => Event::ProgramBreak { brk: w[1], fresh: aux & PROGRAM_BREAK_FRESH != 0 },
         EventKind::ArenaHeap => Event::ArenaHeap { heap: w[1], ar_ptr: w[2], size: w[3], prev: w[4] },
-        EventKind::HeapSize => Event::HeapSize { heap: w[1], size: w[2] },
+        EventKind::HeapSize => Event::HeapSize { heap: w[1], size: w[2], fresh: aux & PROGRAM_BREAK_FRESH != 0 },
         EventKind::Lost => Event::Lost { events: w[1], blocks: w[2] },
         EventKind::ThreadExit => Event::ThreadExit,
         EventKind::Fork => Event::Fork { seq: w[1] },

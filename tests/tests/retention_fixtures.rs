@@ -50,8 +50,8 @@ fn recorded(name: &str, args: &[&str], env: &[(&str, &str)]) -> (Value, Truth) {
 /// `shared_arenas`: threads allocate concurrently from one arena (MALLOC_ARENA_MAX=2 with 8
 /// workers). Which of two allocations a few hundred ns apart came first is then not always
 /// knowable from the trace, and once the workers exit (glibc empties their tcaches and trims,
-/// unseen) the model can keep memory glibc gave back: measured, most runs disagree after the
-/// exits. Before them — checkpoints in the first 600 ms, two 300 ms pauses before
+/// unseen) the model can keep memory glibc gave back until the process exits, where the
+/// preload's fresh reports of the break and the heaps bring it back. Before them — checkpoints in the first 600 ms, two 300 ms pauses before
 /// any worker exits — it must agree to within one misplaced tcache struct per worker; after,
 /// the report shows the disagreement (the checkpoints' `matches`), and the README says so.
 fn model_agrees_with_glibc(p: &Value, shared_arenas: bool) {

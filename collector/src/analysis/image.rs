@@ -115,7 +115,12 @@ impl Samples {
             // The last sample of the peak's plateau (within 1 % of the highest so far): there,
             // the most of it is no longer live.
             self.peak_rss = self.peak_rss.max(rss);
-            if glibc.enabled && rss as u128 * 100 >= self.peak_rss as u128 * 99 {
+            // A sample whose model state holds less than half of the stored one while RSS has
+            // not moved was taken while glibc was still giving the memory back (the model is
+            // a few ms ahead of the kernel there): it does not describe the peak.
+            let held = glibc.heap_held() + glibc.mmapped_bytes;
+            let consistent = self.peak_retention.as_ref().is_none_or(|(_, b, _)| held * 2 >= b.os_held_bytes);
+            if glibc.enabled && consistent && rss as u128 * 100 >= self.peak_rss as u128 * 99 {
                 let b = glibc.breakdown(t);
                 let causes = super::glibc::explain::causes(glibc, model, &b, self.start_ns);
                 self.peak_retention = Some((rss, b, causes));

@@ -228,11 +228,11 @@ impl LiveModel {
             Event::Sbrk { .. } => self.count(EventKind::Sbrk),
             Event::MallocTrim { .. } => self.count(EventKind::MallocTrim),
             Event::Mallopt { .. } => self.count(EventKind::Mallopt),
-            Event::ProgramBreak { brk } => self.c.brk = brk,
+            Event::ProgramBreak { brk, .. } => self.c.brk = brk,
             Event::ArenaHeap { heap, ar_ptr, size, .. } => {
                 self.arena_heaps.insert(heap, (ar_ptr, size));
             }
-            Event::HeapSize { heap, size } => {
+            Event::HeapSize { heap, size, .. } => {
                 self.arena_heaps.entry(heap).or_insert((0, 0)).1 = size;
             }
             Event::Lost { events, .. } => self.c.lost_events += events,

@@ -556,6 +556,78 @@ impl Arena {
         }
     }
 
+    /// The last heap of this thread arena is now `size` bytes (0: deleted), below the model's
+    /// top: as [`Arena::cut_to`]. A deleted heap's predecessor's fenceposts and free tail become
+    /// the top again (glibc's `heap_trim`).
+    pub fn cut_heap(&mut self, base: u64, size: u64, tcaches: &mut Tcaches) -> u64 {
+        if size > 0 {
+            return self.cut_to(base + size, tcaches);
+        }
+        if self.heaps.len() < 2 || self.heaps.last().is_none_or(|h| h.base != base) {
+            return 0;
+        }
+        let dropped = self.cut_to(base + HEAP_INFO + MINSIZE, tcaches);
+        self.heaps.pop();
+        self.header_meta = self.header_meta.saturating_sub(HEAP_INFO);
+        // The previous heap ended with fenceposts (Meta) after its old top.
+        let end = self.end();
+        let mut top = end;
+        while let Some((a, c)) = self.chunks.range(..top).next_back().map(|(&a, c)| (a, *c)) {
+            let fence = c.state == State::Meta && a + c.size == end && c.size < 2 * MINSIZE;
+            if (fence || c.state == State::Free) && a + c.size == top {
+                self.remove(a, tcaches);
+                top = a;
+            } else {
+                break;
+            }
+        }
+        self.top = top;
+        self.touched = self.touched.min(end);
+        dropped
+    }
+
+    /// The main heap now ends at `brk`, below the model's top: glibc trimmed after frees the
+    /// trace did not show. Everything at or above `brk − MINSIZE` was free; free chunks right
+    /// below it were part of the top. Returns the bytes the model held in use (not free) there.
+    pub fn cut_to(&mut self, brk: u64, tcaches: &mut Tcaches) -> u64 {
+        let limit = brk - MINSIZE;
+        let mut dropped = 0;
+        let above: Vec<u64> = self.chunks.range(limit..).map(|(&a, _)| a).collect();
+        for a in above {
+            if let Some(c) = self.remove(a, tcaches) {
+                if !matches!(c.state, State::Free | State::Fast) {
+                    dropped += c.size;
+                }
+            }
+        }
+        // A chunk straddling the limit ends there; free chunks at the end join the top.
+        let mut top = limit;
+        if let Some((a, c)) = self.chunks.range(..limit).next_back().map(|(&a, c)| (a, *c)) {
+            if a + c.size > limit {
+                self.remove(a, tcaches);
+                let mut k = Chunk::new(limit - a, c.state);
+                k.released = (0, 0);
+                self.insert(a, k);
+            }
+        }
+        while let Some((a, c)) = self.chunks.range(..top).next_back().map(|(&a, c)| (a, *c)) {
+            if c.state == State::Free && a + c.size == top {
+                self.remove(a, tcaches);
+                top = a;
+            } else {
+                break;
+            }
+        }
+        if self.chunks.range(..top).next_back().is_none_or(|(&a, c)| a + c.size <= top) {
+            self.top = top.min(self.top);
+        }
+        if let Some(h) = self.heaps.last_mut() {
+            h.size = brk.saturating_sub(h.base);
+        }
+        self.touched = self.touched.min(brk);
+        dropped
+    }
+
     /// After a free that merged ≥ 64 KiB in a thread arena: `heap_trim`. Returns bytes returned.
     pub fn heap_trim(&mut self, top_pad: u64, trim_threshold: u64) -> u64 {
         let mut returned = 0;

@@ -489,7 +489,10 @@ impl GlibcModel {
                 _ => time_ns,
             };
             self.settle_checkpoints(stream, effect, time_ns);
-            self.last_event.insert(stream, time_ns);
+            // A free is recorded before glibc frees (the block must still be readable): its
+            // effect may trail its mark by a preemption. Count it as ending 2 ms later.
+            let end = if matches!(ev, Event::Free { .. }) { time_ns.saturating_add(FREE_LAG_NS) } else { time_ns };
+            self.last_event.insert(stream, end);
         }
         match *ev {
             Event::Alloc { kind, ptr, size, align, chunk: hdr, prev_size, .. } => {
@@ -550,29 +553,45 @@ impl GlibcModel {
                     self.app_maps.insert(result, new_len.next_multiple_of(arena::PAGE));
                 }
             }
-            Event::ProgramBreak { brk } => {
+            Event::ProgramBreak { brk, fresh } => {
                 // Threads report the break they saw at their own events; in a merged order that
                 // is ambiguous within a few hundred µs, a report can be stale. The top chunk
-                // always lies below the break: a report below it is stale, not news.
+                // always lies below the break: a report below it is stale, not news — unless it
+                // is fresh (no other thread runs): then glibc trimmed what the model still holds
+                // (unseen frees: a thread's exit flushes its tcache), and the model follows.
                 let a = &mut self.arenas[0];
-                let h = &mut a.heaps[0];
-                if brk >= h.base && brk >= a.top + params::MINSIZE.min(brk - h.base) {
-                    h.size = brk - h.base;
+                let base = a.heaps[0].base;
+                if brk >= base && brk >= a.top + params::MINSIZE.min(brk - base) {
+                    a.heaps[0].size = brk - base;
                     a.touched = a.touched.min(brk);
+                } else if fresh && brk >= base + params::MINSIZE {
+                    self.stale_observations += 1;
+                    let dropped = a.cut_to(brk, &mut self.tcaches);
+                    if dropped > 0 {
+                        a.conflict(|| format!("the program break fell to {brk:#x}: {dropped} B the model held in use above it were free"));
+                    }
                 } else {
-                    // Stale (another thread's older look, merged after a newer one), or glibc
-                    // trimmed below what the model holds in use: counted, not applied.
                     self.stale_observations += 1;
                 }
             }
             Event::ArenaHeap { heap, ar_ptr, size, prev } => self.arena_heap(heap, ar_ptr, size, prev, stream),
-            Event::HeapSize { heap, size } => {
+            Event::HeapSize { heap, size, fresh } => {
                 if let Some(&ai) = self.heap_index.get(&heap) {
                     let a = &mut self.arenas[ai];
                     let last = a.heaps.last().is_some_and(|h| h.base == heap);
-                    // As for the break: the top chunk lies inside the last heap.
+                    // As for the break: the top chunk lies inside the last heap; a report below
+                    // it is stale — unless fresh, when glibc trimmed what the model holds.
                     if last && heap + size < a.top + params::MINSIZE {
                         self.stale_observations += 1;
+                        if fresh {
+                            let dropped = a.cut_heap(heap, size, &mut self.tcaches);
+                            if dropped > 0 {
+                                a.conflict(|| format!("heap {heap:#x} shrank to {size} B: {dropped} B the model held in use there were free"));
+                            }
+                            if size == 0 && a.heaps.last().is_none_or(|h| h.base != heap) {
+                                self.heap_index.remove(&heap);
+                            }
+                        }
                     } else if let Some(h) = a.heaps.iter_mut().find(|h| h.base == heap) {
                         h.size = size;
                         let end = a.end();
@@ -888,14 +907,17 @@ fn plausible(ev: &Event) -> bool {
         Event::Alloc { ptr, chunk, prev_size, .. } => block(ptr, chunk, prev_size),
         Event::Free { ptr, chunk, .. } => block(ptr, chunk, 0),
         Event::Realloc { old_ptr, new_ptr, old_chunk, chunk, prev_size, .. } => block(old_ptr, old_chunk, 0) && block(new_ptr, chunk, prev_size),
-        Event::HeapSize { heap, size } => size <= params::HEAP_MAX_SIZE && heap < LIMIT << 1,
+        Event::HeapSize { heap, size, .. } => size <= params::HEAP_MAX_SIZE && heap < LIMIT << 1,
         Event::ArenaHeap { heap, size, .. } => size <= params::HEAP_MAX_SIZE && heap < LIMIT << 1,
-        Event::ProgramBreak { brk } => brk < LIMIT << 1,
+        Event::ProgramBreak { brk, .. } => brk < LIMIT << 1,
         Event::Mmap { len, .. } | Event::Munmap { len, .. } => len < LIMIT,
         Event::Mremap { old_len, new_len, .. } => old_len < LIMIT && new_len < LIMIT,
         _ => true,
     }
 }
+
+/// How long after its time mark a free's effect is assumed done (see `apply_event`).
+const FREE_LAG_NS: u64 = 2_000_000;
 
 /// A call of the application (what a checkpoint's order is judged against).
 fn ev_is_call(ev: &Event) -> bool {
@@ -919,7 +941,7 @@ mod tests {
     fn model() -> GlibcModel {
         let meta = ProcessMeta { glibc_chunks: true, heap_info: true, ncpus: 2, glibc_version: "2.36".into(), ..Default::default() };
         let mut g = GlibcModel::new(&meta, HEAP, 0);
-        g.apply(&Event::ProgramBreak { brk: HEAP + 0x21000 }, 0, 1);
+        g.apply(&Event::ProgramBreak { brk: HEAP + 0x21000, fresh: false }, 0, 1);
         g
     }
 
@@ -1059,7 +1081,7 @@ mod tests {
     fn implausible_values_are_ignored_not_a_panic() {
         let mut g = model();
         g.apply(&Event::Free { kind: EventKind::Free, ptr: 8, chunk: 33, stamp: None }, 1, 1);
-        g.apply(&Event::HeapSize { heap: 0x7f00_0000_0000, size: u64::MAX - 10 }, 1, 1);
+        g.apply(&Event::HeapSize { heap: 0x7f00_0000_0000, size: u64::MAX - 10, fresh: false }, 1, 1);
         g.apply(&Event::Alloc { kind: EventKind::Malloc, ptr: u64::MAX - 15, size: 1, align: 0, chunk: u64::MAX, prev_size: 0, stamp: None }, 1, 1);
         assert_eq!(g.conflicts(), 3);
         assert_eq!(g.mallinfo().arena, 0x21000);
