@@ -275,7 +275,7 @@ fn retention(f: &mut Frame, area: Rect, p: &ProcessModel, focused: bool, th: The
     let table_h = rows.len() as u16 + 1;
     let side = inner.width >= 110;
     let (left, right) = if side {
-        let [l, r] = Layout::horizontal([Constraint::Length(62), Constraint::Min(20)]).areas(inner);
+        let [l, r] = Layout::horizontal([Constraint::Length(62), Constraint::Min(20)]).spacing(2).areas(inner);
         (l, r)
     } else {
         let [l, r] = Layout::vertical([Constraint::Length(summary.len() as u16 + table_h), Constraint::Min(0)]).areas(inner);
