@@ -263,3 +263,18 @@ fn no_glibc_model_and_no_samples() {
     let app = App::new(0, 0);
     has(&render_text(&empty, &app, 80, 24).join("\n"), "no process image");
 }
+
+#[test]
+fn long_timelines_are_thinned_to_the_chart_keeping_peaks() {
+    let m = model(1);
+    let mut p = m.processes[0].clone();
+    // 100 000 samples over 100 s, one spike of RSS at 50 s.
+    p.timeline = (0..100_000u64).map(|i| Point { t_s: i as f64 / 1000.0, rss_bytes: if i == 50_000 { 999 * MIB } else { MIB }, ..Point::default() }).collect();
+    p.duration_s = 100.0;
+    let thinned = super::ui::thin_for_test(&p.timeline, 0.0, 100.0, 160);
+    assert!(thinned.len() <= 161, "{}", thinned.len());
+    assert_eq!(thinned.iter().map(|x| x.1 as u64).max(), Some(999 * MIB), "the spike survives");
+    let m = DashboardModel { processes: vec![p], ..m };
+    let s = screen(&m, Panel::Timeline, |_| {});
+    has(&s, "1.02 GiB");
+}

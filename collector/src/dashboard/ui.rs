@@ -76,7 +76,9 @@ pub fn draw(f: &mut Frame, m: &DashboardModel, app: &App) {
     if app.details {
         details(f, body, m, p, app, th);
     } else {
-        let slots = if app.single { 1 } else { usize::from(body.width >= TWO_COLUMNS) + 1 } * if app.single { 1 } else { usize::from(body.height >= TWO_ROWS) + 1 };
+        let (cols, rows) = if app.single { (1, 1) } else { (usize::from(body.width >= TWO_COLUMNS) + 1, usize::from(body.height >= TWO_ROWS) + 1) };
+        // Panels go in pages of `slots`, in Tab order; the page shown is the focused panel's.
+        let slots = cols * rows;
         let page = app.focus / slots;
         let visible: Vec<Panel> = app.panels.iter().copied().skip(page * slots).take(slots).collect();
         for (panel, rect) in visible.iter().zip(grid(body, visible.len(), body.width >= TWO_COLUMNS && !app.single)) {
@@ -162,9 +164,11 @@ fn timeline(f: &mut Frame, area: Rect, p: &ProcessModel, app: &App, focused: boo
         return;
     }
     let [legend_area, chart_area, status] = Layout::vertical([Constraint::Length(1), Constraint::Min(1), Constraint::Length(1)]).areas(inner);
-    let live: Vec<(f64, f64)> = pts.iter().map(|q| (q.t_s, q.live_bytes as f64)).collect();
-    let held: Vec<(f64, f64)> = pts.iter().map(|q| (q.t_s, q.os_held_bytes() as f64)).collect();
-    let rss: Vec<(f64, f64)> = pts.iter().map(|q| (q.t_s, q.rss_bytes as f64)).collect();
+    // Two braille dots per cell across: more points than that only cost time.
+    let buckets = usize::from(chart_area.width) * 2;
+    let live = thin(pts, t0, t1, buckets, |q| q.live_bytes);
+    let held = thin(pts, t0, t1, buckets, Point::os_held_bytes);
+    let rss = thin(pts, t0, t1, buckets, |q| q.rss_bytes);
     let ymax = pts.iter().map(|q| q.live_bytes.max(q.os_held_bytes()).max(q.rss_bytes)).max().unwrap_or(0).max(1024) as f64 * 1.05;
     let (mr, mh, ml) = if th.color { (Marker::Braille, Marker::Braille, Marker::Braille) } else { (Marker::HalfBlock, Marker::Dot, Marker::Braille) };
     let datasets = vec![
@@ -208,6 +212,30 @@ fn timeline(f: &mut Frame, area: Rect, p: &ProcessModel, app: &App, focused: boo
 
 /// A category: its name, bytes and percent at the end, and at the peak when known.
 type CategoryRow<'a> = (&'a str, (u64, f64), Option<(u64, f64)>);
+
+/// `(t, value)` of `pts` for a chart, at most about `buckets` of them: where several samples
+/// share one of `buckets` equal slices of `[t0, t1]`, the largest value stands for them (peaks
+/// are what the chart is read for), at the time of the slice's first sample.
+fn thin(pts: &[Point], t0: f64, t1: f64, buckets: usize, value: impl Fn(&Point) -> u64) -> Vec<(f64, f64)> {
+    if pts.len() <= buckets.max(1) * 2 {
+        return pts.iter().map(|q| (q.t_s, value(q) as f64)).collect();
+    }
+    let span = (t1 - t0).max(f64::MIN_POSITIVE);
+    let slice = |t: f64| (((t - t0) / span * buckets as f64) as usize).min(buckets - 1);
+    let mut out: Vec<(f64, f64)> = Vec::with_capacity(buckets + 1);
+    let mut cur = usize::MAX;
+    for q in pts {
+        let (b, v) = (slice(q.t_s), value(q) as f64);
+        match out.last_mut() {
+            Some(last) if b == cur => last.1 = last.1.max(v),
+            _ => {
+                out.push((q.t_s, v));
+                cur = b;
+            }
+        }
+    }
+    out
+}
 
 /// The categories with bytes at the end and at the peak, the non-zero ones (all when none is).
 fn category_rows(r: &RetentionModel) -> Vec<CategoryRow<'_>> {
@@ -577,4 +605,9 @@ pub fn render_text(m: &DashboardModel, app: &App, width: u16, height: u16) -> Ve
     let mut term = ratatui::Terminal::new(ratatui::backend::TestBackend::new(width, height)).expect("the test backend cannot fail");
     term.draw(|f| draw(f, m, app)).expect("the test backend cannot fail");
     buffer_lines(term.backend().buffer())
+}
+
+#[cfg(test)]
+pub(super) fn thin_for_test(pts: &[Point], t0: f64, t1: f64, buckets: usize) -> Vec<(f64, f64)> {
+    thin(pts, t0, t1, buckets, |q| q.rss_bytes)
 }
