@@ -243,6 +243,8 @@ fn view(file: &std::path::Path, partial: bool, print: Option<(u16, u16)>, panel:
     match size {
         Some((w, h)) => {
             app.single = panel.is_some();
+            // Plain text has no colours: the timeline's series differ by their marks instead.
+            app.color = false;
             let mut text = dashboard::ui::render_text(&model, &app, w, h).join("\n");
             text.push('\n');
             write_stdout(text.as_bytes())

@@ -119,3 +119,75 @@ fn bad_input_is_a_clear_error() {
     assert_eq!(code, Some(2));
     assert!(err.contains("needs more than one process image"), "{err}");
 }
+
+/// Drives `mtracer view TRACE` in a real pseudo-terminal (python3's `pty`, 80×24) and runs
+/// `stty -a` right after it. Mode `keys`: `?`, any key, Tab, `q`; mode `panic`: nothing (the
+/// dashboard is made to panic after its first frame). Prints the steps reached, then everything
+/// the terminal received.
+const DRIVER: &str = r#"
+import os, pty, sys, time, select, termios, fcntl, struct
+mtracer, trace, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+pid, fd = pty.fork()
+if pid == 0:
+    fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 80, 0, 0))
+    os.execv('/bin/sh', ['sh', '-c', '"$0" view "$1"; echo "view-exit=$?"; stty -a', mtracer, trace])
+out = b''
+def read_until(needle, limit=30.0):
+    global out
+    end = time.time() + limit
+    while needle not in out and time.time() < end:
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    return needle in out
+steps = [read_until(b'Timeline')]
+if mode == 'keys':
+    os.write(fd, b'?'); steps.append(read_until(b'Keys'))
+    os.write(fd, b'x'); time.sleep(0.3)
+    os.write(fd, b'\t'); steps.append(read_until(b'category'))
+    os.write(fd, b'q')
+steps.append(read_until(b'view-exit='))
+steps.append(read_until(b'noflsh', 10))
+os.waitpid(pid, 0)
+sys.stdout.write(repr(steps) + '\n')
+sys.stdout.buffer.write(out)
+"#;
+
+/// Run [`DRIVER`] in `mode` with `env`; returns what the terminal showed, checked to have left
+/// the alternate screen and to be back in canonical mode with echo.
+fn in_a_pty(mode: &str, env: &[(&str, &str)], steps: &str) -> String {
+    let o = Command::new("python3").arg("-c").arg(DRIVER).arg(paths().mtracer()).arg(trace()).arg(mode).envs(env.iter().copied()).output().expect("python3 is needed");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let first = out.lines().next().unwrap_or("");
+    assert_eq!(first, steps, "steps reached:\n{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    // Entered and left the alternate screen, hid and showed the cursor.
+    assert!(out.contains("\x1b[?1049h") && out.contains("\x1b[?1049l"), "{out}");
+    assert!(out.contains("\x1b[?25l") && out.contains("\x1b[?25h"), "{out}");
+    let after = &out[out.find("view-exit=").unwrap()..];
+    assert!(after.contains(" icanon") && after.contains(" echo") && !after.contains("-icanon") && !after.contains(" -echo "), "the terminal is still raw:\n{after}");
+    out
+}
+
+/// The interactive dashboard draws, answers keys, quits on `q` with status 0 and leaves the
+/// terminal as it found it.
+#[test]
+fn interactive_mode_answers_keys_and_restores_the_terminal() {
+    let out = in_a_pty("keys", &[], "[True, True, True, True, True]");
+    assert!(out.contains("view-exit=0"), "{out}");
+}
+
+/// A panic inside the dashboard (forced here) still restores the terminal before the message.
+#[test]
+fn a_panic_restores_the_terminal() {
+    let out = in_a_pty("panic", &[("MTRACE_VIEW_TEST_PANIC", "1")], "[True, True, True]");
+    assert!(!out.contains("view-exit=0"), "{out}");
+    let restored = out.find("\x1b[?1049l").unwrap();
+    let message = out.find("panicked").unwrap_or_else(|| panic!("no panic message:\n{out}"));
+    assert!(restored < message, "the message went to the alternate screen:\n{out}");
+}

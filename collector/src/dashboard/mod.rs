@@ -81,6 +81,10 @@ fn event_loop(term: &mut Terminal<CrosstermBackend<Stdout>>, model: &DashboardMo
             // `draw` follows the terminal's size.
             term.draw(|f| ui::draw(f, model, app))?;
             dirty = false;
+            // For the end-to-end test that a panic restores the terminal.
+            if std::env::var_os("MTRACE_VIEW_TEST_PANIC").is_some() {
+                panic!("MTRACE_VIEW_TEST_PANIC is set");
+            }
         }
         // The timeout keeps the loop ready for the live mode's updates.
         if !event::poll(Duration::from_millis(250))? {
