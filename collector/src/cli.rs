@@ -87,6 +87,26 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         timeline_points: usize,
     },
+    /// Open a full-screen dashboard on a trace: timeline, retention, arenas, thresholds,
+    /// counters, processes (or, with --print or when stdout is not a terminal, print one frame)
+    View {
+        /// The trace file
+        file: PathBuf,
+        /// Analyse a damaged trace up to the damage instead of failing
+        #[arg(long)]
+        partial: bool,
+        /// Print one frame of this size (e.g. 100x40) as plain text and exit; the default when
+        /// stdout is not a terminal is 100x40
+        #[arg(long, value_name = "WxH", value_parser = parse_size)]
+        print: Option<(u16, u16)>,
+        /// The panel to focus (with --print: the only one shown)
+        #[arg(long, value_enum)]
+        panel: Option<crate::dashboard::app::Panel>,
+        /// The process image to show first, by its number in the report (default: the one that
+        /// allocated the most)
+        #[arg(long)]
+        image: Option<u32>,
+    },
     /// Print the records and events of a trace, one per line (for debugging mtrace itself)
     #[command(hide = true)]
     Dump {
@@ -155,6 +175,7 @@ pub fn main() -> i32 {
                 2
             }
         },
+        Cmd::View { file, partial, print, panel, image } => view(&file, partial, print, panel, image),
         Cmd::Dump { file } => match crate::trace::dump(&file, &mut std::io::stdout().lock()) {
             Ok(()) => 0,
             Err(crate::trace::TraceError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
@@ -168,6 +189,71 @@ pub fn main() -> i32 {
             Err(e) => {
                 eprintln!("mtracer agent: {e:#}");
                 1
+            }
+        },
+    }
+}
+
+/// `WIDTHxHEIGHT`, within what a terminal can be.
+fn parse_size(s: &str) -> Result<(u16, u16), String> {
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| format!("expected WIDTHxHEIGHT (like 100x40), got {s:?}"))?;
+    let w: u16 = w.trim().parse().map_err(|_| format!("bad width in {s:?}"))?;
+    let h: u16 = h.trim().parse().map_err(|_| format!("bad height in {s:?}"))?;
+    if !(20..=1000).contains(&w) || !(5..=1000).contains(&h) {
+        return Err(format!("{s}: the width must be 20 to 1000 and the height 5 to 1000"));
+    }
+    Ok((w, h))
+}
+
+fn view(file: &std::path::Path, partial: bool, print: Option<(u16, u16)>, panel: Option<crate::dashboard::app::Panel>, image: Option<u32>) -> i32 {
+    use crate::dashboard::{self, app::App, model::DashboardModel};
+    use std::io::IsTerminal;
+    // The whole analysis comes first, before the terminal is touched: bad input is reported
+    // exactly as `report` reports it.
+    let a = match crate::analysis::analyze_file(file, partial) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("mtracer: {e:#}");
+            return 2;
+        }
+    };
+    let model = DashboardModel::from_report(&report::build(&a, report::ReportOptions { max_timeline: 0 }));
+    drop(a);
+    let first = match image {
+        None => model.busiest(),
+        Some(n) => match model.processes.iter().position(|p| p.image == n) {
+            Some(i) => i,
+            None => {
+                eprintln!("mtracer: the trace has no process image {n} (it has {})", model.processes.len());
+                return 2;
+            }
+        },
+    };
+    let mut app = App::new(model.processes.len(), first);
+    app.color = dashboard::color_wanted();
+    if let Some(p) = panel.filter(|&p| !app.focus_panel(p)) {
+        eprintln!("mtracer: the {} panel needs more than one process image", p.title());
+        return 2;
+    }
+    let size = match print {
+        Some(s) => Some(s),
+        None if !std::io::stdout().is_terminal() => Some((100, 40)),
+        None => None,
+    };
+    match size {
+        Some((w, h)) => {
+            app.single = panel.is_some();
+            // Plain text has no colours: the timeline's series differ by their marks instead.
+            app.color = false;
+            let mut text = dashboard::ui::render_text(&model, &app, w, h).join("\n");
+            text.push('\n');
+            write_stdout(text.as_bytes())
+        }
+        None => match dashboard::run(&model, app) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("mtracer: terminal: {e}");
+                2
             }
         },
     }

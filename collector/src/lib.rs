@@ -5,11 +5,13 @@
 //! * [`analysis`] — rebuilding each process image's history from a trace: merging per-thread
 //!   streams exactly, the live set, counters and the timeline. Knows nothing of presentation.
 //! * [`report`] — the summary (`mtracer report`) as text or JSON, built from analysis results.
+//! * [`dashboard`] — `mtracer view`: the terminal dashboard on the report's numbers.
 //! * [`cli`] — command-line parsing and dispatch.
 
 pub mod analysis;
 pub mod cli;
 pub mod clock;
+pub mod dashboard;
 pub mod record;
 pub mod report;
 pub mod trace;

@@ -1,0 +1,386 @@
+//! The dashboard's UI state (selected image, focused panel, time window, overlays) and what each
+//! key does to it. Pure: no terminal I/O, so every key is unit-tested.
+
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+/// The panels, in Tab order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Panel {
+    /// Live bytes, OS-held heap bytes and RSS over time.
+    Timeline,
+    /// Where the held bytes are (categories) and why (causes, remedies, malloc_trim calls).
+    Retention,
+    /// Calls per function, allocations, frees, lost events, unmatched frees.
+    Counters,
+    /// glibc's arenas, and the mallinfo2 check.
+    Arenas,
+    /// mmap and trim thresholds, their changes, the arena limit.
+    Thresholds,
+    /// The process tree (only when the trace has more than one image).
+    Processes,
+}
+
+impl Panel {
+    pub fn title(self) -> &'static str {
+        match self {
+            Panel::Timeline => "Timeline",
+            Panel::Retention => "Retention",
+            Panel::Counters => "Counters",
+            Panel::Arenas => "Arenas",
+            Panel::Thresholds => "Thresholds",
+            Panel::Processes => "Processes",
+        }
+    }
+}
+
+/// What the terminal loop should do after a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing changed.
+    None,
+    /// The state changed: draw again.
+    Redraw,
+    Quit,
+}
+
+/// Zoom levels: the window is the image's duration / 2^zoom.
+pub const MAX_ZOOM: u32 = 12;
+
+#[derive(Clone, Debug)]
+pub struct App {
+    /// The panels this trace has, in Tab order.
+    pub panels: Vec<Panel>,
+    /// Index into `panels`.
+    pub focus: usize,
+    /// Index of the selected process image.
+    pub process: usize,
+    pub process_count: usize,
+    /// The time window is `[offset, offset + 1/2^zoom]` of the image's duration.
+    pub zoom: u32,
+    /// Start of the window as a fraction of the duration.
+    pub offset: f64,
+    pub help: bool,
+    /// The details view of the focused panel, and how far it is scrolled.
+    pub details: bool,
+    pub scroll: u16,
+    /// Only the focused panel, whatever the terminal size (`--panel`).
+    pub single: bool,
+    /// For the live mode to come; here only a marker.
+    pub paused: bool,
+    /// Colours (off under `NO_COLOR`).
+    pub color: bool,
+}
+
+impl App {
+    /// The state for a trace of `process_count` images, showing image `process` first.
+    pub fn new(process_count: usize, process: usize) -> App {
+        let mut panels = vec![Panel::Timeline, Panel::Retention, Panel::Counters, Panel::Arenas, Panel::Thresholds];
+        if process_count > 1 {
+            panels.push(Panel::Processes);
+        }
+        App {
+            panels,
+            focus: 0,
+            process: process.min(process_count.saturating_sub(1)),
+            process_count,
+            zoom: 0,
+            offset: 0.0,
+            help: false,
+            details: false,
+            scroll: 0,
+            single: false,
+            paused: false,
+            color: true,
+        }
+    }
+
+    pub fn focused(&self) -> Panel {
+        self.panels[self.focus]
+    }
+
+    /// Focus `p` if this trace has it.
+    pub fn focus_panel(&mut self, p: Panel) -> bool {
+        match self.panels.iter().position(|&q| q == p) {
+            Some(i) => {
+                self.focus = i;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The time window as fractions of the duration.
+    pub fn window(&self) -> (f64, f64) {
+        let w = self.width();
+        (self.offset, self.offset + w)
+    }
+
+    fn width(&self) -> f64 {
+        1.0 / f64::from(1u32 << self.zoom)
+    }
+
+    fn set_offset(&mut self, o: f64) {
+        self.offset = o.clamp(0.0, 1.0 - self.width());
+    }
+
+    fn zoom_to(&mut self, z: u32) {
+        // Keep the window's centre where it was.
+        let centre = self.offset + self.width() / 2.0;
+        self.zoom = z.min(MAX_ZOOM);
+        self.set_offset(centre - self.width() / 2.0);
+    }
+
+    fn next_panel(&mut self, forward: bool) {
+        let n = self.panels.len();
+        self.focus = if forward { (self.focus + 1) % n } else { (self.focus + n - 1) % n };
+    }
+
+    fn select_process(&mut self, forward: bool) -> Action {
+        let old = self.process;
+        if forward {
+            self.process = (self.process + 1).min(self.process_count.saturating_sub(1));
+        } else {
+            self.process = self.process.saturating_sub(1);
+        }
+        self.scroll = 0;
+        if old == self.process { Action::None } else { Action::Redraw }
+    }
+
+    /// Apply one key press.
+    pub fn on_key(&mut self, key: KeyEvent) -> Action {
+        if key.code == KeyCode::Char('c') && key.modifiers.contains(KeyModifiers::CONTROL) {
+            return Action::Quit;
+        }
+        if self.help {
+            // Any key closes the help; q still quits.
+            return match key.code {
+                KeyCode::Char('q') => Action::Quit,
+                _ => {
+                    self.help = false;
+                    Action::Redraw
+                }
+            };
+        }
+        if self.details {
+            match key.code {
+                KeyCode::Char('q') => return Action::Quit,
+                KeyCode::Esc | KeyCode::Enter => {
+                    self.details = false;
+                    self.scroll = 0;
+                    return Action::Redraw;
+                }
+                KeyCode::Up | KeyCode::Char('k') => {
+                    self.scroll = self.scroll.saturating_sub(1);
+                    return Action::Redraw;
+                }
+                KeyCode::Down | KeyCode::Char('j') => {
+                    self.scroll = self.scroll.saturating_add(1);
+                    return Action::Redraw;
+                }
+                KeyCode::PageUp => {
+                    self.scroll = self.scroll.saturating_sub(10);
+                    return Action::Redraw;
+                }
+                KeyCode::PageDown | KeyCode::Char(' ') => {
+                    self.scroll = self.scroll.saturating_add(10);
+                    return Action::Redraw;
+                }
+                KeyCode::Home => {
+                    self.scroll = 0;
+                    return Action::Redraw;
+                }
+                // Everything else works as in the overview (the details follow the focus).
+                _ => {}
+            }
+        }
+        match key.code {
+            KeyCode::Char('q') | KeyCode::Esc => Action::Quit,
+            KeyCode::Char('?') => {
+                self.help = true;
+                Action::Redraw
+            }
+            KeyCode::Tab => {
+                self.next_panel(true);
+                self.scroll = 0;
+                Action::Redraw
+            }
+            KeyCode::BackTab => {
+                self.next_panel(false);
+                self.scroll = 0;
+                Action::Redraw
+            }
+            // Left/Right scroll the time window when the timeline has the focus, and move
+            // between panels elsewhere.
+            KeyCode::Left | KeyCode::Right if self.focused() != Panel::Timeline => {
+                self.next_panel(key.code == KeyCode::Right);
+                self.scroll = 0;
+                Action::Redraw
+            }
+            KeyCode::Left | KeyCode::Right | KeyCode::Char('h') | KeyCode::Char('l') => {
+                let step = self.width() / 4.0;
+                let old = self.offset;
+                let forward = matches!(key.code, KeyCode::Right | KeyCode::Char('l'));
+                self.set_offset(if forward { old + step } else { old - step });
+                if self.offset == old { Action::None } else { Action::Redraw }
+            }
+            KeyCode::Char('+') | KeyCode::Char('=') => {
+                let z = self.zoom;
+                self.zoom_to(z + 1);
+                if self.zoom == z { Action::None } else { Action::Redraw }
+            }
+            KeyCode::Char('-') | KeyCode::Char('_') => {
+                let z = self.zoom;
+                self.zoom_to(z.saturating_sub(1));
+                if self.zoom == z { Action::None } else { Action::Redraw }
+            }
+            KeyCode::Char('0') => {
+                self.zoom = 0;
+                self.offset = 0.0;
+                Action::Redraw
+            }
+            KeyCode::Char(']') | KeyCode::Down | KeyCode::Char('j') => self.select_process(true),
+            KeyCode::Char('[') | KeyCode::Up | KeyCode::Char('k') => self.select_process(false),
+            KeyCode::Char('p') => {
+                self.paused = !self.paused;
+                Action::Redraw
+            }
+            KeyCode::Enter => {
+                self.details = !self.details;
+                self.scroll = 0;
+                Action::Redraw
+            }
+            _ => Action::None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(c: KeyCode) -> KeyEvent {
+        KeyEvent::new(c, KeyModifiers::NONE)
+    }
+
+    fn ch(c: char) -> KeyEvent {
+        key(KeyCode::Char(c))
+    }
+
+    #[test]
+    fn quit_keys() {
+        let mut a = App::new(1, 0);
+        assert_eq!(a.on_key(ch('q')), Action::Quit);
+        assert_eq!(a.on_key(key(KeyCode::Esc)), Action::Quit);
+        assert_eq!(a.on_key(KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL)), Action::Quit);
+        assert_eq!(a.on_key(ch('x')), Action::None);
+    }
+
+    #[test]
+    fn help_overlay_opens_and_any_key_closes_it() {
+        let mut a = App::new(1, 0);
+        assert_eq!(a.on_key(ch('?')), Action::Redraw);
+        assert!(a.help);
+        // Esc closes the help rather than quitting.
+        assert_eq!(a.on_key(key(KeyCode::Esc)), Action::Redraw);
+        assert!(!a.help);
+        a.on_key(ch('?'));
+        assert_eq!(a.on_key(ch('q')), Action::Quit);
+    }
+
+    #[test]
+    fn tab_and_arrows_move_between_panels() {
+        let mut a = App::new(1, 0);
+        assert_eq!(a.panels.len(), 5, "no process panel for one image");
+        assert_eq!(a.focused(), Panel::Timeline);
+        a.on_key(key(KeyCode::Tab));
+        assert_eq!(a.focused(), Panel::Retention);
+        a.on_key(key(KeyCode::Right));
+        assert_eq!(a.focused(), Panel::Counters);
+        a.on_key(key(KeyCode::Left));
+        a.on_key(key(KeyCode::Left));
+        assert_eq!(a.focused(), Panel::Timeline);
+        a.on_key(key(KeyCode::BackTab));
+        assert_eq!(a.focused(), Panel::Thresholds, "Shift-Tab wraps around");
+        a.on_key(key(KeyCode::Tab));
+        assert_eq!(a.focused(), Panel::Timeline);
+        let mut b = App::new(3, 0);
+        assert_eq!(b.panels.last(), Some(&Panel::Processes));
+        b.on_key(key(KeyCode::BackTab));
+        assert_eq!(b.focused(), Panel::Processes);
+    }
+
+    #[test]
+    fn zoom_and_scroll_the_time_window() {
+        let mut a = App::new(1, 0);
+        assert_eq!(a.window(), (0.0, 1.0));
+        // Nothing to scroll at full width; nothing below zoom 0.
+        assert_eq!(a.on_key(key(KeyCode::Right)), Action::None);
+        assert_eq!(a.on_key(ch('-')), Action::None);
+        assert_eq!(a.on_key(ch('+')), Action::Redraw);
+        // Zooming keeps the centre.
+        assert_eq!(a.window(), (0.25, 0.75));
+        a.on_key(key(KeyCode::Right));
+        assert_eq!(a.window(), (0.375, 0.875));
+        a.on_key(key(KeyCode::Right));
+        a.on_key(key(KeyCode::Right));
+        assert_eq!(a.window(), (0.5, 1.0), "clamped at the end");
+        a.on_key(key(KeyCode::Left));
+        assert_eq!(a.window(), (0.375, 0.875));
+        a.on_key(ch('-'));
+        assert_eq!(a.window(), (0.0, 1.0));
+        for _ in 0..20 {
+            a.on_key(ch('+'));
+        }
+        assert_eq!(a.zoom, MAX_ZOOM);
+        a.on_key(ch('0'));
+        assert_eq!(a.window(), (0.0, 1.0));
+        // Elsewhere the arrows move the focus, not the window.
+        a.on_key(ch('+'));
+        a.on_key(key(KeyCode::Tab));
+        a.on_key(key(KeyCode::Right));
+        assert_eq!(a.window(), (0.25, 0.75));
+    }
+
+    #[test]
+    fn brackets_and_up_down_switch_the_image() {
+        let mut a = App::new(3, 1);
+        assert_eq!(a.process, 1);
+        a.on_key(ch(']'));
+        assert_eq!(a.process, 2);
+        assert_eq!(a.on_key(key(KeyCode::Down)), Action::None, "stops at the last");
+        a.on_key(ch('['));
+        a.on_key(key(KeyCode::Up));
+        assert_eq!(a.process, 0);
+        assert_eq!(a.on_key(key(KeyCode::Up)), Action::None);
+        assert_eq!(App::new(2, 9).process, 1);
+    }
+
+    #[test]
+    fn pause_toggles_a_marker() {
+        let mut a = App::new(1, 0);
+        a.on_key(ch('p'));
+        assert!(a.paused);
+        a.on_key(ch('p'));
+        assert!(!a.paused);
+    }
+
+    #[test]
+    fn enter_opens_details_which_scroll_and_close() {
+        let mut a = App::new(2, 0);
+        a.on_key(key(KeyCode::Tab));
+        assert_eq!(a.on_key(key(KeyCode::Enter)), Action::Redraw);
+        assert!(a.details);
+        a.on_key(key(KeyCode::Down));
+        a.on_key(key(KeyCode::Down));
+        assert_eq!((a.scroll, a.process), (2, 0), "arrows scroll the details");
+        a.on_key(key(KeyCode::Up));
+        assert_eq!(a.scroll, 1);
+        a.on_key(key(KeyCode::Tab));
+        assert_eq!((a.focused(), a.scroll, a.details), (Panel::Counters, 0, true), "Tab moves the details to the next panel");
+        assert_eq!(a.on_key(key(KeyCode::Esc)), Action::Redraw, "Esc closes the details");
+        assert!(!a.details);
+        a.on_key(key(KeyCode::Enter));
+        a.on_key(key(KeyCode::Enter));
+        assert!(!a.details);
+    }
+}

@@ -1,0 +1,106 @@
+//! `mtracer view`: a full-screen terminal dashboard on a recorded trace, or one frame of it as
+//! plain text (`--print`).
+//!
+//! * [`model`] — the data the panels show, taken from the report; no terminal types.
+//! * [`app`] — UI state and key handling, pure.
+//! * [`ui`] — drawing with ratatui widgets.
+//! * this file — the terminal loop: raw mode and the alternate screen, restored on every way
+//!   out (return, error, panic), redraw on resize, keys polled with a timeout.
+
+pub mod app;
+pub mod model;
+pub mod ui;
+
+#[cfg(test)]
+mod tests;
+
+use std::io::{self, Stdout};
+use std::time::Duration;
+
+use ratatui::backend::CrosstermBackend;
+use ratatui::crossterm::event::{self, Event, KeyEventKind};
+use ratatui::crossterm::terminal::{disable_raw_mode, enable_raw_mode, EnterAlternateScreen, LeaveAlternateScreen};
+use ratatui::crossterm::{cursor, execute};
+use ratatui::Terminal;
+
+use app::{Action, App};
+use model::DashboardModel;
+
+/// Colours unless `NO_COLOR` is set to something non-empty (<https://no-color.org>).
+pub fn color_wanted() -> bool {
+    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// Put the terminal back: cooked mode, main screen, cursor shown. Safe to call twice.
+fn restore() {
+    let _ = disable_raw_mode();
+    let _ = execute!(io::stdout(), LeaveAlternateScreen, cursor::Show);
+}
+
+/// Raw mode and the alternate screen for as long as it lives.
+struct TerminalGuard;
+
+impl TerminalGuard {
+    fn enter() -> io::Result<TerminalGuard> {
+        // The guard first: if entering the alternate screen fails, raw mode is undone.
+        enable_raw_mode()?;
+        let g = TerminalGuard;
+        execute!(io::stdout(), EnterAlternateScreen, cursor::Hide)?;
+        Ok(g)
+    }
+}
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        restore();
+    }
+}
+
+/// Restore the terminal before a panic message is printed (the release profile aborts on panic,
+/// so no destructor would run).
+fn install_panic_hook() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        restore();
+        previous(info);
+    }));
+}
+
+/// Run the dashboard until the user quits.
+pub fn run(model: &DashboardModel, mut app: App) -> io::Result<()> {
+    install_panic_hook();
+    let _guard = TerminalGuard::enter()?;
+    let mut term = Terminal::new(CrosstermBackend::new(io::stdout()))?;
+    event_loop(&mut term, model, &mut app)
+}
+
+fn event_loop(term: &mut Terminal<CrosstermBackend<Stdout>>, model: &DashboardModel, app: &mut App) -> io::Result<()> {
+    let mut dirty = true;
+    loop {
+        if dirty {
+            // `draw` follows the terminal's size.
+            term.draw(|f| ui::draw(f, model, app))?;
+            dirty = false;
+            // For the end-to-end test that a panic restores the terminal.
+            if std::env::var_os("MTRACE_VIEW_TEST_PANIC").is_some() {
+                panic!("MTRACE_VIEW_TEST_PANIC is set");
+            }
+        }
+        // The timeout keeps the loop ready for the live mode's updates.
+        if !event::poll(Duration::from_millis(250))? {
+            continue;
+        }
+        match event::read()? {
+            Event::Key(k) if k.kind == KeyEventKind::Press => match app.on_key(k) {
+                Action::Quit => return Ok(()),
+                Action::Redraw => dirty = true,
+                Action::None => {}
+            },
+            Event::Resize(..) => {
+                term.autoresize()?;
+                dirty = true;
+            }
+            _ => {}
+        }
+    }
+}
