@@ -1100,6 +1100,43 @@ mod tests {
         assert!(child.checkpoints.is_empty() && child.start_ns == 99);
     }
 
+    proptest::proptest! {
+        /// Any sequence of events with values glibc could produce (and some it could not)
+        /// leaves the model without a panic, with categories that add up to what it holds.
+        #[test]
+        fn arbitrary_event_sequences_never_panic(ops in proptest::collection::vec((0u8..10, 0u64..64, 0u64..6, 1u32..4), 0..300)) {
+            let mut g = model();
+            let sizes = [24u64, 100, 500, 1000, 2000, 70_000];
+            let thread_heap = 0x7f00_0000_0000u64;
+            for (i, &(op, slot, sz, stream)) in ops.iter().enumerate() {
+                let base = if slot >= 48 { thread_heap + 0x8d0 } else { HEAP + TCACHE_STRUCT_CHUNK };
+                let ptr = base + (slot % 48) * 0x1000 + 16;
+                let req = sizes[sz as usize];
+                let hdr = params::request2size(req) | 1 | if slot >= 48 { chunk::NON_MAIN_ARENA } else { 0 };
+                let ev = match op {
+                    0 | 1 => Event::Alloc { kind: EventKind::Malloc, ptr, size: req, align: 0, chunk: hdr, prev_size: 0, stamp: None },
+                    2 | 3 => Event::Free { kind: EventKind::Free, ptr, chunk: hdr, stamp: None },
+                    4 => Event::Realloc { kind: EventKind::Realloc, old_ptr: ptr, new_ptr: ptr, size: req, old_chunk: hdr, chunk: params::request2size(req / 2 + 1) | 1, prev_size: 0, stamp: None },
+                    5 => Event::ProgramBreak { brk: HEAP + slot * 0x2000, fresh: slot % 2 == 0 },
+                    6 => Event::ArenaHeap { heap: thread_heap, ar_ptr: thread_heap + 48, size: 0x21000, prev: 0 },
+                    7 => Event::HeapSize { heap: thread_heap, size: slot * 0x1000, fresh: slot % 3 == 0 },
+                    8 => Event::MallocTrim { pad: 0, result: 1 },
+                    _ => Event::ThreadExit,
+                };
+                g.apply(&ev, i as u64 * 1000, stream);
+            }
+            let b = g.breakdown(0);
+            // The per-arena books and the totals are kept by different code: they must agree.
+            let arena_live: u64 = b.arenas.iter().map(|a| a.live_bytes).sum();
+            proptest::prop_assert_eq!(b.categories.live, arena_live + g.mmapped_req);
+            let fast: u64 = g.arenas.iter().map(|a| a.fastbins.iter().flatten().map(|&p| a.chunks[&p].size).sum::<u64>()).sum();
+            proptest::prop_assert_eq!(fast, b.categories.fastbins);
+            let _ = g.mallinfo();
+            let _ = explain::causes(&g, &crate::analysis::live::LiveModel::default(), &b, 0);
+            let _ = explain::remedies(&g, &b);
+        }
+    }
+
     #[test]
     fn thread_exit_flushes_its_tcache() {
         let mut g = model();
