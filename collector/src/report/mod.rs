@@ -88,6 +88,8 @@ pub struct ProcessReport {
     /// Why the process holds more than it uses (glibc model); absent when the allocator is not
     /// glibc's.
     pub retention: Option<retention::Retention>,
+    /// Why there is no retention section (another allocator, chunk headers not recorded).
+    pub retention_unavailable: Option<String>,
     pub timeline: Vec<TimelineSample>,
 }
 
@@ -228,6 +230,7 @@ fn process(img: &ImageAnalysis, opts: ReportOptions) -> ProcessReport {
             ambiguous_orders: stats.ambiguous,
         },
         retention: retention::build(img),
+        retention_unavailable: (!img.glibc.enabled).then(|| img.glibc.uncertain.first().cloned().unwrap_or_else(|| "no glibc model".into())),
         timeline,
     }
 }

@@ -105,6 +105,8 @@ fn process(s: &mut String, p: &ProcessReport, lossy: bool) {
     }
     if let Some(r) = &p.retention {
         retention(s, r);
+    } else if let Some(why) = &p.retention_unavailable {
+        wrap(s, "   -- retention: not modelled: ", "      ", why);
     }
 }
 

@@ -137,10 +137,14 @@ impl GlibcModel {
         let mut uncertain = params.uncertain.clone();
         let enabled = meta.glibc_chunks;
         if !enabled {
-            uncertain.push(format!(
-                "the allocator is not glibc's ({}) or chunk headers were not recorded: no glibc model",
-                if meta.allocator.is_empty() { "unknown" } else { &meta.allocator }
-            ));
+            uncertain.push(if meta.allocator.contains("libc.so") {
+                "glibc's chunk headers were not recorded (MTRACE_CHUNKS=0, or glibc's malloc could not be confirmed): no glibc model".to_string()
+            } else {
+                format!(
+                    "malloc is {}, not glibc's: the glibc model does not apply",
+                    if meta.allocator.is_empty() { "unknown" } else { &meta.allocator }
+                )
+            });
         }
         if let Some(v) = glibc_version(&meta.glibc_version) {
             if v >= (2, 42) {
