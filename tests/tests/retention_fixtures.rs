@@ -391,3 +391,15 @@ fn ret_threads_share_two_arenas_with_malloc_arena_max_2() {
     let th = &p["retention"]["thresholds"];
     assert_eq!((num(th, "arena_limit"), th["arena_limit_source"].as_str().unwrap()), (2, "MALLOC_ARENA_MAX=2"));
 }
+
+/// Without glibc's chunk headers there is no model, and the report says why instead of guessing.
+#[test]
+fn no_chunk_headers_no_model_and_the_report_says_why() {
+    let fx = fixture("mallinfo");
+    let r = record(&[], &[fx.to_str().unwrap()], &[("MTRACE_CHUNKS", "0")]);
+    assert_eq!(r.code(), Some(0), "{}", r.stderr());
+    let p = r.report()["processes"][0].clone();
+    assert!(p["retention"].is_null(), "{}", p["retention"]);
+    let why = p["retention_unavailable"].as_str().unwrap_or_default().to_string();
+    assert!(why.contains("chunk headers were not recorded"), "{why}");
+}
