@@ -596,8 +596,16 @@ impl GlibcModel {
                                 self.heap_index.remove(&heap);
                             }
                         }
-                    } else if let Some(h) = a.heaps.iter_mut().find(|h| h.base == heap) {
-                        h.size = size;
+                    } else {
+                        // The heap grew: the top was too small, and `_int_malloc` consolidated
+                        // the fastbins before `sysmalloc` (the allocation itself comes next).
+                        let grew = last && a.heaps.last().is_some_and(|h| size > h.size);
+                        if grew && !fresh && a.t.fast_count > 0 {
+                            a.consolidate(&mut self.tcaches);
+                        }
+                        if let Some(h) = a.heaps.iter_mut().find(|h| h.base == heap) {
+                            h.size = size;
+                        }
                         let end = a.end();
                         a.touched = a.touched.min(end);
                     }
@@ -769,6 +777,10 @@ impl GlibcModel {
         }
         let h = Heap { base: heap, size };
         if let Some(&ai) = self.arena_index.get(&ar_ptr) {
+            // A new heap for an arena: its top was too small (consolidation came first).
+            if self.arenas[ai].t.fast_count > 0 {
+                self.arenas[ai].consolidate(&mut self.tcaches);
+            }
             let params = &self.params;
             let max_fast = params.max_fast;
             let tcache_ready = self.threads.get(&stream).is_some_and(|t| t.tcache_ready);
