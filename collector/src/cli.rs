@@ -73,6 +73,15 @@ enum Cmd {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+    /// Record like `record` and show the dashboard live while the command runs (when stdout is
+    /// not a terminal: record, then print the report's summary)
+    Run {
+        #[command(flatten)]
+        args: RecordArgs,
+        /// The command to run, after `--`
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
     /// Summarise a trace: per process, calls, live bytes, peak, RSS, timeline
     Report {
         /// The trace file
@@ -128,32 +137,8 @@ enum Cmd {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Record { args, command } => {
-            let opts = match args.options() {
-                Ok(o) => o,
-                Err(e) => {
-                    eprintln!("mtracer: {e}");
-                    return 2;
-                }
-            };
-            match record::launch::record(opts, &command, args.output.clone(), args.quiet) {
-                Ok(o) => {
-                    if !args.quiet && o.trace_bytes > 0 {
-                        eprintln!(
-                            "mtracer: trace saved ({}, {} process image(s)); see `mtracer report {}`",
-                            report::text::bytes(o.trace_bytes),
-                            o.images,
-                            args.output.as_ref().map_or_else(|| "mtrace.<pid>.mtr".into(), |p| p.display().to_string()),
-                        );
-                    }
-                    o.exit_code
-                }
-                Err(e) => {
-                    eprintln!("mtracer: {e:#}");
-                    2
-                }
-            }
-        }
+        Cmd::Record { args, command } => record_cmd(&args, &command).0,
+        Cmd::Run { args, command } => run_cmd(&args, &command),
         Cmd::Report { file, json, partial, timeline_points } => match crate::analysis::analyze_file(&file, partial) {
             Ok(a) => {
                 let r = report::build(&a, report::ReportOptions { max_timeline: timeline_points });
@@ -191,6 +176,57 @@ pub fn main() -> i32 {
                 1
             }
         },
+    }
+}
+
+/// `mtracer record`: record, say where the trace went; returns the exit code and the trace
+/// written (none when nothing was recorded).
+fn record_cmd(args: &RecordArgs, command: &[String]) -> (i32, Option<PathBuf>) {
+    let opts = match args.options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("mtracer: {e}");
+            return (2, None);
+        }
+    };
+    match record::launch::record(opts, command, args.output.clone(), args.quiet) {
+        Ok(o) => {
+            if !args.quiet && o.trace_bytes > 0 {
+                eprintln!(
+                    "mtracer: trace saved ({}, {} process image(s)); see `mtracer report {}`",
+                    report::text::bytes(o.trace_bytes),
+                    o.images,
+                    o.trace.display(),
+                );
+            }
+            (o.exit_code, (o.trace_bytes > 0).then_some(o.trace))
+        }
+        Err(e) => {
+            eprintln!("mtracer: {e:#}");
+            (2, None)
+        }
+    }
+}
+
+/// `mtracer run`: the live dashboard on a terminal; otherwise `record` followed by the text
+/// summary of the trace. Exits with the command's status.
+fn run_cmd(args: &RecordArgs, command: &[String]) -> i32 {
+    let (code, trace) = record_cmd(args, command);
+    if let Some(t) = trace {
+        print_summary(&t);
+    }
+    code
+}
+
+/// Print the text report of a finished trace (what `mtracer report FILE` prints); problems are
+/// reported on stderr and do not change the exit status, which is the command's.
+fn print_summary(trace: &std::path::Path) {
+    match crate::analysis::analyze_file(trace, false) {
+        Ok(a) => {
+            let r = report::build(&a, report::ReportOptions { max_timeline: 1000 });
+            write_stdout(report::text::render(&r).as_bytes());
+        }
+        Err(e) => eprintln!("mtracer: {e:#}"),
     }
 }
 

@@ -29,6 +29,8 @@ pub struct Outcome {
     pub exit_code: i32,
     pub trace_bytes: u64,
     pub images: u32,
+    /// The trace file written (empty when the command could not be started).
+    pub trace: PathBuf,
 }
 
 static CHILD: AtomicI32 = AtomicI32::new(0);
@@ -115,7 +117,7 @@ pub fn record(mut opts: Options, command: &[String], output: Option<PathBuf>, qu
         Err(e) => {
             let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
             eprintln!("mtracer: cannot run `{program}`: {e}");
-            return Ok(Outcome { exit_code: code, trace_bytes: 0, images: 0 });
+            return Ok(Outcome { exit_code: code, trace_bytes: 0, images: 0, trace: PathBuf::new() });
         }
     };
     CHILD.store(child.id() as i32, Ordering::Release);
@@ -178,7 +180,7 @@ pub fn record(mut opts: Options, command: &[String], output: Option<PathBuf>, qu
     drop(shared);
     drop(server);
     let trace_bytes = sink.finish()?;
-    Ok(Outcome { exit_code, trace_bytes, images })
+    Ok(Outcome { exit_code, trace_bytes, images, trace: opts.output })
 }
 
 /// Hold an exclusive lock on the trace while it is being written: readers that find it locked
@@ -243,5 +245,5 @@ pub fn agent(mut opts: Options, listen_fd: i32, pid: u32, output: PathBuf) -> Re
     drop(shared);
     drop(server);
     let trace_bytes = sink.finish()?;
-    Ok(Outcome { exit_code: 0, trace_bytes, images })
+    Ok(Outcome { exit_code: 0, trace_bytes, images, trace: opts.output })
 }
