@@ -257,11 +257,11 @@ fn run_live(args: &RecordArgs, command: &[String]) -> i32 {
     let Some(trace) = wait_for_trace(&progress, &recorder) else {
         // The command could not be started (the recorder said why) or the recording failed.
         let _ = std::fs::remove_file(&first_log);
-        return finish_recording(recorder, None, None);
+        return finish_recording(recorder, None, None, args.quiet);
     };
     let log = log_path(&trace);
     if log != first_log && std::fs::rename(&first_log, &log).is_err() {
-        return finish_recording(recorder, Some(&trace), Some(&first_log));
+        return finish_recording(recorder, Some(&trace), Some(&first_log), args.quiet);
     }
     if let Err(e) = live_dashboard(&trace, command, &progress, &recorder) {
         eprintln!("mtracer: terminal: {e}");
@@ -269,7 +269,7 @@ fn run_live(args: &RecordArgs, command: &[String]) -> i32 {
     if !recorder.is_finished() {
         eprintln!("mtracer: dashboard closed; still recording until the command exits");
     }
-    finish_recording(recorder, Some(&trace), Some(&log))
+    finish_recording(recorder, Some(&trace), Some(&log), args.quiet)
 }
 
 /// `<trace>.log`: where `mtracer run` sends the command's output.
@@ -292,9 +292,9 @@ fn wait_for_trace(progress: &crate::record::launch::Progress, recorder: &std::th
     }
 }
 
-/// Join the recorder, say where the trace and the command's output are, and return the exit
-/// code (the command's).
-fn finish_recording(recorder: std::thread::JoinHandle<anyhow::Result<record::launch::Outcome>>, trace: Option<&std::path::Path>, log: Option<&std::path::Path>) -> i32 {
+/// Join the recorder, say where the trace and the command's output are (unless `quiet`), and
+/// return the exit code (the command's).
+fn finish_recording(recorder: std::thread::JoinHandle<anyhow::Result<record::launch::Outcome>>, trace: Option<&std::path::Path>, log: Option<&std::path::Path>, quiet: bool) -> i32 {
     let outcome = match recorder.join() {
         Ok(Ok(o)) => o,
         Ok(Err(e)) => {
@@ -306,6 +306,9 @@ fn finish_recording(recorder: std::thread::JoinHandle<anyhow::Result<record::lau
             return 2;
         }
     };
+    if quiet {
+        return outcome.exit_code;
+    }
     if let (Some(t), true) = (trace, outcome.trace_bytes > 0) {
         eprintln!("mtracer: trace saved in {} ({}); see `mtracer report {}`", t.display(), report::text::bytes(outcome.trace_bytes), t.display());
     }
