@@ -73,6 +73,15 @@ enum Cmd {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+    /// Record like `record` and show the dashboard live while the command runs (when stdout is
+    /// not a terminal: record, then print the report's summary)
+    Run {
+        #[command(flatten)]
+        args: RecordArgs,
+        /// The command to run, after `--`
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
     /// Summarise a trace: per process, calls, live bytes, peak, RSS, timeline
     Report {
         /// The trace file
@@ -128,32 +137,8 @@ enum Cmd {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Record { args, command } => {
-            let opts = match args.options() {
-                Ok(o) => o,
-                Err(e) => {
-                    eprintln!("mtracer: {e}");
-                    return 2;
-                }
-            };
-            match record::launch::record(opts, &command, args.output.clone(), args.quiet) {
-                Ok(o) => {
-                    if !args.quiet && o.trace_bytes > 0 {
-                        eprintln!(
-                            "mtracer: trace saved ({}, {} process image(s)); see `mtracer report {}`",
-                            report::text::bytes(o.trace_bytes),
-                            o.images,
-                            args.output.as_ref().map_or_else(|| "mtrace.<pid>.mtr".into(), |p| p.display().to_string()),
-                        );
-                    }
-                    o.exit_code
-                }
-                Err(e) => {
-                    eprintln!("mtracer: {e:#}");
-                    2
-                }
-            }
-        }
+        Cmd::Record { args, command } => record_cmd(&args, &command).0,
+        Cmd::Run { args, command } => run_cmd(&args, &command),
         Cmd::Report { file, json, partial, timeline_points } => match crate::analysis::analyze_file(&file, partial) {
             Ok(a) => {
                 let r = report::build(&a, report::ReportOptions { max_timeline: timeline_points });
@@ -191,6 +176,217 @@ pub fn main() -> i32 {
                 1
             }
         },
+    }
+}
+
+/// `mtracer record`: record, say where the trace went; returns the exit code and the trace
+/// written (none when nothing was recorded).
+fn record_cmd(args: &RecordArgs, command: &[String]) -> (i32, Option<PathBuf>) {
+    let opts = match args.options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("mtracer: {e}");
+            return (2, None);
+        }
+    };
+    match record::launch::record(opts, command, args.output.clone(), args.quiet) {
+        Ok(o) => {
+            if !args.quiet && o.trace_bytes > 0 {
+                eprintln!(
+                    "mtracer: trace saved ({}, {} process image(s)); see `mtracer report {}`",
+                    report::text::bytes(o.trace_bytes),
+                    o.images,
+                    o.trace.display(),
+                );
+            }
+            (o.exit_code, (o.trace_bytes > 0).then_some(o.trace))
+        }
+        Err(e) => {
+            eprintln!("mtracer: {e:#}");
+            (2, None)
+        }
+    }
+}
+
+/// `mtracer run`: the live dashboard on a terminal; otherwise `record` followed by the text
+/// summary of the trace. Exits with the command's status.
+fn run_cmd(args: &RecordArgs, command: &[String]) -> i32 {
+    use std::io::IsTerminal;
+    if std::io::stdout().is_terminal() && std::io::stdin().is_terminal() {
+        return run_live(args, command);
+    }
+    let (code, trace) = record_cmd(args, command);
+    if let Some(t) = trace {
+        print_summary(&t);
+    }
+    code
+}
+
+/// How often `mtracer run` re-reads the trace being written.
+const REFRESH: Duration = Duration::from_millis(500);
+
+/// `mtracer run` on a terminal: record in a thread (the command's output going to
+/// `<trace>.log`) and show the dashboard on the growing trace until `q`; then wait for the
+/// recording to end and exit with the command's status.
+fn run_live(args: &RecordArgs, command: &[String]) -> i32 {
+    use crate::record::launch::{Live, Progress};
+    use std::sync::Arc;
+    let opts = match args.options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("mtracer: {e}");
+            return 2;
+        }
+    };
+    // Until the trace's name is known (by default it has the command's pid), the log has ours.
+    let first_log = match &args.output {
+        Some(o) => log_path(o),
+        None => PathBuf::from(format!("mtrace.{}.log", std::process::id())),
+    };
+    let log = match std::fs::File::create(&first_log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("mtracer: cannot create {}: {e}", first_log.display());
+            return 2;
+        }
+    };
+    let progress = Arc::new(Progress::default());
+    let live = Live { log, progress: progress.clone() };
+    let (output, cmd) = (args.output.clone(), command.to_vec());
+    let recorder = std::thread::spawn(move || record::launch::record_live(opts, &cmd, output, true, Some(live)));
+    let Some(trace) = wait_for_trace(&progress, &recorder) else {
+        // The command could not be started (the recorder said why) or the recording failed.
+        let _ = std::fs::remove_file(&first_log);
+        return finish_recording(recorder, None, None, args.quiet);
+    };
+    let log = log_path(&trace);
+    if log != first_log && std::fs::rename(&first_log, &log).is_err() {
+        return finish_recording(recorder, Some(&trace), Some(&first_log), args.quiet);
+    }
+    if let Err(e) = live_dashboard(&trace, command, &progress, &recorder) {
+        eprintln!("mtracer: terminal: {e}");
+    }
+    if !recorder.is_finished() {
+        eprintln!("mtracer: dashboard closed; still recording until the command exits");
+    }
+    finish_recording(recorder, Some(&trace), Some(&log), args.quiet)
+}
+
+/// `<trace>.log`: where `mtracer run` sends the command's output.
+fn log_path(trace: &std::path::Path) -> PathBuf {
+    let mut s = trace.as_os_str().to_owned();
+    s.push(".log");
+    PathBuf::from(s)
+}
+
+/// Wait until the recorder has created the trace (its name), or has given up.
+fn wait_for_trace(progress: &crate::record::launch::Progress, recorder: &std::thread::JoinHandle<anyhow::Result<record::launch::Outcome>>) -> Option<PathBuf> {
+    loop {
+        if let Some(t) = progress.trace.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Some(t);
+        }
+        if recorder.is_finished() {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Join the recorder, say where the trace and the command's output are (unless `quiet`), and
+/// return the exit code (the command's).
+fn finish_recording(recorder: std::thread::JoinHandle<anyhow::Result<record::launch::Outcome>>, trace: Option<&std::path::Path>, log: Option<&std::path::Path>, quiet: bool) -> i32 {
+    let outcome = match recorder.join() {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => {
+            eprintln!("mtracer: {e:#}");
+            return 2;
+        }
+        Err(_) => {
+            eprintln!("mtracer: the recorder failed");
+            return 2;
+        }
+    };
+    if quiet {
+        return outcome.exit_code;
+    }
+    if let (Some(t), true) = (trace, outcome.trace_bytes > 0) {
+        eprintln!("mtracer: trace saved in {} ({}); see `mtracer report {}`", t.display(), report::text::bytes(outcome.trace_bytes), t.display());
+    }
+    if let Some(l) = log {
+        eprintln!("mtracer: the command's output is in {}", l.display());
+    }
+    outcome.exit_code
+}
+
+/// The model of the trace as it stands; none while it cannot be read yet (no header, say).
+fn live_model(trace: &std::path::Path) -> Option<crate::dashboard::model::DashboardModel> {
+    let a = crate::analysis::analyze_live(trace).ok()?;
+    let r = report::build(&a, report::ReportOptions { max_timeline: 0 });
+    let mut m = crate::dashboard::model::DashboardModel::from_report(&r);
+    if !a.complete {
+        // Still being written: not a recording that ended badly.
+        m.warnings.retain(|w| !w.starts_with("the recording did not end normally"));
+    }
+    Some(m)
+}
+
+/// The dashboard of `mtracer run`: refreshed every [`REFRESH`] unless paused, with the
+/// command's state in the header, and a last refresh from the complete trace.
+fn live_dashboard(trace: &std::path::Path, command: &[String], progress: &crate::record::launch::Progress, recorder: &std::thread::JoinHandle<anyhow::Result<record::launch::Outcome>>) -> std::io::Result<()> {
+    use crate::dashboard::{self, app::App, model::DashboardModel, Refresh};
+    use std::time::Instant;
+    let model = DashboardModel { command: command.join(" "), ..DashboardModel::default() };
+    let mut app = App::new(0, 0);
+    app.color = dashboard::color_wanted();
+    app.live = Some("running".to_string());
+    let mut last = None::<Instant>;
+    let mut seen_images = false;
+    let mut done = false;
+    let mut source = |app: &mut App| -> Refresh {
+        if done {
+            return Refresh::Nothing;
+        }
+        let exited = *progress.exited.lock().unwrap_or_else(|e| e.into_inner());
+        let finished = recorder.is_finished();
+        let status = match exited {
+            None if finished => "recording ended".to_string(),
+            None => "running".to_string(),
+            Some(c) if finished => format!("exited with status {c}"),
+            Some(c) => format!("exited with status {c}; still recording its children"),
+        };
+        let changed = app.live.as_deref() != Some(status.as_str());
+        app.live = Some(status);
+        let due = last.is_none_or(|t| t.elapsed() >= REFRESH);
+        if app.paused || !(due || (finished && changed)) {
+            return if changed { Refresh::Redraw } else { Refresh::Nothing };
+        }
+        last = Some(Instant::now());
+        done = finished;
+        match live_model(trace) {
+            Some(m) => {
+                if !seen_images && !m.processes.is_empty() {
+                    seen_images = true;
+                    app.set_process_count(m.processes.len());
+                    app.process = m.busiest();
+                }
+                Refresh::Model(m)
+            }
+            None if changed => Refresh::Redraw,
+            None => Refresh::Nothing,
+        }
+    };
+    dashboard::run_live(model, app, &mut source)
+}
+
+/// Print the text report of a finished trace (what `mtracer report FILE` prints); problems are
+/// reported on stderr and do not change the exit status, which is the command's.
+fn print_summary(trace: &std::path::Path) {
+    match crate::analysis::analyze_file(trace, false) {
+        Ok(a) => {
+            let r = report::build(&a, report::ReportOptions { max_timeline: 1000 });
+            write_stdout(report::text::render(&r).as_bytes());
+        }
+        Err(e) => eprintln!("mtracer: {e:#}"),
     }
 }
 

@@ -165,6 +165,20 @@ impl Analyzer {
 pub fn analyze_file(path: &Path, partial: bool) -> Result<Analysis> {
     let f = File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
     wait_for_recorder(&f, path, std::time::Duration::from_secs(30));
+    analyze_open(f, path, partial)
+}
+
+/// Analyse a trace that is still being written (`mtracer run`): no waiting for the recorder, and
+/// the tail — a frame the recorder has not finished writing — is the end of the data, not damage.
+pub fn analyze_live(path: &Path) -> Result<Analysis> {
+    let f = File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    let mut a = analyze_open(f, path, true)?;
+    a.damage = None;
+    Ok(a)
+}
+
+/// Analyse an open trace file (see [`analyze_file`]).
+fn analyze_open(f: File, path: &Path, partial: bool) -> Result<Analysis> {
     let mut reader = TraceReader::new(BufReader::with_capacity(1 << 20, f)).map_err(|e| describe(path, e, false))?;
     let mut a = Analyzer::new();
     let mut damage = None;

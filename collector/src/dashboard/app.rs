@@ -65,8 +65,10 @@ pub struct App {
     pub scroll: u16,
     /// Only the focused panel, whatever the terminal size (`--panel`).
     pub single: bool,
-    /// For the live mode to come; here only a marker.
+    /// Live mode (`mtracer run`): the refreshing is paused (the view, not the program).
     pub paused: bool,
+    /// Live mode: the command's state in words (`running`, `exited with status 3`).
+    pub live: Option<String>,
     /// Colours (off under `NO_COLOR`).
     pub color: bool,
 }
@@ -90,8 +92,19 @@ impl App {
             scroll: 0,
             single: false,
             paused: false,
+            live: None,
             color: true,
         }
+    }
+
+    /// Follow a refreshed model of `count` images (live mode): the Processes panel appears when
+    /// a second image does; the focus, zoom and selected image are kept (the image clamped).
+    pub fn set_process_count(&mut self, count: usize) {
+        if count > 1 && !self.panels.contains(&Panel::Processes) {
+            self.panels.push(Panel::Processes);
+        }
+        self.process_count = count;
+        self.process = self.process.min(count.saturating_sub(1));
     }
 
     pub fn focused(&self) -> Panel {
@@ -353,6 +366,23 @@ mod tests {
         assert_eq!(a.process, 0);
         assert_eq!(a.on_key(key(KeyCode::Up)), Action::None);
         assert_eq!(App::new(2, 9).process, 1);
+    }
+
+    #[test]
+    fn a_refreshed_model_keeps_the_state() {
+        let mut a = App::new(0, 0);
+        a.set_process_count(1);
+        assert!(!a.panels.contains(&Panel::Processes));
+        a.on_key(ch('+'));
+        a.on_key(key(KeyCode::Tab));
+        let (zoom, focus) = (a.zoom, a.focused());
+        a.set_process_count(3);
+        assert_eq!(a.panels.last(), Some(&Panel::Processes));
+        assert_eq!((a.zoom, a.focused(), a.process), (zoom, focus, 0));
+        a.on_key(ch(']'));
+        a.on_key(ch(']'));
+        a.set_process_count(2);
+        assert_eq!(a.process, 1, "clamped");
     }
 
     #[test]

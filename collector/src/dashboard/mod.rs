@@ -66,20 +66,44 @@ fn install_panic_hook() {
     }));
 }
 
+/// What a live source has after a poll ([`run_live`]).
+pub enum Refresh {
+    Nothing,
+    /// The app's state changed (its `live` status, say): draw again.
+    Redraw,
+    /// A new model to show.
+    Model(DashboardModel),
+}
+
 /// Run the dashboard until the user quits.
-pub fn run(model: &DashboardModel, mut app: App) -> io::Result<()> {
+pub fn run(model: &DashboardModel, app: App) -> io::Result<()> {
+    run_live(model.clone(), app, &mut |_| Refresh::Nothing)
+}
+
+/// Run the dashboard until the user quits, asking `source` for news at least every 250 ms; the
+/// UI state (panel, zoom, selected image) is kept across new models.
+pub fn run_live(model: DashboardModel, mut app: App, source: &mut dyn FnMut(&mut App) -> Refresh) -> io::Result<()> {
     install_panic_hook();
     let _guard = TerminalGuard::enter()?;
     let mut term = Terminal::new(CrosstermBackend::new(io::stdout()))?;
-    event_loop(&mut term, model, &mut app)
+    event_loop(&mut term, model, &mut app, source)
 }
 
-fn event_loop(term: &mut Terminal<CrosstermBackend<Stdout>>, model: &DashboardModel, app: &mut App) -> io::Result<()> {
+fn event_loop(term: &mut Terminal<CrosstermBackend<Stdout>>, mut model: DashboardModel, app: &mut App, source: &mut dyn FnMut(&mut App) -> Refresh) -> io::Result<()> {
     let mut dirty = true;
     loop {
+        match source(app) {
+            Refresh::Nothing => {}
+            Refresh::Redraw => dirty = true,
+            Refresh::Model(m) => {
+                app.set_process_count(m.processes.len());
+                model = m;
+                dirty = true;
+            }
+        }
         if dirty {
             // `draw` follows the terminal's size.
-            term.draw(|f| ui::draw(f, model, app))?;
+            term.draw(|f| ui::draw(f, &model, app))?;
             dirty = false;
             // For the end-to-end test that a panic restores the terminal.
             if std::env::var_os("MTRACE_VIEW_TEST_PANIC").is_some() {

@@ -44,13 +44,18 @@ pub fn draw(f: &mut Frame, m: &DashboardModel, app: &App) {
     let th = Theme { color: app.color };
     let area = f.area();
     let Some(p) = m.processes.get(app.process) else {
+        if let Some(live) = &app.live {
+            let text = format!("mtracer run · {live} · no process image recorded yet · q quit");
+            f.render_widget(Paragraph::new(text).wrap(Wrap { trim: false }), area);
+            return;
+        }
         f.render_widget(Paragraph::new("the trace holds no process image (nothing was recorded)").wrap(Wrap { trim: false }), area);
         return;
     };
     let header_h = 1 + u16::from(!m.warnings.is_empty());
     let [header, body, footer] = Layout::vertical([Constraint::Length(header_h), Constraint::Min(1), Constraint::Length(1)]).areas(area);
     let mut head = vec![Line::from(vec![
-        Span::styled("mtracer view", th.heading()),
+        Span::styled(app.live.as_ref().map_or_else(|| "mtracer view".to_string(), |l| format!("mtracer run · {l}")), th.heading()),
         Span::raw(format!(
             " · image {} of {}: {} · {:.3} s · {}{}",
             app.process + 1,

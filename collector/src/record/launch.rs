@@ -11,8 +11,8 @@ use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Arc;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,24 @@ pub struct Outcome {
     pub exit_code: i32,
     pub trace_bytes: u64,
     pub images: u32,
+    /// The trace file written (empty when the command could not be started).
+    pub trace: PathBuf,
+}
+
+/// What a recording running in another thread tells a live viewer (`mtracer run`).
+#[derive(Default)]
+pub struct Progress {
+    /// The trace file, once created.
+    pub trace: Mutex<Option<PathBuf>>,
+    /// The command's exit code (or 128 + signal), once it exited.
+    pub exited: Mutex<Option<i32>>,
+}
+
+/// A recording behind a live viewer: the command's stdout and stderr go to `log` (its stdin is
+/// /dev/null, the keys are the viewer's), and `progress` is kept up to date.
+pub struct Live {
+    pub log: File,
+    pub progress: Arc<Progress>,
 }
 
 static CHILD: AtomicI32 = AtomicI32::new(0);
@@ -84,7 +102,12 @@ fn socket_name() -> String {
 }
 
 /// `mtracer record`: run `command` traced, write the trace, return the command's status.
-pub fn record(mut opts: Options, command: &[String], output: Option<PathBuf>, quiet: bool) -> Result<Outcome> {
+pub fn record(opts: Options, command: &[String], output: Option<PathBuf>, quiet: bool) -> Result<Outcome> {
+    record_live(opts, command, output, quiet, None)
+}
+
+/// [`record`], optionally behind a live viewer ([`Live`]).
+pub fn record_live(mut opts: Options, command: &[String], output: Option<PathBuf>, quiet: bool, live: Option<Live>) -> Result<Outcome> {
     let Some(program) = command.first() else { bail!("no command given (usage: mtracer record -- CMD ARGS...)") };
     let preload = find_preload()?;
     let name = socket_name();
@@ -110,12 +133,15 @@ pub fn record(mut opts: Options, command: &[String], output: Option<PathBuf>, qu
             Ok(())
         });
     }
+    if let Some(l) = &live {
+        cmd.stdin(Stdio::null()).stdout(l.log.try_clone()?).stderr(l.log.try_clone()?);
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
             eprintln!("mtracer: cannot run `{program}`: {e}");
-            return Ok(Outcome { exit_code: code, trace_bytes: 0, images: 0 });
+            return Ok(Outcome { exit_code: code, trace_bytes: 0, images: 0, trace: PathBuf::new() });
         }
     };
     CHILD.store(child.id() as i32, Ordering::Release);
@@ -130,6 +156,9 @@ pub fn record(mut opts: Options, command: &[String], output: Option<PathBuf>, qu
         }
     };
     lock_while_recording(&file);
+    if let Some(l) = &live {
+        *l.progress.trace.lock().unwrap_or_else(|e| e.into_inner()) = Some(opts.output.clone());
+    }
     if !quiet {
         eprintln!("mtracer: recording pid {} into {}", child.id(), opts.output.display());
     }
@@ -148,6 +177,9 @@ pub fn record(mut opts: Options, command: &[String], output: Option<PathBuf>, qu
             if let Some(st) = child.try_wait().context("waiting for the command")? {
                 status = Some(st);
                 CHILD.store(0, Ordering::Release);
+                if let Some(l) = &live {
+                    *l.progress.exited.lock().unwrap_or_else(|e| e.into_inner()) = Some(exit_code_of(st));
+                }
             }
             continue;
         }
@@ -178,7 +210,7 @@ pub fn record(mut opts: Options, command: &[String], output: Option<PathBuf>, qu
     drop(shared);
     drop(server);
     let trace_bytes = sink.finish()?;
-    Ok(Outcome { exit_code, trace_bytes, images })
+    Ok(Outcome { exit_code, trace_bytes, images, trace: opts.output })
 }
 
 /// Hold an exclusive lock on the trace while it is being written: readers that find it locked
@@ -243,5 +275,5 @@ pub fn agent(mut opts: Options, listen_fd: i32, pid: u32, output: PathBuf) -> Re
     drop(shared);
     drop(server);
     let trace_bytes = sink.finish()?;
-    Ok(Outcome { exit_code: 0, trace_bytes, images })
+    Ok(Outcome { exit_code: 0, trace_bytes, images, trace: opts.output })
 }
