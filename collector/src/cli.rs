@@ -222,8 +222,9 @@ fn run_cmd(args: &RecordArgs, command: &[String]) -> i32 {
     code
 }
 
-/// How often `mtracer run` re-reads the trace being written.
-const REFRESH: Duration = Duration::from_millis(500);
+/// How often `mtracer run` re-reads the trace being written, at most: 4 times a second, or less
+/// often when one re-read takes longer than half the period (each re-reads the whole trace).
+const REFRESH: Duration = Duration::from_millis(250);
 
 /// `mtracer run` on a terminal: record in a thread (the command's output going to
 /// `<trace>.log`) and show the dashboard on the growing trace until `q`; then wait for the
@@ -330,7 +331,8 @@ fn live_model(trace: &std::path::Path) -> Option<crate::dashboard::model::Dashbo
     Some(m)
 }
 
-/// The dashboard of `mtracer run`: refreshed every [`REFRESH`] unless paused, with the
+/// The dashboard of `mtracer run`: refreshed every [`REFRESH`] (or twice the last re-read's
+/// time, if longer) unless paused, with the
 /// command's state in the header, and a last refresh from the complete trace.
 fn live_dashboard(trace: &std::path::Path, command: &[String], progress: &crate::record::launch::Progress, recorder: &std::thread::JoinHandle<anyhow::Result<record::launch::Outcome>>) -> std::io::Result<()> {
     use crate::dashboard::{self, app::App, model::DashboardModel, Refresh};
@@ -340,6 +342,7 @@ fn live_dashboard(trace: &std::path::Path, command: &[String], progress: &crate:
     app.color = dashboard::color_wanted();
     app.live = Some("running".to_string());
     let mut last = None::<Instant>;
+    let mut took = Duration::ZERO;
     let mut seen_images = false;
     let mut done = false;
     let mut source = |app: &mut App| -> Refresh {
@@ -356,13 +359,16 @@ fn live_dashboard(trace: &std::path::Path, command: &[String], progress: &crate:
         };
         let changed = app.live.as_deref() != Some(status.as_str());
         app.live = Some(status);
-        let due = last.is_none_or(|t| t.elapsed() >= REFRESH);
+        let due = last.is_none_or(|t| t.elapsed() >= REFRESH.max(took * 2));
         if app.paused || !(due || (finished && changed)) {
             return if changed { Refresh::Redraw } else { Refresh::Nothing };
         }
-        last = Some(Instant::now());
+        let started = Instant::now();
+        last = Some(started);
         done = finished;
-        match live_model(trace) {
+        let fresh = live_model(trace);
+        took = started.elapsed();
+        match fresh {
             Some(m) => {
                 if !seen_images && !m.processes.is_empty() {
                     seen_images = true;
