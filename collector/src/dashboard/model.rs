@@ -157,16 +157,8 @@ pub struct ThresholdsModel {
     pub changes: Vec<ThresholdChange>,
 }
 
-#[derive(Clone, Debug, Default)]
-pub struct ThresholdChange {
-    pub t_s: f64,
-    pub old: u64,
-    pub new: u64,
-    pub cause: String,
-    pub dynamic: bool,
-    pub heap_allocations_between: u64,
-    pub heap_bytes_between: u64,
-}
+/// A threshold change, as the glibc model records it.
+pub use crate::analysis::glibc::params::ThresholdChange;
 
 impl DashboardModel {
     pub fn from_report(r: &Report) -> DashboardModel {
@@ -331,19 +323,7 @@ impl RetentionModel {
                 fixed_by: t.fixed_by.clone(),
                 arena_limit: t.arena_limit,
                 arena_limit_source: t.arena_limit_source.clone(),
-                changes: t
-                    .changes
-                    .iter()
-                    .map(|c| ThresholdChange {
-                        t_s: c.t_s,
-                        old: c.old,
-                        new: c.new,
-                        cause: c.cause.clone(),
-                        dynamic: c.dynamic,
-                        heap_allocations_between: c.heap_allocations_between,
-                        heap_bytes_between: c.heap_bytes_between,
-                    })
-                    .collect(),
+                changes: t.changes.clone(),
             },
             remedies: r.remedies.iter().map(|m| Remedy { action: m.action.to_string(), bytes_returned: m.bytes_returned, text: m.text.clone() }).collect(),
             trims: r

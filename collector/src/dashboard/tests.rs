@@ -59,7 +59,7 @@ fn model(images: usize) -> DashboardModel {
             fixed_by: None,
             arena_limit: 16,
             arena_limit_source: "8 × 2 cores".into(),
-            changes: vec![ThresholdChange { t_s: 0.021, old: 128 << 10, new: 160 << 10, cause: "free() of a 160.0 KiB mmapped block".into(), dynamic: true, heap_allocations_between: 2, heap_bytes_between: 290_000 }],
+            changes: vec![ThresholdChange { time_ns: 21_000_000, t_s: 0.021, old: 128 << 10, new: 160 << 10, cause: "free() of a 160.0 KiB mmapped block".into(), dynamic: true, heap_allocations_between: 2, heap_bytes_between: 290_000 }],
         },
         remedies: vec![Remedy { action: "malloc_trim(0)".into(), bytes_returned: 1 << 20, text: "calling malloc_trim(0) would return about 1.0 MiB".into() }],
         trims: vec![Trim { t_s: 0.830, pad: 0, predicted_release_bytes: 168_000_000, rss_before: 173 * MIB, rss_after: 13 * MIB, causes_before: vec![fast] }],

@@ -23,7 +23,7 @@ const M_ARENA_TEST: i32 = -7;
 const M_ARENA_MAX: i32 = -8;
 
 /// One change of the mmap threshold (and with it the trim threshold).
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct ThresholdChange {
     #[serde(skip)]
     pub time_ns: u64,
