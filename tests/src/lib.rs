@@ -179,3 +179,48 @@ pub fn num(p: &Value, key: &str) -> u64 {
 pub fn anomalies(p: &Value) -> Vec<(String, u64)> {
     p["anomalies"].as_object().unwrap().iter().filter(|(_, v)| v.as_u64() != Some(0)).map(|(k, v)| (k.clone(), v.as_u64().unwrap())).collect()
 }
+
+/// Run a python3 script that drives a command in a real pseudo-terminal (80×24): `shell` is run
+/// with `sh -c` and `args` as `$0 $1 …`; `body` then talks to it through the globals `fd`
+/// (the terminal), `out` (everything received) and `read_until(needle, limit=default_limit)`,
+/// and `mode` (the last argument). The script prints the list `steps` it builds, then `out`.
+/// Returns the script's stdout and stderr.
+pub fn drive_in_pty(shell: &str, default_limit: f64, body: &str, args: &[&std::ffi::OsStr], mode: &str, env: &[(&str, &str)]) -> (String, String) {
+    let script = format!(
+        r#"
+import os, pty, sys, time, select, termios, fcntl, struct
+args, mode = sys.argv[1:-1], sys.argv[-1]
+pid, fd = pty.fork()
+if pid == 0:
+    fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 80, 0, 0))
+    os.execv('/bin/sh', ['sh', '-c', {shell:?}] + args)
+out = b''
+def read_until(needle, limit={default_limit:?}):
+    global out
+    end = time.time() + limit
+    while needle not in out and time.time() < end:
+        r, _, _ = select.select([fd], [], [], 0.1)
+        if r:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    return needle in out
+{body}
+os.waitpid(pid, 0)
+sys.stdout.write(repr(steps) + '\n')
+sys.stdout.buffer.write(out)
+"#
+    );
+    let o = Command::new("python3").arg("-c").arg(script).args(args).arg(mode).envs(env.iter().copied()).output().expect("python3 is needed");
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+/// What a pseudo-terminal showed after the command ended (`after`, from its exit marker on,
+/// with `stty -a`'s output): back in canonical mode with echo.
+pub fn assert_terminal_restored(after: &str) {
+    assert!(after.contains(" icanon") && after.contains(" echo") && !after.contains("-icanon") && !after.contains(" -echo "), "the terminal is still raw:\n{after}");
+}

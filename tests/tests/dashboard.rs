@@ -124,28 +124,10 @@ fn bad_input_is_a_clear_error() {
 /// `stty -a` right after it. Mode `keys`: `?`, any key, Tab, `q`; mode `panic`: nothing (the
 /// dashboard is made to panic after its first frame). Prints the steps reached, then everything
 /// the terminal received.
-const DRIVER: &str = r#"
-import os, pty, sys, time, select, termios, fcntl, struct
-mtracer, trace, mode = sys.argv[1], sys.argv[2], sys.argv[3]
-pid, fd = pty.fork()
-if pid == 0:
-    fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 80, 0, 0))
-    os.execv('/bin/sh', ['sh', '-c', '"$0" view "$1"; echo "view-exit=$?"; stty -a', mtracer, trace])
-out = b''
-def read_until(needle, limit=30.0):
-    global out
-    end = time.time() + limit
-    while needle not in out and time.time() < end:
-        r, _, _ = select.select([fd], [], [], 0.2)
-        if r:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-    return needle in out
+const SHELL: &str = r#""$0" view "$1"; echo "view-exit=$?"; stty -a"#;
+
+/// The keys and checks of [`SHELL`]'s run (see `drive_in_pty`).
+const BODY: &str = r#"
 steps = [read_until(b'Timeline')]
 if mode == 'keys':
     os.write(fd, b'?'); steps.append(read_until(b'Keys'))
@@ -154,23 +136,18 @@ if mode == 'keys':
     os.write(fd, b'q')
 steps.append(read_until(b'view-exit='))
 steps.append(read_until(b'noflsh', 10))
-os.waitpid(pid, 0)
-sys.stdout.write(repr(steps) + '\n')
-sys.stdout.buffer.write(out)
 "#;
 
-/// Run [`DRIVER`] in `mode` with `env`; returns what the terminal showed, checked to have left
+/// Run [`SHELL`] with [`BODY`] in `mode` with `env`; returns what the terminal showed, checked to have left
 /// the alternate screen and to be back in canonical mode with echo.
 fn in_a_pty(mode: &str, env: &[(&str, &str)], steps: &str) -> String {
-    let o = Command::new("python3").arg("-c").arg(DRIVER).arg(paths().mtracer()).arg(trace()).arg(mode).envs(env.iter().copied()).output().expect("python3 is needed");
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (out, err) = drive_in_pty(SHELL, 30.0, BODY, &[paths().mtracer().as_os_str(), trace().as_os_str()], mode, env);
     let first = out.lines().next().unwrap_or("");
-    assert_eq!(first, steps, "steps reached:\n{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(first, steps, "steps reached:\n{out}\n{err}");
     // Entered and left the alternate screen, hid and showed the cursor.
     assert!(out.contains("\x1b[?1049h") && out.contains("\x1b[?1049l"), "{out}");
     assert!(out.contains("\x1b[?25l") && out.contains("\x1b[?25h"), "{out}");
-    let after = &out[out.find("view-exit=").unwrap()..];
-    assert!(after.contains(" icanon") && after.contains(" echo") && !after.contains("-icanon") && !after.contains(" -echo "), "the terminal is still raw:\n{after}");
+    assert_terminal_restored(&out[out.find("view-exit=").unwrap()..]);
     out
 }
 

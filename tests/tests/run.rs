@@ -47,28 +47,10 @@ fn a_missing_program_exits_127() {
 /// and runs `stty -a` after it. Mode `wait`: wait for "running", then for the exit status, then
 /// `q`; mode `early`: `q` while the command still runs. Prints the steps reached, then everything
 /// the terminal received.
-const DRIVER: &str = r#"
-import os, pty, sys, time, select, termios, fcntl, struct
-mtracer, trace, fixture, mode = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-pid, fd = pty.fork()
-if pid == 0:
-    fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack('HHHH', 24, 80, 0, 0))
-    os.execv('/bin/sh', ['sh', '-c', '"$0" run -o "$1" -- "$2"; echo "run-exit=$?"; stty -a', mtracer, trace, fixture])
-out = b''
-def read_until(needle, limit=8.0):
-    global out
-    end = time.time() + limit
-    while needle not in out and time.time() < end:
-        r, _, _ = select.select([fd], [], [], 0.1)
-        if r:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-    return needle in out
+const SHELL: &str = r#""$0" run -o "$1" -- "$2"; echo "run-exit=$?"; stty -a"#;
+
+/// The keys and checks of [`SHELL`]'s run (see `drive_in_pty`).
+const BODY: &str = r#"
 steps = [read_until(b'mtracer run \xc2\xb7 running')]
 if mode == 'wait':
     steps.append(read_until(b'exited with status 3'))
@@ -77,25 +59,22 @@ steps.append(b'run-exit=' not in out)
 os.write(fd, b'q')
 steps.append(read_until(b'run-exit='))
 steps.append(read_until(b'noflsh', 5))
-os.waitpid(pid, 0)
-sys.stdout.write(repr(steps) + '\n')
-sys.stdout.buffer.write(out)
 "#;
 
-/// Run [`DRIVER`] in `mode`; returns what the terminal showed and the trace, checked: the
+/// Run [`SHELL`] with [`BODY`] in `mode`; returns what the terminal showed and the trace, checked: the
 /// alternate screen left, the terminal back in canonical mode with echo, exit status 3, and the
 /// trace complete with the fixture's final live bytes.
 fn in_a_pty(mode: &str, steps: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let t = dir.path().join("t.mtr");
-    let o = Command::new("python3").arg("-c").arg(DRIVER).arg(paths().mtracer()).arg(&t).arg(fixture("run_demo")).arg(mode).output().expect("python3 is needed");
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let fx = fixture("run_demo");
+    let (out, err) = drive_in_pty(SHELL, 8.0, BODY, &[paths().mtracer().as_os_str(), t.as_os_str(), fx.as_os_str()], mode, &[]);
     let first = out.lines().next().unwrap_or("");
-    assert_eq!(first, steps, "steps reached:\n{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(first, steps, "steps reached:\n{out}\n{err}");
     assert!(out.contains("\x1b[?1049h") && out.contains("\x1b[?1049l"), "{out}");
     let after = &out[out.find("run-exit=").unwrap()..];
     assert!(after.starts_with("run-exit=3"), "{after}");
-    assert!(after.contains(" icanon") && after.contains(" echo") && !after.contains("-icanon") && !after.contains(" -echo "), "the terminal is still raw:\n{after}");
+    assert_terminal_restored(after);
     let r = report_json(&t);
     assert_eq!(num(&r["processes"][0], "final_live_bytes"), 100000, "{r:#}");
     // The command's output went to the log, not over the dashboard.
