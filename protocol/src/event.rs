@@ -18,9 +18,9 @@
 //!
 //! | kind | words |
 //! |---|---|
-//! | `Malloc`, `Calloc`, `Valloc`, `Pvalloc` | `w0(chunk) ptr size [prev_size] [stamp]` |
-//! | `Memalign`, `PosixMemalign`, `AlignedAlloc` | `w0(chunk) ptr size align [prev_size] [stamp]` |
-//! | `Realloc`, `Reallocarray` | `w0(new chunk) old_ptr new_ptr size old_chunk [prev_size] [stamp]` |
+//! | `Malloc`, `Calloc`, `Valloc`, `Pvalloc` | `w0(chunk) ptr size [prev_size] [stack] [stamp]` |
+//! | `Memalign`, `PosixMemalign`, `AlignedAlloc` | `w0(chunk) ptr size align [prev_size] [stack] [stamp]` |
+//! | `Realloc`, `Reallocarray` | `w0(new chunk) old_ptr new_ptr size old_chunk [prev_size] [stack] [stamp]` |
 //! | `Free` | `w0(chunk) ptr [stamp]` |
 //! | `FreeSized` | `w0(chunk) ptr size [stamp]` |
 //! | `FreeAlignedSized` | `w0(chunk) ptr align size [stamp]` |
@@ -40,7 +40,25 @@
 //! | `ThreadExit` | `w0` |
 //! | `Fork` | `w0 fork_seq` |
 //! | `Mallinfo` | `w0(reason) arena ordblks smblks hblks hblkhd fsmblks uordblks fordblks keepcost clock_before` |
+//! | `Stack` | `w0(depth) id ip[0] .. ip[depth-1]` |
+//! | `Module` | `w0(path_len \| build_id_len<<16) bias lo hi build_id_words.. path_words..` |
+//! | `ModuleUnload` | `w0 bias` |
 //!
+//! Stacks (allocation sites):
+//! * `stack` on an allocation is a stack id (non-zero); `AUX_HAS_STACK` announces it. An
+//!   allocation without the flag has no stack (stacks off, or not sampled).
+//! * A `Stack` event defines an id once per process image: `ip[0]` is the return address into
+//!   the function that called the allocator, `ip[1]` its caller's, and so on (return addresses:
+//!   a symboliser looks up `ip - 1`). The definition may come from any thread of the image and may
+//!   come *after* the first allocation that uses it in merged order: readers resolve ids against
+//!   the whole image's stream. A fork child's ids continue its parent's (it inherits the
+//!   parent's definitions).
+//! * A `Module` event describes one loaded object (the executable, a shared library, the vDSO):
+//!   `bias` is the load bias (`dlpi_addr`), `lo..hi` the lowest and highest addresses its
+//!   `PT_LOAD` segments map, then the GNU build id (`build_id_len` bytes, 0 if none) and the path
+//!   (`path_len` bytes, possibly truncated to fit 255 words), each packed little-endian into words
+//!   and padded with zeros. The preload sends every module at registration, and again on each
+//!   `dlopen` that adds one; `ModuleUnload` follows a `dlclose` that removed one.
 //! `size` of `Calloc`/`Reallocarray` is `nmemb * size`, saturated at `u64::MAX` on overflow.
 //! A failed allocation has `ptr == 0` (for realloc: `new_ptr == 0` with `size > 0`).
 
@@ -90,8 +108,10 @@ pub mod chunk {
     }
 }
 
-/// Mask of the chunk header bits kept in `aux`.
-pub const AUX_CHUNK_MASK: u64 = (1 << 46) - 1;
+/// Mask of the chunk header bits kept in `aux` (chunks below 32 TiB).
+pub const AUX_CHUNK_MASK: u64 = (1 << 45) - 1;
+/// `aux` flag of allocation events: a stack id word follows `prev_size` (see the module docs).
+pub const AUX_HAS_STACK: u64 = 1 << 45;
 /// `aux` flag: a `prev_size` word (offset of an mmapped chunk in its mapping) follows the base words.
 pub const AUX_HAS_PREV_SIZE: u64 = 1 << 46;
 /// `aux` flag: a stamp word (see [`crate::stamp`]) is the last word (allocations: the stamp found
@@ -101,8 +121,10 @@ pub const AUX_HAS_STAMP: u64 = 1 << 47;
 /// `aux` flag of `ProgramBreak` and `HeapSize`: a fresh report (see [`Event::ProgramBreak`]).
 pub const PROGRAM_BREAK_FRESH: u64 = 1;
 
-/// The longest event, in words.
-pub const MAX_EVENT_WORDS: usize = 11;
+/// The longest event, in words (the header's length field has 8 bits).
+pub const MAX_EVENT_WORDS: usize = 255;
+/// The most frames a `Stack` event can carry.
+pub const MAX_STACK_DEPTH: usize = MAX_EVENT_WORDS - 2;
 
 macro_rules! kinds {
     ($($name:ident = $val:literal, $base:literal, $label:literal;)*) => {
@@ -157,6 +179,9 @@ kinds! {
     ThreadExit = 37, 1, "thread exit";
     Fork = 38, 2, "fork";
     Mallinfo = 39, 11, "mallinfo2";
+    Stack = 40, 2, "stack";
+    Module = 41, 4, "module";
+    ModuleUnload = 42, 2, "module unload";
 }
 
 impl EventKind {
@@ -197,7 +222,8 @@ pub const fn split_header(w: u64) -> (u8, usize, u64) {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
     /// Any call that creates a block: malloc, calloc, memalign family, valloc, pvalloc.
-    Alloc { kind: EventKind, ptr: u64, size: u64, align: u64, chunk: u64, prev_size: u64, stamp: Option<u64> },
+    /// `stack`: the allocation site's stack id, 0 if none.
+    Alloc { kind: EventKind, ptr: u64, size: u64, align: u64, chunk: u64, prev_size: u64, stack: u64, stamp: Option<u64> },
     /// realloc / reallocarray.
     Realloc {
         kind: EventKind,
@@ -207,6 +233,7 @@ pub enum Event {
         old_chunk: u64,
         chunk: u64,
         prev_size: u64,
+        stack: u64,
         stamp: Option<u64>,
     },
     /// free, free_sized, free_aligned_sized. `ptr` may be 0 (`free(NULL)`). `stamp`: the stamp
@@ -241,6 +268,13 @@ pub enum Event {
     /// event's own time mark is read after it returned): glibc's books are of an instant
     /// between the two.
     Mallinfo { reason: MallinfoReason, mi: Mallinfo2, clock_before: u64 },
+    /// A stack definition: `depth` frames follow in the event's words ([`stack_frames`]).
+    Stack { id: u64, depth: usize },
+    /// A loaded module; its build id and path are in the event's words ([`module_build_id`],
+    /// [`module_path`]).
+    Module { bias: u64, lo: u64, hi: u64, build_id_len: usize, path_len: usize },
+    /// The module with this load bias was unloaded (dlclose).
+    ModuleUnload { bias: u64 },
     /// A kind this decoder does not know (written by a newer preload).
     Unknown { kind: u8 },
 }
@@ -376,36 +410,45 @@ pub fn decode(words: &[u64], at: usize) -> Result<(Event, usize), DecodeError> {
     }
     let w = &words[at..at + len];
     // Optional trailing words of allocation events.
-    let extras = |mut i: usize| -> Result<(u64, Option<u64>), DecodeError> {
+    let extras = |mut i: usize, allocation: bool| -> Result<(u64, u64, Option<u64>), DecodeError> {
         let mut prev_size = 0;
+        let mut stack = 0;
         let mut stamp = None;
+        let bad = DecodeError::BadLength { word: at, kind: k, len };
         if aux & AUX_HAS_PREV_SIZE != 0 {
             if i >= len {
-                return Err(DecodeError::BadLength { word: at, kind: k, len });
+                return Err(bad);
             }
             prev_size = w[i];
             i += 1;
         }
+        if allocation && aux & AUX_HAS_STACK != 0 {
+            if i >= len {
+                return Err(bad);
+            }
+            stack = w[i];
+            i += 1;
+        }
         if aux & AUX_HAS_STAMP != 0 {
             if i >= len {
-                return Err(DecodeError::BadLength { word: at, kind: k, len });
+                return Err(bad);
             }
             stamp = Some(w[i]);
         }
-        Ok((prev_size, stamp))
+        Ok((prev_size, stack, stamp))
     };
     let chunk = aux & AUX_CHUNK_MASK;
     let ev = match kind {
         EventKind::Malloc | EventKind::Calloc | EventKind::Valloc | EventKind::Pvalloc => {
-            let (prev_size, stamp) = extras(3)?;
-            Event::Alloc { kind, ptr: w[1], size: w[2], align: 0, chunk, prev_size, stamp }
+            let (prev_size, stack, stamp) = extras(3, true)?;
+            Event::Alloc { kind, ptr: w[1], size: w[2], align: 0, chunk, prev_size, stack, stamp }
         }
         EventKind::Memalign | EventKind::PosixMemalign | EventKind::AlignedAlloc => {
-            let (prev_size, stamp) = extras(4)?;
-            Event::Alloc { kind, ptr: w[1], size: w[2], align: w[3], chunk, prev_size, stamp }
+            let (prev_size, stack, stamp) = extras(4, true)?;
+            Event::Alloc { kind, ptr: w[1], size: w[2], align: w[3], chunk, prev_size, stack, stamp }
         }
         EventKind::Realloc | EventKind::Reallocarray => {
-            let (prev_size, stamp) = extras(5)?;
+            let (prev_size, stack, stamp) = extras(5, true)?;
             Event::Realloc {
                 kind,
                 old_ptr: w[1],
@@ -414,11 +457,12 @@ pub fn decode(words: &[u64], at: usize) -> Result<(Event, usize), DecodeError> {
                 old_chunk: w[4] & AUX_CHUNK_MASK,
                 chunk,
                 prev_size,
+                stack,
                 stamp,
             }
         }
         EventKind::Free | EventKind::FreeSized | EventKind::FreeAlignedSized => {
-            let (_, stamp) = extras(base)?;
+            let (_, _, stamp) = extras(base, false)?;
             Event::Free { kind, ptr: w[1], chunk, stamp }
         }
         EventKind::UsableSize => Event::UsableSize { ptr: w[1], result: w[2] },
@@ -467,8 +511,83 @@ pub fn decode(words: &[u64], at: usize) -> Result<(Event, usize), DecodeError> {
             },
             clock_before: w[10],
         },
+        EventKind::Stack => {
+            let depth = (aux & 0xff) as usize;
+            if depth != len - 2 {
+                return Err(DecodeError::BadLength { word: at, kind: k, len });
+            }
+            Event::Stack { id: w[1], depth }
+        }
+        EventKind::Module => {
+            let (path_len, build_id_len) = ((aux & 0xffff) as usize, ((aux >> 16) & 0xff) as usize);
+            if len != 4 + build_id_len.div_ceil(8) + path_len.div_ceil(8) {
+                return Err(DecodeError::BadLength { word: at, kind: k, len });
+            }
+            Event::Module { bias: w[1], lo: w[2], hi: w[3], build_id_len, path_len }
+        }
+        EventKind::ModuleUnload => Event::ModuleUnload { bias: w[1] },
     };
     Ok((ev, len))
+}
+
+/// The frames of the `Stack` event whose words start at `w[0]` (already decoded successfully).
+pub fn stack_frames(w: &[u64]) -> &[u64] {
+    let (_, len, _) = split_header(w[0]);
+    &w[2..len]
+}
+
+/// Copy `n` bytes packed little-endian into `words` into `out` (which must hold `n` bytes).
+fn unpack_bytes(words: &[u64], n: usize, out: &mut [u8]) {
+    for (i, b) in out[..n].iter_mut().enumerate() {
+        *b = (words[i / 8] >> (8 * (i % 8))) as u8;
+    }
+}
+
+/// The build id of the `Module` event whose words start at `w[0]`, copied into `out` (at least
+/// 255 bytes); returns its length.
+pub fn module_build_id(w: &[u64], out: &mut [u8]) -> usize {
+    let (_, _, aux) = split_header(w[0]);
+    let n = ((aux >> 16) & 0xff) as usize;
+    unpack_bytes(&w[4..], n, out);
+    n
+}
+
+/// The path of the `Module` event whose words start at `w[0]`, copied into `out` (at least
+/// `path_len` bytes); returns its length.
+pub fn module_path(w: &[u64], out: &mut [u8]) -> usize {
+    let (_, _, aux) = split_header(w[0]);
+    let (n, bid) = ((aux & 0xffff) as usize, ((aux >> 16) & 0xff) as usize);
+    unpack_bytes(&w[4 + bid.div_ceil(8)..], n, out);
+    n
+}
+
+/// Pack bytes little-endian into words (zero padded); returns the words written.
+pub fn pack_bytes(bytes: &[u8], out: &mut [u64]) -> usize {
+    let n = bytes.len().div_ceil(8);
+    for (i, w) in out[..n].iter_mut().enumerate() {
+        let mut v = 0u64;
+        for (j, b) in bytes[i * 8..bytes.len().min(i * 8 + 8)].iter().enumerate() {
+            v |= (*b as u64) << (8 * j);
+        }
+        *w = v;
+    }
+    n
+}
+
+/// Encode a `Module` event into `out`; returns its length in words. The path is truncated (from
+/// the front, keeping the file name) to fit `MAX_EVENT_WORDS`; the build id to 255 bytes.
+pub fn encode_module(bias: u64, lo: u64, hi: u64, build_id: &[u8], path: &[u8], out: &mut [u64; MAX_EVENT_WORDS]) -> usize {
+    let build_id = &build_id[..build_id.len().min(255)];
+    let room = (MAX_EVENT_WORDS - 4 - build_id.len().div_ceil(8)) * 8;
+    let path = if path.len() > room { &path[path.len() - room..] } else { path };
+    out[1] = bias;
+    out[2] = lo;
+    out[3] = hi;
+    let mut n = 4;
+    n += pack_bytes(build_id, &mut out[n..]);
+    n += pack_bytes(path, &mut out[n..]);
+    out[0] = header(EventKind::Module, n, path.len() as u64 | (build_id.len() as u64) << 16);
+    n
 }
 
 /// Encode a small signed result (an `int` return value) into 48 aux bits.
@@ -543,9 +662,48 @@ mod tests {
                 align: 4096,
                 chunk: hdr,
                 prev_size: 4080,
+                stack: 0,
                 stamp: Some(0xdead)
             }
         );
+    }
+
+    #[test]
+    fn alloc_with_stack_decodes() {
+        let hdr = 0x31;
+        let w = [header(EventKind::Malloc, 5, hdr | AUX_HAS_STACK | AUX_HAS_STAMP), 0x5000, 40, 77, 0xbeef];
+        let (ev, len) = decode(&w, 0).unwrap();
+        assert_eq!(len, 5);
+        assert_eq!(ev, Event::Alloc { kind: EventKind::Malloc, ptr: 0x5000, size: 40, align: 0, chunk: hdr, prev_size: 0, stack: 77, stamp: Some(0xbeef) });
+        // Frees never carry a stack word, whatever the aux bits say about the chunk.
+        let w = [header(EventKind::Free, 2, 0x31), 0x5000];
+        assert_eq!(decode(&w, 0).unwrap().0, Event::Free { kind: EventKind::Free, ptr: 0x5000, chunk: 0x31, stamp: None });
+    }
+
+    #[test]
+    fn stack_and_module_round_trip() {
+        let w = [header(EventKind::Stack, 5, 3), 9, 0x401000, 0x401100, 0x7f00_0000_1234];
+        assert_eq!(decode(&w, 0).unwrap(), (Event::Stack { id: 9, depth: 3 }, 5));
+        assert_eq!(stack_frames(&w), &[0x401000, 0x401100, 0x7f00_0000_1234]);
+        assert!(matches!(decode(&[header(EventKind::Stack, 4, 3), 9, 1, 2], 0), Err(DecodeError::BadLength { .. })));
+
+        let mut out = [0u64; MAX_EVENT_WORDS];
+        let bid = [0xab; 20];
+        let n = encode_module(0x7f00_0000_0000, 0x7f00_0000_1000, 0x7f00_0002_0000, &bid, b"/usr/lib/libfoo.so.1", &mut out);
+        assert_eq!(n, 4 + 3 + 3);
+        let (ev, len) = decode(&out[..n], 0).unwrap();
+        assert_eq!(len, n);
+        assert_eq!(ev, Event::Module { bias: 0x7f00_0000_0000, lo: 0x7f00_0000_1000, hi: 0x7f00_0002_0000, build_id_len: 20, path_len: 20 });
+        let mut buf = [0u8; 2048];
+        assert_eq!(module_build_id(&out, &mut buf), 20);
+        assert_eq!(&buf[..20], &bid);
+        assert_eq!(module_path(&out, &mut buf), 20);
+        assert_eq!(&buf[..20], b"/usr/lib/libfoo.so.1");
+        // A path too long for one event keeps its end.
+        let long = [b'x'; 3000];
+        let n = encode_module(0, 0, 0, &[], &long, &mut out);
+        assert_eq!(n, MAX_EVENT_WORDS);
+        assert_eq!(module_path(&out, &mut buf), (MAX_EVENT_WORDS - 4) * 8);
     }
 
     #[test]
