@@ -12,9 +12,9 @@
 //!
 //! **Unwinding** uses framehop with `.eh_frame` in place ([`crate::modules`]), a per-thread
 //! framehop cache (allocated once per thread by the cold allocator, pooled at thread exit) and a
-//! `read_stack` that only reads `[cfa - 8, stack top)` of this thread's stack (top: from
-//! `pthread_getattr_np`, called once per thread with the guard held; main thread: the page
-//! above `__libc_stack_end`, no `/proc` read). A frame on another stack (sigaltstack, a
+//! `read_stack` that only reads `[cfa - 8, stack top)` of this thread's stack (found once per
+//! thread without allocating: main thread, the page above `__libc_stack_end` (no `/proc` read);
+//! other threads, glibc's stack block in the thread descriptor, see [`stack_bounds`]). A frame on another stack (sigaltstack, a
 //! coroutine) may only read up to the end of its page. Whatever was unwound before a failure is
 //! the stack.
 //!
@@ -270,16 +270,26 @@ unsafe fn stack_bounds(sp: u64) -> (u64, u64) {
         let hi = (end + 8 + 4095) & !4095;
         return (end.saturating_sub(limit), hi);
     }
-    // SAFETY: pthread_getattr_np may allocate: the guard is held, so that passes through.
+    // Another thread: not `pthread_getattr_np`, which allocates (untraced allocations would put
+    // glibc's arenas out of step with the model). glibc keeps the thread's stack block in its
+    // `struct pthread` (the thread pointer), as `stackblock, stackblock_size`, and puts the
+    // descriptor at the top of that block (the block's end lies just above the descriptor).
+    // Find that pair: the only adjacent words (a, s) with a page-aligned, a <= sp < a + s, and
+    // the block ending within a page above the descriptor (offset 0x690 in glibc 2.36; the
+    // descriptor is larger than the 0x800 bytes scanned). Above `sp`, up to the descriptor,
+    // everything is mapped.
+    // SAFETY: pthread_self reads the thread pointer; the words read lie inside the descriptor.
     unsafe {
-        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
-        if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) == 0 {
-            let mut addr: *mut libc::c_void = core::ptr::null_mut();
-            let mut size: usize = 0;
-            let ok = libc::pthread_attr_getstack(&attr, &mut addr, &mut size) == 0;
-            libc::pthread_attr_destroy(&mut attr);
-            if ok && (addr as u64) <= sp && sp < addr as u64 + size as u64 {
-                return (addr as u64, addr as u64 + size as u64);
+        let tp = libc::pthread_self() as u64;
+        if tp > sp {
+            let mut off = 0;
+            while off < 0x800 {
+                let a = *((tp + off) as *const u64);
+                let s = *((tp + off + 8) as *const u64);
+                if a != 0 && a & 4095 == 0 && a <= sp && s < 1 << 40 && sp < a + s && a + s > tp && a + s - tp <= 4096 {
+                    return (a, tp);
+                }
+                off += 8;
             }
         }
     }
