@@ -1,5 +1,12 @@
 //! Allocation stacks: unwinding, memoisation, interning, sampling.
 //!
+//! **When.** With stacks on, an allocation hook takes the stack *before* forwarding to the real
+//! function ([`before`]: the guard taken and released around it; nothing happens before the
+//! image registered), then forwards and records the event with the id at once. Taking it after
+//! the call would delay the event by an unwind, and the collector orders other threads' calls
+//! and `mallinfo2` checkpoints against it by time marks and publication. A new stack's `Stack`
+//! event (and new modules' `Module` events) precede the allocation's event in the stream.
+//!
 //! **Where unwinding starts.** The allocation entry points (malloc, calloc, realloc,
 //! reallocarray, memalign, aligned_alloc, posix_memalign, valloc, pvalloc) are small naked
 //! trampolines (see `hooks.rs`) that store the caller's frame — its CFA (`rsp + 8` at entry,
@@ -14,9 +21,10 @@
 //! framehop cache (allocated once per thread by the cold allocator, pooled at thread exit) and a
 //! `read_stack` that only reads `[cfa - 8, stack top)` of this thread's stack (found once per
 //! thread without allocating: main thread, the page above `__libc_stack_end` (no `/proc` read);
-//! other threads, glibc's stack block in the thread descriptor, see [`stack_bounds`]). A frame on another stack (sigaltstack, a
-//! coroutine) may only read up to the end of its page. Whatever was unwound before a failure is
-//! the stack.
+//! other threads, glibc's stack block in the thread descriptor, see [`stack_bounds`]). A frame
+//! on another stack (sigaltstack, a coroutine) is unwound from our own registers and may only
+//! read up to the end of the current page: a short stack. Whatever was unwound before a failure
+//! is the stack.
 //!
 //! **Memoisation** (per thread, 16 direct-mapped entries keyed by the caller's CFA): a full
 //! unwind logs every stack word it read. A later call with the same return address, the same
