@@ -310,7 +310,7 @@ unsafe fn stack_bounds(sp: u64) -> (u64, u64) {
 
 #[inline(always)]
 fn memo_slot(cfa: u64) -> usize {
-    (((cfa >> 4) ^ (cfa >> 10)) as usize) & (MEMO - 1)
+    ((cfa >> 4) as usize) & (MEMO - 1)
 }
 
 #[inline(always)]
@@ -335,14 +335,50 @@ pub fn before(size: u64) -> u64 {
     before_slow(size)
 }
 
+/// The memo hit, inline: no call, no guard needed (nothing but this thread's state is touched).
 #[inline(never)]
 fn before_slow(size: u64) -> u64 {
     let t = crate::tls::state();
-    // SAFETY: `t` is this thread's state; the guard is taken around our work.
+    // SAFETY: `t` is this thread's state; `st` its stack state. A memo entry's words were read
+    // from this thread's stack between the same CFA and the stack top: still mapped.
     unsafe {
         if (*t).busy != 0 || writer::STATE.load(Ordering::Acquire) != writer::ACTIVE {
             return 0;
         }
+        let st = (*t).stk;
+        if st.is_null() || SAMPLE.load(Ordering::Relaxed) != 0 {
+            return before_cold(t, size);
+        }
+        let cfa = (*st).cfa;
+        let bp = (*st).bp;
+        (*st).cfa = 0;
+        let sp = own_sp();
+        if cfa > sp && (*st).lo < sp && cfa <= (*st).hi && cfa & 7 == 0 {
+            let ra = *((cfa - 8) as *const u64);
+            let m = &*(&raw const (*st).memo).cast::<Memo>().add(memo_slot(cfa));
+            if m.cfa == cfa && m.ra == ra && m.generation == modules::GEN.load(Ordering::Relaxed) && (m.bp_dep == 0 || m.bp == bp) {
+                // `n` ≤ MEMO_READS (written by `full`).
+                let mut r = m.reads.as_ptr();
+                let end = r.add(m.n as usize);
+                while r < end && *((*r).0 as *const u64) == (*r).1 {
+                    r = r.add(1);
+                }
+                if r == end {
+                    return m.id;
+                }
+            }
+        }
+        (*st).cfa = cfa;
+        before_cold(t, size)
+    }
+}
+
+/// Everything but a memo hit: the thread's first stack, sampling, a full unwind, definitions.
+#[cold]
+#[inline(never)]
+fn before_cold(t: *mut ThreadState, size: u64) -> u64 {
+    // SAFETY: `t` is this thread's state; the guard is taken around our work.
+    unsafe {
         (*t).busy = 1;
         let mut sid = 0;
         if wanted(t, size) {
