@@ -186,3 +186,60 @@ fn sampled_by_bytes() {
     let n_loop = img.allocs.iter().filter(|a| a.2 == 100 && a.3 != 0).count();
     assert!((999..=1000).contains(&n_loop), "{n_loop}");
 }
+
+/// A fork child's stack ids continue its parent's: the same chain has the same id in both
+/// images (defined in the parent), a stack new in the child is defined in the child's stream,
+/// and the child's stream has the modules again.
+#[test]
+fn fork_child_ids_continue() {
+    let _turn = heavy();
+    let bin = build("stacks-o2", &["-O2", "-fomit-frame-pointer"]);
+    let mut cmd = vec![bin.to_str().unwrap()];
+    cmd.extend_from_slice(&["fork", "1000"]);
+    let r = record(&[], &cmd, &[]);
+    assert_eq!(r.code(), Some(0), "{}", r.stderr());
+    let fns = ranges(&bin, &r.stdout());
+    let images = raw_events(&r.trace);
+    assert_eq!(images.len(), 2);
+    let (parent, child) = (&images[0], &images[1]);
+    let chain_id = |img: &RawImage| {
+        let ids: std::collections::HashSet<u64> = img.allocs.iter().filter(|a| a.2 == 24).map(|a| a.3).collect();
+        assert_eq!(ids.len(), 1, "{ids:?}");
+        ids.into_iter().next().unwrap()
+    };
+    let id = chain_id(parent);
+    assert_ne!(id, 0);
+    assert_eq!(chain_id(child), id, "the child's id for the same stack is its parent's: {:x?} vs {:x?}", parent.stacks.get(&id), child.stacks.get(&chain_id(child)));
+    assert_eq!(parent.stack_defs.get(&id), Some(&1));
+    assert_eq!(child.stack_defs.get(&id), None, "inherited, not defined again");
+    let own = child.allocs.iter().find(|a| a.2 == 4242).expect("the child's own allocation").3;
+    assert_ne!(own, 0);
+    assert!(inside(child.stacks[&own][0], fns["child_only"]));
+    let exe = std::fs::canonicalize(&bin).unwrap();
+    assert!(child.modules.iter().any(|m| Path::new(&m.4) == exe), "the child's stream lists the modules");
+}
+
+/// C++ `new`: ip[0] is in libstdc++'s operator new (the caller of malloc), ip[1] in the program.
+#[test]
+fn cxx_operator_new() {
+    let _turn = heavy();
+    let p = paths();
+    let src = p.fixtures_out.join(format!("stacks-new.{}.cpp", std::process::id()));
+    std::fs::write(
+        &src,
+        "#include <cstdio>\n\
+         extern \"C\" __attribute__((noinline)) int *make(int v) { int *p = new int[1000]; p[0] = v; __asm__ volatile(\"\" :: \"r\"(p) : \"memory\"); return p; }\n\
+         int main() { std::printf(\"sym make %p\\nsym main %p\\n\", (void *)&make, (void *)&main); int *p = make(7); int r = p[0] - 7; delete[] p; return r; }\n",
+    )
+    .unwrap();
+    let bin = src.with_extension("bin");
+    let o = Command::new("g++").args(["-O2", "-g", "-o"]).arg(&bin).arg(&src).output().expect("g++");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (r, img) = run(&bin, &[], &[], &[]);
+    let fns = ranges(&bin, &r.stdout());
+    let a = img.allocs.iter().find(|a| a.2 == 4000).expect("new int[1000]");
+    let f = &img.stacks[&a.3];
+    let stdcxx = img.modules.iter().find(|m| m.4.contains("libstdc++")).expect("libstdc++ module");
+    assert!(stdcxx.1 <= f[0] && f[0] < stdcxx.2, "ip[0] {:#x} not in libstdc++", f[0]);
+    assert!(inside(f[1], fns["make"]), "ip[1] {:#x} not in make", f[1]);
+}
