@@ -12,25 +12,32 @@ use std::process::Command;
 use mtrace_protocol::event::EventKind;
 use mtrace_tests::*;
 
-/// Compile the fixture with `flags` (once per test binary run and flag set).
-fn build(name: &str, flags: &[&str]) -> PathBuf {
+/// Compile `src` (in tests/fixtures/) with `compiler` and `flags` into `out` (in the fixtures
+/// directory), unless `out` is newer than the source; atomically (concurrent test binaries).
+fn compile(compiler: &str, src: &Path, flags: &[&str], out_name: &str) -> PathBuf {
     let p = paths();
-    let out = p.fixtures_out.join(format!("{name}.{}", std::process::id()));
-    if !out.exists() {
-        let src = p.workspace.join("tests/fixtures/stacks.c");
-        let o = Command::new("gcc").args(flags).args(["-g", "-pthread", "-o"]).arg(&out).arg(&src).arg("-ldl").output().expect("gcc");
+    let out = p.fixtures_out.join(out_name);
+    let mtime = |f: &Path| std::fs::metadata(f).and_then(|m| m.modified()).ok();
+    if mtime(&out).is_none() || mtime(&out) < mtime(src) {
+        let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+        let o = Command::new(compiler).args(flags).args(["-g", "-o"]).arg(&tmp).arg(src).output().expect(compiler);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::rename(&tmp, &out).unwrap();
     }
     out
 }
 
+/// The fixture compiled with `flags`, named `name`.
+fn build(name: &str, flags: &[&str]) -> PathBuf {
+    let src = paths().workspace.join("tests/fixtures/stacks.c");
+    let mut f = flags.to_vec();
+    f.extend_from_slice(&["-pthread", "-ldl"]);
+    compile("gcc", &src, &f, name)
+}
+
 fn build_lib() -> PathBuf {
-    let p = paths();
-    let out = p.fixtures_out.join(format!("libstackslib.{}.so", std::process::id()));
-    let src = p.workspace.join("tests/fixtures/stacks_lib.c");
-    let o = Command::new("gcc").args(["-O2", "-g", "-shared", "-fPIC", "-Wl,--build-id", "-o"]).arg(&out).arg(&src).output().expect("gcc");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    out
+    let src = paths().workspace.join("tests/fixtures/stacks_lib.c");
+    compile("gcc", &src, &["-O2", "-shared", "-fPIC", "-Wl,--build-id"], "libstackslib.so")
 }
 
 /// Run-time ranges of the fixture's functions: (start, end) by name.
@@ -223,18 +230,8 @@ fn fork_child_ids_continue() {
 #[test]
 fn cxx_operator_new() {
     let _turn = heavy();
-    let p = paths();
-    let src = p.fixtures_out.join(format!("stacks-new.{}.cpp", std::process::id()));
-    std::fs::write(
-        &src,
-        "#include <cstdio>\n\
-         extern \"C\" __attribute__((noinline)) int *make(int v) { int *p = new int[1000]; p[0] = v; __asm__ volatile(\"\" :: \"r\"(p) : \"memory\"); return p; }\n\
-         int main() { std::printf(\"sym make %p\\nsym main %p\\n\", (void *)&make, (void *)&main); int *p = make(7); int r = p[0] - 7; delete[] p; return r; }\n",
-    )
-    .unwrap();
-    let bin = src.with_extension("bin");
-    let o = Command::new("g++").args(["-O2", "-g", "-o"]).arg(&bin).arg(&src).output().expect("g++");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let src = paths().workspace.join("tests/fixtures/stacks_new.cpp");
+    let bin = compile("g++", &src, &["-O2"], "stacks_new");
     let (r, img) = run(&bin, &[], &[], &[]);
     let fns = ranges(&bin, &r.stdout());
     let a = img.allocs.iter().find(|a| a.2 == 4000).expect("new int[1000]");
