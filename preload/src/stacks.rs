@@ -268,6 +268,7 @@ unsafe fn new_state(t: *mut ThreadState, sp: u64) -> *mut StackState {
             }
             (*st).counter = 0;
             (*st).unknown = 0;
+            (*st).pending_n = 0;
         }
         (*st).cfa = 0;
         let (lo, hi) = stack_bounds(sp);
