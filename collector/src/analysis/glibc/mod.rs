@@ -113,8 +113,10 @@ pub struct GlibcModel {
     pub app_maps: std::collections::BTreeMap<u64, u64>,
     pub checkpoints: Vec<Checkpoint>,
     pub trims: Vec<Trim>,
-    /// Time of the last event of each stream (for checkpoint ordering).
+    /// When the last call of each stream had taken effect at the latest (for checkpoint ordering).
     last_event: FxHashMap<u32, u64>,
+    /// The time mark of each stream's last record (for checkpoint ordering).
+    prev_mark: FxHashMap<u32, u64>,
     pub start_ns: u64,
     pub lost_events: u64,
     /// The most the process held from the OS for its heap and mmapped blocks, and when.
@@ -174,6 +176,7 @@ impl GlibcModel {
             checkpoints: Vec::new(),
             trims: Vec::new(),
             last_event: FxHashMap::default(),
+            prev_mark: FxHashMap::default(),
             start_ns,
             lost_events: 0,
             stale_observations: 0,
@@ -224,6 +227,7 @@ impl GlibcModel {
         self.trims.clear();
         self.params.changes.clear();
         self.last_event.clear();
+        self.prev_mark.clear();
         self.stale_observations = 0;
         self.lost_events = 0;
         self.tids.clear();
@@ -485,17 +489,27 @@ impl GlibcModel {
 
     fn apply_event(&mut self, ev: &Event, time_ns: u64, stream: u32) {
         // Only the allocator's own calls matter for a checkpoint's order (not observations).
+        // The mark of this stream's previous record: every call after it began after that
+        // clock read.
+        let prev_mark = self.prev_mark.insert(stream, time_ns).unwrap_or(0);
         if ev_is_call(ev) {
-            // A call's effect lies just before its event's mark — except malloc_trim's, which
-            // takes milliseconds: it began after the thread's previous event.
+            // When the call's effect may have happened, at the earliest:
+            // * a free is recorded before glibc frees (the block must still be readable), so its
+            //   effect follows its own mark;
+            // * malloc_trim takes milliseconds: it began after the thread's previous call;
+            // * the other calls are recorded after they returned: their effect precedes the mark,
+            //   and follows the stream's previous mark. The thread may have been preempted
+            //   between the two (seen under load); a whole idle stretch before the call, though,
+            //   is not preemption, so more than `CALL_LAG_NS` before the mark is not assumed.
             let effect = match ev {
+                Event::Free { .. } => time_ns,
                 Event::MallocTrim { .. } => self.last_event.get(&stream).copied().unwrap_or(0),
-                _ => time_ns,
+                _ => prev_mark.max(time_ns.saturating_sub(CALL_LAG_NS)),
             };
             self.settle_checkpoints(stream, effect, time_ns);
-            // A free is recorded before glibc frees (the block must still be readable): its
-            // effect may trail its mark by a preemption. Count it as ending 2 ms later.
-            let end = if matches!(ev, Event::Free { .. }) { time_ns.saturating_add(FREE_LAG_NS) } else { time_ns };
+            // When its effect was done, at the latest: a free's may trail its mark by a
+            // preemption; count it as ending `CALL_LAG_NS` later.
+            let end = if matches!(ev, Event::Free { .. }) { time_ns.saturating_add(CALL_LAG_NS) } else { time_ns };
             self.last_event.insert(stream, end);
         }
         match *ev {
@@ -867,9 +881,10 @@ impl GlibcModel {
 
     /// Decide the order of pending checkpoints as other threads' events come: one stamped no
     /// later than the checkpoint's own mark, applied after it, may have happened before it.
-    /// Once the merged history is 20 ms past a checkpoint, nothing can come back before it.
+    /// Once the merged history is `2 × CALL_LAG_NS` past a checkpoint, nothing can come back
+    /// before it.
     fn settle_checkpoints(&mut self, stream: u32, effect_ns: u64, time_ns: u64) {
-        const SETTLED_NS: u64 = 20_000_000;
+        const SETTLED_NS: u64 = 2 * CALL_LAG_NS;
         let first = self.first_unsettled;
         for cp in self.checkpoints[first..].iter_mut() {
             if cp.exact_order.is_none() && cp.stream != stream {
@@ -932,8 +947,9 @@ fn plausible(ev: &Event) -> bool {
     }
 }
 
-/// How long after its time mark a free's effect is assumed done (see `apply_event`).
-const FREE_LAG_NS: u64 = 2_000_000;
+/// How far from its time mark a call's effect may lie because its thread was preempted between
+/// the two (see `apply_event`): several scheduler time slices on a loaded machine.
+const CALL_LAG_NS: u64 = 20_000_000;
 
 /// A call of the application (what a checkpoint's order is judged against).
 fn ev_is_call(ev: &Event) -> bool {
@@ -978,6 +994,52 @@ mod tests {
     fn fill(g: &mut GlibcModel, n: u64, req: u64) -> Vec<u64> {
         let cs = params::request2size(req);
         (0..n).map(|i| malloc(g, HEAP + TCACHE_STRUCT_CHUNK + i * cs, req)).collect()
+    }
+
+    /// A checkpoint of another thread is exact only if no call applied after it can have taken
+    /// effect before it: a malloc recorded after the checkpoint's mark may have returned before
+    /// it, if its thread was preempted in between (its previous record bounds how far back).
+    #[test]
+    fn checkpoint_order_allows_for_preemption_before_the_mark() {
+        const MS: u64 = 1_000_000;
+        let checkpoint = |g: &mut GlibcModel, at: u64| {
+            let mi = g.mallinfo();
+            g.apply(&Event::Mallinfo { reason: MallinfoReason::Start, mi, clock_before: at }, at, 9);
+        };
+        let alloc = |g: &mut GlibcModel, at: u64, ptr: u64| {
+            g.apply(&Event::Alloc { kind: EventKind::Malloc, ptr, size: 24, align: 0, chunk: 33, prev_size: 0, stack: 0, stamp: None }, at, 1);
+        };
+        let first = HEAP + TCACHE_STRUCT_CHUNK + 16;
+        // Busy thread: its previous record (100 ms) is before the checkpoint (101 ms), so its
+        // malloc marked 102 ms may have taken effect before the checkpoint.
+        let mut g = model();
+        alloc(&mut g, 100 * MS, first);
+        checkpoint(&mut g, 101 * MS);
+        alloc(&mut g, 102 * MS, first + 32);
+        g.finish();
+        assert_eq!(g.checkpoints[0].exact_order, Some(false));
+        // Idle thread: its previous record is long before, but a malloc marked more than
+        // CALL_LAG_NS after the checkpoint was not preempted for that long.
+        let mut g = model();
+        alloc(&mut g, 100 * MS, first);
+        checkpoint(&mut g, 200 * MS);
+        alloc(&mut g, 200 * MS + CALL_LAG_NS + MS, first + 32);
+        g.finish();
+        assert_eq!(g.checkpoints[0].exact_order, Some(true));
+        // ... but one marked within CALL_LAG_NS of it may have been.
+        let mut g = model();
+        alloc(&mut g, 100 * MS, first);
+        checkpoint(&mut g, 200 * MS);
+        alloc(&mut g, 205 * MS, first + 32);
+        g.finish();
+        assert_eq!(g.checkpoints[0].exact_order, Some(false));
+        // A free is recorded before glibc frees: marked after the checkpoint, it came after it.
+        let mut g = model();
+        alloc(&mut g, 100 * MS, first);
+        checkpoint(&mut g, 200 * MS);
+        g.apply(&Event::Free { kind: EventKind::Free, ptr: first, chunk: 33, stamp: None }, 201 * MS, 1);
+        g.finish();
+        assert_eq!(g.checkpoints[0].exact_order, Some(true));
     }
 
     fn check_consistent(g: &GlibcModel) {
