@@ -8,6 +8,7 @@
 //!   out (return, error, panic), redraw on resize, keys polled with a timeout.
 
 pub mod app;
+pub mod feed;
 pub mod model;
 pub mod ui;
 
@@ -73,6 +74,8 @@ pub enum Refresh {
     Redraw,
     /// A new model to show.
     Model(DashboardModel),
+    /// Leave the dashboard (the source failed; its owner says why).
+    Stop,
 }
 
 /// Run the dashboard until the user quits.
@@ -80,7 +83,7 @@ pub fn run(model: &DashboardModel, app: App) -> io::Result<()> {
     run_live(model.clone(), app, &mut |_| Refresh::Nothing)
 }
 
-/// Run the dashboard until the user quits, asking `source` for news at least every 250 ms; the
+/// Run the dashboard until the user quits, asking `source` for news at least every 50 ms; the
 /// UI state (panel, zoom, selected image) is kept across new models.
 pub fn run_live(model: DashboardModel, mut app: App, source: &mut dyn FnMut(&mut App) -> Refresh) -> io::Result<()> {
     install_panic_hook();
@@ -91,19 +94,27 @@ pub fn run_live(model: DashboardModel, mut app: App, source: &mut dyn FnMut(&mut
 
 fn event_loop(term: &mut Terminal<CrosstermBackend<Stdout>>, mut model: DashboardModel, app: &mut App, source: &mut dyn FnMut(&mut App) -> Refresh) -> io::Result<()> {
     let mut dirty = true;
+    let mut stats = Stats::new();
+    app.observe(&model);
     loop {
         match source(app) {
             Refresh::Nothing => {}
             Refresh::Redraw => dirty = true,
             Refresh::Model(m) => {
-                app.set_process_count(m.processes.len());
+                app.observe(&m);
                 model = m;
+                stats.models += 1;
                 dirty = true;
+            }
+            Refresh::Stop => {
+                stats.save();
+                return Ok(());
             }
         }
         if dirty {
             // `draw` follows the terminal's size.
             term.draw(|f| ui::draw(f, &model, app))?;
+            stats.frame();
             dirty = false;
             // For the end-to-end test that a panic restores the terminal.
             if std::env::var_os("MTRACE_VIEW_TEST_PANIC").is_some() {
@@ -111,12 +122,15 @@ fn event_loop(term: &mut Terminal<CrosstermBackend<Stdout>>, mut model: Dashboar
             }
         }
         // The timeout keeps the loop ready for the live mode's updates.
-        if !event::poll(Duration::from_millis(250))? {
+        if !event::poll(Duration::from_millis(50))? {
             continue;
         }
         match event::read()? {
             Event::Key(k) if k.kind == KeyEventKind::Press => match app.on_key(k) {
-                Action::Quit => return Ok(()),
+                Action::Quit => {
+                    stats.save();
+                    return Ok(());
+                }
                 Action::Redraw => dirty = true,
                 Action::None => {}
             },
@@ -126,5 +140,49 @@ fn event_loop(term: &mut Terminal<CrosstermBackend<Stdout>>, mut model: Dashboar
             }
             _ => {}
         }
+    }
+}
+
+/// Frames drawn and models received, written to the file `$MTRACE_DASH_STATS` names (for the
+/// tests and the benchmark that measure how often the live dashboard refreshes).
+struct Stats {
+    path: Option<std::ffi::OsString>,
+    started: std::time::Instant,
+    frames: u64,
+    models: u64,
+    first_model: Option<std::time::Instant>,
+    last_model: Option<std::time::Instant>,
+    models_seen: u64,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats { path: std::env::var_os("MTRACE_DASH_STATS"), started: std::time::Instant::now(), frames: 0, models: 0, first_model: None, last_model: None, models_seen: 0 }
+    }
+
+    /// One frame drawn; the models that arrived since the last frame are now on the screen.
+    fn frame(&mut self) {
+        self.frames += 1;
+        if self.models > self.models_seen {
+            self.models_seen = self.models;
+            let now = std::time::Instant::now();
+            self.first_model.get_or_insert(now);
+            self.last_model = Some(now);
+        }
+        if self.path.is_some() && self.frames % 8 == 0 {
+            self.save();
+        }
+    }
+
+    /// `frames N`, `models M`, `seconds S` (since the start), `model_span_s` (first to last new
+    /// model on the screen), one per line.
+    fn save(&self) {
+        let Some(p) = &self.path else { return };
+        let span = match (self.first_model, self.last_model) {
+            (Some(a), Some(b)) => (b - a).as_secs_f64(),
+            _ => 0.0,
+        };
+        let text = format!("frames {}\nmodels {}\nseconds {:.3}\nmodel_span_s {:.3}\n", self.frames, self.models_seen, self.started.elapsed().as_secs_f64(), span);
+        let _ = std::fs::write(p, text);
     }
 }
