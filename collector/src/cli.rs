@@ -325,7 +325,7 @@ fn finish_recording(recorder: std::thread::JoinHandle<anyhow::Result<record::lau
 /// the recorder's backlog in it, and the final model once the recording has ended.
 fn live_dashboard(trace: &std::path::Path, command: &[String], progress: &crate::record::launch::Progress, recorder: &std::thread::JoinHandle<anyhow::Result<record::launch::Outcome>>) -> std::io::Result<()> {
     use crate::dashboard::feed::{Feed, FeedOptions};
-    use crate::dashboard::{self, app::App, model::DashboardModel, Refresh};
+    use crate::dashboard::{self, app::App, model::{DashboardModel, StreamStatus}, Refresh};
     use std::sync::atomic::Ordering;
     let model = DashboardModel { command: command.join(" "), ..DashboardModel::default() };
     let mut app = App::new(0, 0);
@@ -335,6 +335,7 @@ fn live_dashboard(trace: &std::path::Path, command: &[String], progress: &crate:
     let mut seen_images = false;
     let mut told_finished = false;
     let mut final_shown = false;
+    let mut last_tick = std::time::Instant::now();
     let mut source = |app: &mut App| -> Refresh {
         let exited = *progress.exited.lock().unwrap_or_else(|e| e.into_inner());
         let finished = recorder.is_finished();
@@ -350,19 +351,28 @@ fn live_dashboard(trace: &std::path::Path, command: &[String], progress: &crate:
         };
         let changed = app.live.as_deref() != Some(status.as_str());
         app.live = Some(status);
-        if final_shown || app.paused {
-            return if changed { Refresh::Redraw } else { Refresh::Nothing };
+        // The screen is refreshed every REFRESH while recording, new model or not: how far
+        // behind the analysis is and the recorder's backlog change by themselves.
+        let tick = !final_shown && last_tick.elapsed() >= REFRESH;
+        let fresh = if final_shown || app.paused { None } else { feed.take_model() };
+        if fresh.is_some() {
+            final_shown = feed.done() && told_finished;
         }
-        let Some(mut m) = feed.take_model() else {
-            return if changed { Refresh::Redraw } else { Refresh::Nothing };
-        };
-        final_shown = feed.done() && told_finished;
-        if let Some(st) = &mut m.stream {
-            if let Some(b) = progress.backlog.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                st.backlog_bytes = Some(b.bytes.load(Ordering::Relaxed));
-                st.writers_waiting = Some(b.writers_waiting.load(Ordering::Relaxed));
+        if tick || final_shown {
+            last_tick = std::time::Instant::now();
+            let backlog = progress.backlog.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let st = Some(StreamStatus {
+                behind_s: feed.state.behind_s(),
+                backlog_bytes: backlog.as_ref().map(|b| b.bytes.load(Ordering::Relaxed)),
+                writers_waiting: backlog.as_ref().map(|b| b.writers_waiting.load(Ordering::Relaxed)),
+            });
+            if app.stream != st {
+                app.stream = st;
             }
         }
+        let Some(m) = fresh else {
+            return if changed || tick { Refresh::Redraw } else { Refresh::Nothing };
+        };
         if !seen_images && !m.processes.is_empty() {
             seen_images = true;
             app.observe(&m);

@@ -82,6 +82,8 @@ pub struct App {
     pub stack: bool,
     /// Per image: its duration and the times of its peaks (what the cursor keys need).
     pub times: Vec<Times>,
+    /// Live mode: how the analysis keeps up, and the recorder's backlog.
+    pub stream: Option<super::model::StreamStatus>,
 }
 
 /// The times of one image the cursor can go to.
@@ -130,6 +132,7 @@ impl App {
             cursor: None,
             stack: true,
             times: Vec::new(),
+            stream: None,
         }
     }
 

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, RecvTimeoutError};
 
-use super::model::{DashboardModel, Indexing, StreamStatus};
+use super::model::{DashboardModel, Indexing};
 use crate::analysis::Analyzer;
 use crate::report;
 use crate::trace::{Frame, Record, TraceError, TraceReader};
@@ -51,6 +51,10 @@ pub struct FeedState {
     started: Instant,
     /// The reader waits at the end of the data (it has all there is for now).
     at_end: AtomicBool,
+    /// The recorder's clock in the newest `Sync` record analysed.
+    data_ns: AtomicU64,
+    /// Frames read and not analysed yet.
+    queued: AtomicU64,
     writer_done: AtomicBool,
     stop: AtomicBool,
     latest: Mutex<Option<DashboardModel>>,
@@ -58,6 +62,17 @@ pub struct FeedState {
 }
 
 impl FeedState {
+    /// Following: how long ago the newest analysed data was written — 0 when the analysis has
+    /// everything the file holds (the reader waits at its end, no frame is queued).
+    pub fn behind_s(&self) -> f64 {
+        let data = self.data_ns.load(Ordering::Relaxed);
+        let caught_up = self.at_end.load(Ordering::Acquire) && self.queued.load(Ordering::Acquire) == 0;
+        if caught_up || data == 0 || self.done.load(Ordering::Acquire) {
+            return 0.0;
+        }
+        crate::clock::now_ns().saturating_sub(data) as f64 / 1e9
+    }
+
     /// Progress of the reading so far (for the indexing gauge).
     pub fn indexing(&self) -> Indexing {
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
@@ -88,6 +103,8 @@ impl Feed {
             done: AtomicBool::new(false),
             started: Instant::now(),
             at_end: AtomicBool::new(false),
+            data_ns: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
             writer_done: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             latest: Mutex::new(None),
@@ -208,6 +225,7 @@ fn read_loop(path: &Path, state: &Arc<FeedState>, opts: FeedOptions, tx: crossbe
         }
         match reader.next_frame() {
             Ok(Some(f)) => {
+                state.queued.fetch_add(1, Ordering::AcqRel);
                 if tx.send(Ok(f)).is_err() {
                     return;
                 }
@@ -233,15 +251,12 @@ fn analyse_loop(path: &Path, state: &Arc<FeedState>, opts: FeedOptions, rx: cros
     let mut last_snapshot: Option<Instant> = None;
     let mut dirty = false;
     // The newest recorder clock in the analysed records (Sync records are written every pass
-    // of the drain, at least every 10 ms while a process is traced).
+    // of the drain, at least every 10 ms while a process is traced): see `behind_s`.
     let mut data_ns = 0u64;
-    let snapshot = |a: &mut Analyzer, data_ns: u64, state: &FeedState| {
-        let caught_up = state.at_end.load(Ordering::Acquire);
-        let behind_s = if caught_up || data_ns == 0 { 0.0 } else { crate::clock::now_ns().saturating_sub(data_ns) as f64 / 1e9 };
+    let snapshot = |a: &mut Analyzer, state: &FeedState| {
         let mut m = a.peek(|x| DashboardModel::from_report(&report::build(x, report::ReportOptions { max_timeline: 0 })));
         // Still being written: not a recording that ended badly.
         m.warnings.retain(|w| !w.starts_with("the recording did not end normally"));
-        m.stream = Some(StreamStatus { behind_s, ..StreamStatus::default() });
         state.publish(m);
     };
     loop {
@@ -251,11 +266,13 @@ fn analyse_loop(path: &Path, state: &Arc<FeedState>, opts: FeedOptions, rx: cros
         let msg = rx.recv_timeout(Duration::from_millis(20));
         match msg {
             Ok(Ok(frame)) => {
+                state.queued.fetch_sub(1, Ordering::AcqRel);
                 for r in frame.records() {
                     match r {
                         Ok(rec) => {
                             if let Record::Sync { time_ns, .. } = rec {
                                 data_ns = data_ns.max(time_ns);
+                                state.data_ns.store(data_ns, Ordering::Relaxed);
                             }
                             a.push(rec);
                         }
@@ -281,7 +298,7 @@ fn analyse_loop(path: &Path, state: &Arc<FeedState>, opts: FeedOptions, rx: cros
         if opts.follow && last_snapshot.is_none_or(|t| t.elapsed() >= opts.period) && (dirty || last_snapshot.is_none()) {
             last_snapshot = Some(Instant::now());
             dirty = false;
-            snapshot(&mut a, data_ns, state);
+            snapshot(&mut a, state);
         }
     }
     let damage = match damage {
@@ -293,10 +310,7 @@ fn analyse_loop(path: &Path, state: &Arc<FeedState>, opts: FeedOptions, rx: cros
         Some(e) => Some(e.to_string()),
     };
     let analysis = a.finish(damage);
-    let mut m = DashboardModel::from_report(&report::build(&analysis, report::ReportOptions { max_timeline: 0 }));
-    if opts.follow {
-        m.stream = Some(StreamStatus::default());
-    }
+    let m = DashboardModel::from_report(&report::build(&analysis, report::ReportOptions { max_timeline: 0 }));
     state.calls.store(analysis.images.iter().map(|i| i.model.c.calls.values().sum::<u64>()).sum(), Ordering::Relaxed);
     state.publish(m);
     state.done.store(true, Ordering::Release);

@@ -15,14 +15,13 @@ pub struct DashboardModel {
     /// Said once above everything: damage, an incomplete recording, recorder notes.
     pub warnings: Vec<String>,
     pub processes: Vec<ProcessModel>,
-    /// Live mode (`mtracer run`): how the analysis keeps up with the recording.
-    pub stream: Option<StreamStatus>,
     /// `mtracer view` while the trace is still being read: how far it got (nothing else is
     /// known yet).
     pub indexing: Option<Indexing>,
 }
 
-/// How the live analysis keeps up (`mtracer run`).
+/// How the live analysis keeps up (`mtracer run`); kept by the app state, refreshed with the
+/// screen whether or not a new model came.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StreamStatus {
     /// How long ago the newest analysed data was written (0 when the analysis has all of it).
@@ -216,7 +215,7 @@ impl DashboardModel {
             warnings.push("the recording did not end normally; showing what was saved".to_string());
         }
         warnings.extend(r.notes.iter().cloned());
-        DashboardModel { command: r.command.join(" "), warnings, processes: r.processes.iter().map(ProcessModel::from_report).collect(), stream: None, indexing: None }
+        DashboardModel { command: r.command.join(" "), warnings, processes: r.processes.iter().map(ProcessModel::from_report).collect(), indexing: None }
     }
 
     /// The image to show first: the one that allocated the most (the first on a tie).

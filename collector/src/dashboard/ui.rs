@@ -70,8 +70,9 @@ pub fn draw(f: &mut Frame, m: &DashboardModel, app: &App) {
             if app.paused { " · [paused]" } else { "" }
         )),
     ])];
-    if let Some(st) = m.stream.as_ref().filter(|st| st.behind_s >= 1.0) {
-        head[0].spans.push(Span::styled(format!(" · analysis behind by {:.0} s", st.behind_s), th.fg(Color::Yellow)));
+    // Said early in the line, where a narrow terminal still shows it.
+    if let Some(st) = app.stream.as_ref().filter(|st| st.behind_s >= 1.0) {
+        head[0].spans.insert(1, Span::styled(format!(" · analysis behind by {:.0} s", st.behind_s), th.fg(Color::Yellow)));
     }
     if let Some(w) = m.warnings.first() {
         let more = if m.warnings.len() > 1 { format!(" (+{} more)", m.warnings.len() - 1) } else { String::new() };
@@ -82,7 +83,7 @@ pub fn draw(f: &mut Frame, m: &DashboardModel, app: &App) {
         "Esc/Enter close · ↑/↓ PgUp/PgDn scroll · Tab next panel · ? help · q quit"
     } else {
         match app.focused() {
-            Panel::Timeline => "q quit · ? help · Tab panel · ←/→ cursor · h/l scroll · +/- zoom · g peak · s stack",
+            Panel::Timeline => "q quit · ? help · Tab panel · ←/→ cursor · h/l scroll · +/- zoom · s stack",
             _ => "q quit · ? help · Tab panel · +/- zoom · ←/→ panel · [/] image · Enter details",
         }
     };
@@ -136,7 +137,7 @@ fn render_panel(f: &mut Frame, area: Rect, panel: Panel, focused: bool, m: &Dash
     match panel {
         Panel::Timeline => timeline(f, area, p, app, focused, th),
         Panel::Retention => retention(f, area, p, app, focused, th),
-        Panel::Counters => counters(f, area, m, p, app, focused, th),
+        Panel::Counters => counters(f, area, p, app, focused, th),
         Panel::Sizes => sizes(f, area, p, focused, th),
         Panel::Arenas => arenas(f, area, p, focused, th),
         Panel::Thresholds => {
@@ -184,9 +185,9 @@ fn has_categories(p: &ProcessModel) -> bool {
     p.retention.is_some() && p.timeline.iter().any(|q| q.categories.sum() > 0)
 }
 
-/// `live 1.2 MiB · held … · RSS …` of one sample.
+/// `live 1.2 MiB · held … · RSS …` of one sample (heap and mmapped apart: in the details).
 fn point_values(q: &Point) -> String {
-    format!("live {} · held {} (heap {}, mmapped {}) · RSS {}", bytes(q.live_bytes), bytes(q.os_held_bytes()), bytes(q.heap_bytes), bytes(q.mmapped_bytes), bytes(q.rss_bytes))
+    format!("live {} · held {} · RSS {}", bytes(q.live_bytes), bytes(q.os_held_bytes()), bytes(q.rss_bytes))
 }
 
 /// The non-zero bands of a sample, `live 1 MiB · top 3 MiB`.
@@ -295,7 +296,7 @@ fn timeline(f: &mut Frame, area: Rect, p: &ProcessModel, app: &App, focused: boo
     let text = match app.cursor {
         Some(c) => match p.point_at(c) {
             Some(q) => vec![
-                Line::styled(format!("cursor {c:.3} s (sample {:.3} s): {}", q.t_s, point_values(q)), th.heading()),
+                Line::styled(format!("cursor {c:.3} s: {}", point_values(q)), th.heading()),
                 Line::raw(format!("{} · {}", band_values(q), rate_text(p, c, 2))),
             ],
             None => vec![Line::raw(format!("cursor {c:.3} s: no sample"))],
@@ -561,15 +562,15 @@ fn counter_lines(p: &ProcessModel) -> Vec<Line<'static>> {
 }
 
 /// The recorder's backlog, in words (`n/a` when the trace does not say).
-fn backlog_text(m: &DashboardModel) -> String {
-    match m.stream.as_ref().and_then(|st| st.backlog_bytes.map(|b| (b, st.writers_waiting.unwrap_or(0)))) {
+fn backlog_text(app: &App) -> String {
+    match app.stream.as_ref().and_then(|st| st.backlog_bytes.map(|b| (b, st.writers_waiting.unwrap_or(0)))) {
         Some((b, 0)) => bytes(b),
-        Some((b, w)) => format!("{} ({w} threads waiting for the recorder)", bytes(b)),
+        Some((b, w)) => format!("{}, {w} threads wait", bytes(b)),
         None => "n/a".to_string(),
     }
 }
 
-fn counters(f: &mut Frame, area: Rect, m: &DashboardModel, p: &ProcessModel, app: &App, focused: bool, th: Theme) {
+fn counters(f: &mut Frame, area: Rect, p: &ProcessModel, app: &App, focused: bool, th: Theme) {
     // Rates over the second before the cursor, or before the last sample.
     let (t, label) = match app.cursor {
         Some(c) => (c, format!(" · calls/s in the second before the cursor ({c:.3} s)")),
@@ -578,7 +579,7 @@ fn counters(f: &mut Frame, area: Rect, m: &DashboardModel, p: &ProcessModel, app
     let block = panel_block(Panel::Counters, label, focused, th);
     let inner = block.inner(area);
     f.render_widget(block, area);
-    let [left, right] = Layout::horizontal([Constraint::Length(36), Constraint::Min(10)]).spacing(2).areas(inner);
+    let [left, right] = Layout::horizontal([Constraint::Length(34), Constraint::Min(10)]).spacing(2).areas(inner);
     let rates = p.call_rates(t, 1.0);
     let rate_of = |k: &str| rates.as_ref().map_or("n/a".to_string(), |(_, v)| v.iter().find(|x| x.0 == k).map_or("0".to_string(), |x| per_s(x.1)));
     let rows: Vec<Row> = p
@@ -586,15 +587,15 @@ fn counters(f: &mut Frame, area: Rect, m: &DashboardModel, p: &ProcessModel, app
         .iter()
         .map(|(k, n)| Row::new(vec![Cell::from(k.clone()), Cell::from(Line::raw(n.to_string()).right_aligned()), Cell::from(Line::raw(rate_of(k)).right_aligned())]))
         .collect();
-    let table = Table::new(rows, [Constraint::Length(14), Constraint::Length(11), Constraint::Length(9)]).header(Row::new(["function", "calls", "/s"]).style(th.heading()));
+    let table = Table::new(rows, [Constraint::Length(14), Constraint::Length(10), Constraint::Length(8)]).header(Row::new(["function", "calls", "/s"]).style(th.heading()));
     f.render_widget(table, left);
     let mut lines = vec![
         Line::raw(format!("events          {}", p.calls.iter().map(|(_, n)| n).sum::<u64>())),
         Line::raw(format!("calls/s         {}", rates.as_ref().map_or("n/a".to_string(), |r| per_s(r.0)))),
         Line::raw(format!("live blocks     {}", p.final_live_blocks)),
-        Line::raw(format!("backlog         {}", backlog_text(m))),
+        Line::raw(format!("backlog         {}", backlog_text(app))),
     ];
-    if let Some(st) = &m.stream {
+    if let Some(st) = &app.stream {
         lines.push(Line::raw(format!("analysis behind {:.1} s", st.behind_s)));
     }
     lines.extend(counter_lines(p));
