@@ -150,39 +150,52 @@ struct Stats {
     started: std::time::Instant,
     frames: u64,
     models: u64,
-    first_model: Option<std::time::Instant>,
-    last_model: Option<std::time::Instant>,
     models_seen: u64,
+    first_frame: Option<std::time::Instant>,
+    last_frame: Option<std::time::Instant>,
+    /// The longest time between two frames.
+    max_gap_s: f64,
 }
 
 impl Stats {
     fn new() -> Stats {
-        Stats { path: std::env::var_os("MTRACE_DASH_STATS"), started: std::time::Instant::now(), frames: 0, models: 0, first_model: None, last_model: None, models_seen: 0 }
+        Stats { path: std::env::var_os("MTRACE_DASH_STATS"), started: std::time::Instant::now(), frames: 0, models: 0, models_seen: 0, first_frame: None, last_frame: None, max_gap_s: 0.0 }
     }
 
-    /// One frame drawn; the models that arrived since the last frame are now on the screen.
     fn frame(&mut self) {
+        let now = std::time::Instant::now();
         self.frames += 1;
-        if self.models > self.models_seen {
-            self.models_seen = self.models;
-            let now = std::time::Instant::now();
-            self.first_model.get_or_insert(now);
-            self.last_model = Some(now);
+        self.models_seen = self.models;
+        self.first_frame.get_or_insert(now);
+        if let Some(l) = self.last_frame {
+            self.max_gap_s = self.max_gap_s.max((now - l).as_secs_f64());
         }
-        if self.path.is_some() && self.frames % 8 == 0 {
+        self.last_frame = Some(now);
+        if self.path.is_some() {
             self.save();
         }
     }
 
-    /// `frames N`, `models M`, `seconds S` (since the start), `model_span_s` (first to last new
-    /// model on the screen), one per line.
+    /// One `name value` per line: `frames`, `models` (new models drawn), `span_s` (first to
+    /// last frame), `max_gap_s` (longest time between two frames), `seconds` (since start).
     fn save(&self) {
         let Some(p) = &self.path else { return };
-        let span = match (self.first_model, self.last_model) {
+        let span = match (self.first_frame, self.last_frame) {
             (Some(a), Some(b)) => (b - a).as_secs_f64(),
             _ => 0.0,
         };
-        let text = format!("frames {}\nmodels {}\nseconds {:.3}\nmodel_span_s {:.3}\n", self.frames, self.models_seen, self.started.elapsed().as_secs_f64(), span);
-        let _ = std::fs::write(p, text);
+        let text = format!(
+            "frames {}\nmodels {}\nspan_s {span:.3}\nmax_gap_s {:.3}\nseconds {:.3}\n",
+            self.frames,
+            self.models_seen,
+            self.max_gap_s,
+            self.started.elapsed().as_secs_f64()
+        );
+        // Whole or not at all for a reader: write aside, then rename.
+        let mut tmp = p.clone();
+        tmp.push(".tmp");
+        if std::fs::write(&tmp, text).is_ok() {
+            let _ = std::fs::rename(&tmp, p);
+        }
     }
 }

@@ -58,22 +58,16 @@ pub fn draw(f: &mut Frame, m: &DashboardModel, app: &App) {
     };
     let header_h = 1 + u16::from(!m.warnings.is_empty());
     let [header, body, footer] = Layout::vertical([Constraint::Length(header_h), Constraint::Min(1), Constraint::Length(1)]).areas(area);
-    let mut head = vec![Line::from(vec![
-        Span::styled(app.live.as_ref().map_or_else(|| "mtracer view".to_string(), |l| format!("mtracer run · {l}")), th.heading()),
-        Span::raw(format!(
-            " · image {} of {}: {} · {:.3} s · {}{}",
-            app.process + 1,
-            m.processes.len(),
-            p.title(),
-            p.duration_s,
-            p.ending,
-            if app.paused { " · [paused]" } else { "" }
-        )),
-    ])];
-    // Said early in the line, where a narrow terminal still shows it.
-    if let Some(st) = app.stream.as_ref().filter(|st| st.behind_s >= 1.0) {
-        head[0].spans.insert(1, Span::styled(format!(" · analysis behind by {:.0} s", st.behind_s), th.fg(Color::Yellow)));
+    // The states that matter most first, where a narrow terminal still shows them.
+    let mut first = vec![Span::styled(app.live.as_ref().map_or_else(|| "mtracer view".to_string(), |l| format!("mtracer run · {l}")), th.heading())];
+    if app.paused {
+        first.push(Span::styled(" · [paused]", th.fg(Color::Yellow)));
     }
+    if let Some(st) = app.stream.as_ref().filter(|st| st.behind_s >= 1.0) {
+        first.push(Span::styled(format!(" · analysis behind by {:.0} s", st.behind_s), th.fg(Color::Yellow)));
+    }
+    first.push(Span::raw(format!(" · image {} of {}: {} · {:.3} s · {}", app.process + 1, m.processes.len(), p.title(), p.duration_s, p.ending)));
+    let mut head = vec![Line::from(first)];
     if let Some(w) = m.warnings.first() {
         let more = if m.warnings.len() > 1 { format!(" (+{} more)", m.warnings.len() - 1) } else { String::new() };
         head.push(Line::styled(format!("warning: {w}{more}"), th.fg(Color::Yellow)));
