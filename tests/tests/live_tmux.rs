@@ -133,10 +133,10 @@ fn run_in_tmux_shows_the_known_numbers_and_answers_keys() {
     has_line(&s, &["64.00 KiB–128.00 KiB", " 1 ", "97.66 KiB"]);
     // The backlog comes from the recorder in `run`.
     has_line(&s, &["backlog         0 B"]);
-    // Back to the timeline: the cursor goes to the peak of live bytes.
+    // Back to the timeline: the cursor goes to the peak of live bytes (checked below against
+    // the report), the retention panel shows the sample there.
     t.keys(&["BTab", "BTab", "g"]);
-    let s = t.wait_for("cursor ", 3.0);
-    has_line(&s, &["cursor ", "live 146.48 KiB"]);
+    let at_peak = t.wait_for("cursor ", 3.0);
     // q quits; mtracer exits with the command's status.
     t.keys(&["q"]);
     let s = t.wait_for("mtracer-exit=", 10.0);
@@ -144,6 +144,9 @@ fn run_in_tmux_shows_the_known_numbers_and_answers_keys() {
     assert!(s.contains("the command's output is in"), "{s}");
     let r = report_json(&trace);
     assert_eq!(r["processes"][0]["final_live_bytes"].as_u64(), Some(100_000), "{r:#}");
+    let peak_t = r["processes"][0]["peak_live_time_s"].as_f64().unwrap();
+    has_line(&at_peak, &[&format!("cursor {peak_t:.3} s: live "), " · held ", " · RSS "]);
+    has_line(&at_peak, &[&format!("Retention · at the end and at the cursor ({peak_t:.3} s)")]);
     // Refreshed several times a second while the command ran (about 3.5 s).
     let n = stats(&st);
     assert!(n["frames"] >= 12.0 && n["models"] >= 5.0, "{n:?}");

@@ -122,6 +122,12 @@ fn event_loop(term: &mut Terminal<CrosstermBackend<Stdout>>, mut model: Dashboar
                 panic!("MTRACE_VIEW_TEST_PANIC is set");
             }
         }
+        // The terminal went away (its window closed, the tmux server killed): nobody to show
+        // anything to. (Reading it would only ever say "nothing yet", at once.)
+        if terminal_gone() {
+            stats.save();
+            return Ok(());
+        }
         // The timeout keeps the loop ready for the live mode's updates.
         if !event::poll(Duration::from_millis(50))? {
             continue;
@@ -142,6 +148,14 @@ fn event_loop(term: &mut Terminal<CrosstermBackend<Stdout>>, mut model: Dashboar
             _ => {}
         }
     }
+}
+
+/// Has our terminal hung up (stdin, the terminal the keys come from)?
+fn terminal_gone() -> bool {
+    let mut p = libc::pollfd { fd: 0, events: 0, revents: 0 };
+    // SAFETY: one valid pollfd, zero timeout.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r > 0 && p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
 }
 
 /// Frames drawn and models received, written to the file `$MTRACE_DASH_STATS` names (for the
