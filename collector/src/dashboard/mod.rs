@@ -122,14 +122,15 @@ fn event_loop(term: &mut Terminal<CrosstermBackend<Stdout>>, mut model: Dashboar
                 panic!("MTRACE_VIEW_TEST_PANIC is set");
             }
         }
-        // The terminal went away (its window closed, the tmux server killed): nobody to show
-        // anything to. (Reading it would only ever say "nothing yet", at once.)
-        if terminal_gone() {
+        // Wait for a key ourselves, at most 50 ms (the timeout keeps the loop ready for the live
+        // mode's updates): crossterm's reader spins for ever on a terminal that hung up (its
+        // window closed, the tmux server killed), where there is nobody to show anything to.
+        if terminal_gone(50) {
             stats.save();
             return Ok(());
         }
-        // The timeout keeps the loop ready for the live mode's updates.
-        if !event::poll(Duration::from_millis(50))? {
+        // Keys, and resizes (which come by a signal, not on the terminal).
+        if !event::poll(Duration::ZERO)? {
             continue;
         }
         match event::read()? {
@@ -150,11 +151,11 @@ fn event_loop(term: &mut Terminal<CrosstermBackend<Stdout>>, mut model: Dashboar
     }
 }
 
-/// Has our terminal hung up (stdin, the terminal the keys come from)?
-fn terminal_gone() -> bool {
-    let mut p = libc::pollfd { fd: 0, events: 0, revents: 0 };
-    // SAFETY: one valid pollfd, zero timeout.
-    let r = unsafe { libc::poll(&mut p, 1, 0) };
+/// Wait up to `ms` for input on our terminal (stdin, where the keys come from); has it hung up?
+fn terminal_gone(ms: i32) -> bool {
+    let mut p = libc::pollfd { fd: 0, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    let r = unsafe { libc::poll(&mut p, 1, ms) };
     r > 0 && p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
 }
 
