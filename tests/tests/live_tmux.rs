@@ -228,3 +228,36 @@ fn mtracer_bytes(b: u64) -> String {
     }
     format!("{v:.2} {}", UNITS[u])
 }
+
+/// The terminal goes away under the dashboard (tmux killed): mtracer does not spin on the dead
+/// terminal; it ends once the command, which got the hang-up, has ended.
+#[test]
+fn a_terminal_that_hangs_up_ends_the_dashboard() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("t.mtr");
+    let pid_file = dir.path().join("pid");
+    let cmd = format!(
+        "echo $$ > '{}'; RUN_DEMO_SLEEP_MS=5000 exec '{}' run -o '{}' -- '{}'",
+        pid_file.display(),
+        paths().mtracer().display(),
+        trace.display(),
+        fixture("run_demo").display()
+    );
+    let Some(t) = Tmux::start("hangup", &cmd) else { return };
+    t.wait("the dashboard", 10.0, |s| s.contains("mtracer run · running") && s.contains("/run_demo"));
+    let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    drop(t);
+    // Gone, or a zombie nobody reaped yet.
+    let alive = || std::fs::read_to_string(proc_dir.join("stat")).is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')));
+    let end = Instant::now() + Duration::from_secs(4);
+    while alive() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let gone = !alive();
+    if !gone {
+        // Do not leave it behind.
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    assert!(gone, "mtracer {pid} still runs 4 s after its terminal went away (the command sleeps 5 s and got SIGHUP)");
+}
