@@ -136,7 +136,7 @@ fn run_in_tmux_shows_the_known_numbers_and_answers_keys() {
     // Back to the timeline: the cursor goes to the peak of live bytes (checked below against
     // the report), the retention panel shows the sample there.
     t.keys(&["BTab", "BTab", "g"]);
-    let at_peak = t.wait_for("cursor ", 3.0);
+    let at_peak = t.wait("the cursor's values", 3.0, |s| s.contains("┃cursor "));
     // q quits; mtracer exits with the command's status.
     t.keys(&["q"]);
     let s = t.wait_for("mtracer-exit=", 10.0);
@@ -260,4 +260,28 @@ fn a_terminal_that_hangs_up_ends_the_dashboard() {
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
     }
     assert!(gone, "mtracer {pid} still runs 4 s after its terminal went away (the command sleeps 5 s and got SIGHUP)");
+}
+
+/// `mtracer view` on a terminal with a trace cut short in a frame: the terminal is given back and
+/// the error is `report`'s (exit 2); with `--partial`, the panels of what comes before.
+#[test]
+fn view_on_a_terminal_reports_damage_like_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole.mtr");
+    let rec = Command::new(paths().mtracer()).args(["record", "-q", "-o"]).arg(&whole).arg("--").arg(fixture("run_demo")).env("RUN_DEMO_SLEEP_MS", "500").output().unwrap();
+    assert_eq!(rec.status.code(), Some(3), "{rec:?}");
+    // Several frames (the recorder writes one at least every 100 ms); the last one is cut.
+    let bytes = std::fs::read(&whole).unwrap();
+    let cut = dir.path().join("cut.mtr");
+    std::fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
+    let Some(t) = Tmux::start("damage", &shell(&[], &["view", cut.to_str().unwrap()])) else { return };
+    let s = t.wait_for("mtracer-exit=", 10.0);
+    assert!(s.contains("mtracer-exit=2") && s.contains("use --partial to analyse what comes before the damage"), "{s}");
+    assert!(s.contains(&format!("mtracer: {}: ", cut.display())), "{s}");
+    drop(t);
+    let Some(t) = Tmux::start("partial", &shell(&[], &["view", "--partial", cut.to_str().unwrap()])) else { return };
+    let s = t.wait_for("▶ Timeline", 10.0);
+    assert!(s.contains("warning: the trace is damaged"), "{s}");
+    t.keys(&["q"]);
+    assert!(t.wait_for("mtracer-exit=", 5.0).contains("mtracer-exit=0"));
 }
