@@ -248,7 +248,9 @@ fn describe(path: &Path, e: &TraceError) -> String {
 fn analyse_loop(path: &Path, state: &Arc<FeedState>, opts: FeedOptions, rx: crossbeam_channel::Receiver<Result<Frame, TraceError>>) {
     let mut a = Analyzer::new();
     let mut damage = None;
-    let mut last_snapshot: Option<Instant> = None;
+    // Snapshots on a fixed schedule (not `period` after the last one, which would add a frame's
+    // analysis time to every period): the first at once, then one per `period`.
+    let mut next_snapshot = Instant::now();
     let mut dirty = false;
     // The newest recorder clock in the analysed records (Sync records are written every pass
     // of the drain, at least every 10 ms while a process is traced): see `behind_s`.
@@ -295,8 +297,13 @@ fn analyse_loop(path: &Path, state: &Arc<FeedState>, opts: FeedOptions, rx: cros
             Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {}
         }
-        if opts.follow && last_snapshot.is_none_or(|t| t.elapsed() >= opts.period) && (dirty || last_snapshot.is_none()) {
-            last_snapshot = Some(Instant::now());
+        let now = Instant::now();
+        if opts.follow && now >= next_snapshot && (dirty || state.snapshots.load(Ordering::Acquire) == 0) {
+            next_snapshot += opts.period;
+            if next_snapshot < now {
+                // A frame took longer than a period: start the schedule again from now.
+                next_snapshot = now + opts.period;
+            }
             dirty = false;
             snapshot(&mut a, state);
         }
