@@ -240,9 +240,10 @@ fn run_cmd(args: &RecordArgs, command: &[String]) -> i32 {
     code
 }
 
-/// How often `mtracer run` re-reads the trace being written, at most: 4 times a second, or less
-/// often when one re-read takes longer than half the period (each re-reads the whole trace).
-const REFRESH: Duration = Duration::from_millis(250);
+/// How often `mtracer run` shows a new state of the analysis: 5 times a second. The analysis
+/// reads the trace as it is written, record by record, on its own thread
+/// ([`crate::dashboard::feed`]); a snapshot costs building the report, not re-reading anything.
+const REFRESH: Duration = Duration::from_millis(200);
 
 /// `mtracer run` on a terminal: record in a thread (the command's output going to
 /// `<trace>.log`) and show the dashboard on the growing trace until `q`; then wait for the
@@ -337,38 +338,29 @@ fn finish_recording(recorder: std::thread::JoinHandle<anyhow::Result<record::lau
     outcome.exit_code
 }
 
-/// The model of the trace as it stands; none while it cannot be read yet (no header, say).
-fn live_model(trace: &std::path::Path) -> Option<crate::dashboard::model::DashboardModel> {
-    let a = crate::analysis::analyze_live(trace).ok()?;
-    let r = report::build(&a, report::ReportOptions { max_timeline: 0 });
-    let mut m = crate::dashboard::model::DashboardModel::from_report(&r);
-    if !a.complete {
-        // Still being written: not a recording that ended badly.
-        m.warnings.retain(|w| !w.starts_with("the recording did not end normally"));
-    }
-    Some(m)
-}
-
-/// The dashboard of `mtracer run`: refreshed every [`REFRESH`] (or twice the last re-read's
-/// time, if longer) unless paused, with the
-/// command's state in the header, and a last refresh from the complete trace.
+/// The dashboard of `mtracer run`: the analysis follows the trace as the recorder writes it and
+/// hands over a new model every [`REFRESH`] (kept while paused), with the command's state and
+/// the recorder's backlog in it, and the final model once the recording has ended.
 fn live_dashboard(trace: &std::path::Path, command: &[String], progress: &crate::record::launch::Progress, recorder: &std::thread::JoinHandle<anyhow::Result<record::launch::Outcome>>) -> std::io::Result<()> {
-    use crate::dashboard::{self, app::App, model::DashboardModel, Refresh};
-    use std::time::Instant;
+    use crate::dashboard::feed::{Feed, FeedOptions};
+    use crate::dashboard::{self, app::App, model::{DashboardModel, StreamStatus}, Refresh};
+    use std::sync::atomic::Ordering;
     let model = DashboardModel { command: command.join(" "), ..DashboardModel::default() };
     let mut app = App::new(0, 0);
     app.color = dashboard::color_wanted();
     app.live = Some("running".to_string());
-    let mut last = None::<Instant>;
-    let mut took = Duration::ZERO;
+    let feed = Feed::start(trace, FeedOptions { follow: true, partial: true, period: REFRESH });
     let mut seen_images = false;
-    let mut done = false;
+    let mut told_finished = false;
+    let mut final_shown = false;
+    let mut last_tick = std::time::Instant::now();
     let mut source = |app: &mut App| -> Refresh {
-        if done {
-            return Refresh::Nothing;
-        }
         let exited = *progress.exited.lock().unwrap_or_else(|e| e.into_inner());
         let finished = recorder.is_finished();
+        if finished && !told_finished {
+            told_finished = true;
+            feed.writer_finished();
+        }
         let status = match exited {
             None if finished => "recording ended".to_string(),
             None => "running".to_string(),
@@ -377,27 +369,34 @@ fn live_dashboard(trace: &std::path::Path, command: &[String], progress: &crate:
         };
         let changed = app.live.as_deref() != Some(status.as_str());
         app.live = Some(status);
-        let due = last.is_none_or(|t| t.elapsed() >= REFRESH.max(took * 2));
-        if app.paused || !(due || (finished && changed)) {
-            return if changed { Refresh::Redraw } else { Refresh::Nothing };
+        // The screen is refreshed every REFRESH while recording, new model or not: how far
+        // behind the analysis is and the recorder's backlog change by themselves.
+        let tick = !final_shown && last_tick.elapsed() >= REFRESH;
+        let fresh = if final_shown || app.paused { None } else { feed.take_model() };
+        if fresh.is_some() {
+            final_shown = feed.done() && told_finished;
         }
-        let started = Instant::now();
-        last = Some(started);
-        done = finished;
-        let fresh = live_model(trace);
-        took = started.elapsed();
-        match fresh {
-            Some(m) => {
-                if !seen_images && !m.processes.is_empty() {
-                    seen_images = true;
-                    app.set_process_count(m.processes.len());
-                    app.process = m.busiest();
-                }
-                Refresh::Model(m)
+        if tick || final_shown {
+            last_tick = std::time::Instant::now();
+            let backlog = progress.backlog.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let st = Some(StreamStatus {
+                behind_s: feed.state.behind_s(),
+                backlog_bytes: backlog.as_ref().map(|b| b.bytes.load(Ordering::Relaxed)),
+                writers_waiting: backlog.as_ref().map(|b| b.writers_waiting.load(Ordering::Relaxed)),
+            });
+            if app.stream != st {
+                app.stream = st;
             }
-            None if changed => Refresh::Redraw,
-            None => Refresh::Nothing,
         }
+        let Some(m) = fresh else {
+            return if changed || tick { Refresh::Redraw } else { Refresh::Nothing };
+        };
+        if !seen_images && !m.processes.is_empty() {
+            seen_images = true;
+            app.observe(&m);
+            app.process = m.busiest();
+        }
+        Refresh::Model(m)
     };
     dashboard::run_live(model, app, &mut source)
 }
@@ -425,11 +424,35 @@ fn parse_size(s: &str) -> Result<(u16, u16), String> {
     Ok((w, h))
 }
 
+/// The image to show first (`--image`, else the busiest) and the app state focused on `panel`,
+/// or why not.
+fn first_view(model: &crate::dashboard::model::DashboardModel, panel: Option<crate::dashboard::app::Panel>, image: Option<u32>) -> Result<crate::dashboard::app::App, String> {
+    use crate::dashboard::{self, app::App};
+    let first = match image {
+        None => model.busiest(),
+        Some(n) => model.processes.iter().position(|p| p.image == n).ok_or_else(|| format!("the trace has no process image {n} (it has {})", model.processes.len()))?,
+    };
+    let mut app = App::new(model.processes.len(), first);
+    app.color = dashboard::color_wanted();
+    if let Some(p) = panel.filter(|&p| !app.focus_panel(p)) {
+        return Err(format!("the {} panel needs more than one process image", p.title()));
+    }
+    app.observe(model);
+    Ok(app)
+}
+
 fn view(file: &std::path::Path, partial: bool, print: Option<(u16, u16)>, panel: Option<crate::dashboard::app::Panel>, image: Option<u32>) -> i32 {
-    use crate::dashboard::{self, app::App, model::DashboardModel};
+    use crate::dashboard::{self, model::DashboardModel};
     use std::io::IsTerminal;
-    // The whole analysis comes first, before the terminal is touched: bad input is reported
-    // exactly as `report` reports it.
+    let size = match print {
+        Some(s) => Some(s),
+        None if !std::io::stdout().is_terminal() => Some((100, 40)),
+        None => None,
+    };
+    let Some((w, h)) = size else {
+        return view_interactive(file, partial, panel, image);
+    };
+    // One frame: the whole analysis first; bad input is reported exactly as `report` reports it.
     let a = match crate::analysis::analyze_file(file, partial) {
         Ok(a) => a,
         Err(e) => {
@@ -439,43 +462,91 @@ fn view(file: &std::path::Path, partial: bool, print: Option<(u16, u16)>, panel:
     };
     let model = DashboardModel::from_report(&report::build(&a, report::ReportOptions { max_timeline: 0 }));
     drop(a);
-    let first = match image {
-        None => model.busiest(),
-        Some(n) => match model.processes.iter().position(|p| p.image == n) {
-            Some(i) => i,
-            None => {
-                eprintln!("mtracer: the trace has no process image {n} (it has {})", model.processes.len());
+    let mut app = match first_view(&model, panel, image) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("mtracer: {e}");
+            return 2;
+        }
+    };
+    app.single = panel.is_some();
+    // Plain text has no colours: the timeline's series differ by their marks instead.
+    app.color = false;
+    let mut text = dashboard::ui::render_text(&model, &app, w, h).join("\n");
+    text.push('\n');
+    write_stdout(text.as_bytes())
+}
+
+/// `mtracer view` on a terminal: the trace is checked (its header) before the terminal is
+/// touched, then read and analysed as a stream on other threads while the dashboard shows the
+/// progress (q quits at any time); the panels come once the analysis is complete.
+fn view_interactive(file: &std::path::Path, partial: bool, panel: Option<crate::dashboard::app::Panel>, image: Option<u32>) -> i32 {
+    use crate::dashboard::feed::{Feed, FeedOptions};
+    use crate::dashboard::{self, app::App, model::DashboardModel, Refresh};
+    use std::time::Instant;
+    match std::fs::File::open(file) {
+        Ok(f) => {
+            crate::analysis::wait_for_recorder(&f, file, Duration::from_secs(30));
+            if let Err(e) = crate::trace::TraceReader::new(std::io::BufReader::new(f)) {
+                eprintln!("mtracer: {}: {e}", file.display());
                 return 2;
             }
-        },
-    };
-    let mut app = App::new(model.processes.len(), first);
+        }
+        Err(e) => {
+            eprintln!("mtracer: cannot open {}: {e}", file.display());
+            return 2;
+        }
+    }
+    let feed = Feed::start(file, FeedOptions { follow: false, partial, period: REFRESH });
+    let waiting = |feed: &Feed| DashboardModel { command: file.display().to_string(), indexing: Some(feed.state.indexing()), ..DashboardModel::default() };
+    let mut app = App::new(0, 0);
     app.color = dashboard::color_wanted();
-    if let Some(p) = panel.filter(|&p| !app.focus_panel(p)) {
-        eprintln!("mtracer: the {} panel needs more than one process image", p.title());
+    let mut failure: Option<String> = None;
+    let mut shown = false;
+    let mut last = Instant::now();
+    let mut source = |app: &mut App| -> Refresh {
+        if shown {
+            return Refresh::Nothing;
+        }
+        if let Some(m) = feed.take_model() {
+            shown = true;
+            return match first_view(&m, panel, image) {
+                Ok(mut first) => {
+                    // Keys pressed while reading (help, say) still count.
+                    first.help = app.help;
+                    first.paused = app.paused;
+                    *app = first;
+                    Refresh::Model(m)
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    Refresh::Stop
+                }
+            };
+        }
+        if feed.done() {
+            failure = Some(feed.error().unwrap_or_else(|| "the analysis ended without a result".to_string()));
+            shown = true;
+            return Refresh::Stop;
+        }
+        if last.elapsed() >= REFRESH {
+            last = Instant::now();
+            return Refresh::Model(waiting(&feed));
+        }
+        Refresh::Nothing
+    };
+    let first = waiting(&feed);
+    let r = dashboard::run_live(first, app, &mut source);
+    if let Some(e) = failure {
+        eprintln!("mtracer: {e}");
         return 2;
     }
-    let size = match print {
-        Some(s) => Some(s),
-        None if !std::io::stdout().is_terminal() => Some((100, 40)),
-        None => None,
-    };
-    match size {
-        Some((w, h)) => {
-            app.single = panel.is_some();
-            // Plain text has no colours: the timeline's series differ by their marks instead.
-            app.color = false;
-            let mut text = dashboard::ui::render_text(&model, &app, w, h).join("\n");
-            text.push('\n');
-            write_stdout(text.as_bytes())
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("mtracer: terminal: {e}");
+            2
         }
-        None => match dashboard::run(&model, app) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("mtracer: terminal: {e}");
-                2
-            }
-        },
     }
 }
 

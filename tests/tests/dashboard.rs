@@ -168,3 +168,30 @@ fn a_panic_restores_the_terminal() {
     let message = out.find("panicked").unwrap_or_else(|| panic!("no panic message:\n{out}"));
     assert!(restored < message, "the message went to the alternate screen:\n{out}");
 }
+
+/// The request sizes: in the JSON report every allocation is in one power-of-two bucket (counts
+/// and bytes add up to the report's totals), the fixture's 300 000 blocks of 89–104 B in
+/// [64, 127]; the sizes panel shows the same numbers.
+#[test]
+fn size_histogram_in_the_report_and_on_the_screen() {
+    let r = report_json(trace());
+    let p = &r["processes"][0];
+    let h = &p["size_histogram"];
+    let buckets = h["buckets"].as_array().unwrap();
+    let count: u64 = buckets.iter().map(|b| b["count"].as_u64().unwrap()).sum();
+    let bytes: u64 = buckets.iter().map(|b| b["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(count, num(p, "alloc_count"), "{h:#}");
+    assert_eq!(bytes, num(p, "bytes_allocated_total"), "{h:#}");
+    assert_eq!(h["count"].as_u64(), Some(count));
+    for b in buckets {
+        let (lo, hi) = (b["lo"].as_u64().unwrap(), b["hi"].as_u64().unwrap());
+        assert!(lo == hi && lo == 0 || hi == lo * 2 - 1, "{b}");
+    }
+    let small = buckets.iter().find(|b| b["lo"] == 64).expect("the 64–127 B bucket");
+    let n = small["count"].as_u64().unwrap();
+    assert!((300_000..300_100).contains(&n), "the fixture's blocks and a few of libc's: {small}");
+    let s = screen("80x24", Some("sizes"));
+    has(&s, "Allocation sizes · the whole run");
+    has(&s, &format!("{count} allocations · median "));
+    assert!(s.lines().any(|l| l.contains("64 B–127 B") && l.contains(&format!(" {n} "))), "{s}");
+}

@@ -37,6 +37,28 @@ pub struct TimelinePoint {
     pub mmapped_bytes: u64,
     pub rss_bytes: u64,
     pub categories: super::glibc::breakdown::Categories,
+    /// Calls so far per hooked function, indexed by [`call_index`].
+    #[serde(skip)]
+    pub calls: [u64; CALL_KINDS],
+}
+
+/// Hooked functions: the event kinds below 32 (see `EventKind::is_call`).
+pub const CALL_KINDS: usize = 31;
+
+/// The index of a call kind in [`TimelinePoint::calls`].
+pub fn call_index(k: mtrace_protocol::event::EventKind) -> Option<usize> {
+    let i = k as usize;
+    (k.is_call() && i >= 1).then(|| i - 1)
+}
+
+fn call_counts(model: &LiveModel) -> [u64; CALL_KINDS] {
+    let mut a = [0u64; CALL_KINDS];
+    for (k, n) in &model.c.calls {
+        if let Some(i) = call_index(*k) {
+            a[i] = *n;
+        }
+    }
+    a
 }
 
 enum Phase {
@@ -71,6 +93,8 @@ pub struct ImageAnalysis {
     /// (with the glibc model and the stream that forked).
     pub fork_snapshots: FxHashMap<u64, (LiveModel, (GlibcModel, u32))>,
     pub inherited_bytes: u64,
+    /// Request sizes of this image's allocations.
+    pub sizes: super::sizes::SizeHistogram,
 }
 
 /// RSS samples in time order, turned into timeline points as the merged history passes them.
@@ -111,6 +135,7 @@ impl Samples {
                 mmapped_bytes: model.c.mmapped_bytes,
                 rss_bytes: rss,
                 categories: glibc.categories(),
+                calls: call_counts(model),
             });
             // The last sample of the peak's plateau (within 1 % of the highest so far): there,
             // the most of it is no longer live.
@@ -166,6 +191,7 @@ impl ImageAnalysis {
             last_rss_sample: 0,
             fork_snapshots: FxHashMap::default(),
             inherited_bytes: 0,
+            sizes: Default::default(),
         }
     }
 
@@ -254,6 +280,7 @@ impl ImageAnalysis {
         let snaps = &mut self.fork_snapshots;
         let glibc = &mut self.glibc;
         let samples = &mut self.samples;
+        let sizes = &mut self.sizes;
         self.merger.run(&mut self.model, &mut |p, stream, model| {
             // RSS samples taken before this event see the state before it (to one event).
             samples.emit_before(p.time_ns, model, glibc);
@@ -265,6 +292,11 @@ impl ImageAnalysis {
                 }
             }
             glibc.apply(&p.ev, p.time_ns, stream);
+            match p.ev {
+                Event::Alloc { ptr, size, .. } if ptr != 0 => sizes.record(size),
+                Event::Realloc { new_ptr, size, .. } if new_ptr != 0 => sizes.record(size),
+                _ => {}
+            }
             if let Event::Fork { seq } = p.ev {
                 snaps.insert(seq, (model.clone(), (glibc.clone(), stream)));
             }

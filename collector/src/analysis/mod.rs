@@ -7,6 +7,7 @@ pub mod image;
 pub mod live;
 pub mod merge;
 pub mod meta;
+pub mod sizes;
 
 use std::fs::File;
 use std::io::BufReader;
@@ -108,6 +109,29 @@ impl Analyzer {
             Record::Note { text, .. } => self.notes.push(text),
             Record::Unknown(_) => {}
         }
+    }
+
+    /// Look at the analysis so far without finishing it (the live dashboard): `f` sees every
+    /// image as it stands now, `damage` none. Nothing is copied.
+    pub fn peek<R>(&mut self, f: impl FnOnce(&Analysis) -> R) -> R {
+        let a = Analysis {
+            session: std::mem::take(&mut self.session),
+            images: std::mem::take(&mut self.images),
+            notes: std::mem::take(&mut self.notes),
+            complete: self.complete,
+            exit_status: self.exit_status,
+            damage: None,
+        };
+        let r = f(&a);
+        self.session = a.session;
+        self.images = a.images;
+        self.notes = a.notes;
+        r
+    }
+
+    /// Hooked calls applied so far, over every image.
+    pub fn calls(&self) -> u64 {
+        self.images.iter().map(|i| i.model.c.calls.values().sum::<u64>()).sum()
     }
 
     /// Hand fork children their parent's heap as soon as the parent reached the fork.
@@ -219,7 +243,7 @@ fn analyze_open(f: File, path: &Path, partial: bool) -> Result<Analysis> {
 /// A recorder holds an exclusive lock on the trace it writes. If it is still at work (a standalone
 /// agent finishing up after the program exited, say), wait for it — up to `limit` — so that what
 /// we read is the whole recording.
-fn wait_for_recorder(f: &File, path: &Path, limit: std::time::Duration) {
+pub fn wait_for_recorder(f: &File, path: &Path, limit: std::time::Duration) {
     use std::os::fd::AsRawFd;
     // SAFETY: flock on a descriptor we own; the shared lock is dropped with the file.
     let try_lock = || unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) == 0 };

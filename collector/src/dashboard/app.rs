@@ -10,8 +10,11 @@ pub enum Panel {
     Timeline,
     /// Where the held bytes are (categories) and why (causes, remedies, malloc_trim calls).
     Retention,
-    /// Calls per function, allocations, frees, lost events, unmatched frees.
+    /// Calls per function (totals and per second), allocations, frees, lost events, unmatched
+    /// frees, the recorder's backlog.
     Counters,
+    /// Request sizes of the allocations, by power-of-two bucket.
+    Sizes,
     /// glibc's arenas, and the mallinfo2 check.
     Arenas,
     /// mmap and trim thresholds, their changes, the arena limit.
@@ -26,6 +29,7 @@ impl Panel {
             Panel::Timeline => "Timeline",
             Panel::Retention => "Retention",
             Panel::Counters => "Counters",
+            Panel::Sizes => "Allocation sizes",
             Panel::Arenas => "Arenas",
             Panel::Thresholds => "Thresholds",
             Panel::Processes => "Processes",
@@ -71,12 +75,43 @@ pub struct App {
     pub live: Option<String>,
     /// Colours (off under `NO_COLOR`).
     pub color: bool,
+    /// The time cursor on the timeline, in seconds since the image started; none: the panels
+    /// show the end.
+    pub cursor: Option<f64>,
+    /// Retention categories stacked under the timeline's lines.
+    pub stack: bool,
+    /// Per image: its duration and the times of its peaks (what the cursor keys need).
+    pub times: Vec<Times>,
+    /// Live mode: how the analysis keeps up, and the recorder's backlog.
+    pub stream: Option<super::model::StreamStatus>,
+}
+
+/// The times of one image the cursor can go to.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Times {
+    pub duration_s: f64,
+    pub peak_live_s: f64,
+    /// The highest RSS sample, if RSS was sampled.
+    pub peak_rss_s: Option<f64>,
+}
+
+impl Times {
+    pub fn of(p: &super::model::ProcessModel) -> Times {
+        let duration_s = p.timeline.last().map_or(0.0, |q| q.t_s).max(p.duration_s);
+        let mut peak: Option<&super::model::Point> = None;
+        for q in &p.timeline {
+            if q.rss_bytes > 0 && peak.is_none_or(|b| q.rss_bytes > b.rss_bytes) {
+                peak = Some(q);
+            }
+        }
+        Times { duration_s, peak_live_s: p.peak_live_time_s, peak_rss_s: peak.map(|q| q.t_s) }
+    }
 }
 
 impl App {
     /// The state for a trace of `process_count` images, showing image `process` first.
     pub fn new(process_count: usize, process: usize) -> App {
-        let mut panels = vec![Panel::Timeline, Panel::Retention, Panel::Counters, Panel::Arenas, Panel::Thresholds];
+        let mut panels = vec![Panel::Timeline, Panel::Retention, Panel::Counters, Panel::Sizes, Panel::Arenas, Panel::Thresholds];
         if process_count > 1 {
             panels.push(Panel::Processes);
         }
@@ -94,6 +129,53 @@ impl App {
             paused: false,
             live: None,
             color: true,
+            cursor: None,
+            stack: true,
+            times: Vec::new(),
+            stream: None,
+        }
+    }
+
+    /// Follow a (new) model: the number of images and their times.
+    pub fn observe(&mut self, m: &super::model::DashboardModel) {
+        self.set_process_count(m.processes.len());
+        self.times = m.processes.iter().map(Times::of).collect();
+    }
+
+    fn cur_times(&self) -> Times {
+        self.times.get(self.process).copied().unwrap_or_default()
+    }
+
+    /// Put the cursor at `t` seconds (clamped to the image) and scroll the window to show it.
+    fn set_cursor(&mut self, t: f64) -> Action {
+        let dur = self.cur_times().duration_s;
+        if dur <= 0.0 {
+            return Action::None;
+        }
+        let t = t.clamp(0.0, dur);
+        self.cursor = Some(t);
+        let f = t / dur;
+        let (lo, hi) = self.window();
+        if f < lo || f > hi {
+            let w = self.width();
+            self.set_offset(f - w / 2.0);
+        }
+        Action::Redraw
+    }
+
+    /// Move the cursor one step (1/40 of the window) back or forward; the first press puts it
+    /// in the middle of the window.
+    fn step_cursor(&mut self, forward: bool) -> Action {
+        let dur = self.cur_times().duration_s;
+        let (lo, hi) = self.window();
+        let step = (hi - lo) * dur / 40.0;
+        match self.cursor {
+            None => self.set_cursor((lo + hi) / 2.0 * dur),
+            Some(t) => {
+                let old = self.cursor;
+                self.set_cursor(if forward { t + step } else { t - step });
+                if self.cursor == old { Action::None } else { Action::Redraw }
+            }
         }
     }
 
@@ -156,7 +238,12 @@ impl App {
             self.process = self.process.saturating_sub(1);
         }
         self.scroll = 0;
-        if old == self.process { Action::None } else { Action::Redraw }
+        if old == self.process {
+            return Action::None;
+        }
+        // Another image, another time line.
+        self.cursor = None;
+        Action::Redraw
     }
 
     /// Apply one key press.
@@ -222,17 +309,35 @@ impl App {
                 self.scroll = 0;
                 Action::Redraw
             }
-            // Left/Right scroll the time window when the timeline has the focus, and move
-            // between panels elsewhere.
+            // Left/Right move the time cursor when the timeline has the focus, and move between
+            // panels elsewhere.
             KeyCode::Left | KeyCode::Right if self.focused() != Panel::Timeline => {
                 self.next_panel(key.code == KeyCode::Right);
                 self.scroll = 0;
                 Action::Redraw
             }
-            KeyCode::Left | KeyCode::Right | KeyCode::Char('h') | KeyCode::Char('l') => {
+            KeyCode::Left | KeyCode::Right => self.step_cursor(key.code == KeyCode::Right),
+            KeyCode::Home => self.set_cursor(0.0),
+            KeyCode::End => self.set_cursor(f64::MAX),
+            KeyCode::Char('g') => {
+                let t = self.cur_times().peak_live_s;
+                self.set_cursor(t)
+            }
+            KeyCode::Char('G') => match self.cur_times().peak_rss_s {
+                Some(t) => self.set_cursor(t),
+                None => Action::None,
+            },
+            KeyCode::Char('x') => {
+                if self.cursor.take().is_some() { Action::Redraw } else { Action::None }
+            }
+            KeyCode::Char('s') => {
+                self.stack = !self.stack;
+                Action::Redraw
+            }
+            KeyCode::Char('h') | KeyCode::Char('l') => {
                 let step = self.width() / 4.0;
                 let old = self.offset;
-                let forward = matches!(key.code, KeyCode::Right | KeyCode::Char('l'));
+                let forward = key.code == KeyCode::Char('l');
                 self.set_offset(if forward { old + step } else { old - step });
                 if self.offset == old { Action::None } else { Action::Redraw }
             }
@@ -303,7 +408,7 @@ mod tests {
     #[test]
     fn tab_and_arrows_move_between_panels() {
         let mut a = App::new(1, 0);
-        assert_eq!(a.panels.len(), 5, "no process panel for one image");
+        assert_eq!(a.panels.len(), 6, "no process panel for one image");
         assert_eq!(a.focused(), Panel::Timeline);
         a.on_key(key(KeyCode::Tab));
         assert_eq!(a.focused(), Panel::Retention);
@@ -327,17 +432,17 @@ mod tests {
         let mut a = App::new(1, 0);
         assert_eq!(a.window(), (0.0, 1.0));
         // Nothing to scroll at full width; nothing below zoom 0.
-        assert_eq!(a.on_key(key(KeyCode::Right)), Action::None);
+        assert_eq!(a.on_key(ch('l')), Action::None);
         assert_eq!(a.on_key(ch('-')), Action::None);
         assert_eq!(a.on_key(ch('+')), Action::Redraw);
         // Zooming keeps the centre.
         assert_eq!(a.window(), (0.25, 0.75));
-        a.on_key(key(KeyCode::Right));
+        a.on_key(ch('l'));
         assert_eq!(a.window(), (0.375, 0.875));
-        a.on_key(key(KeyCode::Right));
-        a.on_key(key(KeyCode::Right));
+        a.on_key(ch('l'));
+        a.on_key(ch('l'));
         assert_eq!(a.window(), (0.5, 1.0), "clamped at the end");
-        a.on_key(key(KeyCode::Left));
+        a.on_key(ch('h'));
         assert_eq!(a.window(), (0.375, 0.875));
         a.on_key(ch('-'));
         assert_eq!(a.window(), (0.0, 1.0));
@@ -352,6 +457,52 @@ mod tests {
         a.on_key(key(KeyCode::Tab));
         a.on_key(key(KeyCode::Right));
         assert_eq!(a.window(), (0.25, 0.75));
+    }
+
+    #[test]
+    fn the_time_cursor_moves_follows_the_window_and_goes_to_the_peaks() {
+        let mut a = App::new(2, 0);
+        a.times = vec![Times { duration_s: 8.0, peak_live_s: 6.0, peak_rss_s: Some(7.5) }, Times { duration_s: 1.0, peak_live_s: 0.5, peak_rss_s: None }];
+        assert_eq!(a.cursor, None);
+        // The first arrow puts the cursor in the middle of the window, the next move it by 1/40.
+        assert_eq!(a.on_key(key(KeyCode::Right)), Action::Redraw);
+        assert_eq!(a.cursor, Some(4.0));
+        a.on_key(key(KeyCode::Right));
+        assert_eq!(a.cursor, Some(4.2));
+        a.on_key(key(KeyCode::Left));
+        a.on_key(key(KeyCode::Left));
+        assert_eq!(a.cursor, Some(3.8));
+        a.on_key(key(KeyCode::End));
+        assert_eq!(a.cursor, Some(8.0));
+        assert_eq!(a.on_key(key(KeyCode::Right)), Action::None, "stops at the end");
+        a.on_key(key(KeyCode::Home));
+        assert_eq!(a.cursor, Some(0.0));
+        // Zoomed in, going to a peak outside the window scrolls the window to it.
+        a.on_key(ch('+'));
+        a.on_key(ch('+'));
+        assert_eq!(a.window(), (0.375, 0.625));
+        a.on_key(ch('g'));
+        assert_eq!(a.cursor, Some(6.0));
+        assert_eq!(a.window(), (0.625, 0.875));
+        a.on_key(ch('G'));
+        assert_eq!(a.cursor, Some(7.5));
+        assert_eq!(a.window(), (0.75, 1.0), "clamped at the end");
+        assert_eq!(a.on_key(ch('x')), Action::Redraw);
+        assert_eq!(a.cursor, None);
+        assert_eq!(a.on_key(ch('x')), Action::None);
+        // Another image: no RSS peak to go to; switching images drops the cursor.
+        a.on_key(ch('g'));
+        a.on_key(ch(']'));
+        assert_eq!(a.cursor, None);
+        assert_eq!(a.on_key(ch('G')), Action::None);
+        // The stacked categories toggle.
+        assert!(a.stack);
+        a.on_key(ch('s'));
+        assert!(!a.stack);
+        // Elsewhere the arrows still move between panels and leave the cursor alone.
+        a.on_key(key(KeyCode::Tab));
+        a.on_key(key(KeyCode::Right));
+        assert_eq!((a.focused(), a.cursor), (Panel::Counters, None));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! formatting: views ([`super::ui`]) decide how it looks; tests can build one by hand.
 
 use crate::analysis::glibc::breakdown::Categories;
-use crate::analysis::image::Relation;
+use crate::analysis::image::{Relation, CALL_KINDS};
 use crate::report::retention::Retention;
 use crate::report::{Ending, ProcessReport, Report};
 
@@ -15,6 +15,43 @@ pub struct DashboardModel {
     /// Said once above everything: damage, an incomplete recording, recorder notes.
     pub warnings: Vec<String>,
     pub processes: Vec<ProcessModel>,
+    /// `mtracer view` while the trace is still being read: how far it got (nothing else is
+    /// known yet).
+    pub indexing: Option<Indexing>,
+}
+
+/// How the live analysis keeps up (`mtracer run`); kept by the app state, refreshed with the
+/// screen whether or not a new model came.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StreamStatus {
+    /// How long ago the newest analysed data was written (0 when the analysis has all of it).
+    pub behind_s: f64,
+    /// The recorder's backlog: bytes published in the rings and not drained yet, at its last
+    /// pass (none when not known).
+    pub backlog_bytes: Option<u64>,
+    /// Threads of the traced program waiting for a free ring block (lossless mode).
+    pub writers_waiting: Option<u64>,
+}
+
+/// Progress of reading a trace (`mtracer view` on a large trace).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Indexing {
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub events: u64,
+    pub events_per_s: f64,
+    pub elapsed_s: f64,
+}
+
+/// Request sizes of an image's allocations.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SizesModel {
+    pub count: u64,
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
+    /// `(lo, hi, count, bytes)` of each non-empty power-of-two bucket, smallest first.
+    pub buckets: Vec<(u64, u64, u64, u64)>,
 }
 
 /// One process image.
@@ -53,10 +90,11 @@ pub struct ProcessModel {
     pub timeline: Vec<Point>,
     /// Absent when the allocator is not glibc's.
     pub retention: Option<RetentionModel>,
+    pub sizes: SizesModel,
 }
 
 /// One timeline sample.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Point {
     pub t_s: f64,
     pub live_bytes: u64,
@@ -65,6 +103,14 @@ pub struct Point {
     pub mmapped_bytes: u64,
     pub rss_bytes: u64,
     pub categories: Categories,
+    /// Calls so far per hooked function, by `analysis::image::call_index`.
+    pub calls: [u64; CALL_KINDS],
+}
+
+impl Default for Point {
+    fn default() -> Point {
+        Point { t_s: 0.0, live_bytes: 0, heap_bytes: 0, mmapped_bytes: 0, rss_bytes: 0, categories: Categories::default(), calls: [0; CALL_KINDS] }
+    }
 }
 
 impl Point {
@@ -169,7 +215,7 @@ impl DashboardModel {
             warnings.push("the recording did not end normally; showing what was saved".to_string());
         }
         warnings.extend(r.notes.iter().cloned());
-        DashboardModel { command: r.command.join(" "), warnings, processes: r.processes.iter().map(ProcessModel::from_report).collect() }
+        DashboardModel { command: r.command.join(" "), warnings, processes: r.processes.iter().map(ProcessModel::from_report).collect(), indexing: None }
     }
 
     /// The image to show first: the one that allocated the most (the first on a tie).
@@ -261,10 +307,43 @@ impl ProcessModel {
             timeline: p
                 .timeline
                 .iter()
-                .map(|s| Point { t_s: s.t_s, live_bytes: s.live_bytes, heap_bytes: s.heap_bytes, mmapped_bytes: s.mmapped_bytes, rss_bytes: s.rss_bytes, categories: s.categories })
+                .map(|s| Point { t_s: s.t_s, live_bytes: s.live_bytes, heap_bytes: s.heap_bytes, mmapped_bytes: s.mmapped_bytes, rss_bytes: s.rss_bytes, categories: s.categories, calls: s.calls })
                 .collect(),
             retention: p.retention.as_ref().map(RetentionModel::from_report),
+            sizes: SizesModel {
+                count: p.size_histogram.count,
+                p50: p.size_histogram.p50,
+                p99: p.size_histogram.p99,
+                max: p.size_histogram.max,
+                buckets: p.size_histogram.buckets.iter().map(|b| (b.lo, b.hi, b.count, b.bytes)).collect(),
+            },
         }
+    }
+
+    /// The timeline sample in force at `t_s`: the last one at or before it (the first if none).
+    pub fn point_at(&self, t_s: f64) -> Option<&Point> {
+        let i = self.timeline.partition_point(|q| q.t_s <= t_s);
+        self.timeline.get(i.saturating_sub(1))
+    }
+
+    /// Calls per second per hooked function over `[t_s - span_s, t_s]` (clamped to the
+    /// timeline), from the samples' running counts; the busiest first, zero rates left out.
+    /// Also the total rate. None without two samples in reach.
+    pub fn call_rates(&self, t_s: f64, span_s: f64) -> Option<(f64, Vec<(&'static str, f64)>)> {
+        let b = self.timeline.partition_point(|q| q.t_s <= t_s).checked_sub(1)?;
+        let a = self.timeline.partition_point(|q| q.t_s < self.timeline[b].t_s - span_s).min(b);
+        let (p, q) = (&self.timeline[a], &self.timeline[b]);
+        let dt = q.t_s - p.t_s;
+        if dt <= 0.0 {
+            return None;
+        }
+        let mut v: Vec<(&'static str, f64)> = mtrace_protocol::event::EventKind::ALL
+            .iter()
+            .filter_map(|k| crate::analysis::image::call_index(*k).map(|i| (k.label(), q.calls[i].saturating_sub(p.calls[i]) as f64 / dt)))
+            .filter(|(_, r)| *r > 0.0)
+            .collect();
+        v.sort_by(|x, y| y.1.total_cmp(&x.1));
+        Some((v.iter().map(|x| x.1).sum(), v))
     }
 
     /// `pid 123 /usr/bin/python3 (fork of image 2)`.

@@ -5,6 +5,9 @@ use super::app::{App, Panel};
 use super::model::*;
 use super::ui::render_text;
 use crate::analysis::glibc::breakdown::Categories;
+use crate::analysis::image::{call_index, CALL_KINDS};
+use mtrace_protocol::event::EventKind;
+use ratatui::crossterm::event::{KeyCode, KeyEvent};
 
 const MIB: u64 = 1 << 20;
 
@@ -15,6 +18,14 @@ fn cats(end: bool) -> Vec<(String, u64, f64)> {
         [("live", 0, 0.0), ("tcache", 784, 0.0), ("fastbins", 168_000_000, 99.9), ("top", 12_656, 0.0)]
     };
     v.iter().map(|(k, b, p)| (k.to_string(), *b, *p)).collect()
+}
+
+/// Running call counts: `n` mallocs and `n` frees.
+fn calls(n: u64) -> [u64; CALL_KINDS] {
+    let mut c = [0; CALL_KINDS];
+    c[call_index(EventKind::Malloc).unwrap()] = n;
+    c[call_index(EventKind::Free).unwrap()] = n;
+    c
 }
 
 fn model(images: usize) -> DashboardModel {
@@ -29,6 +40,8 @@ fn model(images: usize) -> DashboardModel {
                 mmapped_bytes: 0,
                 rss_bytes: if i < 80 { 170 * MIB } else { 13 * MIB },
                 categories: Categories { live, fastbins: if (50..80).contains(&i) { 160 * MIB } else { 0 }, ..Categories::default() },
+                // 15 000 mallocs and frees every 10 ms: 1.5 M calls/s of each.
+                calls: calls(i as u64 * 15_000),
             }
         })
         .collect();
@@ -93,6 +106,7 @@ fn model(images: usize) -> DashboardModel {
         unmatched_frees: 3,
         timeline,
         retention: Some(retention),
+        sizes: SizesModel { count: 1_500_010, p50: 96, p99: 104, max: 160 << 10, buckets: vec![(64, 127, 1_500_000, 150_000_000), (131_072, 262_143, 10, 1_638_400)] },
         ..ProcessModel::default()
     };
     let mut processes = vec![p];
@@ -107,7 +121,7 @@ fn model(images: usize) -> DashboardModel {
             ..ProcessModel::default()
         });
     }
-    DashboardModel { command: "/tmp/ret_fastbins".into(), warnings: vec![], processes }
+    DashboardModel { command: "/tmp/ret_fastbins".into(), warnings: vec![], processes, indexing: None }
 }
 
 /// Render `panel` alone at 80×24 and return the screen as one string.
@@ -139,7 +153,7 @@ fn timeline_shows_axes_series_and_window() {
     // Zoomed in on the middle and scrolled right by a quarter window.
     let s = screen(&m, Panel::Timeline, |a| {
         a.on_key(ratatui::crossterm::event::KeyEvent::from(ratatui::crossterm::event::KeyCode::Char('+')));
-        a.on_key(ratatui::crossterm::event::KeyEvent::from(ratatui::crossterm::event::KeyCode::Right));
+        a.on_key(ratatui::crossterm::event::KeyEvent::from(ratatui::crossterm::event::KeyCode::Char('l')));
     });
     has(&s, "0.375–0.875 s · zoom 2×");
     has(&s, "0.625 s");
@@ -221,7 +235,7 @@ fn layouts_at_80x24_and_larger() {
     has(&s, " Timeline ");
     has(&s, "▶ Retention");
     let s = render_text(&m, &app, 160, 50).join("\n");
-    for n in [" Timeline ", "▶ Retention", " Counters ", " Arenas "] {
+    for n in [" Timeline ", "▶ Retention", " Counters ", " Allocation sizes "] {
         has(&s, n);
     }
     // Tiny terminals do not panic.
@@ -277,4 +291,138 @@ fn long_timelines_are_thinned_to_the_chart_keeping_peaks() {
     let m = DashboardModel { processes: vec![p], ..m };
     let s = screen(&m, Panel::Timeline, |_| {});
     has(&s, "1.02 GiB");
+}
+
+fn key(a: &mut App, c: KeyCode) {
+    a.on_key(KeyEvent::from(c));
+}
+
+#[test]
+fn timeline_stacks_the_categories_with_a_legend_and_a_toggle() {
+    let m = model(1);
+    let s = screen(&m, Panel::Timeline, |_| {});
+    // Without colour the bands differ by their fill.
+    has(&s, "held, stacked (s hides): █ live  ▄ overhead  • free in bins/tcache  ⣿ top");
+    // The fastbins band (160 MiB between 0.5 and 0.8 s) fills cells under the lines.
+    assert!(s.lines().filter(|l| l.contains("••••")).count() >= 5, "{s}");
+    let s = screen(&m, Panel::Timeline, |a| key(a, KeyCode::Char('s')));
+    assert!(!s.contains("stacked"), "{s}");
+    // Only the held line's plateau is left of the dots.
+    assert_eq!(s.lines().filter(|l| l.contains("••••")).count(), 1, "{s}");
+    // No category series (another allocator): no bands, no band legend.
+    let mut other = model(1);
+    other.processes[0].retention = None;
+    assert!(!screen(&other, Panel::Timeline, |_| {}).contains("stacked"));
+}
+
+#[test]
+fn timeline_cursor_shows_the_values_there() {
+    let m = model(1);
+    let s = screen(&m, Panel::Timeline, |a| {
+        a.observe(&m);
+        // The first → puts the cursor mid-window, four more move it by 1/40 each: 0.6 s.
+        for _ in 0..5 {
+            key(a, KeyCode::Right);
+        }
+    });
+    has(&s, "cursor 0.600 s: live 0 B · held 160.00 MiB · RSS 170.00 MiB");
+    has(&s, "free in bins/tcache 160.00 MiB · calls/s 3.00M (malloc 1.50M, free 1.50M)");
+    let s = screen(&m, Panel::Timeline, |a| {
+        a.observe(&m);
+        key(a, KeyCode::Char('g'));
+    });
+    // The peak of live bytes is at 0.136 s: the sample in force there is 0.130 s's.
+    has(&s, "cursor 0.136 s: live 26.00 MiB");
+    // Without a cursor: the last sample and the rate of the last second.
+    let s = screen(&m, Panel::Timeline, |_| {});
+    has(&s, "at 1.000 s: live 0 B");
+    has(&s, "calls/s 3.00M (malloc 1.50M, free 1.50M) · ←/→ cursor, g peak");
+}
+
+#[test]
+fn retention_at_the_cursor() {
+    let m = model(1);
+    let s = screen(&m, Panel::Retention, |a| {
+        a.observe(&m);
+        a.cursor = Some(0.6);
+    });
+    has(&s, "Retention · at the end and at the cursor (0.600 s)");
+    has(&s, "at the cursor (0.600 s): 160.00 MiB held, 0 B live, RSS 170.00 MiB");
+    has(&s, "at cursor");
+    // fastbins: 784 B... at the end (from the report), 160 MiB = 100 % at the cursor.
+    assert!(s.lines().any(|l| l.contains("fastbins") && l.contains("160.00 MiB") && l.contains("100.0")), "{s}");
+    assert!(!s.contains("at peak RSS (0.811 s, RSS"), "the peak's summary gives way to the cursor's:\n{s}");
+}
+
+#[test]
+fn counters_rates_backlog_and_what_they_cover() {
+    let m = model(1);
+    let s = screen(&m, Panel::Counters, |_| {});
+    has(&s, "Counters · calls/s in the last second");
+    assert!(s.lines().any(|l| l.contains("malloc") && l.contains("1500000") && l.contains("1.50M")), "{s}");
+    assert!(s.lines().any(|l| l.contains("malloc_trim") && l.contains(" 0 ")), "{s}");
+    has(&s, "events          3000001");
+    has(&s, "calls/s         3.00M");
+    // `view`: the trace does not record the backlog.
+    has(&s, "backlog         n/a");
+    assert!(!s.contains("analysis behind"), "{s}");
+    // `run`: the recorder's backlog and how far behind the analysis is.
+    let s = screen(&m, Panel::Counters, |a| {
+        a.live = Some("running".into());
+        a.stream = Some(StreamStatus { behind_s: 3.0, backlog_bytes: Some(64 << 10), writers_waiting: Some(2) });
+        a.cursor = Some(0.5);
+    });
+    has(&s, "Counters · calls/s in the second before the cursor (0.500 s)");
+    has(&s, "backlog         64.00 KiB, 2 threads wait");
+    has(&s, "analysis behind 3.0 s");
+    has(&s, "mtracer run · running");
+    has(&s, "analysis behind by 3 s");
+}
+
+#[test]
+fn sizes_histogram_panel() {
+    let m = model(1);
+    let s = screen(&m, Panel::Sizes, |_| {});
+    has(&s, "Allocation sizes · the whole run");
+    has(&s, "1500010 allocations · median 96 B · p99 104 B · max 160.00 KiB");
+    has(&s, "64 B–127 B");
+    assert!(s.lines().any(|l| l.contains("64 B–127 B") && l.contains("1500000") && l.contains("100.0") && l.contains("143.05 MiB") && l.contains("████")), "{s}");
+    // The small bucket still gets a bar of one cell.
+    assert!(s.lines().any(|l| l.contains("128.00 KiB–256.00 KiB") && l.contains(" 10 ") && l.contains("1.56 MiB  █ ")), "{s}");
+    let d = screen(&m, Panel::Sizes, |a| a.details = true);
+    has(&d, "Allocation sizes · details");
+    has(&d, "64 B–127 B");
+    let mut empty = model(1);
+    empty.processes[0].sizes = SizesModel::default();
+    has(&screen(&empty, Panel::Sizes, |_| {}), "no allocations");
+}
+
+#[test]
+fn indexing_shows_a_gauge_and_the_rate() {
+    let m = DashboardModel {
+        command: "/tmp/big.mtr".into(),
+        indexing: Some(Indexing { bytes_done: 512 * MIB, bytes_total: 1024 * MIB, events: 1_000_000, events_per_s: 2.5e6, elapsed_s: 4.0 }),
+        ..DashboardModel::default()
+    };
+    let s = render_text(&m, &App::new(0, 0), 80, 24).join("\n");
+    has(&s, "reading the trace of: /tmp/big.mtr");
+    has(&s, "Analysing");
+    has(&s, "512.00 MiB of 1.00 GiB (50 %)");
+    has(&s, "1000000 events analysed · 2.50M events/s · 128.0 MiB/s · 4.0 s");
+    has(&s, "q quit");
+}
+
+#[test]
+fn call_rates_from_the_running_counts() {
+    let p = &model(1).processes[0];
+    let (total, v) = p.call_rates(1.0, 1.0).unwrap();
+    assert_eq!((total.round(), v.len()), (3_000_000.0, 2));
+    assert_eq!(v[0], ("malloc", 1_500_000.0));
+    // Over the first 0.1 s only.
+    let (total, _) = p.call_rates(0.1, 1.0).unwrap();
+    assert_eq!(total.round(), 3_000_000.0);
+    // One sample: no rate.
+    assert!(p.call_rates(0.0, 1.0).is_none());
+    assert_eq!(p.point_at(0.555).map(|q| q.t_s), Some(0.55));
+    assert_eq!(p.point_at(-1.0).map(|q| q.t_s), Some(0.0));
 }

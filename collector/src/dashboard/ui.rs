@@ -7,11 +7,11 @@ use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::symbols::Marker;
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Axis, Block, BorderType, Cell, Chart, Clear, Dataset, GraphType, Paragraph, Row, Table, TableState, Wrap};
+use ratatui::widgets::{Axis, Block, BorderType, Cell, Chart, Clear, Dataset, Gauge, GraphType, Paragraph, Row, Table, TableState, Wrap};
 use ratatui::Frame;
 
 use super::app::{App, Panel};
-use super::model::{DashboardModel, Point, ProcessModel, RetentionModel, Snapshot};
+use super::model::{DashboardModel, Indexing, Point, ProcessModel, RetentionModel, Snapshot};
 use crate::report::text::bytes;
 
 /// Terminals at least this wide show two panels side by side.
@@ -43,6 +43,10 @@ impl Theme {
 pub fn draw(f: &mut Frame, m: &DashboardModel, app: &App) {
     let th = Theme { color: app.color };
     let area = f.area();
+    if let Some(ix) = &m.indexing {
+        indexing(f, area, m, ix, th);
+        return;
+    }
     let Some(p) = m.processes.get(app.process) else {
         if let Some(live) = &app.live {
             let text = format!("mtracer run · {live} · no process image recorded yet · q quit");
@@ -54,18 +58,16 @@ pub fn draw(f: &mut Frame, m: &DashboardModel, app: &App) {
     };
     let header_h = 1 + u16::from(!m.warnings.is_empty());
     let [header, body, footer] = Layout::vertical([Constraint::Length(header_h), Constraint::Min(1), Constraint::Length(1)]).areas(area);
-    let mut head = vec![Line::from(vec![
-        Span::styled(app.live.as_ref().map_or_else(|| "mtracer view".to_string(), |l| format!("mtracer run · {l}")), th.heading()),
-        Span::raw(format!(
-            " · image {} of {}: {} · {:.3} s · {}{}",
-            app.process + 1,
-            m.processes.len(),
-            p.title(),
-            p.duration_s,
-            p.ending,
-            if app.paused { " · [paused]" } else { "" }
-        )),
-    ])];
+    // The states that matter most first, where a narrow terminal still shows them.
+    let mut first = vec![Span::styled(app.live.as_ref().map_or_else(|| "mtracer view".to_string(), |l| format!("mtracer run · {l}")), th.heading())];
+    if app.paused {
+        first.push(Span::styled(" · [paused]", th.fg(Color::Yellow)));
+    }
+    if let Some(st) = app.stream.as_ref().filter(|st| st.behind_s >= 1.0) {
+        first.push(Span::styled(format!(" · analysis behind by {:.0} s", st.behind_s), th.fg(Color::Yellow)));
+    }
+    first.push(Span::raw(format!(" · image {} of {}: {} · {:.3} s · {}", app.process + 1, m.processes.len(), p.title(), p.duration_s, p.ending)));
+    let mut head = vec![Line::from(first)];
     if let Some(w) = m.warnings.first() {
         let more = if m.warnings.len() > 1 { format!(" (+{} more)", m.warnings.len() - 1) } else { String::new() };
         head.push(Line::styled(format!("warning: {w}{more}"), th.fg(Color::Yellow)));
@@ -74,7 +76,10 @@ pub fn draw(f: &mut Frame, m: &DashboardModel, app: &App) {
     let keys = if app.details {
         "Esc/Enter close · ↑/↓ PgUp/PgDn scroll · Tab next panel · ? help · q quit"
     } else {
-        "q quit · ? help · Tab panel · +/- zoom · ←/→ scroll · [/] image · Enter details"
+        match app.focused() {
+            Panel::Timeline => "q quit · ? help · Tab panel · ←/→ cursor · h/l scroll · +/- zoom · s stack",
+            _ => "q quit · ? help · Tab panel · +/- zoom · ←/→ panel · [/] image · Enter details",
+        }
     };
     f.render_widget(Paragraph::new(Line::styled(keys, th.dim())), footer);
 
@@ -125,11 +130,12 @@ fn panel_block(panel: Panel, extra: String, focused: bool, th: Theme) -> Block<'
 fn render_panel(f: &mut Frame, area: Rect, panel: Panel, focused: bool, m: &DashboardModel, p: &ProcessModel, app: &App, th: Theme) {
     match panel {
         Panel::Timeline => timeline(f, area, p, app, focused, th),
-        Panel::Retention => retention(f, area, p, focused, th),
-        Panel::Counters => counters(f, area, p, focused, th),
+        Panel::Retention => retention(f, area, p, app, focused, th),
+        Panel::Counters => counters(f, area, p, app, focused, th),
+        Panel::Sizes => sizes(f, area, p, focused, th),
         Panel::Arenas => arenas(f, area, p, focused, th),
         Panel::Thresholds => {
-            let block = panel_block(panel, String::new(), focused, th);
+            let block = panel_block(panel, " · at the end".to_string(), focused, th);
             let lines = match &p.retention {
                 Some(r) => threshold_lines(r, th),
                 None => no_model(),
@@ -157,6 +163,55 @@ fn in_window(p: &ProcessModel, t0: f64, t1: f64) -> &[Point] {
     &p.timeline[a..b.max(a)]
 }
 
+/// The retention categories stacked under the timeline's lines, in four bands from the bottom:
+/// name, colour, fill without colour, and the bytes of a sample.
+type Band = (&'static str, Color, Marker, fn(&Point) -> u64);
+
+const BANDS: [Band; 4] = [
+    ("live", Color::Green, Marker::Block, |q| q.categories.live),
+    ("overhead", Color::Blue, Marker::Bar, |q| q.categories.overhead + q.categories.metadata + q.categories.mmapped_rounding),
+    ("free in bins/tcache", Color::Magenta, Marker::Dot, |q| q.categories.tcache + q.categories.fastbins + q.categories.bins + q.categories.released),
+    ("top", Color::Cyan, Marker::Braille, |q| q.categories.top),
+];
+
+/// Is there a category series to stack (the glibc model ran and classified something)?
+fn has_categories(p: &ProcessModel) -> bool {
+    p.retention.is_some() && p.timeline.iter().any(|q| q.categories.sum() > 0)
+}
+
+/// `live 1.2 MiB · held … · RSS …` of one sample (heap and mmapped apart: in the details).
+fn point_values(q: &Point) -> String {
+    format!("live {} · held {} · RSS {}", bytes(q.live_bytes), bytes(q.os_held_bytes()), bytes(q.rss_bytes))
+}
+
+/// The non-zero bands of a sample, `live 1 MiB · top 3 MiB`.
+fn band_values(q: &Point) -> String {
+    let v: Vec<String> = BANDS.iter().map(|(n, _, _, f)| (n, f(q))).filter(|(_, b)| *b > 0).map(|(n, b)| format!("{n} {}", bytes(b))).collect();
+    if v.is_empty() { "no categories".to_string() } else { v.join(" · ") }
+}
+
+/// `calls/s 1.2M (malloc 600k, free 600k)` over the second before `t`.
+fn rate_text(p: &ProcessModel, t: f64, top: usize) -> String {
+    match p.call_rates(t, 1.0) {
+        Some((total, v)) => {
+            let each: Vec<String> = v.iter().take(top).map(|(k, r)| format!("{k} {}", per_s(*r))).collect();
+            if each.is_empty() { "calls/s 0".to_string() } else { format!("calls/s {} ({})", per_s(total), each.join(", ")) }
+        }
+        None => "calls/s n/a".to_string(),
+    }
+}
+
+/// A rate, short: `950`, `12.3k`, `4.56M`.
+fn per_s(r: f64) -> String {
+    if r >= 1e6 {
+        format!("{:.2}M", r / 1e6)
+    } else if r >= 1e4 {
+        format!("{:.1}k", r / 1e3)
+    } else {
+        format!("{r:.0}")
+    }
+}
+
 fn timeline(f: &mut Frame, area: Rect, p: &ProcessModel, app: &App, focused: bool, th: Theme) {
     let (t0, t1) = window(p, app);
     let extra = format!(" · {t0:.3}–{t1:.3} s · zoom {}×", 1u32 << app.zoom);
@@ -168,19 +223,43 @@ fn timeline(f: &mut Frame, area: Rect, p: &ProcessModel, app: &App, focused: boo
         f.render_widget(Paragraph::new("no samples: the image ended within one sampling period").wrap(Wrap { trim: false }), inner);
         return;
     }
-    let [legend_area, chart_area, status] = Layout::vertical([Constraint::Length(1), Constraint::Min(1), Constraint::Length(1)]).areas(inner);
+    let stacked = app.stack && has_categories(p);
+    let legend_h = 1 + u16::from(stacked);
+    let [legend_area, chart_area, status] = Layout::vertical([Constraint::Length(legend_h), Constraint::Min(1), Constraint::Length(2)]).areas(inner);
     // Two braille dots per cell across: more points than that only cost time.
     let buckets = usize::from(chart_area.width) * 2;
     let live = thin(pts, t0, t1, buckets, |q| q.live_bytes);
     let held = thin(pts, t0, t1, buckets, Point::os_held_bytes);
     let rss = thin(pts, t0, t1, buckets, |q| q.rss_bytes);
-    let ymax = pts.iter().map(|q| q.live_bytes.max(q.os_held_bytes()).max(q.rss_bytes)).max().unwrap_or(0).max(1024) as f64 * 1.05;
+    let ymax = pts.iter().map(|q| q.live_bytes.max(q.os_held_bytes()).max(q.rss_bytes).max(q.categories.sum())).max().unwrap_or(0).max(1024) as f64 * 1.05;
     let (mr, mh, ml) = if th.color { (Marker::Braille, Marker::Braille, Marker::Braille) } else { (Marker::HalfBlock, Marker::Dot, Marker::Braille) };
-    let datasets = vec![
+    // The bands: each drawn as the area under the sum of it and the bands below it, the highest
+    // sum first, so that each lower band paints over the part of the higher ones it covers.
+    let mut sums: Vec<Vec<(f64, f64)>> = Vec::new();
+    if stacked {
+        for k in 0..BANDS.len() {
+            sums.push(thin(pts, t0, t1, buckets, |q| BANDS[..=k].iter().map(|b| b.3(q)).sum()));
+        }
+    }
+    let mut datasets = Vec::new();
+    for k in (0..sums.len()).rev() {
+        let (_, color, fill, _) = BANDS[k];
+        let marker = if th.color { Marker::HalfBlock } else { fill };
+        datasets.push(Dataset::default().marker(marker).graph_type(GraphType::Area).fill_to_y(0.0).style(th.fg(color)).data(&sums[k]));
+    }
+    let lines = [
         Dataset::default().name("RSS").marker(mr).graph_type(GraphType::Line).style(th.fg(Color::Red)).data(&rss),
         Dataset::default().name("held (heap+mmapped)").marker(mh).graph_type(GraphType::Line).style(th.fg(Color::Yellow)).data(&held),
-        Dataset::default().name("live").marker(ml).graph_type(GraphType::Line).style(th.fg(Color::Green)).data(&live),
+        Dataset::default().name("live").marker(ml).graph_type(GraphType::Line).style(th.fg(if stacked { Color::LightGreen } else { Color::Green })).data(&live),
     ];
+    datasets.extend(lines);
+    let cursor_line: Vec<(f64, f64)> = match app.cursor {
+        Some(c) if (t0..=t1).contains(&c) => vec![(c, 0.0), (c, ymax)],
+        _ => vec![],
+    };
+    if !cursor_line.is_empty() {
+        datasets.push(Dataset::default().marker(Marker::Braille).graph_type(GraphType::Line).style(th.fg(Color::White).add_modifier(Modifier::BOLD)).data(&cursor_line));
+    }
     let mid = (t0 + t1) / 2.0;
     let chart = Chart::new(datasets)
         .x_axis(Axis::default().bounds([t0, t1]).labels([format!("{t0:.3} s"), format!("{mid:.3} s"), format!("{t1:.3} s")]).style(th.dim()))
@@ -188,29 +267,41 @@ fn timeline(f: &mut Frame, area: Rect, p: &ProcessModel, app: &App, focused: boo
         .legend_position(None);
     f.render_widget(chart, chart_area);
     let marker = |m: Marker| match m {
-        Marker::HalfBlock => "▀",
+        Marker::HalfBlock | Marker::Block => "█",
+        Marker::Bar => "▄",
         Marker::Dot => "•",
         _ => "⣿",
     };
-    let legend = Line::from(vec![
-        Span::styled(format!("{} RSS", marker(mr)), th.fg(Color::Red)),
+    let mut legend = vec![Line::from(vec![
+        Span::styled(format!("{} RSS", if th.color { "⣿" } else { "▀" }), th.fg(Color::Red)),
         Span::raw("  "),
         Span::styled(format!("{} held from the OS (heap + mmapped)", marker(mh)), th.fg(Color::Yellow)),
         Span::raw("  "),
-        Span::styled(format!("{} live", marker(ml)), th.fg(Color::Green)),
-    ]);
+        Span::styled(format!("{} live", marker(ml)), th.fg(if stacked { Color::LightGreen } else { Color::Green })),
+    ])];
+    if stacked {
+        let mut spans = vec![Span::styled("held, stacked (s hides): ", th.dim())];
+        for (name, color, fill, _) in BANDS {
+            spans.push(Span::styled(format!("{} {name}  ", if th.color { "█" } else { marker(fill) }), th.fg(color)));
+        }
+        legend.push(Line::from(spans));
+    }
     f.render_widget(Paragraph::new(legend), legend_area);
-    let text = match pts.last() {
-        Some(q) => format!(
-            "at {:.3} s: live {} · held {} (heap {}, mmapped {}) · RSS {}",
-            q.t_s,
-            bytes(q.live_bytes),
-            bytes(q.os_held_bytes()),
-            bytes(q.heap_bytes),
-            bytes(q.mmapped_bytes),
-            bytes(q.rss_bytes)
-        ),
-        None => "no sample in this window (+/- zoom, ←/→ scroll)".to_string(),
+    let text = match app.cursor {
+        Some(c) => match p.point_at(c) {
+            Some(q) => vec![
+                Line::styled(format!("cursor {c:.3} s: {}", point_values(q)), th.heading()),
+                Line::raw(format!("{} · {}", band_values(q), rate_text(p, c, 2))),
+            ],
+            None => vec![Line::raw(format!("cursor {c:.3} s: no sample"))],
+        },
+        None => match pts.last() {
+            Some(q) => vec![
+                Line::raw(format!("at {:.3} s: {}", q.t_s, point_values(q))),
+                Line::styled(format!("{} · ←/→ cursor, g peak", rate_text(p, q.t_s, 2)), th.dim()),
+            ],
+            None => vec![Line::raw("no sample in this window (+/- zoom, h/l scroll)")],
+        },
     };
     f.render_widget(Paragraph::new(text), status);
 }
@@ -292,18 +383,36 @@ fn cause_lines(r: &RetentionModel, full: bool, th: Theme) -> Vec<Line<'static>> 
     v
 }
 
-fn retention(f: &mut Frame, area: Rect, p: &ProcessModel, focused: bool, th: Theme) {
-    let block = panel_block(Panel::Retention, String::new(), focused, th);
+fn retention(f: &mut Frame, area: Rect, p: &ProcessModel, app: &App, focused: bool, th: Theme) {
+    let at_cursor = app.cursor.and_then(|c| p.point_at(c).map(|q| (c, q)));
+    let extra = match at_cursor {
+        Some((c, _)) => format!(" · at the end and at the cursor ({c:.3} s)"),
+        None => " · at the end and at peak RSS".to_string(),
+    };
+    let block = panel_block(Panel::Retention, extra, focused, th);
     let inner = block.inner(area);
     f.render_widget(block, area);
     let Some(r) = &p.retention else {
         f.render_widget(Paragraph::new(no_model()), inner);
         return;
     };
-    let rows = category_rows(r);
+    let mut rows = category_rows(r);
     let mut summary = vec![Line::raw(snapshot_summary("at the end", &r.at_end))];
-    if let Some(pk) = &r.at_peak {
-        summary.push(Line::raw(snapshot_summary("at peak RSS", pk)));
+    match at_cursor {
+        Some((c, q)) => {
+            summary.push(Line::styled(format!("at the cursor ({c:.3} s): {} held, {} live, RSS {}", bytes(q.os_held_bytes()), bytes(q.live_bytes), bytes(q.rss_bytes)), th.heading()));
+            // The second pair of columns shows the cursor's sample instead of the peak.
+            let held = q.categories.sum().max(1) as f64;
+            let pairs = q.categories.pairs();
+            for row in &mut rows {
+                row.2 = pairs.iter().find(|(k, _)| *k == row.0).map(|(_, v)| (*v, *v as f64 * 100.0 / held));
+            }
+        }
+        None => {
+            if let Some(pk) = &r.at_peak {
+                summary.push(Line::raw(snapshot_summary("at peak RSS", pk)));
+            }
+        }
     }
     let table_h = rows.len() as u16 + 1;
     let side = inner.width >= 110;
@@ -316,9 +425,9 @@ fn retention(f: &mut Frame, area: Rect, p: &ProcessModel, focused: bool, th: The
     };
     let [sum_area, table_area] = Layout::vertical([Constraint::Length(summary.len() as u16), Constraint::Min(0)]).areas(left);
     f.render_widget(Paragraph::new(summary).wrap(Wrap { trim: false }), sum_area);
-    let has_peak = r.at_peak.is_some();
+    let second = if at_cursor.is_some() { "at cursor" } else if r.at_peak.is_some() { "at peak" } else { "" };
     let bar = |pct: f64| "█".repeat(((pct / 10.0).round() as usize).min(10));
-    let header = Row::new(["category", "at end", "%", if has_peak { "at peak" } else { "" }, if has_peak { "%" } else { "" }, "share"]).style(th.heading());
+    let header = Row::new(["category", "at end", "%", second, if second.is_empty() { "" } else { "%" }, "share"]).style(th.heading());
     let table_rows: Vec<Row> = rows
         .iter()
         .map(|(k, (v, pct), pk)| {
@@ -377,7 +486,7 @@ fn mallinfo_lines(r: &RetentionModel, th: Theme) -> Vec<Line<'static>> {
 }
 
 fn arenas(f: &mut Frame, area: Rect, p: &ProcessModel, focused: bool, th: Theme) {
-    let block = panel_block(Panel::Arenas, String::new(), focused, th);
+    let block = panel_block(Panel::Arenas, " · at the end".to_string(), focused, th);
     let inner = block.inner(area);
     f.render_widget(block, area);
     let Some(r) = &p.retention else {
@@ -446,15 +555,89 @@ fn counter_lines(p: &ProcessModel) -> Vec<Line<'static>> {
     v
 }
 
-fn counters(f: &mut Frame, area: Rect, p: &ProcessModel, focused: bool, th: Theme) {
-    let block = panel_block(Panel::Counters, String::new(), focused, th);
+/// The recorder's backlog, in words (`n/a` when the trace does not say).
+fn backlog_text(app: &App) -> String {
+    match app.stream.as_ref().and_then(|st| st.backlog_bytes.map(|b| (b, st.writers_waiting.unwrap_or(0)))) {
+        Some((b, 0)) => bytes(b),
+        Some((b, w)) => format!("{}, {w} threads wait", bytes(b)),
+        None => "n/a".to_string(),
+    }
+}
+
+fn counters(f: &mut Frame, area: Rect, p: &ProcessModel, app: &App, focused: bool, th: Theme) {
+    // Rates over the second before the cursor, or before the last sample.
+    let (t, label) = match app.cursor {
+        Some(c) => (c, format!(" · calls/s in the second before the cursor ({c:.3} s)")),
+        None => (p.timeline.last().map_or(0.0, |q| q.t_s), " · calls/s in the last second".to_string()),
+    };
+    let block = panel_block(Panel::Counters, label, focused, th);
     let inner = block.inner(area);
     f.render_widget(block, area);
-    let [left, right] = Layout::horizontal([Constraint::Length(30), Constraint::Min(10)]).spacing(2).areas(inner);
-    let rows: Vec<Row> = p.calls.iter().map(|(k, n)| Row::new(vec![Cell::from(k.clone()), Cell::from(Line::raw(n.to_string()).right_aligned())])).collect();
-    let table = Table::new(rows, [Constraint::Length(16), Constraint::Length(12)]).header(Row::new(["function", "calls"]).style(th.heading()));
+    let [left, right] = Layout::horizontal([Constraint::Length(34), Constraint::Min(10)]).spacing(2).areas(inner);
+    let rates = p.call_rates(t, 1.0);
+    let rate_of = |k: &str| rates.as_ref().map_or("n/a".to_string(), |(_, v)| v.iter().find(|x| x.0 == k).map_or("0".to_string(), |x| per_s(x.1)));
+    let rows: Vec<Row> = p
+        .calls
+        .iter()
+        .map(|(k, n)| Row::new(vec![Cell::from(k.clone()), Cell::from(Line::raw(n.to_string()).right_aligned()), Cell::from(Line::raw(rate_of(k)).right_aligned())]))
+        .collect();
+    let table = Table::new(rows, [Constraint::Length(14), Constraint::Length(10), Constraint::Length(8)]).header(Row::new(["function", "calls", "/s"]).style(th.heading()));
     f.render_widget(table, left);
-    f.render_widget(Paragraph::new(counter_lines(p)), right);
+    let mut lines = vec![
+        Line::raw(format!("events          {}", p.calls.iter().map(|(_, n)| n).sum::<u64>())),
+        Line::raw(format!("calls/s         {}", rates.as_ref().map_or("n/a".to_string(), |r| per_s(r.0)))),
+        Line::raw(format!("live blocks     {}", p.final_live_blocks)),
+        Line::raw(format!("backlog         {}", backlog_text(app))),
+    ];
+    if let Some(st) = &app.stream {
+        lines.push(Line::raw(format!("analysis behind {:.1} s", st.behind_s)));
+    }
+    lines.extend(counter_lines(p));
+    f.render_widget(Paragraph::new(lines), right);
+}
+
+/// `32 B–63 B`, `0 B`.
+fn size_range(lo: u64, hi: u64) -> String {
+    if lo == hi { bytes(lo) } else { format!("{}–{}", bytes(lo), bytes(hi)) }
+}
+
+fn sizes(f: &mut Frame, area: Rect, p: &ProcessModel, focused: bool, th: Theme) {
+    let block = panel_block(Panel::Sizes, " · the whole run".to_string(), focused, th);
+    let inner = block.inner(area);
+    f.render_widget(block, area);
+    let z = &p.sizes;
+    if z.count == 0 {
+        f.render_widget(Paragraph::new("no allocations"), inner);
+        return;
+    }
+    let mut lines = vec![Line::styled(format!("{} allocations · median {} · p99 {} · max {}", z.count, bytes(z.p50), bytes(z.p99), bytes(z.max)), th.heading())];
+    lines.push(Line::styled(format!("{:<21} {:>11} {:>6} {:>11}  count", "request size", "count", "%", "bytes"), th.heading()));
+    let most = z.buckets.iter().map(|b| b.2).max().unwrap_or(1).max(1);
+    let bar_w = usize::from(inner.width.saturating_sub(55)).clamp(4, 60);
+    for &(lo, hi, count, b) in &z.buckets {
+        let n = ((count as f64 / most as f64) * bar_w as f64).ceil() as usize;
+        lines.push(Line::from(vec![
+            Span::raw(format!("{:<21} {count:>11} {:>6.1} {:>11}  ", size_range(lo, hi), count as f64 * 100.0 / z.count as f64, bytes(b))),
+            Span::styled("█".repeat(n.max(1)), th.fg(Color::Blue)),
+        ]));
+    }
+    f.render_widget(Paragraph::new(lines), inner);
+}
+
+/// `mtracer view` reading a large trace: a gauge of the bytes read, the rate, and how to quit.
+fn indexing(f: &mut Frame, area: Rect, m: &DashboardModel, ix: &Indexing, th: Theme) {
+    let [title, gauge, text, rest] = Layout::vertical([Constraint::Length(2), Constraint::Length(3), Constraint::Length(3), Constraint::Min(0)]).areas(area);
+    let _ = rest;
+    f.render_widget(Paragraph::new(Line::styled(format!("mtracer view · reading the trace of: {}", m.command), th.heading())), title);
+    let ratio = if ix.bytes_total > 0 { (ix.bytes_done as f64 / ix.bytes_total as f64).clamp(0.0, 1.0) } else { 0.0 };
+    let label = format!("{} of {} ({:.0} %)", bytes(ix.bytes_done), bytes(ix.bytes_total), ratio * 100.0);
+    f.render_widget(Gauge::default().block(Block::bordered().title(" Analysing ")).gauge_style(th.fg(Color::Cyan)).ratio(ratio).label(label), gauge);
+    let mb_s = ix.bytes_done as f64 / ix.elapsed_s.max(1e-3) / (1 << 20) as f64;
+    let lines = vec![
+        Line::raw(format!("{} events analysed · {} events/s · {mb_s:.1} MiB/s · {:.1} s", ix.events, per_s(ix.events_per_s), ix.elapsed_s)),
+        Line::styled("q quit", th.dim()),
+    ];
+    f.render_widget(Paragraph::new(lines), text);
 }
 
 fn process_row(p: &ProcessModel, depth: usize) -> String {
@@ -551,6 +734,13 @@ pub fn detail_lines(m: &DashboardModel, p: &ProcessModel, app: &App, panel: Pane
             v.push(Line::raw(format!("calls: {}", p.calls.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", "))));
             v.extend(counter_lines(p));
         }
+        Panel::Sizes => {
+            let z = &p.sizes;
+            v.push(Line::styled(format!("{} allocations · median {} · p99 {} · max {}", z.count, bytes(z.p50), bytes(z.p99), bytes(z.max)), th.heading()));
+            for &(lo, hi, count, b) in &z.buckets {
+                v.push(Line::raw(format!("{:<21} {count:>11} {:>11}", size_range(lo, hi), bytes(b))));
+            }
+        }
         Panel::Processes => {
             v.push(Line::styled(format!("{:>5} {:>10} {:>11}  {}", "image", "allocs", "peak RSS", "process (tree)"), th.heading()));
             for (q, d) in m.processes.iter().zip(m.depths()) {
@@ -579,11 +769,16 @@ fn help(f: &mut Frame, area: Rect, th: Theme) {
         "q, Esc        quit (Esc first closes help and details)",
         "?             this help (any key closes it)",
         "Tab, S-Tab    next / previous panel",
-        "←, →          scroll the time window (timeline), else next / previous panel",
+        "←, →          timeline: move the time cursor; elsewhere: next / previous panel",
+        "Home, End     timeline: cursor to the start / the end",
+        "g, G          timeline: cursor to the peak of live bytes / of RSS",
+        "x             timeline: remove the cursor (panels show the end again)",
+        "h, l          scroll the time window",
+        "s             stack the retention categories under the lines (or not)",
         "+, -, 0       zoom the time window in / out / reset",
         "[, ], ↑, ↓    previous / next process image",
         "Enter         details of the focused panel (↑/↓, PgUp/PgDn scroll)",
-        "p             pause (for the live mode to come; marker only here)",
+        "p             pause the refreshing (mtracer run)",
     ];
     let w = (text.iter().map(|s| s.chars().count()).max().unwrap_or(0) as u16 + 4).min(area.width);
     let h = (text.len() as u16 + 2).min(area.height);

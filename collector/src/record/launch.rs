@@ -40,6 +40,8 @@ pub struct Progress {
     pub trace: Mutex<Option<PathBuf>>,
     /// The command's exit code (or 128 + signal), once it exited.
     pub exited: Mutex<Option<i32>>,
+    /// The recorder's backlog, once it runs.
+    pub backlog: Mutex<Option<Arc<super::Backlog>>>,
 }
 
 /// A recording behind a live viewer: the command's stdout and stderr go to `log` (its stdin is
@@ -166,6 +168,9 @@ pub fn record_live(mut opts: Options, command: &[String], output: Option<PathBuf
     let sink = SinkThread::start(file, Duration::from_millis(100))?;
     let shared = Arc::new(Shared::new(opts.clone(), sink.sink.clone()));
     shared.sink.send(&session_record(&opts, command));
+    if let Some(l) = &live {
+        *l.progress.backlog.lock().unwrap_or_else(|e| e.into_inner()) = Some(shared.backlog.clone());
+    }
     let workers = Workers::start(&shared)?;
     let mut server = Server::new(listener);
 

@@ -18,7 +18,7 @@ pub mod smaps;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -87,6 +87,15 @@ pub struct Shared {
     pub images_done: AtomicU32,
     /// The smaps reader's buffer; held while a sample is taken and sent (see [`smaps`]).
     smaps_buf: Mutex<Vec<u8>>,
+    pub backlog: Arc<Backlog>,
+}
+
+/// The backlog at the start of the drain's last pass over the rings: bytes published and not
+/// read yet (what that pass then read), and the traced threads waiting for a free block.
+#[derive(Default)]
+pub struct Backlog {
+    pub bytes: AtomicU64,
+    pub writers_waiting: AtomicU64,
 }
 
 impl Shared {
@@ -102,6 +111,7 @@ impl Shared {
             images_seen: AtomicU32::new(0),
             images_done: AtomicU32::new(0),
             smaps_buf: Mutex::new(Vec::new()),
+            backlog: Arc::default(),
         }
     }
 
@@ -190,7 +200,9 @@ fn drain_loop(shared: &Shared) {
     loop {
         let exiting = shared.drain_exit.load(Ordering::Acquire);
         let images: Vec<Arc<Image>> = shared.images.lock().unwrap().clone();
+        let (mut backlog, mut waiting) = (0u64, 0u64);
         for img in &images {
+            waiting += u64::from(img.ring().header().alloc.0.free_waiters.load(Ordering::Relaxed));
             // Each pass also advances the clock: under load, events are time-marked to the pass
             // (tens of µs) instead of the 1 ms tick. The Sync record carries this pass-start clock
             // (see `merge` for how the analysis orders events with it).
@@ -203,6 +215,7 @@ fn drain_loop(shared: &Shared) {
             let gone = img.disconnected.load(Ordering::Acquire) && (img.process_gone() || img.superseded.load(Ordering::Acquire));
             let finishing = gone || exiting;
             let pass = img.drain(&mut st, &mut buf);
+            backlog += pass.bytes;
             let now = crate::clock::now_ns();
             if pass.bytes > 0 || now.saturating_sub(st.last_sync_ns) >= 10_000_000 || finishing {
                 Record::Sync { image: img.id, time_ns: pass_start }.encode(&mut buf);
@@ -224,6 +237,8 @@ fn drain_loop(shared: &Shared) {
                 finish_image(shared, img, gone, &mut buf);
             }
         }
+        shared.backlog.bytes.store(backlog, Ordering::Relaxed);
+        shared.backlog.writers_waiting.store(waiting, Ordering::Relaxed);
         if !buf.is_empty() {
             shared.sink.send_bytes(std::mem::replace(&mut buf, Vec::with_capacity(1 << 20)));
         }

@@ -2,6 +2,7 @@
 //! [`Analysis`]; the analysis knows nothing about it.
 
 pub mod retention;
+pub mod sizes;
 pub mod text;
 
 use std::collections::BTreeMap;
@@ -91,6 +92,8 @@ pub struct ProcessReport {
     /// Why there is no retention section (another allocator, chunk headers not recorded).
     pub retention_unavailable: Option<String>,
     pub timeline: Vec<TimelineSample>,
+    /// Request sizes of the allocations, by power-of-two bucket.
+    pub size_histogram: sizes::SizeHistogram,
 }
 
 #[derive(Serialize, Default)]
@@ -112,6 +115,9 @@ pub struct TimelineSample {
     pub rss_bytes: u64,
     /// OS-held bytes by retention category (see `analysis::glibc::breakdown`).
     pub categories: crate::analysis::glibc::breakdown::Categories,
+    /// Calls so far per hooked function (`analysis::image::call_index`); not in the JSON.
+    #[serde(skip)]
+    pub calls: [u64; crate::analysis::image::CALL_KINDS],
 }
 
 /// Options of the report.
@@ -173,6 +179,7 @@ fn process(img: &ImageAnalysis, opts: ReportOptions) -> ProcessReport {
             mmapped_bytes: p.mmapped_bytes,
             rss_bytes: p.rss_bytes,
             categories: p.categories,
+            calls: p.calls,
         })
         .collect();
     if opts.max_timeline > 0 && timeline.len() > opts.max_timeline {
@@ -232,5 +239,6 @@ fn process(img: &ImageAnalysis, opts: ReportOptions) -> ProcessReport {
         retention: retention::build(img),
         retention_unavailable: (!img.glibc.enabled).then(|| img.glibc.uncertain.first().cloned().unwrap_or_else(|| "no glibc model".into())),
         timeline,
+        size_histogram: sizes::build(img),
     }
 }
