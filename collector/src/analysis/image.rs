@@ -144,6 +144,7 @@ impl ImageAnalysis {
         let start_ns = if meta.start_monotonic_ns != 0 { meta.start_monotonic_ns } else { ps.time_ns };
         let mut model = LiveModel::default();
         model.heap_start = if meta.start_brk != 0 { meta.start_brk } else { meta.brk_at_init };
+        model.sites.start_ns = start_ns;
         let glibc = GlibcModel::new(&meta, model.heap_start, start_ns);
         ImageAnalysis {
             id: ps.image,
@@ -194,6 +195,7 @@ impl ImageAnalysis {
                 ..Default::default()
             };
             self.inherited_bytes = live;
+            s.sites.start_child(self.start_ns);
             self.model = s;
         }
         self.phase = Phase::Running;
@@ -281,6 +283,16 @@ impl ImageAnalysis {
             self.merger.min_queued_time().map_or(synced, |t| t.min(synced))
         };
         self.samples.emit_before(bound, &self.model, &self.glibc);
+    }
+
+    /// Stack and module definitions of this image (a fork child's include its parent's once the
+    /// analysis is finished).
+    pub fn stacks(&self) -> &super::stacks::StackTable {
+        &self.merger.stacks
+    }
+
+    pub fn stacks_mut(&mut self) -> &mut super::stacks::StackTable {
+        &mut self.merger.stacks
     }
 
     pub fn merge_stats(&self) -> MergeStats {

@@ -1,0 +1,284 @@
+//! Allocation sites: live bytes and blocks per stack id over time, kept by the live model as
+//! blocks begin and end (one hash lookup per allocation and per free; frames are never looked at
+//! here — symbolisation comes after the analysis, once per distinct address).
+//!
+//! What it answers, per stack id (0 = the allocation carried no stack):
+//! * live bytes/blocks now (at the end: *leaked* — still live when the image ended);
+//! * live bytes/blocks at the exact moment of the image's peak of live bytes (kept lazily: a
+//!   site's value is copied aside only when it changes after a new peak);
+//! * allocations, bytes allocated, allocations by size class;
+//! * *temporary* allocations, defined like heaptrack's: a block freed (by `free`, or realloc to
+//!   size 0) by the thread that allocated it, before that thread made any other allocation.
+//!   A realloc that moves a block is not a free of its data and never counts;
+//! * the stack that last owned each freed address, so that free chunks glibc keeps (tcache,
+//!   fastbins, bins) can be attributed to the site whose block they were.
+//!
+//! It also keeps a massif-like series of snapshots ([`Series`]): about 100 points evenly spaced
+//! in time (the spacing doubles as the run goes on), every 10th with the bytes per stack.
+
+use rustc_hash::FxHashMap;
+
+/// Upper bounds (inclusive) of the size classes of requested sizes; the last class is open.
+pub const SIZE_CLASSES: [u64; 9] = [16, 64, 256, 1024, 4096, 16384, 65536, 131072, u64::MAX];
+
+pub fn size_class(size: u64) -> usize {
+    SIZE_CLASSES.iter().position(|&b| size <= b).unwrap_or(SIZE_CLASSES.len() - 1)
+}
+
+/// Counters of one stack id.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SiteStats {
+    pub live_bytes: u64,
+    pub live_blocks: u64,
+    /// Chunk overhead of the live blocks (chunk size − request; mmapped: mapping − request).
+    pub live_overhead: u64,
+    pub allocs: u64,
+    pub allocated_bytes: u64,
+    pub temporary: u64,
+    pub temporary_bytes: u64,
+    /// Allocations per [`SIZE_CLASSES`] entry.
+    pub size_classes: [u64; SIZE_CLASSES.len()],
+    /// The site's own highest live bytes.
+    pub max_live_bytes: u64,
+    snap_bytes: u64,
+    snap_blocks: u64,
+    snap_serial: u64,
+}
+
+/// Bytes and blocks of one site in a snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SiteAmount {
+    pub stack: u64,
+    pub bytes: u64,
+    pub blocks: u64,
+}
+
+/// One point of the snapshot series.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapPoint {
+    pub time_ns: u64,
+    pub live_bytes: u64,
+    pub overhead: u64,
+    /// Bytes per site (non-zero ones), for detailed points.
+    pub detail: Option<Vec<SiteAmount>>,
+}
+
+/// Snapshots evenly spaced in time: slot `k` is taken at the first change at or after
+/// `start + k·dt`, with the state before that change. When [`Series::MAX`] points are held,
+/// every other one is dropped and `dt` doubles. Points whose slot is a multiple of 10 are
+/// detailed.
+#[derive(Clone, Debug)]
+pub struct Series {
+    pub dt_ns: u64,
+    pub points: Vec<(u64, SnapPoint)>,
+    next_slot: u64,
+}
+
+impl Series {
+    pub const MAX: usize = 100;
+    pub const DETAIL_EVERY: u64 = 10;
+    pub const FIRST_DT_NS: u64 = 100_000;
+}
+
+impl Default for Series {
+    fn default() -> Self {
+        Series { dt_ns: Series::FIRST_DT_NS, points: Vec::new(), next_slot: 0 }
+    }
+}
+
+/// Per-stack aggregation of one image (part of the live model).
+#[derive(Clone, Debug, Default)]
+pub struct Sites {
+    pub by_stack: FxHashMap<u64, SiteStats>,
+    /// Allocations that carried a stack id.
+    pub with_stack: u64,
+    pub live_overhead: u64,
+    /// Overhead and serial at the latest peak of live bytes.
+    pub peak_overhead: u64,
+    peak_serial: u64,
+    serial: u64,
+    /// Allocations per stream so far (for temporaries).
+    allocs_per_stream: FxHashMap<u32, u64>,
+    /// Stack id of the block that last lived at each freed address (removed when reused).
+    pub freed_stack: FxHashMap<u64, u64>,
+    pub series: Series,
+    pub start_ns: u64,
+}
+
+/// What the sites model needs to know of a block (see `live::Block`).
+#[derive(Clone, Copy, Debug)]
+pub struct BlockInfo {
+    pub stack: u64,
+    pub size: u64,
+    pub overhead: u64,
+    pub stream: u32,
+    /// The stream's allocation count right after this block's allocation.
+    pub nth: u64,
+}
+
+impl Sites {
+    /// Bring `st`'s value at the latest peak aside before it changes.
+    fn touch(serial: u64, peak_serial: u64, st: &mut SiteStats) {
+        let _ = serial;
+        if st.snap_serial != peak_serial {
+            st.snap_bytes = st.live_bytes;
+            st.snap_blocks = st.live_blocks;
+            st.snap_serial = peak_serial;
+        }
+    }
+
+    /// A block begins. Returns the stream's allocation count (stored in the block).
+    pub fn on_alloc(&mut self, ptr: u64, stack: u64, size: u64, overhead: u64, stream: u32, time_ns: u64, live_bytes_before: u64) -> u64 {
+        self.sample(time_ns, live_bytes_before);
+        self.serial += 1;
+        if stack != 0 {
+            self.with_stack += 1;
+        }
+        self.freed_stack.remove(&ptr);
+        let nth = {
+            let n = self.allocs_per_stream.entry(stream).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let st = self.by_stack.entry(stack).or_default();
+        Self::touch(self.serial, self.peak_serial, st);
+        st.live_bytes += size;
+        st.live_blocks += 1;
+        st.live_overhead += overhead;
+        st.allocs += 1;
+        st.allocated_bytes = st.allocated_bytes.saturating_add(size);
+        st.size_classes[size_class(size)] += 1;
+        st.max_live_bytes = st.max_live_bytes.max(st.live_bytes);
+        self.live_overhead += overhead;
+        nth
+    }
+
+    /// A block ends; `freed`: by a free (or realloc to 0) on `stream`, not by a moving realloc.
+    pub fn on_free(&mut self, ptr: u64, b: BlockInfo, freed_by: Option<u32>, time_ns: u64, live_bytes_before: u64) {
+        self.sample(time_ns, live_bytes_before);
+        self.serial += 1;
+        let temporary = freed_by == Some(b.stream) && self.allocs_per_stream.get(&b.stream) == Some(&b.nth);
+        let st = self.by_stack.entry(b.stack).or_default();
+        Self::touch(self.serial, self.peak_serial, st);
+        st.live_bytes = st.live_bytes.saturating_sub(b.size);
+        st.live_blocks = st.live_blocks.saturating_sub(1);
+        st.live_overhead = st.live_overhead.saturating_sub(b.overhead);
+        if temporary {
+            st.temporary += 1;
+            st.temporary_bytes += b.size;
+        }
+        self.live_overhead = self.live_overhead.saturating_sub(b.overhead);
+        self.freed_stack.insert(ptr, b.stack);
+    }
+
+    /// The live model reached a new peak of live bytes with the last change.
+    pub fn on_peak(&mut self) {
+        self.peak_serial = self.serial;
+        self.peak_overhead = self.live_overhead;
+    }
+
+    /// Bytes and blocks per site at the latest peak (non-zero ones).
+    pub fn at_peak(&self) -> Vec<SiteAmount> {
+        self.by_stack
+            .iter()
+            .map(|(&stack, st)| {
+                let (bytes, blocks) = if st.snap_serial == self.peak_serial { (st.snap_bytes, st.snap_blocks) } else { (st.live_bytes, st.live_blocks) };
+                SiteAmount { stack, bytes, blocks }
+            })
+            .filter(|a| a.blocks > 0 || a.bytes > 0)
+            .collect()
+    }
+
+    /// Bytes and blocks per site now (non-zero ones).
+    pub fn live_now(&self) -> Vec<SiteAmount> {
+        self.by_stack
+            .iter()
+            .filter(|(_, st)| st.live_blocks > 0)
+            .map(|(&stack, st)| SiteAmount { stack, bytes: st.live_bytes, blocks: st.live_blocks })
+            .collect()
+    }
+
+    /// A fork child: the inherited heap stays, the counts of calls start afresh, and the peak is
+    /// the inherited state.
+    pub fn start_child(&mut self, start_ns: u64) {
+        for st in self.by_stack.values_mut() {
+            let (b, n, o) = (st.live_bytes, st.live_blocks, st.live_overhead);
+            *st = SiteStats { live_bytes: b, live_blocks: n, live_overhead: o, max_live_bytes: b, ..Default::default() };
+        }
+        self.by_stack.retain(|_, st| st.live_blocks > 0);
+        self.with_stack = 0;
+        self.allocs_per_stream.clear();
+        self.serial += 1;
+        self.peak_serial = self.serial;
+        self.peak_overhead = self.live_overhead;
+        self.series = Series::default();
+        self.start_ns = start_ns;
+    }
+
+    /// Take the series' point for the slot `time_ns` reached, with the state before the change.
+    fn sample(&mut self, time_ns: u64, live_bytes: u64) {
+        let s = &mut self.series;
+        let t = time_ns.saturating_sub(self.start_ns);
+        if t < s.next_slot.saturating_mul(s.dt_ns) {
+            return;
+        }
+        let slot = t / s.dt_ns;
+        let detail = (slot % Series::DETAIL_EVERY == 0).then(|| self.live_now_sorted());
+        let s = &mut self.series;
+        s.points.push((slot, SnapPoint { time_ns, live_bytes, overhead: self.live_overhead, detail }));
+        s.next_slot = slot + 1;
+        if s.points.len() >= Series::MAX {
+            s.points.retain(|(k, _)| k % 2 == 0);
+            for (k, p) in &mut s.points {
+                *k /= 2;
+                if *k % Series::DETAIL_EVERY != 0 {
+                    p.detail = None;
+                }
+            }
+            s.dt_ns *= 2;
+            s.next_slot = s.next_slot.div_ceil(2);
+        }
+    }
+
+    fn live_now_sorted(&self) -> Vec<SiteAmount> {
+        let mut v = self.live_now();
+        v.sort_unstable_by_key(|a| a.stack);
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_classes() {
+        assert_eq!(size_class(0), 0);
+        assert_eq!(size_class(16), 0);
+        assert_eq!(size_class(17), 1);
+        assert_eq!(size_class(200_000), SIZE_CLASSES.len() - 1);
+    }
+
+    #[test]
+    fn series_thins_and_keeps_details_every_tenth() {
+        let mut s = Sites::default();
+        let mut live = 0;
+        for i in 0..10_000u64 {
+            let n = s.on_alloc(i * 16 + 0x1000, 1 + i % 3, 16, 8, 1, i * 50_000, live);
+            let _ = n;
+            live += 16;
+        }
+        let pts = &s.series.points;
+        assert!(pts.len() >= Series::MAX / 2 && pts.len() < Series::MAX, "{}", pts.len());
+        for (k, p) in pts {
+            assert_eq!(p.detail.is_some(), k % 10 == 0, "slot {k}");
+        }
+        // Times increase and bytes follow the history (16 B per 50 µs).
+        for w in pts.windows(2) {
+            assert!(w[0].1.time_ns < w[1].1.time_ns);
+            assert!(w[0].1.live_bytes <= w[1].1.live_bytes);
+        }
+        let last = &pts.last().unwrap().1;
+        assert_eq!(last.live_bytes, last.time_ns / 50_000 * 16);
+    }
+}
