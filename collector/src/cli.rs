@@ -141,7 +141,7 @@ pub fn main() -> i32 {
         Cmd::Run { args, command } => run_cmd(&args, &command),
         Cmd::Report { file, json, partial, timeline_points } => match crate::analysis::analyze_file(&file, partial) {
             Ok(a) => {
-                let r = report::build(&a, report::ReportOptions { max_timeline: timeline_points });
+                let r = report::build(&a, report::ReportOptions { max_timeline: timeline_points, sites: true });
                 let text = if json {
                     match serde_json::to_string_pretty(&r) {
                         Ok(s) => s + "\n",
@@ -322,7 +322,7 @@ fn finish_recording(recorder: std::thread::JoinHandle<anyhow::Result<record::lau
 /// The model of the trace as it stands; none while it cannot be read yet (no header, say).
 fn live_model(trace: &std::path::Path) -> Option<crate::dashboard::model::DashboardModel> {
     let a = crate::analysis::analyze_live(trace).ok()?;
-    let r = report::build(&a, report::ReportOptions { max_timeline: 0 });
+    let r = report::build(&a, report::ReportOptions { max_timeline: 0, sites: false });
     let mut m = crate::dashboard::model::DashboardModel::from_report(&r);
     if !a.complete {
         // Still being written: not a recording that ended badly.
@@ -389,7 +389,7 @@ fn live_dashboard(trace: &std::path::Path, command: &[String], progress: &crate:
 fn print_summary(trace: &std::path::Path) {
     match crate::analysis::analyze_file(trace, false) {
         Ok(a) => {
-            let r = report::build(&a, report::ReportOptions { max_timeline: 1000 });
+            let r = report::build(&a, report::ReportOptions { max_timeline: 1000, sites: true });
             write_stdout(report::text::render(&r).as_bytes());
         }
         Err(e) => eprintln!("mtracer: {e:#}"),
@@ -419,7 +419,7 @@ fn view(file: &std::path::Path, partial: bool, print: Option<(u16, u16)>, panel:
             return 2;
         }
     };
-    let model = DashboardModel::from_report(&report::build(&a, report::ReportOptions { max_timeline: 0 }));
+    let model = DashboardModel::from_report(&report::build(&a, report::ReportOptions { max_timeline: 0, sites: false }));
     drop(a);
     let first = match image {
         None => model.busiest(),

@@ -2,6 +2,7 @@
 //! [`Analysis`]; the analysis knows nothing about it.
 
 pub mod retention;
+pub mod sites;
 pub mod text;
 
 use std::collections::BTreeMap;
@@ -91,6 +92,10 @@ pub struct ProcessReport {
     /// Why there is no retention section (another allocator, chunk headers not recorded).
     pub retention_unavailable: Option<String>,
     pub timeline: Vec<TimelineSample>,
+    /// Allocation sites: `stacks`, `top_sites_at_peak`, `leaked_sites`, `temporary_sites`,
+    /// `retention_by_site`, … (see [`sites`]).
+    #[serde(flatten)]
+    pub sites: sites::SitesReport,
 }
 
 #[derive(Serialize, Default)]
@@ -119,11 +124,14 @@ pub struct TimelineSample {
 pub struct ReportOptions {
     /// At most this many timeline samples per process (evenly thinned; 0 = all).
     pub max_timeline: usize,
+    /// Build the allocation-site sections (symbolises the stacks: skip it for views that do not
+    /// show them).
+    pub sites: bool,
 }
 
 impl Default for ReportOptions {
     fn default() -> Self {
-        ReportOptions { max_timeline: 1000 }
+        ReportOptions { max_timeline: 1000, sites: true }
     }
 }
 
@@ -180,7 +188,7 @@ fn process(img: &ImageAnalysis, opts: ReportOptions) -> ProcessReport {
         let k = opts.max_timeline;
         timeline = (0..k).map(|i| timeline[i * (n - 1) / (k - 1).max(1)]).collect();
     }
-    ProcessReport {
+    let mut r = ProcessReport {
         image: img.id,
         pid: img.pid,
         ppid: img.ppid,
@@ -232,5 +240,25 @@ fn process(img: &ImageAnalysis, opts: ReportOptions) -> ProcessReport {
         retention: retention::build(img),
         retention_unavailable: (!img.glibc.enabled).then(|| img.glibc.uncertain.first().cloned().unwrap_or_else(|| "no glibc model".into())),
         timeline,
+        sites: if opts.sites { sites::build(img) } else { sites::SitesReport::default() },
+    };
+    name_pinning_sites(&mut r);
+    r
+}
+
+/// The retention causes name a heap top's pinning block by address: add where it was allocated.
+fn name_pinning_sites(r: &mut ProcessReport) {
+    let Some(rb) = &r.sites.retention_by_site else { return };
+    let Some(ret) = &mut r.retention else { return };
+    for p in &rb.top_pinned_by {
+        let Some(site) = &p.site else { continue };
+        let at = format!("{:#x}", p.address);
+        let loc = match (&site.file, site.line) {
+            (Some(f), Some(l)) => format!(" ({}:{l})", crate::symbols::base_name(f)),
+            _ => String::new(),
+        };
+        for c in ret.causes.iter_mut().filter(|c| c.kind == "top_pinned" && c.text.contains(&at)) {
+            c.text = c.text.replacen(&at, &format!("{at} (allocated in {}{loc})", site.function), 1);
+        }
     }
 }
