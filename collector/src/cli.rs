@@ -116,6 +116,31 @@ enum Cmd {
         #[arg(long)]
         image: Option<u32>,
     },
+    /// Write one process image of a trace for other tools: massif (ms_print,
+    /// massif-visualizer), folded stacks, a flamegraph SVG, or the timeline as CSV
+    Export {
+        /// The trace file
+        file: PathBuf,
+        /// Output format
+        #[arg(long, value_enum)]
+        format: crate::export::Format,
+        /// Write here instead of stdout
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// The process image, by its number in the report (default: the one that allocated the
+        /// most)
+        #[arg(long)]
+        image: Option<u32>,
+        /// massif: callers below this percentage of a snapshot's bytes are folded into one line
+        #[arg(long, default_value_t = 1.0)]
+        threshold: f64,
+        /// folded/svg: weigh stacks by bytes live at the peak, leaked at exit, or allocated
+        #[arg(long, value_enum, default_value_t = crate::export::Weight::Peak)]
+        weight: crate::export::Weight,
+        /// Analyse a damaged trace up to the damage instead of failing
+        #[arg(long)]
+        partial: bool,
+    },
     /// Print the records and events of a trace, one per line (for debugging mtrace itself)
     #[command(hide = true)]
     Dump {
@@ -161,6 +186,9 @@ pub fn main() -> i32 {
             }
         },
         Cmd::View { file, partial, print, panel, image } => view(&file, partial, print, panel, image),
+        Cmd::Export { file, format, output, image, threshold, weight, partial } => {
+            export_cmd(&file, crate::export::Options { format, image, threshold, weight }, output.as_deref(), partial)
+        }
         Cmd::Dump { file } => match crate::trace::dump(&file, &mut std::io::stdout().lock()) {
             Ok(()) => 0,
             Err(crate::trace::TraceError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
@@ -458,6 +486,36 @@ fn view(file: &std::path::Path, partial: bool, print: Option<(u16, u16)>, panel:
                 2
             }
         },
+    }
+}
+
+/// `mtracer export`: analyse, then write the export to a file or stdout.
+fn export_cmd(file: &std::path::Path, opts: crate::export::Options, output: Option<&std::path::Path>, partial: bool) -> i32 {
+    if !(0.0..=100.0).contains(&opts.threshold) {
+        eprintln!("mtracer: --threshold must be between 0 and 100 (percent), not {}", opts.threshold);
+        return 2;
+    }
+    let a = match crate::analysis::analyze_file(file, partial) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("mtracer: {e:#}");
+            return 2;
+        }
+    };
+    let mut buf = Vec::new();
+    if let Err(e) = crate::export::export(&a, &opts, &mut buf) {
+        eprintln!("mtracer: {e:#}");
+        return 2;
+    }
+    match output {
+        Some(p) => match std::fs::write(p, &buf) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("mtracer: cannot write {}: {e}", p.display());
+                2
+            }
+        },
+        None => write_stdout(&buf),
     }
 }
 

@@ -14,6 +14,7 @@ pub mod analysis;
 pub mod cli;
 pub mod clock;
 pub mod dashboard;
+pub mod export;
 pub mod record;
 pub mod report;
 pub mod symbols;

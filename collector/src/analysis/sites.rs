@@ -57,6 +57,8 @@ pub struct SiteAmount {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapPoint {
     pub time_ns: u64,
+    /// The number of changes to the sites before it (orders it against the peak).
+    pub serial: u64,
     pub live_bytes: u64,
     pub overhead: u64,
     /// Bytes per site (non-zero ones), for detailed points.
@@ -177,6 +179,11 @@ impl Sites {
         self.peak_overhead = self.live_overhead;
     }
 
+    /// The number of changes up to and including the one that reached the latest peak.
+    pub fn peak_serial(&self) -> u64 {
+        self.peak_serial
+    }
+
     /// Bytes and blocks per site at the latest peak (non-zero ones).
     pub fn at_peak(&self) -> Vec<SiteAmount> {
         self.by_stack
@@ -225,7 +232,7 @@ impl Sites {
         let slot = t / s.dt_ns;
         let detail = (slot % Series::DETAIL_EVERY == 0).then(|| self.live_now_sorted());
         let s = &mut self.series;
-        s.points.push((slot, SnapPoint { time_ns, live_bytes, overhead: self.live_overhead, detail }));
+        s.points.push((slot, SnapPoint { time_ns, serial: self.serial, live_bytes, overhead: self.live_overhead, detail }));
         s.next_slot = slot + 1;
         if s.points.len() >= Series::MAX {
             s.points.retain(|(k, _)| k % 2 == 0);
