@@ -8,11 +8,12 @@
 use core::ffi::{c_int, c_void};
 use core::ptr::null_mut;
 
-use mtrace_protocol::event::{self, chunk, header, EventKind, AUX_CHUNK_MASK, AUX_HAS_PREV_SIZE, AUX_HAS_STAMP};
+use mtrace_protocol::event::{self, chunk, header, EventKind, AUX_CHUNK_MASK, AUX_HAS_PREV_SIZE, AUX_HAS_STACK, AUX_HAS_STAMP};
 use mtrace_protocol::stamp;
 
 use crate::glibc::{self, g};
 use crate::real;
+use crate::stacks;
 use crate::tls::{self, fast, ThreadState};
 use crate::writer::{self, ACTIVE, OFF};
 
@@ -59,19 +60,26 @@ fn recording() -> bool {
 unsafe fn record_alloc(kind: EventKind, p: *mut c_void, size: u64, align: u64) {
     let Some(t) = enter() else { return };
     // SAFETY: per the caller; guard held.
-    unsafe { record_alloc_held(t, kind, p, size, align) };
+    unsafe { record_alloc_held(t, kind, p, size, align, None) };
     leave(t);
 }
 
 /// [`record_alloc`] with the guard already held (the general path, also the fast path's
-/// fallback).
+/// fallback). `stack`: the stack id already taken (0: none), or `None` to take it here.
 #[inline(never)]
-unsafe fn record_alloc_held(t: *mut ThreadState, kind: EventKind, p: *mut c_void, size: u64, align: u64) {
+unsafe fn record_alloc_held(t: *mut ThreadState, kind: EventKind, p: *mut c_void, size: u64, align: u64, stack: Option<u64>) {
     // SAFETY: `p` is null or a live block the real allocator just returned; guard held.
     unsafe {
-        let (aux, prev_size, stamp) = inspect_new_block(t, kind, p as *const u8);
+        let sid = match stack {
+            Some(s) => s,
+            None => stacks::capture(t, size),
+        };
+        let (mut aux, prev_size, stamp) = inspect_new_block(t, kind, p as *const u8);
+        if sid != 0 {
+            aux |= AUX_HAS_STACK;
+        }
         let base = kind.base_words();
-        let n = base + (aux & AUX_HAS_PREV_SIZE != 0) as usize + (aux & AUX_HAS_STAMP != 0) as usize;
+        let n = base + (aux & AUX_HAS_PREV_SIZE != 0) as usize + (sid != 0) as usize + (aux & AUX_HAS_STAMP != 0) as usize;
         put(t, n, |w| {
             *w = header(kind, n, aux);
             *w.add(1) = p as u64;
@@ -82,6 +90,10 @@ unsafe fn record_alloc_held(t: *mut ThreadState, kind: EventKind, p: *mut c_void
             let mut i = base;
             if aux & AUX_HAS_PREV_SIZE != 0 {
                 *w.add(i) = prev_size;
+                i += 1;
+            }
+            if sid != 0 {
+                *w.add(i) = sid;
                 i += 1;
             }
             if aux & AUX_HAS_STAMP != 0 {
@@ -320,17 +332,20 @@ const fn alloc_kind(calloc: bool) -> EventKind {
 /// # Safety
 /// As [`malloc_fast`], after its checks.
 #[inline(always)]
-unsafe fn malloc_event<const CALLOC: bool, const FOUND: bool>(t: *mut ThreadState, p: *mut c_void, size: u64, hdr: u64, st: u64) -> bool {
-    let n = 3 + FOUND as usize;
+unsafe fn malloc_event<const CALLOC: bool, const FOUND: bool>(t: *mut ThreadState, p: *mut c_void, size: u64, hdr: u64, st: u64, sid: u64) -> bool {
+    let n = 3 + (sid != 0) as usize + FOUND as usize;
     // SAFETY: `reserve_fast` gave room for `n` words.
     unsafe {
         let Some(w) = writer::reserve_fast(t, n) else { return false };
-        let aux = (hdr & AUX_CHUNK_MASK) | if FOUND { AUX_HAS_STAMP } else { 0 };
+        let aux = (hdr & AUX_CHUNK_MASK) | if FOUND { AUX_HAS_STAMP } else { 0 } | if sid != 0 { AUX_HAS_STACK } else { 0 };
         *w = header(alloc_kind(CALLOC), n, aux);
         *w.add(1) = p as u64;
         *w.add(2) = size;
+        if sid != 0 {
+            *w.add(3) = sid;
+        }
         if FOUND {
-            *w.add(3) = st;
+            *w.add(n - 1) = st;
         }
         writer::commit_at(t, w, n);
     }
@@ -340,11 +355,11 @@ unsafe fn malloc_event<const CALLOC: bool, const FOUND: bool>(t: *mut ThreadStat
 /// [`malloc_fast`] when the block holds another stream's stamp.
 #[cold]
 #[inline(never)]
-unsafe fn malloc_fast_found(t: *mut ThreadState, p: *mut c_void, size: u64, hdr: u64, st: u64) -> *mut c_void {
+unsafe fn malloc_fast_found(t: *mut ThreadState, p: *mut c_void, size: u64, hdr: u64, st: u64, sid: u64) -> *mut c_void {
     // SAFETY: per `malloc_fast`.
     unsafe {
-        if !malloc_event::<false, true>(t, p, size, hdr, st) {
-            return malloc_general(t, EventKind::Malloc, p, size);
+        if !malloc_event::<false, true>(t, p, size, hdr, st, sid) {
+            return malloc_general(t, EventKind::Malloc, p, size, sid);
         }
         tls::release_fast(t, fast::CHUNKS);
     }
@@ -361,27 +376,48 @@ unsafe fn malloc_fast_found(t: *mut ThreadState, p: *mut c_void, size: u64, hdr:
 /// the real allocator returned.
 #[inline(always)]
 unsafe fn malloc_fast<const CALLOC: bool>(t: *mut ThreadState, p: *mut c_void, size: u64) -> *mut c_void {
+    if stacks::enabled() {
+        // SAFETY: per the contract.
+        return unsafe { malloc_fast_stack::<CALLOC>(t, p, size) };
+    }
+    // SAFETY: per the contract.
+    unsafe { malloc_fast_with::<CALLOC>(t, p, size, 0) }
+}
+
+/// [`malloc_fast`] with stacks on: take the stack id, then the fast path with it.
+#[inline(never)]
+unsafe fn malloc_fast_stack<const CALLOC: bool>(t: *mut ThreadState, p: *mut c_void, size: u64) -> *mut c_void {
+    // SAFETY: per `malloc_fast`.
+    unsafe {
+        let sid = stacks::capture(t, size);
+        malloc_fast_with::<CALLOC>(t, p, size, sid)
+    }
+}
+
+/// [`malloc_fast`] with the stack id `sid` (0: none) already taken.
+#[inline(always)]
+unsafe fn malloc_fast_with<const CALLOC: bool>(t: *mut ThreadState, p: *mut c_void, size: u64, sid: u64) -> *mut c_void {
     let gl = g();
     let kind = alloc_kind(CALLOC);
     // SAFETY: `p` is null or a live block; `t` is ours.
     unsafe {
         if p.is_null() {
-            return malloc_general(t, kind, p, size);
+            return malloc_general(t, kind, p, size, sid);
         }
-        let Some(hdr) = fast_header(t, p, true) else { return malloc_general(t, kind, p, size) };
+        let Some(hdr) = fast_header(t, p, true) else { return malloc_general(t, kind, p, size, sid) };
         // As `observe_brk` after the event: a moved break is reported by the general path.
         if core::ptr::read_volatile((*t).curbrk) != (*t).last_brk {
-            return malloc_general(t, kind, p, size);
+            return malloc_general(t, kind, p, size, sid);
         }
         // calloc zeroes the block: nothing to find (as `inspect_new_block`).
         if gl.stamps && !CALLOC {
             let w = *((p as *const u8).add(chunk::stamp_front(chunk::size(hdr))) as *const u64);
             if foreign_stamp(w, (*t).stamp_xor) {
-                return malloc_fast_found(t, p, size, hdr, w);
+                return malloc_fast_found(t, p, size, hdr, w, sid);
             }
         }
-        if !malloc_event::<CALLOC, false>(t, p, size, hdr, 0) {
-            return malloc_general(t, kind, p, size);
+        if !malloc_event::<CALLOC, false>(t, p, size, hdr, 0, sid) {
+            return malloc_general(t, kind, p, size, sid);
         }
         tls::release_fast(t, fast::CHUNKS);
     }
@@ -495,9 +531,9 @@ unsafe fn malloc_plain(t: *mut ThreadState, p: *mut c_void, size: u64) -> *mut c
     unsafe {
         // As `observe_brk` after the event (a word that stays 0 when the break is not known).
         if core::ptr::read_volatile((*t).curbrk) != (*t).last_brk {
-            return malloc_general(t, EventKind::Malloc, p, size);
+            return malloc_general(t, EventKind::Malloc, p, size, 0);
         }
-        let Some(w) = writer::reserve_fast(t, 3) else { return malloc_general(t, EventKind::Malloc, p, size) };
+        let Some(w) = writer::reserve_fast(t, 3) else { return malloc_general(t, EventKind::Malloc, p, size, 0) };
         *w = header(EventKind::Malloc, 3, 0);
         *w.add(1) = p as u64;
         *w.add(2) = size;
@@ -534,10 +570,10 @@ unsafe fn free_plain(t: *mut ThreadState, p: *mut c_void) {
 /// release the guard, return `p` (a tail call, so that the hook keeps no state across calls).
 #[cold]
 #[inline(never)]
-unsafe fn malloc_general(t: *mut ThreadState, kind: EventKind, p: *mut c_void, size: u64) -> *mut c_void {
+unsafe fn malloc_general(t: *mut ThreadState, kind: EventKind, p: *mut c_void, size: u64, sid: u64) -> *mut c_void {
     // SAFETY: per `malloc_fast`.
     unsafe {
-        record_alloc_held(t, kind, p, size, 0);
+        record_alloc_held(t, kind, p, size, 0, Some(sid));
         (*t).busy = 0;
     }
     opaque(p)
@@ -549,7 +585,10 @@ unsafe fn malloc_general(t: *mut ThreadState, kind: EventKind, p: *mut c_void, s
 unsafe fn malloc_other(size: usize, p: *mut c_void) -> *mut c_void {
     let t = tls::state();
     // SAFETY: `t` is this thread's state; the guard is taken before anything is read or written.
-    if unsafe { tls::guard_and_fast(t) } == tls::ready(fast::PLAIN) && writer::STATE.load(core::sync::atomic::Ordering::Acquire) == ACTIVE {
+    if unsafe { tls::guard_and_fast(t) } == tls::ready(fast::PLAIN)
+        && writer::STATE.load(core::sync::atomic::Ordering::Acquire) == ACTIVE
+        && !stacks::enabled()
+    {
         // SAFETY: as above; `p` came from the real malloc.
         unsafe {
             (*t).busy = 1;
@@ -637,8 +676,7 @@ fn unresolved_alloc(size: usize, align: usize) -> Option<*mut c_void> {
     if real::ensure_resolved() { None } else { Some(real::bootstrap_alloc(size, align)) }
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
+unsafe extern "C" fn malloc_impl(size: usize) -> *mut c_void {
     let p = match real::malloc() {
         // SAFETY: forwarding to the real malloc.
         Some(f) => unsafe { f(size) },
@@ -663,8 +701,7 @@ pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
     }
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn calloc(nmemb: usize, size: usize) -> *mut c_void {
+unsafe extern "C" fn calloc_impl(nmemb: usize, size: usize) -> *mut c_void {
     let total = nmemb.checked_mul(size);
     let p = match real::calloc() {
         // SAFETY: forwarding to the real calloc.
@@ -737,7 +774,9 @@ unsafe fn realloc_common(kind: EventKind, old: *mut c_void, size: u64, call: imp
         } else {
             (aux, prev_size)
         };
-        let n = 5 + (aux & AUX_HAS_PREV_SIZE != 0) as usize + (aux & AUX_HAS_STAMP != 0) as usize;
+        let sid = stacks::capture(t, size);
+        let aux = if sid != 0 { aux | AUX_HAS_STACK } else { aux };
+        let n = 5 + (aux & AUX_HAS_PREV_SIZE != 0) as usize + (sid != 0) as usize + (aux & AUX_HAS_STAMP != 0) as usize;
         writer::emit(t, n, |w| {
             *w = header(kind, n, aux);
             *w.add(1) = old as u64;
@@ -747,6 +786,10 @@ unsafe fn realloc_common(kind: EventKind, old: *mut c_void, size: u64, call: imp
             let mut i = 5;
             if aux & AUX_HAS_PREV_SIZE != 0 {
                 *w.add(i) = prev_size;
+                i += 1;
+            }
+            if sid != 0 {
+                *w.add(i) = sid;
                 i += 1;
             }
             if aux & AUX_HAS_STAMP != 0 {
@@ -773,8 +816,7 @@ unsafe fn realloc_bootstrap(old: *mut c_void, size: usize) -> *mut c_void {
     }
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn realloc(old: *mut c_void, size: usize) -> *mut c_void {
+unsafe extern "C" fn realloc_impl(old: *mut c_void, size: usize) -> *mut c_void {
     if real::is_bootstrap(old) {
         // SAFETY: see realloc_bootstrap.
         return unsafe { realloc_bootstrap(old, size) };
@@ -788,8 +830,7 @@ pub unsafe extern "C" fn realloc(old: *mut c_void, size: usize) -> *mut c_void {
     unsafe { realloc_common(EventKind::Realloc, old, size as u64, || real::realloc().map_or(null_mut(), |f| f(old, size))) }
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn reallocarray(old: *mut c_void, nmemb: usize, size: usize) -> *mut c_void {
+unsafe extern "C" fn reallocarray_impl(old: *mut c_void, nmemb: usize, size: usize) -> *mut c_void {
     let total = nmemb.checked_mul(size);
     if real::is_bootstrap(old) {
         let Some(n) = total else {
@@ -819,9 +860,8 @@ pub unsafe extern "C" fn reallocarray(old: *mut c_void, nmemb: usize, size: usiz
 }
 
 macro_rules! aligned_hook {
-    ($name:ident, $kind:expr, ($($arg:ident : $ty:ty),*), $align:expr, $size:expr) => {
-        #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn $name($($arg: $ty),*) -> *mut c_void {
+    ($name:ident, $imp:ident, $kind:expr, ($($arg:ident : $ty:ty),*), $align:expr, $size:expr) => {
+        unsafe extern "C" fn $imp($($arg: $ty),*) -> *mut c_void {
             let p = match real::$name() {
                 // SAFETY: forwarding to the real function.
                 Some(f) => unsafe { f($($arg),*) },
@@ -838,11 +878,50 @@ macro_rules! aligned_hook {
     };
 }
 
-aligned_hook!(memalign, EventKind::Memalign, (align: usize, size: usize), align, size);
-aligned_hook!(aligned_alloc, EventKind::AlignedAlloc, (align: usize, size: usize), align, size);
+aligned_hook!(memalign, memalign_impl, EventKind::Memalign, (align: usize, size: usize), align, size);
+aligned_hook!(aligned_alloc, aligned_alloc_impl, EventKind::AlignedAlloc, (align: usize, size: usize), align, size);
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn valloc(size: usize) -> *mut c_void {
+// ---------------------------------------------------------------------------------------------
+// Allocation entry points: naked trampolines that note the caller's frame for the stack
+// unwinder (see `stacks`) and jump to the hook, arguments untouched. With a stack state for the
+// thread: its `cfa` = rsp + 8 (the caller's stack pointer after the return) and `bp` = rbp (the
+// caller's, untouched so far). Without one: nothing but the jump. rax and r11 are scratch.
+
+macro_rules! trampoline {
+    ($name:ident => $imp:ident ($($arg:ident : $ty:ty),*) -> $ret:ty) => {
+        #[unsafe(naked)]
+        #[unsafe(no_mangle)]
+        #[allow(unused_variables)]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
+            core::arch::naked_asm!(
+                "mov rax, qword ptr [rip + mtrace_thread_state@GOTTPOFF]",
+                "mov rax, qword ptr fs:[rax + {stk}]",
+                "test rax, rax",
+                "jz 2f",
+                "lea r11, [rsp + 8]",
+                "mov qword ptr [rax + {cfa}], r11",
+                "mov qword ptr [rax + {cfa} + 8], rbp",
+                "2:",
+                "jmp {imp}",
+                stk = const crate::tls::STK_OFFSET,
+                cfa = const crate::stacks::CFA_OFFSET,
+                imp = sym $imp,
+            )
+        }
+    };
+}
+
+trampoline!(malloc => malloc_impl(size: usize) -> *mut c_void);
+trampoline!(calloc => calloc_impl(nmemb: usize, size: usize) -> *mut c_void);
+trampoline!(realloc => realloc_impl(old: *mut c_void, size: usize) -> *mut c_void);
+trampoline!(reallocarray => reallocarray_impl(old: *mut c_void, nmemb: usize, size: usize) -> *mut c_void);
+trampoline!(memalign => memalign_impl(align: usize, size: usize) -> *mut c_void);
+trampoline!(aligned_alloc => aligned_alloc_impl(align: usize, size: usize) -> *mut c_void);
+trampoline!(valloc => valloc_impl(size: usize) -> *mut c_void);
+trampoline!(pvalloc => pvalloc_impl(size: usize) -> *mut c_void);
+trampoline!(posix_memalign => posix_memalign_impl(out: *mut *mut c_void, align: usize, size: usize) -> c_int);
+
+unsafe extern "C" fn valloc_impl(size: usize) -> *mut c_void {
     let p = match real::valloc() {
         // SAFETY: forwarding to the real valloc.
         Some(f) => unsafe { f(size) },
@@ -857,8 +936,7 @@ pub unsafe extern "C" fn valloc(size: usize) -> *mut c_void {
     p
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
+unsafe extern "C" fn pvalloc_impl(size: usize) -> *mut c_void {
     let p = match real::pvalloc() {
         // SAFETY: forwarding to the real pvalloc.
         Some(f) => unsafe { f(size) },
@@ -873,8 +951,7 @@ pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
     p
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
+unsafe extern "C" fn posix_memalign_impl(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
     let rc = match real::posix_memalign() {
         // SAFETY: forwarding to the real posix_memalign.
         Some(f) => unsafe { f(out, align, size) },

@@ -23,17 +23,25 @@
 //! * [`meta`] — process metadata sent at registration.
 //! * [`lifecycle`] — constructor, fork, thread exit, process exit.
 //! * [`mallinfo`] — `mallinfo2()` checkpoints (around `malloc_trim`, at exit, periodic sampler).
+//! * [`stacks`] — allocation stacks: unwinding, memoisation, interning, sampling.
+//! * [`modules`] — the loaded modules (unwinder list, `Module` events, dlopen/dlclose hooks).
+//! * [`coldalloc`] — the Rust global allocator, for cold paths only.
 //! * [`tls`] — initial-exec thread-local state.
 //! * [`sys`] — raw system calls and allocation-free helpers.
 #![no_std]
 
+extern crate alloc;
+
+pub mod coldalloc;
 pub mod glibc;
 pub mod hooks;
 pub mod lifecycle;
 pub mod mallinfo;
 pub mod meta;
+pub mod modules;
 pub mod real;
 pub mod session;
+pub mod stacks;
 pub mod sys;
 pub mod tls;
 pub mod writer;

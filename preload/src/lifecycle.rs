@@ -45,6 +45,7 @@ extern "C" fn init(_argc: c_int, argv: *const *const c_char, envp: *const *const
         return;
     }
     detect_glibc();
+    crate::stacks::configure();
     // SAFETY: pthread calls with valid arguments; single-threaded initialisation.
     unsafe {
         if libc::pthread_key_create(core::ptr::addr_of_mut!(THREAD_KEY), Some(thread_exit)) == 0 {
@@ -57,6 +58,8 @@ extern "C" fn init(_argc: c_int, argv: *const *const c_char, envp: *const *const
             writer::STATE.store(ACTIVE, Ordering::Release);
             // SAFETY: guard held.
             unsafe { writer::drain_preinit(t) };
+            // SAFETY: guard held, registered.
+            unsafe { crate::stacks::start(t) };
             mallinfo::start_sampler();
             // SAFETY: guard held.
             unsafe { mallinfo::start_checkpoint(t) };
@@ -167,6 +170,7 @@ unsafe extern "C" fn thread_exit(_: *mut c_void) {
             return;
         }
         (*t).busy = 1;
+        crate::stacks::thread_exit(t);
         writer::release_block(t);
         (*t).key_set = 0;
         (*t).busy = 0;
@@ -216,6 +220,7 @@ unsafe extern "C" fn fork_child() {
                     libc::close(parent_fd);
                 }
                 writer::STATE.store(ACTIVE, Ordering::Release);
+                crate::stacks::fork_child(t);
                 // The parent's sampler thread did not survive the fork.
                 mallinfo::start_sampler();
                 // SAFETY: guard held (`busy` raised above).

@@ -57,6 +57,7 @@ pub type SbrkFn = unsafe extern "C" fn(isize) -> *mut c_void;
 pub type TrimFn = unsafe extern "C" fn(usize) -> c_int;
 pub type MalloptFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
 pub type ExitFn = unsafe extern "C" fn(c_int) -> !;
+pub type DlcloseFn = unsafe extern "C" fn(*mut c_void) -> c_int;
 
 real_fns! {
     malloc: MallocFn = "malloc";
@@ -82,6 +83,9 @@ real_fns! {
     exit_upper: ExitFn = "_Exit";
     free_sized: FreeSizedFn = "free_sized";
     free_aligned_sized: FreeAlignedSizedFn = "free_aligned_sized";
+    dlopen: MallocFn = "dlopen";
+    dlmopen: MallocFn = "dlmopen";
+    dlclose: DlcloseFn = "dlclose";
 }
 
 const UNRESOLVED: u8 = 0;

@@ -85,7 +85,13 @@ pub struct ThreadState {
     pub tid: u32,
     /// The thread-exit key has been set for this thread.
     pub key_set: u8,
+    /// This thread's stack state ([`crate::stacks`]; null until its first stack). Read by the
+    /// allocation trampolines at a fixed offset ([`STK_OFFSET`]).
+    pub stk: *mut crate::stacks::StackState,
 }
+
+/// Offset of `ThreadState::stk`.
+pub const STK_OFFSET: usize = core::mem::offset_of!(ThreadState, stk);
 
 const _: () = assert!(core::mem::size_of::<ThreadState>() <= 128);
 
