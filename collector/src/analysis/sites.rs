@@ -7,8 +7,9 @@
 //! * live bytes/blocks at the exact moment of the image's peak of live bytes (kept lazily: a
 //!   site's value is copied aside only when it changes after a new peak);
 //! * allocations, bytes allocated, allocations by size class;
-//! * *temporary* allocations, defined like heaptrack's: a block freed (by `free`, or realloc to
-//!   size 0) by the thread that allocated it, before that thread made any other allocation.
+//! * *temporary* allocations, defined like heaptrack's but per thread: a block freed (by `free`,
+//!   or realloc to size 0) by the thread that allocated it, directly after its allocation — that
+//!   thread made no other allocation and no other free in between (other threads may have).
 //!   A realloc that moves a block is not a free of its data and never counts;
 //! * the stack that last owned each freed address, so that free chunks glibc keeps (tcache,
 //!   fastbins, bins) can be attributed to the site whose block they were.
@@ -99,8 +100,9 @@ pub struct Sites {
     pub peak_overhead: u64,
     peak_serial: u64,
     serial: u64,
-    /// Allocations per stream so far (for temporaries).
-    allocs_per_stream: FxHashMap<u32, u64>,
+    /// Allocations per stream so far, and whether the stream's last call since was that
+    /// allocation (no free after it): for temporaries.
+    allocs_per_stream: FxHashMap<u32, (u64, bool)>,
     /// Stack id of the block that last lived at each freed address (removed when reused).
     pub freed_stack: FxHashMap<u64, u64>,
     pub series: Series,
@@ -138,9 +140,10 @@ impl Sites {
         }
         self.freed_stack.remove(&ptr);
         let nth = {
-            let n = self.allocs_per_stream.entry(stream).or_insert(0);
-            *n += 1;
-            *n
+            let n = self.allocs_per_stream.entry(stream).or_insert((0, false));
+            n.0 += 1;
+            n.1 = true;
+            n.0
         };
         let st = self.by_stack.entry(stack).or_default();
         Self::touch(self.serial, self.peak_serial, st);
@@ -159,7 +162,10 @@ impl Sites {
     pub fn on_free(&mut self, ptr: u64, b: BlockInfo, freed_by: Option<u32>, time_ns: u64, live_bytes_before: u64) {
         self.sample(time_ns, live_bytes_before);
         self.serial += 1;
-        let temporary = freed_by == Some(b.stream) && self.allocs_per_stream.get(&b.stream) == Some(&b.nth);
+        let temporary = freed_by == Some(b.stream) && self.allocs_per_stream.get(&b.stream) == Some(&(b.nth, true));
+        if let Some(s) = freed_by.and_then(|s| self.allocs_per_stream.get_mut(&s)) {
+            s.1 = false;
+        }
         let st = self.by_stack.entry(b.stack).or_default();
         Self::touch(self.serial, self.peak_serial, st);
         st.live_bytes = st.live_bytes.saturating_sub(b.size);
@@ -264,6 +270,82 @@ mod tests {
         assert_eq!(size_class(16), 0);
         assert_eq!(size_class(17), 1);
         assert_eq!(size_class(200_000), SIZE_CLASSES.len() - 1);
+    }
+
+    use crate::analysis::live::LiveModel;
+    use mtrace_protocol::event::{Event, EventKind};
+
+    fn alloc(ptr: u64, size: u64, stack: u64) -> Event {
+        // A heap chunk: 16-byte granularity, header included.
+        let chunk = mtrace_protocol::event::chunk::request2size(size) | 1;
+        Event::Alloc { kind: EventKind::Malloc, ptr, size, align: 0, chunk, prev_size: 0, stack, stamp: None }
+    }
+    fn free(ptr: u64) -> Event {
+        Event::Free { kind: EventKind::Free, ptr, chunk: 0, stamp: None }
+    }
+    fn realloc(old_ptr: u64, new_ptr: u64, size: u64, stack: u64) -> Event {
+        Event::Realloc { kind: EventKind::Realloc, old_ptr, new_ptr, size, old_chunk: 0, chunk: 0, prev_size: 0, stack, stamp: None }
+    }
+    fn amounts(v: Vec<SiteAmount>) -> Vec<(u64, u64, u64)> {
+        let mut v: Vec<_> = v.into_iter().map(|a| (a.stack, a.bytes, a.blocks)).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn peak_leaked_and_temporaries_are_exact() {
+        let mut m = LiveModel::default();
+        let evs = [
+            (alloc(0x10, 100, 1), 1),  // temporary: freed right after on stream 1
+            (free(0x10), 1),
+            (alloc(0x20, 50, 2), 1),
+            (alloc(0x30, 70, 2), 2),   // other thread
+            (free(0x20), 2),           // freed by another thread: not temporary
+            (alloc(0x40, 1000, 3), 1),
+            (alloc(0x50, 500, 4), 1),  // peak: 70 + 1000 + 500 = 1570
+            (free(0x40), 1),           // not temporary: 0x50 came after it
+            (alloc(0x60, 8, 5), 1),
+            (alloc(0x70, 9, 5), 1),
+            (free(0x60), 1),           // not temporary: 0x70 came after
+            (free(0x70), 1),           // not temporary: a free came in between
+            (realloc(0x50, 0x80, 600, 6), 1), // moved: the old block is not a temporary
+            (alloc(0x90, 16, 0), 1),   // no stack
+        ];
+        for (i, (ev, stream)) in evs.iter().enumerate() {
+            m.apply(ev, 1_000 * i as u64, *stream);
+        }
+        assert_eq!(m.c.peak_live_bytes, 1570);
+        assert_eq!(amounts(m.sites.at_peak()), vec![(2, 70, 1), (3, 1000, 1), (4, 500, 1)]);
+        assert_eq!(amounts(m.sites.live_now()), vec![(0, 16, 1), (2, 70, 1), (6, 600, 1)]);
+        let temp: Vec<(u64, u64, u64)> = {
+            let mut v: Vec<_> = m.sites.by_stack.iter().filter(|(_, s)| s.temporary > 0).map(|(&k, s)| (k, s.temporary, s.temporary_bytes)).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(temp, vec![(1, 1, 100)]);
+        assert_eq!(m.sites.with_stack, 8);
+        let s2 = &m.sites.by_stack[&2];
+        assert_eq!((s2.allocs, s2.allocated_bytes, s2.max_live_bytes), (2, 120, 120));
+        // Chunk overhead: request2size(70) = 80 → 10 B for the block of stack 2 still live.
+        assert_eq!(s2.live_overhead, 10);
+        // request2size(1000) = 1008, request2size(500) = 512.
+        assert_eq!(m.sites.peak_overhead, 10 + 8 + 12);
+        // Freed addresses remember their last site.
+        assert_eq!(m.sites.freed_stack.get(&0x40), Some(&3));
+        assert_eq!(m.sites.freed_stack.get(&0x50), Some(&4));
+        assert_eq!(m.sites.freed_stack.get(&0x80), None);
+    }
+
+    #[test]
+    fn a_later_higher_peak_replaces_the_earlier_one_lazily() {
+        let mut m = LiveModel::default();
+        let evs = [alloc(0x10, 100, 1), alloc(0x20, 100, 2), free(0x10), free(0x20), alloc(0x30, 150, 1), alloc(0x40, 100, 3), free(0x30)];
+        for (i, ev) in evs.iter().enumerate() {
+            m.apply(ev, i as u64, 1);
+        }
+        assert_eq!(m.c.peak_live_bytes, 250);
+        assert_eq!(amounts(m.sites.at_peak()), vec![(1, 150, 1), (3, 100, 1)]);
+        assert_eq!(amounts(m.sites.live_now()), vec![(3, 100, 1)]);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! table, symbolised here once per distinct address. A site is one stack id; its `function`,
 //! `file` and `line` are those of its first frame outside the allocator's plumbing (operator
 //! new, Rust's allocation shims and `alloc::`/`core::` internals, and anything inside libc,
-//! libstdc++ or libgcc), so that `strdup` or `new` name their caller; `frames` lists every frame.
+//! the dynamic loader, libstdc++ or libgcc), so that `strdup` or `new` name their caller; `frames` lists every frame.
 //!
 //! [`SiteView`] is the plain structure other views (the dashboard) can use.
 
@@ -125,6 +125,7 @@ pub fn plumbing(f: &Frame) -> bool {
         || m.starts_with("libstdc++")
         || m.starts_with("libgcc_s")
         || m.starts_with("libmtrace")
+        || m.starts_with("ld-linux")
 }
 
 /// The frame that names a site.

@@ -151,7 +151,7 @@ fn sites(s: &mut String, r: &super::sites::SitesReport, peak: u64) {
         }
     }
     if !r.temporary_sites.is_empty() {
-        let _ = writeln!(s, "   -- temporary allocations (freed by their thread before its next allocation):");
+        let _ = writeln!(s, "   -- temporary allocations (freed by their thread right after, with no call in between):");
         for v in r.temporary_sites.iter().take(TEXT_SITES) {
             site_line(s, v, &format!(", of {} allocations", v.allocations));
         }
