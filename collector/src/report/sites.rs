@@ -3,9 +3,10 @@
 //!
 //! Built from the analysis' per-stack aggregation (`analysis::sites`) and the image's stack
 //! table, symbolised here once per distinct address. A site is one stack id; its `function`,
-//! `file` and `line` are those of its first frame outside the allocator's plumbing (operator
-//! new, Rust's allocation shims and `alloc::`/`core::` internals, and anything inside libc,
-//! the dynamic loader, libstdc++ or libgcc), so that `strdup` or `new` name their caller; `frames` lists every frame.
+//! `file` and `line` are those of its first frame outside the allocator's plumbing and the
+//! language's library (see [`plumbing`]: operator new, `std::vector`, Rust's `alloc::`, libc,
+//! the loader, …), so that `strdup`, `new` or `vec!` name their caller; `frames` lists every
+//! frame, the library's included.
 //!
 //! [`SiteView`] is the plain structure other views (the dashboard) can use.
 
@@ -98,9 +99,12 @@ pub struct SitesReport {
     pub symbols_missing: Vec<String>,
 }
 
-/// Is this frame the allocator's plumbing rather than the program's code?
+/// Is this frame the allocator's plumbing or the language's library rather than the program's
+/// code? Allocation shims by name; C++ and Rust standard library code by the source file it
+/// comes from (`/usr/include/c++/…`, `/rustc/…`) or its namespace; libc, the dynamic loader,
+/// libstdc++, libgcc and the preload by module.
 pub fn plumbing(f: &Frame) -> bool {
-    const PREFIXES: [&str; 16] = [
+    const PREFIXES: [&str; 13] = [
         "operator new",
         "__rust_alloc",
         "__rust_realloc",
@@ -110,22 +114,17 @@ pub fn plumbing(f: &Frame) -> bool {
         "<alloc::",
         "core::",
         "<core::",
-        "std::alloc::",
-        "std::sys::",
-        "std::__new_allocator",
-        "__gnu_cxx::new_allocator",
-        "std::allocator",
-        "__gnu_cxx::__alloc_traits",
-        "std::allocator_traits",
+        "std::",
+        "<std::",
+        "__gnu_cxx::",
+        "__cxa_",
     ];
+    const FILES: [&str; 2] = ["/usr/include/c++/", "/rustc/"];
+    const MODULES: [&str; 6] = ["libc.so", "libc-", "libstdc++", "libgcc_s", "libmtrace", "ld-linux"];
     let m = crate::symbols::base_name(&f.module);
     PREFIXES.iter().any(|p| f.function.starts_with(p))
-        || m.starts_with("libc.so")
-        || m.starts_with("libc-")
-        || m.starts_with("libstdc++")
-        || m.starts_with("libgcc_s")
-        || m.starts_with("libmtrace")
-        || m.starts_with("ld-linux")
+        || f.file.as_deref().is_some_and(|file| FILES.iter().any(|p| file.starts_with(p)))
+        || MODULES.iter().any(|p| m.starts_with(p))
 }
 
 /// The frame that names a site.
