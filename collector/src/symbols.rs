@@ -67,7 +67,8 @@ enum ModState {
 /// Symbols for the stacks of one process image.
 pub struct Symbols<'a> {
     table: &'a StackTable,
-    symbolizer: Symbolizer,
+    /// Shared between images (it caches the files it parsed).
+    symbolizer: Rc<Symbolizer>,
     states: Vec<ModState>,
     cache: FxHashMap<(Option<usize>, u64), Rc<[Frame]>>,
     /// Modules whose symbols could not be had, with the reason, by path.
@@ -77,12 +78,16 @@ pub struct Symbols<'a> {
 
 impl<'a> Symbols<'a> {
     pub fn new(table: &'a StackTable) -> Symbols<'a> {
-        Symbols::with_debug_root(table, PathBuf::from("/usr/lib/debug"))
+        Symbols::shared(table, Rc::new(symbolizer()))
+    }
+
+    /// With a symbolizer shared with other images (one per report: libraries are parsed once).
+    pub fn shared(table: &'a StackTable, symbolizer: Rc<Symbolizer>) -> Symbols<'a> {
+        Symbols::with_debug_root(table, symbolizer, PathBuf::from("/usr/lib/debug"))
     }
 
     /// `debug_root`: where `.build-id/xx/yyyy.debug` files are looked for.
-    pub fn with_debug_root(table: &'a StackTable, debug_root: PathBuf) -> Symbols<'a> {
-        let symbolizer = Symbolizer::builder().enable_code_info(true).enable_inlined_fns(true).enable_demangling(true).build();
+    pub fn with_debug_root(table: &'a StackTable, symbolizer: Rc<Symbolizer>, debug_root: PathBuf) -> Symbols<'a> {
         Symbols { table, symbolizer, states: vec![ModState::Unchecked; table.modules.len()], cache: FxHashMap::default(), missing: BTreeMap::new(), debug_root }
     }
 
@@ -202,6 +207,11 @@ impl<'a> Symbols<'a> {
             _ => None,
         }
     }
+}
+
+/// A symbolizer as [`Symbols`] uses it: code locations, inlined frames, demangled names.
+pub fn symbolizer() -> Symbolizer {
+    Symbolizer::builder().enable_code_info(true).enable_inlined_fns(true).enable_demangling(true).build()
 }
 
 /// Where the symbols of module `m` are: its file if its build id matches (or none was recorded),
@@ -333,7 +343,7 @@ int main(void) { outer(10); return 0; }
         let mut wrong = bid.clone();
         wrong[0] ^= 0xff;
         let t = table(&bin, bias, wrong, &ras);
-        let mut s = Symbols::with_debug_root(&t, dir.join("nodebug"));
+        let mut s = Symbols::with_debug_root(&t, Rc::new(symbolizer()), dir.join("nodebug"));
         let f = s.stack(1).unwrap();
         assert_eq!(f.len(), 1);
         assert_eq!(f[0].function, format!("inl+{:#x}", ras[0] - 1));
@@ -347,7 +357,7 @@ int main(void) { outer(10); return 0; }
         let gone = dir.join("gone");
         let mut t = table(&gone, bias, bid, &ras);
         t.modules[0].path = gone.to_string_lossy().into_owned();
-        let mut s = Symbols::with_debug_root(&t, dir.join("debug"));
+        let mut s = Symbols::with_debug_root(&t, Rc::new(symbolizer()), dir.join("debug"));
         let f = s.stack(1).unwrap();
         assert_eq!(f[1].function, "outer", "{f:?}");
         assert!(s.missing().is_empty());

@@ -144,7 +144,11 @@ pub fn build(a: &Analysis, opts: ReportOptions) -> Report {
         damage: a.damage.clone(),
         lossy: a.session.lossy,
         notes: a.notes.clone(),
-        processes: a.images.iter().map(|i| process(i, opts)).collect(),
+        processes: {
+            // One symbolizer for every image: the libraries they share are parsed once.
+            let symbolizer = std::rc::Rc::new(crate::symbols::symbolizer());
+            a.images.iter().map(|i| process(i, opts, &symbolizer)).collect()
+        },
     }
 }
 
@@ -152,7 +156,7 @@ fn secs(ns: u64) -> f64 {
     (ns as f64 / 1e9 * 1e6).round() / 1e6
 }
 
-fn process(img: &ImageAnalysis, opts: ReportOptions) -> ProcessReport {
+fn process(img: &ImageAnalysis, opts: ReportOptions, symbolizer: &std::rc::Rc<blazesym::symbolize::Symbolizer>) -> ProcessReport {
     let c = &img.model.c;
     let end_ns = img.end.as_ref().map(|e| e.time_ns).unwrap_or(img.model.now_ns).max(img.start_ns);
     let (ending, exit_status) = match &img.end {
@@ -240,7 +244,7 @@ fn process(img: &ImageAnalysis, opts: ReportOptions) -> ProcessReport {
         retention: retention::build(img),
         retention_unavailable: (!img.glibc.enabled).then(|| img.glibc.uncertain.first().cloned().unwrap_or_else(|| "no glibc model".into())),
         timeline,
-        sites: if opts.sites { sites::build(img) } else { sites::SitesReport::default() },
+        sites: if opts.sites { sites::build(img, symbolizer.clone()) } else { sites::SitesReport::default() },
     };
     name_pinning_sites(&mut r);
     r

@@ -150,6 +150,11 @@ impl<'a> SiteNamer<'a> {
         SiteNamer { img, symbols: Symbols::new(img.stacks()) }
     }
 
+    /// With a symbolizer shared between images.
+    pub fn shared(img: &'a ImageAnalysis, symbolizer: std::rc::Rc<blazesym::symbolize::Symbolizer>) -> SiteNamer<'a> {
+        SiteNamer { img, symbols: Symbols::shared(img.stacks(), symbolizer) }
+    }
+
     /// Frames of a stack id (`(no stack)` for 0, `(stack N not defined)` when the trace lacks it).
     pub fn frames(&mut self, stack: u64) -> Vec<Frame> {
         let pseudo = |name: String| vec![Frame { function: name, file: None, line: None, module: String::new(), inlined: false, ip: 0 }];
@@ -186,7 +191,7 @@ fn top(mut v: Vec<SiteAmount>, n: usize) -> Vec<SiteAmount> {
     v
 }
 
-pub fn build(img: &ImageAnalysis) -> SitesReport {
+pub fn build(img: &ImageAnalysis, symbolizer: std::rc::Rc<blazesym::symbolize::Symbolizer>) -> SitesReport {
     let sites = &img.model.sites;
     let stacks = sites.with_stack > 0 || !img.stacks().is_empty();
     if !stacks {
@@ -204,7 +209,7 @@ pub fn build(img: &ImageAnalysis) -> SitesReport {
         MAX_SITES,
     );
     let retained = retained(img);
-    let mut namer = SiteNamer::new(img);
+    let mut namer = SiteNamer::shared(img, symbolizer);
     let ids: Vec<u64> = at_peak_all.iter().map(|a| a.stack).chain(leaked.iter().map(|a| a.stack)).chain(temporary.iter().map(|a| a.stack)).chain(retained.0.iter().map(|r| r.0)).chain(retained.1.iter().filter_map(|p| p.3)).collect();
     namer.symbols.prepare(ids);
 
