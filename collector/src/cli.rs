@@ -43,6 +43,16 @@ struct RecordArgs {
     /// Say nothing on stderr
     #[arg(short, long)]
     quiet: bool,
+    /// Record no allocation stacks (sets MTRACE_STACKS=0 for CMD)
+    #[arg(long)]
+    no_stacks: bool,
+    /// Frames per allocation stack (sets MTRACE_STACK_DEPTH; the preload's default is 32)
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=mtrace_protocol::event::MAX_STACK_DEPTH as u64))]
+    stack_depth: Option<u64>,
+    /// Take a stack only for the allocation that crosses each N bytes allocated by a thread
+    /// (sets MTRACE_STACK_SAMPLE_BYTES; 0, the default: every allocation)
+    #[arg(long)]
+    stack_sample_bytes: Option<u64>,
 }
 
 impl RecordArgs {
@@ -58,6 +68,14 @@ impl RecordArgs {
             ring_size: self.ring_mb << 20,
             block_size: block,
             drain_interval: Duration::from_micros(self.drain_interval_us),
+            child_env: [
+                self.no_stacks.then(|| ("MTRACE_STACKS".to_string(), "0".to_string())),
+                self.stack_depth.map(|d| ("MTRACE_STACK_DEPTH".to_string(), d.to_string())),
+                self.stack_sample_bytes.map(|n| ("MTRACE_STACK_SAMPLE_BYTES".to_string(), n.to_string())),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
             ..Options::default()
         })
     }

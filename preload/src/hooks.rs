@@ -57,23 +57,20 @@ fn recording() -> bool {
 
 /// Record an allocation that returned `p` (null on failure).
 #[inline(never)]
-unsafe fn record_alloc(kind: EventKind, p: *mut c_void, size: u64, align: u64) {
+unsafe fn record_alloc(kind: EventKind, p: *mut c_void, size: u64, align: u64, sid: u64) {
     let Some(t) = enter() else { return };
     // SAFETY: per the caller; guard held.
-    unsafe { record_alloc_held(t, kind, p, size, align, None) };
+    unsafe { record_alloc_held(t, kind, p, size, align, sid) };
     leave(t);
 }
 
 /// [`record_alloc`] with the guard already held (the general path, also the fast path's
-/// fallback). `stack`: the stack id already taken (0: none), or `None` to take it here.
+/// fallback). `sid`: the allocation's stack id (0: none), taken before forwarding
+/// ([`stacks::before`]).
 #[inline(never)]
-unsafe fn record_alloc_held(t: *mut ThreadState, kind: EventKind, p: *mut c_void, size: u64, align: u64, stack: Option<u64>) {
+unsafe fn record_alloc_held(t: *mut ThreadState, kind: EventKind, p: *mut c_void, size: u64, align: u64, sid: u64) {
     // SAFETY: `p` is null or a live block the real allocator just returned; guard held.
     unsafe {
-        let sid = match stack {
-            Some(s) => s,
-            None => stacks::capture(t, size),
-        };
         let (mut aux, prev_size, stamp) = inspect_new_block(t, kind, p as *const u8);
         if sid != 0 {
             aux |= AUX_HAS_STACK;
@@ -376,22 +373,8 @@ unsafe fn malloc_fast_found(t: *mut ThreadState, p: *mut c_void, size: u64, hdr:
 /// the real allocator returned.
 #[inline(always)]
 unsafe fn malloc_fast<const CALLOC: bool>(t: *mut ThreadState, p: *mut c_void, size: u64) -> *mut c_void {
-    if stacks::enabled() {
-        // SAFETY: per the contract.
-        return unsafe { malloc_fast_stack::<CALLOC>(t, p, size) };
-    }
     // SAFETY: per the contract.
     unsafe { malloc_fast_with::<CALLOC>(t, p, size, 0) }
-}
-
-/// [`malloc_fast`] with stacks on: take the stack id, then the fast path with it.
-#[inline(never)]
-unsafe fn malloc_fast_stack<const CALLOC: bool>(t: *mut ThreadState, p: *mut c_void, size: u64) -> *mut c_void {
-    // SAFETY: per `malloc_fast`.
-    unsafe {
-        let sid = stacks::capture(t, size);
-        malloc_fast_with::<CALLOC>(t, p, size, sid)
-    }
 }
 
 /// [`malloc_fast`] with the stack id `sid` (0: none) already taken.
@@ -573,7 +556,7 @@ unsafe fn free_plain(t: *mut ThreadState, p: *mut c_void) {
 unsafe fn malloc_general(t: *mut ThreadState, kind: EventKind, p: *mut c_void, size: u64, sid: u64) -> *mut c_void {
     // SAFETY: per `malloc_fast`.
     unsafe {
-        record_alloc_held(t, kind, p, size, 0, Some(sid));
+        record_alloc_held(t, kind, p, size, 0, sid);
         (*t).busy = 0;
     }
     opaque(p)
@@ -597,7 +580,7 @@ unsafe fn malloc_other(size: usize, p: *mut c_void) -> *mut c_void {
     }
     if recording() {
         // SAFETY: `p` came from the real malloc.
-        unsafe { record_alloc(EventKind::Malloc, p, size as u64, 0) };
+        unsafe { record_alloc(EventKind::Malloc, p, size as u64, 0, 0) };
     }
     opaque(p)
 }
@@ -677,6 +660,10 @@ fn unresolved_alloc(size: usize, align: usize) -> Option<*mut c_void> {
 }
 
 unsafe extern "C" fn malloc_impl(size: usize) -> *mut c_void {
+    if stacks::enabled() {
+        // SAFETY: the caller's argument.
+        return unsafe { malloc_stacked(size) };
+    }
     let p = match real::malloc() {
         // SAFETY: forwarding to the real malloc.
         Some(f) => unsafe { f(size) },
@@ -703,6 +690,10 @@ unsafe extern "C" fn malloc_impl(size: usize) -> *mut c_void {
 
 unsafe extern "C" fn calloc_impl(nmemb: usize, size: usize) -> *mut c_void {
     let total = nmemb.checked_mul(size);
+    if stacks::enabled() {
+        // SAFETY: the caller's arguments.
+        return unsafe { calloc_stacked(nmemb, size, total) };
+    }
     let p = match real::calloc() {
         // SAFETY: forwarding to the real calloc.
         Some(f) => unsafe { f(nmemb, size) },
@@ -720,9 +711,52 @@ unsafe extern "C" fn calloc_impl(nmemb: usize, size: usize) -> *mut c_void {
             (*t).busy = 1;
             return malloc_fast::<true>(t, p, bytes);
         }
-        record_alloc(EventKind::Calloc, p, bytes, 0);
+        record_alloc(EventKind::Calloc, p, bytes, 0, 0);
     }
     p
+}
+
+/// `calloc` with stacks on: the stack first (see [`malloc_stacked`]).
+#[inline(never)]
+unsafe fn calloc_stacked(nmemb: usize, size: usize, total: Option<usize>) -> *mut c_void {
+    let bytes = total.map_or(u64::MAX, |t| t as u64);
+    let sid = stacks::before(bytes);
+    // SAFETY: forwarding to the real calloc (resolved: stacks are on only once registered).
+    let p = unsafe { real::calloc().map_or(null_mut(), |f| f(nmemb, size)) };
+    let t = tls::state();
+    // SAFETY: as in `calloc`.
+    unsafe {
+        if writer::STATE.load(core::sync::atomic::Ordering::Acquire) == ACTIVE && tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
+            (*t).busy = 1;
+            return malloc_fast_with::<true>(t, p, bytes, sid);
+        }
+        record_alloc(EventKind::Calloc, p, bytes, 0, sid);
+    }
+    p
+}
+
+/// `malloc` with stacks on. The stack is taken *before* forwarding ([`stacks::before`]: guard
+/// taken and released around it, nothing done before registration), so that the allocation's
+/// event is written and published right after the real call, as without stacks: the collector
+/// orders other threads' calls (and `mallinfo2` checkpoints) against it by time marks and
+/// publication, and an unwind between the call and its event would put it out of order.
+#[inline(never)]
+unsafe fn malloc_stacked(size: usize) -> *mut c_void {
+    let sid = stacks::before(size as u64);
+    // SAFETY: forwarding to the real malloc (resolved: stacks are on only once registered).
+    let p = unsafe { real::malloc().map_or(null_mut(), |f| f(size)) };
+    let t = tls::state();
+    // SAFETY: as in `malloc`.
+    unsafe {
+        if writer::STATE.load(core::sync::atomic::Ordering::Acquire) == ACTIVE && tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
+            (*t).busy = 1;
+            return malloc_fast_with::<false>(t, p, size as u64, sid);
+        }
+        if recording() {
+            record_alloc(EventKind::Malloc, p, size as u64, 0, sid);
+        }
+    }
+    opaque(p)
 }
 
 #[unsafe(no_mangle)]
@@ -756,6 +790,7 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
 /// not recorded twice), then record one event.
 #[inline(always)]
 unsafe fn realloc_common(kind: EventKind, old: *mut c_void, size: u64, call: impl FnOnce() -> *mut c_void) -> *mut c_void {
+    let sid = stacks::before(size);
     // SAFETY: `old` is null or a live block of the application (not a bootstrap one).
     let old_hdr = unsafe { glibc::chunk_header(old as *const u8) };
     let t = tls::state();
@@ -774,7 +809,6 @@ unsafe fn realloc_common(kind: EventKind, old: *mut c_void, size: u64, call: imp
         } else {
             (aux, prev_size)
         };
-        let sid = stacks::capture(t, size);
         let aux = if sid != 0 { aux | AUX_HAS_STACK } else { aux };
         let n = 5 + (aux & AUX_HAS_PREV_SIZE != 0) as usize + (sid != 0) as usize + (aux & AUX_HAS_STAMP != 0) as usize;
         writer::emit(t, n, |w| {
@@ -862,6 +896,7 @@ unsafe extern "C" fn reallocarray_impl(old: *mut c_void, nmemb: usize, size: usi
 macro_rules! aligned_hook {
     ($name:ident, $imp:ident, $kind:expr, ($($arg:ident : $ty:ty),*), $align:expr, $size:expr) => {
         unsafe extern "C" fn $imp($($arg: $ty),*) -> *mut c_void {
+            let sid = stacks::before($size as u64);
             let p = match real::$name() {
                 // SAFETY: forwarding to the real function.
                 Some(f) => unsafe { f($($arg),*) },
@@ -872,7 +907,7 @@ macro_rules! aligned_hook {
                 },
             };
             // SAFETY: `p` came from the real allocator.
-            unsafe { record_alloc($kind, p, $size as u64, $align as u64) };
+            unsafe { record_alloc($kind, p, $size as u64, $align as u64, sid) };
             p
         }
     };
@@ -922,6 +957,7 @@ trampoline!(pvalloc => pvalloc_impl(size: usize) -> *mut c_void);
 trampoline!(posix_memalign => posix_memalign_impl(out: *mut *mut c_void, align: usize, size: usize) -> c_int);
 
 unsafe extern "C" fn valloc_impl(size: usize) -> *mut c_void {
+    let sid = stacks::before(size as u64);
     let p = match real::valloc() {
         // SAFETY: forwarding to the real valloc.
         Some(f) => unsafe { f(size) },
@@ -932,11 +968,12 @@ unsafe extern "C" fn valloc_impl(size: usize) -> *mut c_void {
         },
     };
     // SAFETY: `p` came from the real valloc.
-    unsafe { record_alloc(EventKind::Valloc, p, size as u64, 0) };
+    unsafe { record_alloc(EventKind::Valloc, p, size as u64, 0, sid) };
     p
 }
 
 unsafe extern "C" fn pvalloc_impl(size: usize) -> *mut c_void {
+    let sid = stacks::before(size as u64);
     let p = match real::pvalloc() {
         // SAFETY: forwarding to the real pvalloc.
         Some(f) => unsafe { f(size) },
@@ -947,11 +984,12 @@ unsafe extern "C" fn pvalloc_impl(size: usize) -> *mut c_void {
         },
     };
     // SAFETY: `p` came from the real pvalloc.
-    unsafe { record_alloc(EventKind::Pvalloc, p, size as u64, 0) };
+    unsafe { record_alloc(EventKind::Pvalloc, p, size as u64, 0, sid) };
     p
 }
 
 unsafe extern "C" fn posix_memalign_impl(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
+    let sid = stacks::before(size as u64);
     let rc = match real::posix_memalign() {
         // SAFETY: forwarding to the real posix_memalign.
         Some(f) => unsafe { f(out, align, size) },
@@ -971,7 +1009,7 @@ unsafe extern "C" fn posix_memalign_impl(out: *mut *mut c_void, align: usize, si
     // SAFETY: on success `*out` is the new block; on failure it is untouched.
     let p = if rc == 0 { unsafe { *out } } else { null_mut() };
     // SAFETY: `p` came from the real allocator (or is null).
-    unsafe { record_alloc(EventKind::PosixMemalign, p, size as u64, align as u64) };
+    unsafe { record_alloc(EventKind::PosixMemalign, p, size as u64, align as u64, sid) };
     rc
 }
 

@@ -242,12 +242,13 @@ unsafe fn emit_module(t: *mut ThreadState, e: &Entry) {
     unsafe { writer::emit(t, n, |w| core::ptr::copy_nonoverlapping(out.as_ptr(), w, n)) };
 }
 
-/// Re-read the module list; publish a new one if it changed, with `Module` events for new objects
-/// and `ModuleUnload` for gone ones (when `emit`). Returns whether it changed.
+/// Re-read the module list; publish a new one if it changed (its `Module` / `ModuleUnload`
+/// events are written by [`announce`], outside any event being written). Returns whether it
+/// changed.
 ///
 /// # Safety
-/// Guard held; `STATE` is `ACTIVE` if `emit`.
-pub unsafe fn refresh(t: *mut ThreadState, emit: bool) -> bool {
+/// Guard held.
+pub unsafe fn refresh() -> bool {
     while LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
         core::hint::spin_loop();
     }
@@ -275,28 +276,10 @@ pub unsafe fn refresh(t: *mut ThreadState, emit: bool) -> bool {
             SELF_LO.store(f.lo, Ordering::Relaxed);
             SELF_HI.store(f.hi, Ordering::Relaxed);
         }
-        let e = Entry { bias: f.bias, lo: f.lo, hi: f.hi, build_id: core::mem::take(&mut f.build_id), path: core::mem::take(&mut f.path), fh };
-        if emit {
-            // SAFETY: per the contract.
-            unsafe { emit_module(t, &e) };
-        }
-        mods.push(e);
+        mods.push(Entry { bias: f.bias, lo: f.lo, hi: f.hi, build_id: core::mem::take(&mut f.build_id), path: core::mem::take(&mut f.path), fh });
     }
     if let Some(o) = old {
-        for e in &o.mods {
-            if !mods.iter().any(|m| m.bias == e.bias && m.lo == e.lo && m.hi == e.hi) {
-                changed = true;
-                if emit {
-                    // SAFETY: per the contract.
-                    unsafe {
-                        writer::emit(t, 2, |w| {
-                            *w = event::header(EventKind::ModuleUnload, 2, 0);
-                            *w.add(1) = e.bias;
-                        })
-                    };
-                }
-            }
-        }
+        changed |= o.mods.len() != mods.len();
     }
     if changed {
         mods.sort_unstable_by_key(|m| m.lo);
@@ -311,6 +294,54 @@ pub unsafe fn refresh(t: *mut ThreadState, emit: bool) -> bool {
     }
     LOCK.store(false, Ordering::Release);
     changed
+}
+
+/// The list whose modules this image's streams have been told about.
+static ANNOUNCED: AtomicPtr<ModList> = AtomicPtr::new(core::ptr::null_mut());
+
+/// Something for [`announce`] to write?
+#[inline(always)]
+pub fn unannounced() -> bool {
+    CURRENT.load(Ordering::Relaxed) != ANNOUNCED.load(Ordering::Relaxed)
+}
+
+/// Write `Module` events for the modules the current list has and the announced one had not,
+/// `ModuleUnload` for the reverse.
+///
+/// # Safety
+/// Guard held, `STATE` is `ACTIVE`, no event half-written.
+pub unsafe fn announce(t: *mut ThreadState) {
+    while LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        core::hint::spin_loop();
+    }
+    let cur = CURRENT.load(Ordering::Acquire);
+    let old = ANNOUNCED.load(Ordering::Acquire);
+    if cur != old && !cur.is_null() {
+        // SAFETY: published lists are never freed.
+        let (cur_l, old_l) = unsafe { (&*cur, if old.is_null() { None } else { Some(&*old) }) };
+        let same = |a: &Entry, b: &Entry| a.bias == b.bias && a.lo == b.lo && a.hi == b.hi;
+        for e in &cur_l.mods {
+            if !old_l.is_some_and(|o| o.mods.iter().any(|m| same(m, e))) {
+                // SAFETY: per the contract.
+                unsafe { emit_module(t, e) };
+            }
+        }
+        if let Some(o) = old_l {
+            for e in &o.mods {
+                if !cur_l.mods.iter().any(|m| same(m, e)) {
+                    // SAFETY: per the contract.
+                    unsafe {
+                        writer::emit(t, 2, |w| {
+                            *w = event::header(EventKind::ModuleUnload, 2, 0);
+                            *w.add(1) = e.bias;
+                        })
+                    };
+                }
+            }
+        }
+        ANNOUNCED.store(cur, Ordering::Release);
+    }
+    LOCK.store(false, Ordering::Release);
 }
 
 /// Send every known module again (a fork child's stream).
@@ -419,7 +450,8 @@ pub unsafe extern "C" fn dlclose(handle: *mut c_void) -> c_int {
         unsafe {
             if (*t).busy == 0 && writer::STATE.load(Ordering::Acquire) == writer::ACTIVE {
                 (*t).busy = 1;
-                refresh(t, true);
+                refresh();
+                announce(t);
                 (*t).busy = 0;
             }
         }

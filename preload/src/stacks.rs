@@ -12,9 +12,9 @@
 //!
 //! **Unwinding** uses framehop with `.eh_frame` in place ([`crate::modules`]), a per-thread
 //! framehop cache (allocated once per thread by the cold allocator, pooled at thread exit) and a
-//! `read_stack` that only reads `[cfa - 8, stack top)` of this thread's stack (top: from
-//! `pthread_getattr_np`, called once per thread with the guard held; main thread: the page
-//! above `__libc_stack_end`, no `/proc` read). A frame on another stack (sigaltstack, a
+//! `read_stack` that only reads `[cfa - 8, stack top)` of this thread's stack (found once per
+//! thread without allocating: main thread, the page above `__libc_stack_end` (no `/proc` read);
+//! other threads, glibc's stack block in the thread descriptor, see [`stack_bounds`]). A frame on another stack (sigaltstack, a
 //! coroutine) may only read up to the end of its page. Whatever was unwound before a failure is
 //! the stack.
 //!
@@ -95,6 +95,9 @@ pub struct StackState {
     lo: u64,
     hi: u64,
     unknown: u64,
+    /// A new stack to define once the allocation event is written: its id, frames in `frames`.
+    pending_id: u64,
+    pending_n: usize,
     cache: CacheX86_64<MustNotAllocateDuringUnwind>,
     frames: [u64; MAX_UNWIND],
     log: [(u64, u64); MEMO_READS],
@@ -168,7 +171,8 @@ pub unsafe fn start(t: *mut ThreadState) {
         if m != libc::MAP_FAILED && !m.is_null() {
             TABLE.store(m as *mut AtomicU64, Ordering::Release);
         }
-        modules::refresh(t, true);
+        modules::refresh();
+        modules::announce(t);
     }
     if modules::current().is_some() {
         ON.store(true, Ordering::Release);
@@ -270,16 +274,26 @@ unsafe fn stack_bounds(sp: u64) -> (u64, u64) {
         let hi = (end + 8 + 4095) & !4095;
         return (end.saturating_sub(limit), hi);
     }
-    // SAFETY: pthread_getattr_np may allocate: the guard is held, so that passes through.
+    // Another thread: not `pthread_getattr_np`, which allocates (untraced allocations would put
+    // glibc's arenas out of step with the model). glibc keeps the thread's stack block in its
+    // `struct pthread` (the thread pointer), as `stackblock, stackblock_size`, and puts the
+    // descriptor at the top of that block (the block's end lies just above the descriptor).
+    // Find that pair: the only adjacent words (a, s) with a page-aligned, a <= sp < a + s, and
+    // the block ending within a page above the descriptor (offset 0x690 in glibc 2.36; the
+    // descriptor is larger than the 0x800 bytes scanned). Above `sp`, up to the descriptor,
+    // everything is mapped.
+    // SAFETY: pthread_self reads the thread pointer; the words read lie inside the descriptor.
     unsafe {
-        let mut attr: libc::pthread_attr_t = core::mem::zeroed();
-        if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) == 0 {
-            let mut addr: *mut libc::c_void = core::ptr::null_mut();
-            let mut size: usize = 0;
-            let ok = libc::pthread_attr_getstack(&attr, &mut addr, &mut size) == 0;
-            libc::pthread_attr_destroy(&mut attr);
-            if ok && (addr as u64) <= sp && sp < addr as u64 + size as u64 {
-                return (addr as u64, addr as u64 + size as u64);
+        let tp = libc::pthread_self() as u64;
+        if tp > sp {
+            let mut off = 0;
+            while off < 0x800 {
+                let a = *((tp + off) as *const u64);
+                let s = *((tp + off + 8) as *const u64);
+                if a != 0 && a & 4095 == 0 && a <= sp && s < 1 << 40 && sp < a + s && a + s > tp && a + s - tp <= 4096 {
+                    return (a, tp);
+                }
+                off += 8;
             }
         }
     }
@@ -299,35 +313,139 @@ fn own_sp() -> u64 {
     sp
 }
 
-/// The stack id for an allocation of `size` bytes on this thread, or 0 for none (stacks off,
-/// not sampled, nothing unwound). Writes the `Stack` definition when the id is new.
-///
-/// # Safety
-/// `t` is this thread's state, guard held, `STATE` is `ACTIVE`.
-#[inline(never)]
-pub unsafe fn capture(t: *mut ThreadState, size: u64) -> u64 {
+/// The stack id for an allocation of `size` bytes that is about to be forwarded (0: none —
+/// stacks off, not registered, our own call, not sampled, nothing unwound). Called *before* the
+/// real function, so that the allocation's event follows the real call at once (the collector
+/// orders calls of different threads, and `mallinfo2` checkpoints, by their time marks and
+/// publication; an unwind in between put checkpoints out of order). A new stack's `Stack`
+/// event (and new modules' `Module` events) are written here, before the allocation event.
+#[inline(always)]
+pub fn before(size: u64) -> u64 {
     if !enabled() {
         return 0;
     }
+    before_slow(size)
+}
+
+#[inline(never)]
+fn before_slow(size: u64) -> u64 {
+    let t = crate::tls::state();
+    // SAFETY: `t` is this thread's state; the guard is taken around our work.
+    unsafe {
+        if (*t).busy != 0 || writer::STATE.load(Ordering::Acquire) != writer::ACTIVE {
+            return 0;
+        }
+        (*t).busy = 1;
+        let mut sid = 0;
+        if wanted(t, size) {
+            sid = capture(t);
+            flush(t);
+        }
+        (*t).busy = 0;
+        sid
+    }
+}
+
+/// Does an allocation of `size` bytes on this thread get a stack (stacks on, sampled)?
+///
+/// # Safety
+/// `t` is this thread's state, guard held.
+#[inline(always)]
+unsafe fn wanted(t: *mut ThreadState, size: u64) -> bool {
+    if !enabled() {
+        return false;
+    }
+    let sample = SAMPLE.load(Ordering::Relaxed);
+    if sample == 0 {
+        return true;
+    }
+    // SAFETY: per the contract.
+    unsafe { sampled(t, size, sample) }
+}
+
+#[inline(never)]
+unsafe fn sampled(t: *mut ThreadState, size: u64, sample: u64) -> bool {
+    // SAFETY: per `wanted`.
+    unsafe {
+        let st = state(t);
+        if st.is_null() {
+            return false;
+        }
+        let c = (*st).counter.saturating_add(size);
+        if c < sample {
+            (*st).counter = c;
+            return false;
+        }
+        (*st).counter = c % sample;
+        true
+    }
+}
+
+#[inline(always)]
+unsafe fn state(t: *mut ThreadState) -> *mut StackState {
+    // SAFETY: `t` is this thread's state.
+    unsafe {
+        let st = (*t).stk;
+        if !st.is_null() {
+            return st;
+        }
+        new_state(t, own_sp())
+    }
+}
+
+/// Write what [`capture`] left to define: new modules, a new stack.
+///
+/// # Safety
+/// `t` is this thread's state, guard held, `STATE` is `ACTIVE`, no event half-written.
+/// Returns whether it wrote anything.
+#[inline(always)]
+unsafe fn flush(t: *mut ThreadState) -> bool {
+    // SAFETY: per the contract.
+    unsafe {
+        let st = (*t).stk;
+        if (!st.is_null() && (*st).pending_n != 0) || modules::unannounced() {
+            flush_slow(t, st);
+            return true;
+        }
+        false
+    }
+}
+
+#[cold]
+#[inline(never)]
+unsafe fn flush_slow(t: *mut ThreadState, st: *mut StackState) {
+    // SAFETY: per `flush`.
+    unsafe {
+        if modules::unannounced() {
+            modules::announce(t);
+        }
+        if !st.is_null() && (*st).pending_n != 0 {
+            let d = (*st).pending_n;
+            let id = (*st).pending_id;
+            (*st).pending_n = 0;
+            let frames = (*st).frames.as_ptr();
+            writer::emit(t, 2 + d, |w| {
+                *w = header(EventKind::Stack, 2 + d, d as u64);
+                *w.add(1) = id;
+                core::ptr::copy_nonoverlapping(frames, w.add(2), d);
+            });
+        }
+    }
+}
+
+/// The stack id of the allocation being recorded on this thread, or 0 for none (nothing
+/// unwound). Writes no event: a new id's definition waits in the state for [`flush`].
+///
+/// # Safety
+/// `t` is this thread's state, guard held, [`wanted`] said yes.
+#[inline(never)]
+unsafe fn capture(t: *mut ThreadState) -> u64 {
     // SAFETY: per the contract; `st` is this thread's state; memo words were read before from
     // this thread's live stack, between the same CFA and the stack top (so still mapped).
     unsafe {
-        let mut st = (*t).stk;
+        let st = state(t);
         if st.is_null() {
-            st = new_state(t, own_sp());
-            if st.is_null() {
-                return 0;
-            }
-        }
-        let sample = SAMPLE.load(Ordering::Relaxed);
-        if sample != 0 {
-            let c = (*st).counter.saturating_add(size);
-            if c < sample {
-                (*st).counter = c;
-                (*st).cfa = 0;
-                return 0;
-            }
-            (*st).counter = c % sample;
+            return 0;
         }
         let Some(list) = modules::current() else { return 0 };
         let cfa = (*st).cfa;
@@ -336,7 +454,7 @@ pub unsafe fn capture(t: *mut ThreadState, size: u64) -> u64 {
         let sp = own_sp();
         if cfa <= sp || cfa & 7 != 0 || !((*st).lo < cfa && cfa <= (*st).hi) {
             // Not from a trampoline, or a stale frame (a signal handler's): from our registers.
-            return from_here(t, st, list);
+            return from_here(st, list);
         }
         let ra = *((cfa - 8) as *const u64);
         let m = &(*st).memo[memo_slot(cfa)];
@@ -354,7 +472,7 @@ pub unsafe fn capture(t: *mut ThreadState, size: u64) -> u64 {
                 return m.id;
             }
         }
-        full(t, st, list, ra, cfa, bp)
+        full(st, list, ra, cfa, bp)
     }
 }
 
@@ -372,11 +490,11 @@ enum BpSource {
 /// A full unwind from the caller's frame; memoised when every word read fits the log.
 #[cold]
 #[inline(never)]
-unsafe fn full(t: *mut ThreadState, st: *mut StackState, mut list: &'static ModList, ra: u64, cfa: u64, bp: u64) -> u64 {
+unsafe fn full(st: *mut StackState, mut list: &'static ModList, ra: u64, cfa: u64, bp: u64) -> u64 {
     // SAFETY: per `capture`.
     unsafe {
         if modules::DL_EPOCH.load(Ordering::Acquire) != modules::SEEN_EPOCH.load(Ordering::Acquire) {
-            modules::refresh(t, true);
+            modules::refresh();
             list = modules::current().unwrap_or(list);
         }
         let depth = DEPTH.load(Ordering::Relaxed) as usize;
@@ -384,7 +502,7 @@ unsafe fn full(t: *mut ThreadState, st: *mut StackState, mut list: &'static ModL
         if n > 0 && (1..n).any(|i| !list.knows((*st).frames[i])) || n > 0 && !list.knows((*st).frames[0]) {
             // A module loaded behind our back? Re-read the list (1st, 2nd, 4th… time per thread).
             (*st).unknown += 1;
-            if (*st).unknown.is_power_of_two() && modules::refresh(t, true) {
+            if (*st).unknown.is_power_of_two() && modules::refresh() {
                 list = modules::current().unwrap_or(list);
                 (n, bp_dep) = unwind(st, list, ra, cfa, bp, depth);
             }
@@ -392,8 +510,7 @@ unsafe fn full(t: *mut ThreadState, st: *mut StackState, mut list: &'static ModL
         if n == 0 {
             return 0;
         }
-        let frames = &(&(*st).frames)[..n];
-        let id = intern(t, frames);
+        let id = intern(st, n);
         let s = &mut *st;
         if !s.overflow {
             let m = &mut s.memo[memo_slot(cfa)];
@@ -519,7 +636,7 @@ unsafe fn unwind(st: *mut StackState, list: &ModList, ra: u64, cfa: u64, bp: u64
 /// No usable trampoline frame: unwind from here, through our own frames (dropped). Not memoised.
 #[cold]
 #[inline(never)]
-unsafe fn from_here(t: *mut ThreadState, st: *mut StackState, list: &'static ModList) -> u64 {
+unsafe fn from_here(st: *mut StackState, list: &'static ModList) -> u64 {
     let (ip, sp, bp): (u64, u64, u64);
     // SAFETY: reads rip, rsp and rbp.
     unsafe {
@@ -556,7 +673,7 @@ unsafe fn from_here(t: *mut ThreadState, st: *mut StackState, list: &'static Mod
         if n == 0 {
             return 0;
         }
-        intern(t, &s.frames[..n])
+        intern(st, n)
     }
 }
 
@@ -572,8 +689,11 @@ fn hash(frames: &[u64]) -> u64 {
     h ^ (h >> 33)
 }
 
-/// The id of `frames`; writes its definition if this thread is the first to see it.
-unsafe fn intern(t: *mut ThreadState, frames: &[u64]) -> u64 {
+/// The id of the `n` frames in `st.frames`; if this thread is the first to see it, its
+/// definition is left pending for [`flush`].
+unsafe fn intern(st: *mut StackState, n: usize) -> u64 {
+    // SAFETY: `st` is this thread's state.
+    let frames = unsafe { &(&(*st).frames)[..n] };
     let h = hash(frames);
     let id = if h == 0 { 1 } else { h };
     let tab = TABLE.load(Ordering::Acquire);
@@ -597,14 +717,10 @@ unsafe fn intern(t: *mut ThreadState, frames: &[u64]) -> u64 {
             i = (i + 1) & mask;
         }
     }
-    let d = frames.len();
-    // SAFETY: guard held (per the callers); `emit` gives room for `2 + d` words.
+    // SAFETY: as above.
     unsafe {
-        writer::emit(t, 2 + d, |w| {
-            *w = header(EventKind::Stack, 2 + d, d as u64);
-            *w.add(1) = id;
-            core::ptr::copy_nonoverlapping(frames.as_ptr(), w.add(2), d);
-        });
+        (*st).pending_id = id;
+        (*st).pending_n = n;
     }
     id
 }

@@ -52,13 +52,25 @@
 //!   a symboliser looks up `ip - 1`). The definition may come from any thread of the image and may
 //!   come *after* the first allocation that uses it in merged order: readers resolve ids against
 //!   the whole image's stream. A fork child's ids continue its parent's (it inherits the
-//!   parent's definitions).
+//!   parent's definitions; a definition the parent was writing as it forked is in the parent's
+//!   stream only, after the fork: resolve a child's ids against its ancestors' whole streams too).
+//! * The preload's ids are 64-bit hashes of the frames (see `preload/src/stacks.rs`): the same
+//!   stack always gets the same id within an image and its fork children. An id is normally
+//!   defined once per image, but may be defined again (the preload's intern table is full):
+//!   readers must accept repeated, identical definitions of an id.
+//! * Allocations made before the image registered (hooks running before the preload's
+//!   constructor) and allocations not sampled (`MTRACE_STACK_SAMPLE_BYTES`) carry no stack.
 //! * A `Module` event describes one loaded object (the executable, a shared library, the vDSO):
 //!   `bias` is the load bias (`dlpi_addr`), `lo..hi` the lowest and highest addresses its
 //!   `PT_LOAD` segments map, then the GNU build id (`build_id_len` bytes, 0 if none) and the path
 //!   (`path_len` bytes, possibly truncated to fit 255 words), each packed little-endian into words
 //!   and padded with zeros. The preload sends every module at registration, and again on each
-//!   `dlopen` that adds one; `ModuleUnload` follows a `dlclose` that removed one.
+//!   `dlopen` that adds one; `ModuleUnload` follows a `dlclose` that removed one. The preload
+//!   cannot run code right after `dlopen` (glibc resolves the file relative to its caller's
+//!   return address, so the hook must tail-jump): a `Module` for a `dlopen`ed object comes at the
+//!   next full unwind of any thread after it, and possibly *after* `Stack` events with frames in
+//!   it — readers resolve frames against the modules of the whole stream, by time for unloads.
+//!   A fork child's stream starts with every module again (`Module` events, as at registration).
 //! `size` of `Calloc`/`Reallocarray` is `nmemb * size`, saturated at `u64::MAX` on overflow.
 //! A failed allocation has `ptr == 0` (for realloc: `new_ptr == 0` with `size > 0`).
 

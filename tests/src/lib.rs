@@ -224,3 +224,77 @@ sys.stdout.buffer.write(out)
 pub fn assert_terminal_restored(after: &str) {
     assert!(after.contains(" icanon") && after.contains(" echo") && !after.contains("-icanon") && !after.contains(" -echo "), "the terminal is still raw:\n{after}");
 }
+
+/// The raw events of one process image of a trace (see [`raw_events`]).
+#[derive(Default, Debug)]
+pub struct RawImage {
+    pub image: u32,
+    /// Stack definitions: id → frames, and how many times each id was defined.
+    pub stacks: HashMap<u64, Vec<u64>>,
+    pub stack_defs: HashMap<u64, usize>,
+    /// `Module` events: (bias, lo, hi, build id, path).
+    pub modules: Vec<(u64, u64, u64, Vec<u8>, String)>,
+    /// `ModuleUnload` biases.
+    pub unloads: Vec<u64>,
+    /// Allocation events (malloc family, realloc): (stream, kind, size, stack id or 0).
+    pub allocs: Vec<(u32, mtrace_protocol::event::EventKind, u64, u64)>,
+    /// Words of allocation events that carried `AUX_HAS_STACK`.
+    pub with_stack_flag: usize,
+}
+
+/// Every process image's raw events, read with the collector's trace reader (no analysis).
+pub fn raw_events(trace: &Path) -> Vec<RawImage> {
+    use mtrace_collector::trace::{Record, TraceReader};
+    use mtrace_protocol::event::{self, Event, Events};
+    let mut r = TraceReader::new(std::io::BufReader::new(std::fs::File::open(trace).unwrap())).unwrap();
+    let mut images: std::collections::BTreeMap<u32, RawImage> = Default::default();
+    while let Some(frame) = r.next_frame().unwrap() {
+        for rec in frame.records() {
+            let Record::Chunk(c) = rec.unwrap() else { continue };
+            let img = images.entry(c.image).or_insert_with(|| RawImage { image: c.image, ..Default::default() });
+            for ev in Events::new(&c.words) {
+                let (at, e) = ev.unwrap();
+                let w = &c.words[at..];
+                match e {
+                    Event::Stack { id, .. } => {
+                        img.stacks.insert(id, event::stack_frames(w).to_vec());
+                        *img.stack_defs.entry(id).or_default() += 1;
+                    }
+                    Event::Module { bias, lo, hi, .. } => {
+                        let mut buf = vec![0u8; 4096];
+                        let n = event::module_build_id(w, &mut buf);
+                        let bid = buf[..n].to_vec();
+                        let n = event::module_path(w, &mut buf);
+                        img.modules.push((bias, lo, hi, bid, String::from_utf8_lossy(&buf[..n]).into_owned()));
+                    }
+                    Event::ModuleUnload { bias } => img.unloads.push(bias),
+                    Event::Alloc { kind, size, stack, .. } | Event::Realloc { kind, size, stack, .. } => {
+                        img.allocs.push((c.stream, kind, size, stack));
+                        if event::split_header(w[0]).2 & event::AUX_HAS_STACK != 0 {
+                            img.with_stack_flag += 1;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    images.into_values().collect()
+}
+
+/// Function ranges of an executable or library: name → (start, end), link-time addresses
+/// (`nm -S`).
+pub fn symbol_ranges(bin: &Path) -> HashMap<String, (u64, u64)> {
+    let o = Command::new("nm").arg("-S").arg("--defined-only").arg(bin).output().expect("nm (binutils) is needed");
+    assert!(o.status.success());
+    let mut m = HashMap::new();
+    for line in String::from_utf8_lossy(&o.stdout).lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() == 4 && (f[2] == "T" || f[2] == "t") {
+            let start = u64::from_str_radix(f[0], 16).unwrap();
+            let size = u64::from_str_radix(f[1], 16).unwrap();
+            m.insert(f[3].to_string(), (start, start + size));
+        }
+    }
+    m
+}

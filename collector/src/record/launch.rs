@@ -123,6 +123,7 @@ pub fn record_live(mut opts: Options, command: &[String], output: Option<PathBuf
     install_signal_handlers();
     let mut cmd = Command::new(program);
     cmd.args(&command[1..]).env("LD_PRELOAD", &ld_preload).env("MTRACE_SOCK", format!("@{name}")).env_remove("MTRACE_DISABLE");
+    cmd.envs(opts.child_env.iter().map(|(k, v)| (k, v)));
     // SAFETY: the pre-exec hook only calls async-signal-safe functions.
     unsafe {
         cmd.pre_exec(|| {

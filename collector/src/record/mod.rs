@@ -48,6 +48,8 @@ pub struct Options {
     /// Standalone agent: also listen as `@mtrace-agent-<pid>` for every pid that registers, so
     /// that its exec'd images and its children find this agent.
     pub pid_aliases: bool,
+    /// Environment variables set for the command (the preload's stack settings).
+    pub child_env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -63,6 +65,7 @@ impl Default for Options {
             block_size: mtrace_protocol::ring::DEFAULT_BLOCK_SIZE,
             wait_on_exit: false,
             pid_aliases: false,
+            child_env: Vec::new(),
         }
     }
 }
