@@ -152,6 +152,10 @@ enum Cmd {
         /// massif: callers below this percentage of a snapshot's bytes are folded into one line
         #[arg(long, default_value_t = 1.0)]
         threshold: f64,
+        /// massif: time in milliseconds, or in bytes allocated (evenly spaced snapshots for
+        /// short runs)
+        #[arg(long, value_enum, default_value_t = crate::export::massif::TimeUnit::Ms)]
+        time_unit: crate::export::massif::TimeUnit,
         /// folded/svg: weigh stacks by bytes live at the peak, leaked at exit, or allocated
         #[arg(long, value_enum, default_value_t = crate::export::Weight::Peak)]
         weight: crate::export::Weight,
@@ -204,8 +208,8 @@ pub fn main() -> i32 {
             }
         },
         Cmd::View { file, partial, print, panel, image } => view(&file, partial, print, panel, image),
-        Cmd::Export { file, format, output, image, threshold, weight, partial } => {
-            export_cmd(&file, crate::export::Options { format, image, threshold, weight }, output.as_deref(), partial)
+        Cmd::Export { file, format, output, image, threshold, weight, time_unit, partial } => {
+            export_cmd(&file, crate::export::Options { format, image, threshold, weight, time_unit }, output.as_deref(), partial)
         }
         Cmd::Dump { file } => match crate::trace::dump(&file, &mut std::io::stdout().lock()) {
             Ok(()) => 0,

@@ -73,6 +73,14 @@ fn massif_export_is_read_by_ms_print_and_its_peak_is_the_reports() {
             assert!(s(&p["stacks_note"]).contains("no allocation stacks"), "{}", p["stacks_note"]);
             assert_eq!(p["top_sites_at_peak"].as_array().unwrap().len(), 0);
         }
+        // In bytes allocated, the peak comes after the temporaries' 100,000 B and the table.
+        let out = r.trace.with_extension("massif-b");
+        let (code, _, err) = mtracer(&["export", r.trace.to_str().unwrap(), "--format", "massif", "--time-unit", "B", "-o", out.to_str().unwrap()]);
+        assert_eq!(code, Some(0), "{err}");
+        let (peak, useful, ms) = ms_print_peak(&out);
+        assert_eq!(useful, num(p, "peak_live_bytes"), "ms_print's peak:\n{ms}");
+        assert!(peak >= 20, "snapshots evenly spaced in bytes: the peak is snapshot {peak}:\n{ms}");
+        assert!(std::fs::read_to_string(&out).unwrap().contains("\ntime_unit: B\n"));
         let out = r.trace.with_extension("massif");
         let (code, _, err) = mtracer(&["export", r.trace.to_str().unwrap(), "--format", "massif", "-o", out.to_str().unwrap()]);
         assert_eq!(code, Some(0), "{err}");

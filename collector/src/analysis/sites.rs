@@ -14,8 +14,9 @@
 //! * the stack that last owned each freed address, so that free chunks glibc keeps (tcache,
 //!   fastbins, bins) can be attributed to the site whose block they were.
 //!
-//! It also keeps a massif-like series of snapshots ([`Series`]): about 100 points evenly spaced
-//! in time (the spacing doubles as the run goes on), every 10th with the bytes per stack.
+//! It also keeps two massif-like series of snapshots ([`Series`]): about 100 points evenly spaced
+//! in time, and as many evenly spaced in bytes allocated (for runs shorter than the trace's time
+//! resolution); the spacing doubles as the run goes on; every 10th point has the bytes per stack.
 
 use rustc_hash::FxHashMap;
 
@@ -58,6 +59,8 @@ pub struct SiteAmount {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapPoint {
     pub time_ns: u64,
+    /// The series' clock at the point: ns since the start, or bytes allocated before it.
+    pub clock: u64,
     /// The number of changes to the sites before it (orders it against the peak).
     pub serial: u64,
     pub live_bytes: u64,
@@ -66,13 +69,14 @@ pub struct SnapPoint {
     pub detail: Option<Vec<SiteAmount>>,
 }
 
-/// Snapshots evenly spaced in time: slot `k` is taken at the first change at or after
-/// `start + k·dt`, with the state before that change. When [`Series::MAX`] points are held,
-/// every other one is dropped and `dt` doubles. Points whose slot is a multiple of 10 are
-/// detailed.
+/// Snapshots evenly spaced on a clock (time, or bytes allocated): slot `k` is taken at the first
+/// change at or after clock `k·dt`, with the state before that change. When [`Series::MAX`]
+/// points are held, every other one is dropped and `dt` doubles. Points whose slot is a multiple
+/// of 10 are detailed.
 #[derive(Clone, Debug)]
 pub struct Series {
-    pub dt_ns: u64,
+    /// Clock units per slot.
+    pub dt: u64,
     pub points: Vec<(u64, SnapPoint)>,
     next_slot: u64,
 }
@@ -80,17 +84,47 @@ pub struct Series {
 impl Series {
     pub const MAX: usize = 100;
     pub const DETAIL_EVERY: u64 = 10;
+    /// First spacing of the time series (ns) and of the bytes series (B).
     pub const FIRST_DT_NS: u64 = 100_000;
+    pub const FIRST_DT_BYTES: u64 = 1024;
+
+    pub fn new(dt: u64) -> Series {
+        Series { dt, points: Vec::new(), next_slot: 0 }
+    }
+
+    /// Is a point due at `clock`?
+    fn due(&self, clock: u64) -> bool {
+        clock >= self.next_slot.saturating_mul(self.dt)
+    }
+
+    fn push(&mut self, clock: u64, mut p: SnapPoint, detail: impl FnOnce() -> Vec<SiteAmount>) {
+        let slot = clock / self.dt;
+        p.clock = clock;
+        p.detail = (slot % Series::DETAIL_EVERY == 0).then(detail);
+        self.points.push((slot, p));
+        self.next_slot = slot + 1;
+        if self.points.len() >= Series::MAX {
+            self.points.retain(|(k, _)| k % 2 == 0);
+            for (k, p) in &mut self.points {
+                *k /= 2;
+                if *k % Series::DETAIL_EVERY != 0 {
+                    p.detail = None;
+                }
+            }
+            self.dt *= 2;
+            self.next_slot = self.next_slot.div_ceil(2);
+        }
+    }
 }
 
 impl Default for Series {
     fn default() -> Self {
-        Series { dt_ns: Series::FIRST_DT_NS, points: Vec::new(), next_slot: 0 }
+        Series::new(Series::FIRST_DT_NS)
     }
 }
 
 /// Per-stack aggregation of one image (part of the live model).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Sites {
     pub by_stack: FxHashMap<u64, SiteStats>,
     /// Allocations that carried a stack id.
@@ -105,8 +139,34 @@ pub struct Sites {
     allocs_per_stream: FxHashMap<u32, (u64, bool)>,
     /// Stack id of the block that last lived at each freed address (removed when reused).
     pub freed_stack: FxHashMap<u64, u64>,
+    /// Evenly spaced in time (ns since `start_ns`).
     pub series: Series,
+    /// Evenly spaced in bytes allocated.
+    pub series_bytes: Series,
+    /// Bytes allocated so far (requested), and when the latest peak was reached.
+    pub allocated: u64,
+    pub peak_allocated: u64,
     pub start_ns: u64,
+}
+
+impl Default for Sites {
+    fn default() -> Self {
+        Sites {
+            by_stack: FxHashMap::default(),
+            with_stack: 0,
+            live_overhead: 0,
+            peak_overhead: 0,
+            peak_serial: 0,
+            serial: 0,
+            allocs_per_stream: FxHashMap::default(),
+            freed_stack: FxHashMap::default(),
+            series: Series::new(Series::FIRST_DT_NS),
+            series_bytes: Series::new(Series::FIRST_DT_BYTES),
+            allocated: 0,
+            peak_allocated: 0,
+            start_ns: 0,
+        }
+    }
 }
 
 /// What the sites model needs to know of a block (see `live::Block`).
@@ -155,6 +215,7 @@ impl Sites {
         st.size_classes[size_class(size)] += 1;
         st.max_live_bytes = st.max_live_bytes.max(st.live_bytes);
         self.live_overhead += overhead;
+        self.allocated = self.allocated.saturating_add(size);
         nth
     }
 
@@ -182,6 +243,7 @@ impl Sites {
     /// The live model reached a new peak of live bytes with the last change.
     pub fn on_peak(&mut self) {
         self.peak_serial = self.serial;
+        self.peak_allocated = self.allocated;
         self.peak_overhead = self.live_overhead;
     }
 
@@ -225,39 +287,34 @@ impl Sites {
         self.peak_serial = self.serial;
         self.peak_overhead = self.live_overhead;
         self.series = Series::default();
+        self.series_bytes = Series::new(Series::FIRST_DT_BYTES);
+        self.allocated = 0;
+        self.peak_allocated = 0;
         self.start_ns = start_ns;
     }
 
-    /// Take the series' point for the slot `time_ns` reached, with the state before the change.
+    /// Take the series' points due at `time_ns` (and at the bytes allocated so far), with the
+    /// state before the change.
     fn sample(&mut self, time_ns: u64, live_bytes: u64) {
-        let s = &mut self.series;
         let t = time_ns.saturating_sub(self.start_ns);
-        if t < s.next_slot.saturating_mul(s.dt_ns) {
-            return;
+        let point = SnapPoint { time_ns, clock: 0, serial: self.serial, live_bytes, overhead: self.live_overhead, detail: None };
+        if self.series.due(t) {
+            let by_stack = &self.by_stack;
+            self.series.push(t, point.clone(), || live_sorted(by_stack));
         }
-        let slot = t / s.dt_ns;
-        let detail = (slot % Series::DETAIL_EVERY == 0).then(|| self.live_now_sorted());
-        let s = &mut self.series;
-        s.points.push((slot, SnapPoint { time_ns, serial: self.serial, live_bytes, overhead: self.live_overhead, detail }));
-        s.next_slot = slot + 1;
-        if s.points.len() >= Series::MAX {
-            s.points.retain(|(k, _)| k % 2 == 0);
-            for (k, p) in &mut s.points {
-                *k /= 2;
-                if *k % Series::DETAIL_EVERY != 0 {
-                    p.detail = None;
-                }
-            }
-            s.dt_ns *= 2;
-            s.next_slot = s.next_slot.div_ceil(2);
+        if self.series_bytes.due(self.allocated) {
+            let by_stack = &self.by_stack;
+            self.series_bytes.push(self.allocated, point, || live_sorted(by_stack));
         }
     }
 
-    fn live_now_sorted(&self) -> Vec<SiteAmount> {
-        let mut v = self.live_now();
-        v.sort_unstable_by_key(|a| a.stack);
-        v
-    }
+}
+
+/// Bytes and blocks per site live now, by stack id.
+fn live_sorted(by_stack: &FxHashMap<u64, SiteStats>) -> Vec<SiteAmount> {
+    let mut v: Vec<SiteAmount> = by_stack.iter().filter(|(_, st)| st.live_blocks > 0).map(|(&stack, st)| SiteAmount { stack, bytes: st.live_bytes, blocks: st.live_blocks }).collect();
+    v.sort_unstable_by_key(|a| a.stack);
+    v
 }
 
 #[cfg(test)]
@@ -369,5 +426,14 @@ mod tests {
         }
         let last = &pts.last().unwrap().1;
         assert_eq!(last.live_bytes, last.time_ns / 50_000 * 16);
+        // The bytes series: 160,000 B allocated, points every dt bytes, the clock the bytes
+        // allocated before the point (here: its live bytes).
+        let b = &s.series_bytes;
+        assert!(b.points.len() >= Series::MAX / 2 && b.points.len() < Series::MAX, "{}", b.points.len());
+        for (k, p) in &b.points {
+            assert_eq!(p.clock, p.live_bytes);
+            assert_eq!(p.clock / b.dt, *k);
+            assert_eq!(p.detail.is_some(), k % 10 == 0);
+        }
     }
 }

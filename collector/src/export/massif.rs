@@ -21,7 +21,7 @@
 //! ```
 //!
 //! Snapshots: the first at time 0; the series the analysis kept (about 100, evenly spaced in
-//! time, every 10th detailed); the exact peak of live bytes (`heap_tree=peak`); the end
+//! time — or in bytes allocated, `--time-unit B` — every 10th detailed); the exact peak of live bytes (`heap_tree=peak`); the end
 //! (detailed). Trees go from the allocator outwards: a node's children are its callers,
 //! largest first; callers below the threshold (percent of the snapshot's `mem_heap_B`) are
 //! folded into one "in N places" line. A node's bytes are the sum of its children's (a stack
@@ -37,6 +37,28 @@ use crate::analysis::image::ImageAnalysis;
 use crate::analysis::sites::SiteAmount;
 use crate::report::sites::SiteNamer;
 use crate::symbols::{base_name, Frame};
+
+/// The massif time unit of the export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum TimeUnit {
+    /// Milliseconds since the image started.
+    #[default]
+    #[value(name = "ms")]
+    Ms,
+    /// Bytes allocated so far (massif's `--time-unit=B`): evenly spaced snapshots even when the
+    /// run is shorter than the trace's time resolution.
+    #[value(name = "B")]
+    B,
+}
+
+impl TimeUnit {
+    pub fn label(self) -> &'static str {
+        match self {
+            TimeUnit::Ms => "ms",
+            TimeUnit::B => "B",
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tree {
@@ -138,11 +160,12 @@ pub fn tree(detail: &[(Vec<Frame>, u64)], total: u64, threshold: f64) -> String 
 }
 
 /// The whole file.
-pub fn render(cmd: &str, snapshots: &[Snapshot], threshold: f64) -> String {
+pub fn render(cmd: &str, snapshots: &[Snapshot], threshold: f64, unit: TimeUnit) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "desc: (mtrace) --threshold={threshold:.1} --time-unit=ms; mem_heap_B: requested bytes live; mem_heap_extra_B: chunk overhead");
+    let u = unit.label();
+    let _ = writeln!(s, "desc: (mtrace) --threshold={threshold:.1} --time-unit={u}; mem_heap_B: requested bytes live; mem_heap_extra_B: chunk overhead");
     let _ = writeln!(s, "cmd: {}", cmd.replace('\n', " "));
-    let _ = writeln!(s, "time_unit: ms");
+    let _ = writeln!(s, "time_unit: {u}");
     for (i, sn) in snapshots.iter().enumerate() {
         let _ = writeln!(s, "#-----------\nsnapshot={i}\n#-----------");
         let _ = writeln!(s, "time={}\nmem_heap_B={}\nmem_heap_extra_B={}\nmem_stacks_B=0", sn.time, sn.heap, sn.extra);
@@ -160,15 +183,23 @@ pub fn render(cmd: &str, snapshots: &[Snapshot], threshold: f64) -> String {
 }
 
 /// The snapshots of one image.
-pub fn snapshots(img: &ImageAnalysis) -> Vec<Snapshot> {
+pub fn snapshots(img: &ImageAnalysis, unit: TimeUnit) -> Vec<Snapshot> {
     let sites = &img.model.sites;
     let c = &img.model.c;
     let ms = |t: u64| t.saturating_sub(img.start_ns) / 1_000_000;
+    let series = match unit {
+        TimeUnit::Ms => &sites.series,
+        TimeUnit::B => &sites.series_bytes,
+    };
+    let at = |time_ns: u64, allocated: u64| match unit {
+        TimeUnit::Ms => ms(time_ns),
+        TimeUnit::B => allocated,
+    };
     let mut namer = SiteNamer::new(img);
     let at_peak = sites.at_peak();
     let at_end = sites.live_now();
     let mut ids: Vec<u64> = at_peak.iter().chain(&at_end).map(|a| a.stack).collect();
-    for (_, p) in &sites.series.points {
+    for (_, p) in &series.points {
         ids.extend(p.detail.iter().flatten().map(|a| a.stack));
     }
     ids.sort_unstable();
@@ -177,9 +208,9 @@ pub fn snapshots(img: &ImageAnalysis) -> Vec<Snapshot> {
     let mut detail = |v: &[SiteAmount]| -> Vec<(Vec<Frame>, u64)> { v.iter().map(|a| (namer.frames(a.stack), a.bytes)).collect() };
 
     let mut out = vec![Snapshot { time: 0, heap: img.inherited_bytes, extra: 0, tree: Tree::Empty, detail: Vec::new() }];
-    let peak = Snapshot { time: ms(c.peak_live_time_ns), heap: c.peak_live_bytes, extra: sites.peak_overhead, tree: Tree::Peak, detail: detail(&at_peak) };
+    let peak = Snapshot { time: at(c.peak_live_time_ns, sites.peak_allocated), heap: c.peak_live_bytes, extra: sites.peak_overhead, tree: Tree::Peak, detail: detail(&at_peak) };
     let mut peak = Some(peak);
-    for (_, p) in &sites.series.points {
+    for (_, p) in &series.points {
         // A point is the state after `serial` changes; the peak, after `peak_serial`.
         if p.serial >= sites.peak_serial() {
             if let Some(pk) = peak.take() {
@@ -187,7 +218,7 @@ pub fn snapshots(img: &ImageAnalysis) -> Vec<Snapshot> {
             }
         }
         out.push(Snapshot {
-            time: ms(p.time_ns),
+            time: at(p.time_ns, p.clock),
             heap: p.live_bytes,
             extra: p.overhead,
             tree: if p.detail.is_some() { Tree::Detailed } else { Tree::Empty },
@@ -198,7 +229,7 @@ pub fn snapshots(img: &ImageAnalysis) -> Vec<Snapshot> {
         out.push(pk);
     }
     let end_ns = img.end.as_ref().map_or(img.model.now_ns, |e| e.time_ns).max(img.model.now_ns);
-    out.push(Snapshot { time: ms(end_ns), heap: c.live_bytes, extra: sites.live_overhead, tree: Tree::Detailed, detail: detail(&at_end) });
+    out.push(Snapshot { time: at(end_ns, sites.allocated), heap: c.live_bytes, extra: sites.live_overhead, tree: Tree::Detailed, detail: detail(&at_end) });
     // Times never go back (time marks of different threads can).
     let mut t = 0;
     for s in &mut out {
@@ -208,8 +239,8 @@ pub fn snapshots(img: &ImageAnalysis) -> Vec<Snapshot> {
     out
 }
 
-pub fn write(img: &ImageAnalysis, cmd: &str, threshold: f64, out: &mut dyn Write) -> Result<()> {
-    out.write_all(render(cmd, &snapshots(img), threshold).as_bytes())?;
+pub fn write(img: &ImageAnalysis, cmd: &str, threshold: f64, unit: TimeUnit, out: &mut dyn Write) -> Result<()> {
+    out.write_all(render(cmd, &snapshots(img, unit), threshold, unit).as_bytes())?;
     Ok(())
 }
 
@@ -262,7 +293,7 @@ mod tests {
             Snapshot { time: 0, heap: 0, extra: 0, tree: Tree::Empty, detail: vec![] },
             Snapshot { time: 5, heap: 100, extra: 16, tree: Tree::Peak, detail: vec![(vec![f(0x401000, "a", 1)], 100)] },
         ];
-        let s = render("./prog x", &sn, 1.0);
+        let s = render("./prog x", &sn, 1.0, TimeUnit::Ms);
         let expected = "\
 desc: (mtrace) --threshold=1.0 --time-unit=ms; mem_heap_B: requested bytes live; mem_heap_extra_B: chunk overhead
 cmd: ./prog x

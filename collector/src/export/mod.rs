@@ -46,11 +46,13 @@ pub struct Options {
     /// massif: significance threshold in percent of the snapshot's total.
     pub threshold: f64,
     pub weight: Weight,
+    /// massif: the time unit.
+    pub time_unit: massif::TimeUnit,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { format: Format::Massif, image: None, threshold: 1.0, weight: Weight::Peak }
+        Options { format: Format::Massif, image: None, threshold: 1.0, weight: Weight::Peak, time_unit: massif::TimeUnit::Ms }
     }
 }
 
@@ -73,7 +75,7 @@ pub fn export(a: &Analysis, opts: &Options, out: &mut dyn Write) -> Result<()> {
     let img = pick(a, opts.image)?;
     let cmd = if a.session.command.is_empty() { img.meta.exe.clone() } else { a.session.command.join(" ") };
     match opts.format {
-        Format::Massif => massif::write(img, &cmd, opts.threshold, out)?,
+        Format::Massif => massif::write(img, &cmd, opts.threshold, opts.time_unit, out)?,
         Format::Folded => {
             for (line, v) in folded::lines(img, opts.weight) {
                 writeln!(out, "{line} {v}")?;
