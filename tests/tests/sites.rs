@@ -268,3 +268,22 @@ fn export_bad_input_is_an_error_not_a_panic() {
     assert_eq!(code, Some(2));
     assert!(err.contains("cannot write /nonexistent/dir/x.csv"), "{err}");
 }
+
+/// The retention explanation names the site of the block that pins the heap top: ret_pin's live
+/// 2000-byte pin while RSS is at its peak (allocated by `pin_above` in retention.h).
+#[test]
+fn the_block_pinning_the_heap_top_is_named_by_its_site() {
+    let r = record(&[], &[fixture("ret_pin").to_str().unwrap(), "2000", "2000"], &[("FIXTURE_PAUSE_MS", "100")]);
+    assert_eq!(r.code(), Some(0), "{}", r.stderr());
+    let rep = r.report();
+    let p = &rep["processes"][0];
+    let pins = &p["retention_by_site"]["top_pinned_at_peak_rss"];
+    let pin = &pins[0];
+    assert_eq!((pin["live"].as_bool(), pin["size"].as_u64()), (Some(true), Some(2000)), "{pins:#}");
+    assert_eq!(s(&pin["site"]["function"]), "pin_above", "{pin:#}");
+    assert!(s(&pin["site"]["file"]).ends_with("retention.h"), "{pin:#}");
+    let causes = p["retention"]["at_peak_rss"]["causes"].as_array().unwrap();
+    let c = causes.iter().find(|c| c["kind"] == "top_pinned").unwrap_or_else(|| panic!("{causes:#?}"));
+    let who = format!("a live 2000-byte block at {:#x} (allocated in pin_above (retention.h:", pin["address"].as_u64().unwrap());
+    assert!(s(&c["text"]).contains(&who), "{} should contain {who}", c["text"]);
+}

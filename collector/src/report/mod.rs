@@ -254,15 +254,29 @@ fn process(img: &ImageAnalysis, opts: ReportOptions, symbolizer: &std::rc::Rc<bl
 fn name_pinning_sites(r: &mut ProcessReport) {
     let Some(rb) = &r.sites.retention_by_site else { return };
     let Some(ret) = &mut r.retention else { return };
-    for p in &rb.top_pinned_by {
-        let Some(site) = &p.site else { continue };
-        let at = format!("{:#x}", p.address);
-        let loc = match (&site.file, site.line) {
-            (Some(f), Some(l)) => format!(" ({}:{l})", crate::symbols::base_name(f)),
-            _ => String::new(),
-        };
-        for c in ret.causes.iter_mut().filter(|c| c.kind == "top_pinned" && c.text.contains(&at)) {
-            c.text = c.text.replacen(&at, &format!("{at} (allocated in {}{loc})", site.function), 1);
+    let name = |causes: &mut Vec<crate::analysis::glibc::explain::Cause>, pins: &[sites::Pin]| {
+        for p in pins {
+            let Some(site) = &p.site else { continue };
+            let at = format!("{:#x}", p.address);
+            let loc = match (&site.file, site.line) {
+                (Some(f), Some(l)) => format!(" ({}:{l})", crate::symbols::base_name(f)),
+                _ => String::new(),
+            };
+            let by = format!(" (allocated in {}{loc})", site.function);
+            for c in causes.iter_mut().filter(|c| c.kind == "top_pinned" && !c.text.contains("(allocated in ")) {
+                if p.live && c.text.contains(&at) {
+                    c.text = c.text.replacen(&at, &format!("{at}{by}"), 1);
+                } else if !p.live && c.arena.as_deref() == Some(p.arena.as_str()) && c.text.contains("a freed ") {
+                    // "pinned by a freed N-byte chunk held in …: …"
+                    if let Some(i) = c.text.find(": ") {
+                        c.text.insert_str(i, &format!(" (its block was allocated in {}{loc})", site.function));
+                    }
+                }
+            }
         }
+    };
+    name(&mut ret.causes, &rb.top_pinned_by);
+    if let Some(peak) = &mut ret.at_peak_rss {
+        name(&mut peak.causes, &rb.top_pinned_at_peak_rss);
     }
 }

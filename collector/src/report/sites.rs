@@ -53,12 +53,14 @@ pub struct RetainedSite {
     pub bins: u64,
 }
 
-/// The live block right under a heap top.
+/// The block right under a heap top: live, or freed and held in a tcache or fastbin.
 #[derive(Clone, Debug, Serialize)]
 pub struct Pin {
     pub arena: String,
     pub address: u64,
+    /// Requested bytes of a live block; chunk size of a freed one.
     pub size: u64,
+    pub live: bool,
     pub site: Option<SiteView>,
 }
 
@@ -68,8 +70,10 @@ pub struct RetentionBySite {
     /// Sites by bytes of their freed chunks still in tcaches, fastbins and bins (a chunk in the
     /// bins that merged with neighbours counts for the site of its lowest block).
     pub sites: Vec<RetainedSite>,
-    /// Live blocks that pin a heap top (a heap can only shrink from the top).
+    /// Live blocks that pin a heap top at the end (a heap can only shrink from the top).
     pub top_pinned_by: Vec<Pin>,
+    /// The same at the peak of RSS (the sample the retention section's `at_peak_rss` describes).
+    pub top_pinned_at_peak_rss: Vec<Pin>,
 }
 
 /// Per top function (the site's `function`), bytes live at the peak.
@@ -210,7 +214,7 @@ pub fn build(img: &ImageAnalysis, symbolizer: std::rc::Rc<blazesym::symbolize::S
     );
     let retained = retained(img);
     let mut namer = SiteNamer::shared(img, symbolizer);
-    let ids: Vec<u64> = at_peak_all.iter().map(|a| a.stack).chain(leaked.iter().map(|a| a.stack)).chain(temporary.iter().map(|a| a.stack)).chain(retained.0.iter().map(|r| r.0)).chain(retained.1.iter().filter_map(|p| p.3)).collect();
+    let ids: Vec<u64> = img.samples.peak_pins.iter().map(|p| p.stack).chain(at_peak_all.iter().map(|a| a.stack)).chain(leaked.iter().map(|a| a.stack)).chain(temporary.iter().map(|a| a.stack)).chain(retained.0.iter().map(|r| r.0)).chain(retained.1.iter().filter_map(|p| p.3)).collect();
     namer.symbols.prepare(ids);
 
     // Per top function, over every site live at the peak.
@@ -241,7 +245,13 @@ pub fn build(img: &ImageAnalysis, symbolizer: std::rc::Rc<blazesym::symbolize::S
         top_pinned_by: retained
             .1
             .iter()
-            .map(|&(ref arena, address, size, stack)| Pin { arena: arena.clone(), address, size, site: stack.map(|s| namer.view(SiteAmount { stack: s, bytes: size, blocks: 1 })) })
+            .map(|&(ref arena, address, size, stack)| Pin { arena: arena.clone(), address, size, live: true, site: stack.map(|s| namer.view(SiteAmount { stack: s, bytes: size, blocks: 1 })) })
+            .collect(),
+        top_pinned_at_peak_rss: img
+            .samples
+            .peak_pins
+            .iter()
+            .map(|p| Pin { arena: p.arena.clone(), address: p.address, size: p.size, live: p.live, site: Some(namer.view(SiteAmount { stack: p.stack, bytes: p.size, blocks: 1 })) })
             .collect(),
     });
 
