@@ -32,7 +32,11 @@ fn map(len: usize) -> usize {
     let p = unsafe {
         sys::mmap(core::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
     };
-    if p == libc::MAP_FAILED || p.is_null() { 0 } else { p as usize }
+    if p == libc::MAP_FAILED || p.is_null() {
+        return 0;
+    }
+    sys::name_mapping(p, len);
+    p as usize
 }
 
 /// A fork child is single-threaded: a lock held by another thread of the parent is void.

@@ -11,7 +11,10 @@
 //! freed under it (a few hundred bytes per module per change; framehop's per-module index data is
 //! shared between lists). [`GEN`] counts changes: memoised stacks of an older generation are void.
 //!
-//! When the list is refreshed (always on a cold path, guard held, under a spin lock):
+//! [`refresh`] re-reads and publishes the list; [`announce`] writes the `Module` /
+//! `ModuleUnload` events for the difference between the list last announced and the current one
+//! (so they are never written in the middle of another event). The list is refreshed (always on
+//! a cold path, guard held, under a spin lock):
 //! * at registration (every module is sent), and again in a fork child (its stream gets the
 //!   whole list again);
 //! * after `dlclose` returned (the hook calls the real one, then refreshes: `ModuleUnload`);

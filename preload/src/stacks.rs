@@ -1,5 +1,12 @@
 //! Allocation stacks: unwinding, memoisation, interning, sampling.
 //!
+//! **When.** With stacks on, an allocation hook takes the stack *before* forwarding to the real
+//! function ([`before`]: the guard taken and released around it; nothing happens before the
+//! image registered), then forwards and records the event with the id at once. Taking it after
+//! the call would delay the event by an unwind, and the collector orders other threads' calls
+//! and `mallinfo2` checkpoints against it by time marks and publication. A new stack's `Stack`
+//! event (and new modules' `Module` events) precede the allocation's event in the stream.
+//!
 //! **Where unwinding starts.** The allocation entry points (malloc, calloc, realloc,
 //! reallocarray, memalign, aligned_alloc, posix_memalign, valloc, pvalloc) are small naked
 //! trampolines (see `hooks.rs`) that store the caller's frame — its CFA (`rsp + 8` at entry,
@@ -14,9 +21,10 @@
 //! framehop cache (allocated once per thread by the cold allocator, pooled at thread exit) and a
 //! `read_stack` that only reads `[cfa - 8, stack top)` of this thread's stack (found once per
 //! thread without allocating: main thread, the page above `__libc_stack_end` (no `/proc` read);
-//! other threads, glibc's stack block in the thread descriptor, see [`stack_bounds`]). A frame on another stack (sigaltstack, a
-//! coroutine) may only read up to the end of its page. Whatever was unwound before a failure is
-//! the stack.
+//! other threads, glibc's stack block in the thread descriptor, see [`stack_bounds`]). A frame
+//! on another stack (sigaltstack, a coroutine) is unwound from our own registers and may only
+//! read up to the end of the current page: a short stack. Whatever was unwound before a failure
+//! is the stack.
 //!
 //! **Memoisation** (per thread, 16 direct-mapped entries keyed by the caller's CFA): a full
 //! unwind logs every stack word it read. A later call with the same return address, the same
@@ -31,12 +39,16 @@
 //! one place thus costs a few compares and loads.
 //!
 //! **Interning**: the stack id is a 64-bit hash of the frames (never 0). A process-wide,
-//! fixed-size, lock-free open-addressed table (2^20 ids, anonymous memory, inherited by fork
-//! children) holds the ids already defined; the thread whose compare-and-swap inserts an id
+//! fixed-size, lock-free open-addressed table (2^17 ids, 1 MiB of anonymous memory touched as
+//! ids land in it, inherited by fork children) holds the ids already defined; the thread whose compare-and-swap inserts an id
 //! writes its `Stack` event into its own stream. When 64 probes find no room (table full) the
 //! definition is written again each time the stack is seen unmemoised (a duplicate, identical
 //! definition, see `event.rs`). Two different stacks with the same 64-bit hash would share an id
 //! (odds ~n²/2^65).
+//!
+//! **Memory** of ours in the process (all anonymous, named `[anon:mtrace]` where the kernel
+//! supports it, so the collector can tell it from the program's): the intern table (≤ 1 MiB
+//! resident), per thread a ~30 KiB state and a ~40 KiB framehop cache, the module lists.
 //!
 //! **Sampling** (`MTRACE_STACK_SAMPLE_BYTES=N`): a per-thread byte counter; the allocation
 //! that makes it reach N gets a stack (the counter keeps the remainder), the others none.
@@ -138,7 +150,7 @@ pub fn configure() {
 }
 
 static TABLE: AtomicPtr<AtomicU64> = AtomicPtr::new(core::ptr::null_mut());
-const TABLE_BITS: u32 = 20;
+const TABLE_BITS: u32 = 17;
 const PROBES: usize = 64;
 
 /// Once registered: the intern table, the module list (every module sent), then stacks on.
@@ -169,6 +181,7 @@ pub unsafe fn start(t: *mut ThreadState) {
             0,
         );
         if m != libc::MAP_FAILED && !m.is_null() {
+            sys::name_mapping(m, len);
             TABLE.store(m as *mut AtomicU64, Ordering::Release);
         }
         modules::refresh();
@@ -245,6 +258,7 @@ unsafe fn new_state(t: *mut ThreadState, sp: u64) -> *mut StackState {
             if m == libc::MAP_FAILED || m.is_null() {
                 return core::ptr::null_mut();
             }
+            sys::name_mapping(m, core::mem::size_of::<StackState>());
             st = m as *mut StackState;
             core::ptr::write(core::ptr::addr_of_mut!((*st).cache), CacheX86_64::new_in());
         } else {
@@ -302,7 +316,7 @@ unsafe fn stack_bounds(sp: u64) -> (u64, u64) {
 
 #[inline(always)]
 fn memo_slot(cfa: u64) -> usize {
-    (((cfa >> 4) ^ (cfa >> 10)) as usize) & (MEMO - 1)
+    ((cfa >> 4) as usize) & (MEMO - 1)
 }
 
 #[inline(always)]
@@ -327,14 +341,50 @@ pub fn before(size: u64) -> u64 {
     before_slow(size)
 }
 
+/// The memo hit, inline: no call, no guard needed (nothing but this thread's state is touched).
 #[inline(never)]
 fn before_slow(size: u64) -> u64 {
     let t = crate::tls::state();
-    // SAFETY: `t` is this thread's state; the guard is taken around our work.
+    // SAFETY: `t` is this thread's state; `st` its stack state. A memo entry's words were read
+    // from this thread's stack between the same CFA and the stack top: still mapped.
     unsafe {
         if (*t).busy != 0 || writer::STATE.load(Ordering::Acquire) != writer::ACTIVE {
             return 0;
         }
+        let st = (*t).stk;
+        if st.is_null() || SAMPLE.load(Ordering::Relaxed) != 0 {
+            return before_cold(t, size);
+        }
+        let cfa = (*st).cfa;
+        let bp = (*st).bp;
+        (*st).cfa = 0;
+        let sp = own_sp();
+        if cfa > sp && (*st).lo < sp && cfa <= (*st).hi && cfa & 7 == 0 {
+            let ra = *((cfa - 8) as *const u64);
+            let m = &*(&raw const (*st).memo).cast::<Memo>().add(memo_slot(cfa));
+            if m.cfa == cfa && m.ra == ra && m.generation == modules::GEN.load(Ordering::Relaxed) && (m.bp_dep == 0 || m.bp == bp) {
+                // `n` ≤ MEMO_READS (written by `full`).
+                let mut r = m.reads.as_ptr();
+                let end = r.add(m.n as usize);
+                while r < end && *((*r).0 as *const u64) == (*r).1 {
+                    r = r.add(1);
+                }
+                if r == end {
+                    return m.id;
+                }
+            }
+        }
+        (*st).cfa = cfa;
+        before_cold(t, size)
+    }
+}
+
+/// Everything but a memo hit: the thread's first stack, sampling, a full unwind, definitions.
+#[cold]
+#[inline(never)]
+fn before_cold(t: *mut ThreadState, size: u64) -> u64 {
+    // SAFETY: `t` is this thread's state; the guard is taken around our work.
+    unsafe {
         (*t).busy = 1;
         let mut sid = 0;
         if wanted(t, size) {

@@ -13,6 +13,13 @@ pub unsafe fn mmap(addr: *mut c_void, len: usize, prot: c_int, flags: c_int, fd:
     unsafe { libc::syscall(libc::SYS_mmap, addr, len, prot as c_long, flags as c_long, fd as c_long, off) as *mut c_void }
 }
 
+/// Name an anonymous mapping of ours `[anon:mtrace]` in `/proc/<pid>/maps` (Linux 5.17+ with
+/// `CONFIG_ANON_VMA_NAME`; best effort), so that it can be told from the program's memory.
+pub fn name_mapping(addr: *mut c_void, len: usize) {
+    // SAFETY: prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME) only labels our own mapping.
+    unsafe { libc::prctl(0x5356_4d41, 0, addr as libc::c_ulong, len as libc::c_ulong, c"mtrace".as_ptr() as libc::c_ulong) };
+}
+
 pub unsafe fn munmap(addr: *mut c_void, len: usize) -> c_int {
     // SAFETY: the caller unmaps only what it mapped.
     unsafe { libc::syscall(libc::SYS_munmap, addr, len) as c_int }

@@ -12,25 +12,32 @@ use std::process::Command;
 use mtrace_protocol::event::EventKind;
 use mtrace_tests::*;
 
-/// Compile the fixture with `flags` (once per test binary run and flag set).
-fn build(name: &str, flags: &[&str]) -> PathBuf {
+/// Compile `src` (in tests/fixtures/) with `compiler` and `flags` into `out` (in the fixtures
+/// directory), unless `out` is newer than the source; atomically (concurrent test binaries).
+fn compile(compiler: &str, src: &Path, flags: &[&str], out_name: &str) -> PathBuf {
     let p = paths();
-    let out = p.fixtures_out.join(format!("{name}.{}", std::process::id()));
-    if !out.exists() {
-        let src = p.workspace.join("tests/fixtures/stacks.c");
-        let o = Command::new("gcc").args(flags).args(["-g", "-pthread", "-o"]).arg(&out).arg(&src).arg("-ldl").output().expect("gcc");
+    let out = p.fixtures_out.join(out_name);
+    let mtime = |f: &Path| std::fs::metadata(f).and_then(|m| m.modified()).ok();
+    if mtime(&out).is_none() || mtime(&out) < mtime(src) {
+        let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+        let o = Command::new(compiler).args(flags).args(["-g", "-o"]).arg(&tmp).arg(src).output().expect(compiler);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::rename(&tmp, &out).unwrap();
     }
     out
 }
 
+/// The fixture compiled with `flags`, named `name`.
+fn build(name: &str, flags: &[&str]) -> PathBuf {
+    let src = paths().workspace.join("tests/fixtures/stacks.c");
+    let mut f = flags.to_vec();
+    f.extend_from_slice(&["-pthread", "-ldl"]);
+    compile("gcc", &src, &f, name)
+}
+
 fn build_lib() -> PathBuf {
-    let p = paths();
-    let out = p.fixtures_out.join(format!("libstackslib.{}.so", std::process::id()));
-    let src = p.workspace.join("tests/fixtures/stacks_lib.c");
-    let o = Command::new("gcc").args(["-O2", "-g", "-shared", "-fPIC", "-Wl,--build-id", "-o"]).arg(&out).arg(&src).output().expect("gcc");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    out
+    let src = paths().workspace.join("tests/fixtures/stacks_lib.c");
+    compile("gcc", &src, &["-O2", "-shared", "-fPIC", "-Wl,--build-id"], "libstackslib.so")
 }
 
 /// Run-time ranges of the fixture's functions: (start, end) by name.
@@ -185,4 +192,51 @@ fn sampled_by_bytes() {
     assert_eq!(loop_ids.len(), 1);
     let n_loop = img.allocs.iter().filter(|a| a.2 == 100 && a.3 != 0).count();
     assert!((999..=1000).contains(&n_loop), "{n_loop}");
+}
+
+/// A fork child's stack ids continue its parent's: the same chain has the same id in both
+/// images (defined in the parent), a stack new in the child is defined in the child's stream,
+/// and the child's stream has the modules again.
+#[test]
+fn fork_child_ids_continue() {
+    let _turn = heavy();
+    let bin = build("stacks-o2", &["-O2", "-fomit-frame-pointer"]);
+    let mut cmd = vec![bin.to_str().unwrap()];
+    cmd.extend_from_slice(&["fork", "1000"]);
+    let r = record(&[], &cmd, &[]);
+    assert_eq!(r.code(), Some(0), "{}", r.stderr());
+    let fns = ranges(&bin, &r.stdout());
+    let images = raw_events(&r.trace);
+    assert_eq!(images.len(), 2);
+    let (parent, child) = (&images[0], &images[1]);
+    let chain_id = |img: &RawImage| {
+        let ids: std::collections::HashSet<u64> = img.allocs.iter().filter(|a| a.2 == 24).map(|a| a.3).collect();
+        assert_eq!(ids.len(), 1, "{ids:?}");
+        ids.into_iter().next().unwrap()
+    };
+    let id = chain_id(parent);
+    assert_ne!(id, 0);
+    assert_eq!(chain_id(child), id, "the child's id for the same stack is its parent's: {:x?} vs {:x?}", parent.stacks.get(&id), child.stacks.get(&chain_id(child)));
+    assert_eq!(parent.stack_defs.get(&id), Some(&1));
+    assert_eq!(child.stack_defs.get(&id), None, "inherited, not defined again");
+    let own = child.allocs.iter().find(|a| a.2 == 4242).expect("the child's own allocation").3;
+    assert_ne!(own, 0);
+    assert!(inside(child.stacks[&own][0], fns["child_only"]));
+    let exe = std::fs::canonicalize(&bin).unwrap();
+    assert!(child.modules.iter().any(|m| Path::new(&m.4) == exe), "the child's stream lists the modules");
+}
+
+/// C++ `new`: ip[0] is in libstdc++'s operator new (the caller of malloc), ip[1] in the program.
+#[test]
+fn cxx_operator_new() {
+    let _turn = heavy();
+    let src = paths().workspace.join("tests/fixtures/stacks_new.cpp");
+    let bin = compile("g++", &src, &["-O2"], "stacks_new");
+    let (r, img) = run(&bin, &[], &[], &[]);
+    let fns = ranges(&bin, &r.stdout());
+    let a = img.allocs.iter().find(|a| a.2 == 4000).expect("new int[1000]");
+    let f = &img.stacks[&a.3];
+    let stdcxx = img.modules.iter().find(|m| m.4.contains("libstdc++")).expect("libstdc++ module");
+    assert!(stdcxx.1 <= f[0] && f[0] < stdcxx.2, "ip[0] {:#x} not in libstdc++", f[0]);
+    assert!(inside(f[1], fns["make"]), "ip[1] {:#x} not in make", f[1]);
 }
