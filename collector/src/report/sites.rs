@@ -31,7 +31,9 @@ pub struct SiteView {
     /// Bytes of this list (live at the peak, leaked, temporary, retained).
     pub bytes: u64,
     pub blocks: u64,
-    /// The stack id in the trace (0: allocations without a stack).
+    /// The stack id in the trace, in hex (ids are 64-bit hashes: too wide for JSON numbers in
+    /// most readers); "0x0": allocations without a stack.
+    #[serde(serialize_with = "hex")]
     pub stack_id: u64,
     /// Allocations made at this site over the whole run, and their bytes.
     pub allocations: u64,
@@ -41,6 +43,10 @@ pub struct SiteView {
     /// Allocations by requested size, non-empty classes only: `"≤16"`, …, `">128K"`.
     pub size_classes: BTreeMap<String, u64>,
     pub frames: Vec<Frame>,
+}
+
+fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v:#x}"))
 }
 
 /// Bytes one site has in glibc's free lists.
