@@ -134,6 +134,35 @@ enum Cmd {
         #[arg(long)]
         image: Option<u32>,
     },
+    /// Write one process image of a trace for other tools: massif (ms_print,
+    /// massif-visualizer), folded stacks, a flamegraph SVG, or the timeline as CSV
+    Export {
+        /// The trace file
+        file: PathBuf,
+        /// Output format
+        #[arg(long, value_enum)]
+        format: crate::export::Format,
+        /// Write here instead of stdout
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// The process image, by its number in the report (default: the one that allocated the
+        /// most)
+        #[arg(long)]
+        image: Option<u32>,
+        /// massif: callers below this percentage of a snapshot's bytes are folded into one line
+        #[arg(long, default_value_t = 1.0)]
+        threshold: f64,
+        /// massif: time in milliseconds, or in bytes allocated (evenly spaced snapshots for
+        /// short runs)
+        #[arg(long, value_enum, default_value_t = crate::export::massif::TimeUnit::Ms)]
+        time_unit: crate::export::massif::TimeUnit,
+        /// folded/svg: weigh stacks by bytes live at the peak, leaked at exit, or allocated
+        #[arg(long, value_enum, default_value_t = crate::export::Weight::Peak)]
+        weight: crate::export::Weight,
+        /// Analyse a damaged trace up to the damage instead of failing
+        #[arg(long)]
+        partial: bool,
+    },
     /// Print the records and events of a trace, one per line (for debugging mtrace itself)
     #[command(hide = true)]
     Dump {
@@ -159,7 +188,7 @@ pub fn main() -> i32 {
         Cmd::Run { args, command } => run_cmd(&args, &command),
         Cmd::Report { file, json, partial, timeline_points } => match crate::analysis::analyze_file(&file, partial) {
             Ok(a) => {
-                let r = report::build(&a, report::ReportOptions { max_timeline: timeline_points });
+                let r = report::build(&a, report::ReportOptions { max_timeline: timeline_points, sites: true });
                 let text = if json {
                     match serde_json::to_string_pretty(&r) {
                         Ok(s) => s + "\n",
@@ -179,6 +208,9 @@ pub fn main() -> i32 {
             }
         },
         Cmd::View { file, partial, print, panel, image } => view(&file, partial, print, panel, image),
+        Cmd::Export { file, format, output, image, threshold, weight, time_unit, partial } => {
+            export_cmd(&file, crate::export::Options { format, image, threshold, weight, time_unit }, output.as_deref(), partial)
+        }
         Cmd::Dump { file } => match crate::trace::dump(&file, &mut std::io::stdout().lock()) {
             Ok(()) => 0,
             Err(crate::trace::TraceError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
@@ -406,7 +438,7 @@ fn live_dashboard(trace: &std::path::Path, command: &[String], progress: &crate:
 fn print_summary(trace: &std::path::Path) {
     match crate::analysis::analyze_file(trace, false) {
         Ok(a) => {
-            let r = report::build(&a, report::ReportOptions { max_timeline: 1000 });
+            let r = report::build(&a, report::ReportOptions { max_timeline: 1000, sites: true });
             write_stdout(report::text::render(&r).as_bytes());
         }
         Err(e) => eprintln!("mtracer: {e:#}"),
@@ -460,7 +492,7 @@ fn view(file: &std::path::Path, partial: bool, print: Option<(u16, u16)>, panel:
             return 2;
         }
     };
-    let model = DashboardModel::from_report(&report::build(&a, report::ReportOptions { max_timeline: 0 }));
+    let model = DashboardModel::from_report(&report::build(&a, report::ReportOptions { max_timeline: 0, sites: false }));
     drop(a);
     let mut app = match first_view(&model, panel, image) {
         Ok(a) => a,
@@ -547,6 +579,36 @@ fn view_interactive(file: &std::path::Path, partial: bool, panel: Option<crate::
             eprintln!("mtracer: terminal: {e}");
             2
         }
+    }
+}
+
+/// `mtracer export`: analyse, then write the export to a file or stdout.
+fn export_cmd(file: &std::path::Path, opts: crate::export::Options, output: Option<&std::path::Path>, partial: bool) -> i32 {
+    if !(0.0..=100.0).contains(&opts.threshold) {
+        eprintln!("mtracer: --threshold must be between 0 and 100 (percent), not {}", opts.threshold);
+        return 2;
+    }
+    let a = match crate::analysis::analyze_file(file, partial) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("mtracer: {e:#}");
+            return 2;
+        }
+    };
+    let mut buf = Vec::new();
+    if let Err(e) = crate::export::export(&a, &opts, &mut buf) {
+        eprintln!("mtracer: {e:#}");
+        return 2;
+    }
+    match output {
+        Some(p) => match std::fs::write(p, &buf) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("mtracer: cannot write {}: {e}", p.display());
+                2
+            }
+        },
+        None => write_stdout(&buf),
     }
 }
 

@@ -6,12 +6,16 @@
 //!   streams exactly, the live set, counters and the timeline. Knows nothing of presentation.
 //! * [`report`] — the summary (`mtracer report`) as text or JSON, built from analysis results.
 //! * [`dashboard`] — `mtracer view`: the terminal dashboard on the report's numbers.
+//! * [`symbols`] — symbolisation of allocation stacks (blazesym), once per distinct address.
+//! * [`export`] — massif, folded stacks, flamegraph SVG and CSV exports.
 //! * [`cli`] — command-line parsing and dispatch.
 
 pub mod analysis;
 pub mod cli;
 pub mod clock;
 pub mod dashboard;
+pub mod export;
 pub mod record;
 pub mod report;
+pub mod symbols;
 pub mod trace;

@@ -108,6 +108,9 @@ pub struct Samples {
     pub timeline: Vec<TimelinePoint>,
     /// The glibc model's breakdown and causes at the highest RSS sample so far.
     pub peak_retention: Option<(u64, super::glibc::breakdown::Breakdown, Vec<super::glibc::explain::Cause>)>,
+    /// At that sample, the chunk right under each arena's heap top when it is a live block or a
+    /// cached free one.
+    pub peak_pins: Vec<PinAt>,
     peak_rss: u64,
     /// The causes right before each `malloc_trim` call (in the order of the model's trims).
     pub before_trims: Vec<Vec<super::glibc::explain::Cause>>,
@@ -149,9 +152,49 @@ impl Samples {
                 let b = glibc.breakdown(t);
                 let causes = super::glibc::explain::causes(glibc, model, &b, self.start_ns);
                 self.peak_retention = Some((rss, b, causes));
+                self.peak_pins = pins(glibc, model);
             }
         }
     }
+}
+
+/// A chunk pinning a heap top at some moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinAt {
+    /// "main" or the arena's address.
+    pub arena: String,
+    /// The user address of the block.
+    pub address: u64,
+    /// Requested bytes of a live block; chunk size of a freed one.
+    pub size: u64,
+    /// Stack id of the block that is (or was, for a freed chunk) there.
+    pub stack: u64,
+    pub live: bool,
+}
+
+/// The chunks right under each arena's top that pin it (live blocks, and freed chunks a tcache
+/// or a fastbin holds), with the allocation sites of their blocks. (The live model may be one
+/// event ahead of the glibc model here — a free of the pin itself: its stack is then among the
+/// freed addresses.)
+fn pins(glibc: &GlibcModel, model: &LiveModel) -> Vec<PinAt> {
+    use super::glibc::arena::State;
+    let stack_of = |ptr: u64| model.live.get(&ptr).map(|b| b.stack).or_else(|| model.sites.freed_stack.get(&ptr).copied()).unwrap_or(0);
+    glibc
+        .arenas
+        .iter()
+        .filter_map(|a| a.top_neighbour().map(|t| (a, t)))
+        .filter_map(|(a, (addr, c))| {
+            let ptr = addr + 16;
+            let arena = if a.is_main() { "main".to_string() } else { format!("{:#x}", a.id) };
+            match c.state {
+                State::InUse { req } => Some(PinAt { arena, address: ptr, size: req, stack: stack_of(ptr), live: true }),
+                State::Tcache { .. } | State::Fast => {
+                    Some(PinAt { arena, address: ptr, size: c.size, stack: model.sites.freed_stack.get(&ptr).copied().unwrap_or(0), live: false })
+                }
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 enum Held {
@@ -169,6 +212,7 @@ impl ImageAnalysis {
         let start_ns = if meta.start_monotonic_ns != 0 { meta.start_monotonic_ns } else { ps.time_ns };
         let mut model = LiveModel::default();
         model.heap_start = if meta.start_brk != 0 { meta.start_brk } else { meta.brk_at_init };
+        model.sites.start_ns = start_ns;
         let glibc = GlibcModel::new(&meta, model.heap_start, start_ns);
         ImageAnalysis {
             id: ps.image,
@@ -220,6 +264,7 @@ impl ImageAnalysis {
                 ..Default::default()
             };
             self.inherited_bytes = live;
+            s.sites.start_child(self.start_ns);
             self.model = s;
         }
         self.phase = Phase::Running;
@@ -313,6 +358,16 @@ impl ImageAnalysis {
             self.merger.min_queued_time().map_or(synced, |t| t.min(synced))
         };
         self.samples.emit_before(bound, &self.model, &self.glibc);
+    }
+
+    /// Stack and module definitions of this image (a fork child's include its parent's once the
+    /// analysis is finished).
+    pub fn stacks(&self) -> &super::stacks::StackTable {
+        &self.merger.stacks
+    }
+
+    pub fn stacks_mut(&mut self) -> &mut super::stacks::StackTable {
+        &mut self.merger.stacks
     }
 
     pub fn merge_stats(&self) -> MergeStats {

@@ -24,12 +24,32 @@ pub struct Block {
     pub time_ns: u64,
     pub stream: u32,
     pub kind: EventKind,
+    /// Allocation site (stack id, 0 = none).
+    pub stack: u64,
+    /// Its stream's allocation count right after it (see `sites`: temporaries).
+    pub nth: u64,
 }
 
 impl Block {
     /// Bytes of address space an mmapped chunk occupies (0 for heap chunks).
     pub fn mmapped_bytes(&self) -> u64 {
         if chunk::is_mmapped(self.chunk) { chunk::size(self.chunk) + self.prev_size } else { 0 }
+    }
+
+    /// Bytes beyond the request that the block costs: chunk size − request for heap chunks,
+    /// mapping − request for mmapped ones (0 when the chunk header is unknown).
+    pub fn overhead(&self) -> u64 {
+        if self.chunk == 0 {
+            0
+        } else if chunk::is_mmapped(self.chunk) {
+            self.mmapped_bytes().saturating_sub(self.size)
+        } else {
+            chunk::size(self.chunk).saturating_sub(self.size)
+        }
+    }
+
+    fn info(&self) -> super::sites::BlockInfo {
+        super::sites::BlockInfo { stack: self.stack, size: self.size, overhead: self.overhead(), stream: self.stream, nth: self.nth }
     }
 }
 
@@ -70,6 +90,8 @@ pub struct LiveModel {
     pub arena_heaps: FxHashMap<u64, (u64, u64)>,
     /// Time of the last applied event.
     pub now_ns: u64,
+    /// Live bytes per allocation site, the peak's, leaks, temporaries, snapshots.
+    pub sites: super::sites::Sites,
 }
 
 /// What the merger needs to know from an event before applying it.
@@ -129,7 +151,8 @@ impl LiveModel {
         }
     }
 
-    fn add_block(&mut self, ptr: u64, b: Block) {
+    fn add_block(&mut self, ptr: u64, mut b: Block) {
+        b.nth = self.sites.on_alloc(ptr, b.stack, b.size, b.overhead(), b.stream, b.time_ns, self.c.live_bytes);
         self.c.alloc_count += 1;
         self.c.bytes_allocated_total = self.c.bytes_allocated_total.saturating_add(b.size);
         if let Some(old) = self.live.insert(ptr, b) {
@@ -143,12 +166,14 @@ impl LiveModel {
         if self.c.live_bytes > self.c.peak_live_bytes {
             self.c.peak_live_bytes = self.c.live_bytes;
             self.c.peak_live_time_ns = b.time_ns;
+            self.sites.on_peak();
         }
     }
 
     /// End the block at `ptr` whose chunk header matches `chunk` (the most recent one when several
     /// blocks share the address); `None` if none is live (an unmatched free).
-    fn end_block(&mut self, ptr: u64, chunk: u64) -> Option<Block> {
+    /// `freed_by`: the stream of a free (or realloc to 0); `None` for a moving realloc.
+    fn end_block(&mut self, ptr: u64, chunk: u64, freed_by: Option<u32>) -> Option<Block> {
         let removed = match self.extra.get_mut(&ptr) {
             None => self.live.remove(&ptr),
             Some(extra) => {
@@ -172,6 +197,7 @@ impl LiveModel {
         };
         match removed {
             Some(b) => {
+                self.sites.on_free(ptr, b.info(), freed_by, self.now_ns, self.c.live_bytes);
                 self.c.free_count += 1;
                 self.c.live_bytes -= b.size;
                 self.c.live_blocks -= 1;
@@ -190,35 +216,35 @@ impl LiveModel {
     pub fn apply(&mut self, ev: &Event, time_ns: u64, stream: u32) {
         self.now_ns = self.now_ns.max(time_ns);
         match *ev {
-            Event::Alloc { kind, ptr, size, chunk, prev_size, .. } => {
+            Event::Alloc { kind, ptr, size, chunk, prev_size, stack, .. } => {
                 self.count(kind);
                 if ptr == 0 {
                     self.c.failed_allocs += 1;
                 } else {
-                    self.add_block(ptr, Block { size, chunk, prev_size, time_ns, stream, kind });
+                    self.add_block(ptr, Block { size, chunk, prev_size, time_ns, stream, kind, stack, nth: 0 });
                 }
             }
             Event::Free { kind, ptr, chunk, .. } => {
                 self.count(kind);
                 if ptr != 0 {
-                    self.end_block(ptr, chunk);
+                    self.end_block(ptr, chunk, Some(stream));
                 }
             }
-            Event::Realloc { kind, old_ptr, new_ptr, size, chunk, old_chunk, prev_size, .. } => {
+            Event::Realloc { kind, old_ptr, new_ptr, size, chunk, old_chunk, prev_size, stack, .. } => {
                 self.count(kind);
                 if new_ptr == 0 {
                     if size == 0 && old_ptr != 0 {
                         // realloc(p, 0) freed p.
-                        self.end_block(old_ptr, old_chunk);
+                        self.end_block(old_ptr, old_chunk, Some(stream));
                     } else {
                         self.c.failed_allocs += 1;
                     }
                     return;
                 }
                 if old_ptr != 0 {
-                    self.end_block(old_ptr, old_chunk);
+                    self.end_block(old_ptr, old_chunk, None);
                 }
-                self.add_block(new_ptr, Block { size, chunk, prev_size, time_ns, stream, kind });
+                self.add_block(new_ptr, Block { size, chunk, prev_size, time_ns, stream, kind, stack, nth: 0 });
             }
             Event::UsableSize { .. } => self.count(EventKind::UsableSize),
             Event::Mmap { kind, .. } => self.count(kind),

@@ -172,6 +172,8 @@ pub struct Merger {
     /// uses in stream order (pushed at the back as chunks arrive, popped at the front as applied).
     uses: FxHashMap<u64, Vec<(usize, VecDeque<Use>)>>,
     pub stats: MergeStats,
+    /// Stack and module definitions, collected as chunks are decoded (they need no ordering).
+    pub stacks: super::stacks::StackTable,
 }
 
 impl Merger {
@@ -191,6 +193,7 @@ impl Merger {
             serial: 0,
             uses: FxHashMap::default(),
             stats: MergeStats::default(),
+            stacks: Default::default(),
         }
     }
 
@@ -239,6 +242,9 @@ impl Merger {
                     let _ = at;
                     s.time_ns = s.time_ns.max(clock_ns);
                 }
+                Ok((at, Event::Stack { id, .. })) => self.stacks.define_stack(id, &c.words[at..], s.time_ns),
+                Ok((at, Event::Module { bias, lo, hi, .. })) => self.stacks.define_module(bias, lo, hi, &c.words[at..], s.time_ns),
+                Ok((_, Event::ModuleUnload { bias })) => self.stacks.unload_module(bias, s.time_ns),
                 Ok((at, ev)) => {
                     if let Event::Mallinfo { reason: MallinfoReason::Periodic, .. } = ev {
                         s.internal = true;

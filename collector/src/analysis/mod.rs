@@ -8,6 +8,8 @@ pub mod live;
 pub mod merge;
 pub mod meta;
 pub mod sizes;
+pub mod sites;
+pub mod stacks;
 
 use std::fs::File;
 use std::io::BufReader;
@@ -169,6 +171,18 @@ impl Analyzer {
         }
         for img in &mut self.images {
             img.finish();
+        }
+        // Fork children inherit their parent's stack and module definitions (parents first:
+        // images are in registration order).
+        for ci in 0..self.images.len() {
+            if self.images[ci].relation != Relation::Fork {
+                continue;
+            }
+            let Some(&pi) = self.images[ci].parent.and_then(|p| self.index.get(&p)) else { continue };
+            if pi < ci {
+                let parent = self.images[pi].stacks().clone();
+                self.images[ci].stacks_mut().inherit(&parent);
+            }
         }
         if self.orphans > 0 {
             self.notes.push(format!("{} records name process images the trace never announced", self.orphans));

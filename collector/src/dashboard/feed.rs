@@ -256,7 +256,7 @@ fn analyse_loop(path: &Path, state: &Arc<FeedState>, opts: FeedOptions, rx: cros
     // of the drain, at least every 10 ms while a process is traced): see `behind_s`.
     let mut data_ns = 0u64;
     let snapshot = |a: &mut Analyzer, state: &FeedState| {
-        let mut m = a.peek(|x| DashboardModel::from_report(&report::build(x, report::ReportOptions { max_timeline: 0 })));
+        let mut m = a.peek(|x| DashboardModel::from_report(&report::build(x, report::ReportOptions { max_timeline: 0, sites: false })));
         // Still being written: not a recording that ended badly.
         m.warnings.retain(|w| !w.starts_with("the recording did not end normally"));
         state.publish(m);
@@ -317,7 +317,7 @@ fn analyse_loop(path: &Path, state: &Arc<FeedState>, opts: FeedOptions, rx: cros
         Some(e) => Some(e.to_string()),
     };
     let analysis = a.finish(damage);
-    let m = DashboardModel::from_report(&report::build(&analysis, report::ReportOptions { max_timeline: 0 }));
+    let m = DashboardModel::from_report(&report::build(&analysis, report::ReportOptions { max_timeline: 0, sites: false }));
     state.calls.store(analysis.images.iter().map(|i| i.model.c.calls.values().sum::<u64>()).sum(), Ordering::Relaxed);
     state.publish(m);
     state.done.store(true, Ordering::Release);

@@ -3,6 +3,7 @@
 
 pub mod retention;
 pub mod sizes;
+pub mod sites;
 pub mod text;
 
 use std::collections::BTreeMap;
@@ -94,6 +95,10 @@ pub struct ProcessReport {
     pub timeline: Vec<TimelineSample>,
     /// Request sizes of the allocations, by power-of-two bucket.
     pub size_histogram: sizes::SizeHistogram,
+    /// Allocation sites: `stacks`, `top_sites_at_peak`, `leaked_sites`, `temporary_sites`,
+    /// `retention_by_site`, … (see [`sites`]).
+    #[serde(flatten)]
+    pub sites: sites::SitesReport,
 }
 
 #[derive(Serialize, Default)]
@@ -125,11 +130,14 @@ pub struct TimelineSample {
 pub struct ReportOptions {
     /// At most this many timeline samples per process (evenly thinned; 0 = all).
     pub max_timeline: usize,
+    /// Build the allocation-site sections (symbolises the stacks: skip it for views that do not
+    /// show them).
+    pub sites: bool,
 }
 
 impl Default for ReportOptions {
     fn default() -> Self {
-        ReportOptions { max_timeline: 1000 }
+        ReportOptions { max_timeline: 1000, sites: true }
     }
 }
 
@@ -142,7 +150,11 @@ pub fn build(a: &Analysis, opts: ReportOptions) -> Report {
         damage: a.damage.clone(),
         lossy: a.session.lossy,
         notes: a.notes.clone(),
-        processes: a.images.iter().map(|i| process(i, opts)).collect(),
+        processes: {
+            // One symbolizer for every image: the libraries they share are parsed once.
+            let symbolizer = std::rc::Rc::new(crate::symbols::symbolizer());
+            a.images.iter().map(|i| process(i, opts, &symbolizer)).collect()
+        },
     }
 }
 
@@ -150,7 +162,7 @@ fn secs(ns: u64) -> f64 {
     (ns as f64 / 1e9 * 1e6).round() / 1e6
 }
 
-fn process(img: &ImageAnalysis, opts: ReportOptions) -> ProcessReport {
+fn process(img: &ImageAnalysis, opts: ReportOptions, symbolizer: &std::rc::Rc<blazesym::symbolize::Symbolizer>) -> ProcessReport {
     let c = &img.model.c;
     let end_ns = img.end.as_ref().map(|e| e.time_ns).unwrap_or(img.model.now_ns).max(img.start_ns);
     let (ending, exit_status) = match &img.end {
@@ -187,7 +199,7 @@ fn process(img: &ImageAnalysis, opts: ReportOptions) -> ProcessReport {
         let k = opts.max_timeline;
         timeline = (0..k).map(|i| timeline[i * (n - 1) / (k - 1).max(1)]).collect();
     }
-    ProcessReport {
+    let mut r = ProcessReport {
         image: img.id,
         pid: img.pid,
         ppid: img.ppid,
@@ -240,5 +252,39 @@ fn process(img: &ImageAnalysis, opts: ReportOptions) -> ProcessReport {
         retention_unavailable: (!img.glibc.enabled).then(|| img.glibc.uncertain.first().cloned().unwrap_or_else(|| "no glibc model".into())),
         timeline,
         size_histogram: sizes::build(img),
+        sites: if opts.sites { sites::build(img, symbolizer.clone()) } else { sites::SitesReport::default() },
+    };
+    name_pinning_sites(&mut r);
+    r
+}
+
+/// The retention causes name a heap top's pinning block by address: add where it was allocated.
+fn name_pinning_sites(r: &mut ProcessReport) {
+    let Some(rb) = &r.sites.retention_by_site else { return };
+    let Some(ret) = &mut r.retention else { return };
+    let name = |causes: &mut Vec<crate::analysis::glibc::explain::Cause>, pins: &[sites::Pin]| {
+        for p in pins {
+            let Some(site) = &p.site else { continue };
+            let at = format!("{:#x}", p.address);
+            let loc = match (&site.file, site.line) {
+                (Some(f), Some(l)) => format!(" ({}:{l})", crate::symbols::base_name(f)),
+                _ => String::new(),
+            };
+            let by = format!(" (allocated in {}{loc})", site.function);
+            for c in causes.iter_mut().filter(|c| c.kind == "top_pinned" && !c.text.contains("(allocated in ")) {
+                if p.live && c.text.contains(&at) {
+                    c.text = c.text.replacen(&at, &format!("{at}{by}"), 1);
+                } else if !p.live && c.arena.as_deref() == Some(p.arena.as_str()) && c.text.contains("a freed ") {
+                    // "pinned by a freed N-byte chunk held in …: …"
+                    if let Some(i) = c.text.find(": ") {
+                        c.text.insert_str(i, &format!(" (its block was allocated in {}{loc})", site.function));
+                    }
+                }
+            }
+        }
+    };
+    name(&mut ret.causes, &rb.top_pinned_by);
+    if let Some(peak) = &mut ret.at_peak_rss {
+        name(&mut peak.causes, &rb.top_pinned_at_peak_rss);
     }
 }

@@ -108,6 +108,70 @@ fn process(s: &mut String, p: &ProcessReport, lossy: bool) {
     } else if let Some(why) = &p.retention_unavailable {
         wrap(s, "   -- retention: not modelled: ", "      ", why);
     }
+    sites(s, &p.sites, p.peak_live_bytes);
+}
+
+/// Sites shown per list in text.
+const TEXT_SITES: usize = 10;
+
+fn site_line(s: &mut String, v: &super::sites::SiteView, extra: &str) {
+    let loc = match (&v.file, v.line) {
+        (Some(f), Some(l)) => format!(" ({}:{l})", crate::symbols::base_name(f)),
+        (Some(f), None) => format!(" ({})", crate::symbols::base_name(f)),
+        _ => String::new(),
+    };
+    let _ = writeln!(s, "      {:>12} {:>8} blocks  {}{loc}{extra}", bytes(v.bytes), v.blocks, v.function);
+    // The path to it: the next few frames beyond the naming one.
+    let at = v.frames.iter().position(|f| f.function == v.function).map_or(0, |i| i + 1);
+    let path: Vec<String> = v.frames.iter().skip(at).take(3).map(|f| f.label()).collect();
+    if !path.is_empty() {
+        wrap(s, "                                 <- ", "                                    ", &path.join(" <- "));
+    }
+}
+
+/// The allocation-site sections.
+fn sites(s: &mut String, r: &super::sites::SitesReport, peak: u64) {
+    if !r.stacks {
+        if let Some(n) = &r.stacks_note {
+            let _ = writeln!(s, "   -- sites: {n}");
+        }
+        return;
+    }
+    let _ = writeln!(s, "   -- top sites at the peak ({} live):", bytes(peak));
+    for v in r.top_sites_at_peak.iter().take(TEXT_SITES) {
+        site_line(s, v, "");
+    }
+    if r.leaked_sites.is_empty() {
+        let _ = writeln!(s, "   -- leaked at exit: nothing");
+    } else {
+        let total: u64 = r.leaked_sites.iter().map(|v| v.bytes).sum();
+        let _ = writeln!(s, "   -- leaked at exit (still live when the image ended), {} in the sites below:", bytes(total));
+        for v in r.leaked_sites.iter().take(TEXT_SITES) {
+            site_line(s, v, "");
+        }
+    }
+    if !r.temporary_sites.is_empty() {
+        let _ = writeln!(s, "   -- temporary allocations (freed by their thread right after, with no call in between):");
+        for v in r.temporary_sites.iter().take(TEXT_SITES) {
+            site_line(s, v, &format!(", of {} allocations", v.allocations));
+        }
+    }
+    if let Some(rb) = &r.retention_by_site {
+        if !rb.sites.is_empty() {
+            let _ = writeln!(s, "   -- freed memory glibc keeps at the end, by the site that allocated it:");
+            for v in rb.sites.iter().take(TEXT_SITES) {
+                site_line(s, &v.site, &format!(" [tcache {}, fastbins {}, bins {}]", bytes(v.tcache), bytes(v.fastbins), bytes(v.bins)));
+            }
+        }
+        for p in &rb.top_pinned_by {
+            let site = p.site.as_ref().map(|v| format!(", allocated in {}", v.frames.first().map(|_| v.function.as_str()).unwrap_or("?"))).unwrap_or_default();
+            let loc = p.site.as_ref().and_then(|v| v.file.as_ref().map(|f| format!(" ({}:{})", crate::symbols::base_name(f), v.line.unwrap_or(0)))).unwrap_or_default();
+            let _ = writeln!(s, "   -- the heap top of the {} arena is pinned by the live {}-byte block at {:#x}{site}{loc}", p.arena, p.size, p.address);
+        }
+    }
+    for m in &r.symbols_missing {
+        let _ = writeln!(s, "   note: {m}");
+    }
 }
 
 /// Wrap `text` at about 96 columns, indenting continuation lines.
