@@ -22,7 +22,8 @@ pub fn path(frames: &[Frame]) -> String {
     frames.iter().rev().map(name).collect::<Vec<_>>().join(";")
 }
 
-/// Fold weighted stacks into sorted, merged lines.
+/// Fold weighted stacks into sorted lines, one per distinct path (stacks whose frames read the
+/// same — two stack ids, or return addresses in the same functions — are summed into one line).
 pub fn fold(stacks: impl IntoIterator<Item = (Vec<Frame>, u64)>) -> Vec<(String, u64)> {
     let mut m: BTreeMap<String, u64> = BTreeMap::new();
     for (frames, v) in stacks {

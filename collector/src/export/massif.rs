@@ -23,10 +23,11 @@
 //! Snapshots: the first at time 0; the series the analysis kept (about 100, evenly spaced in
 //! time — or in bytes allocated, `--time-unit B` — every 10th detailed); the exact peak of live bytes (`heap_tree=peak`); the end
 //! (detailed). Trees go from the allocator outwards: a node's children are its callers,
-//! largest first; callers below the threshold (percent of the snapshot's `mem_heap_B`) are
-//! folded into one "in N places" line. A node's bytes are the sum of its children's (a stack
-//! that ends where others go on gets a `(stack ends here)` child). Allocations without a stack
-//! are one `(no stack)` entry.
+//! largest first, one per distinct label (stacks that read the same merge into one node; frames
+//! at different addresses stay apart, as in valgrind's own files); callers below the threshold
+//! (percent of the snapshot's `mem_heap_B`) are folded into one "in N places" line. A node's
+//! bytes are the sum of its children's (a stack that ends where others go on gets a
+//! `(stack ends here)` child). Allocations without a stack are one `(no stack)` entry.
 
 use std::fmt::Write as _;
 use std::io::Write;
@@ -285,6 +286,11 @@ mod tests {
         assert_eq!(lines[4], " n0: 5 in 1 place, below massif's threshold (1.00%)");
         // Empty heap.
         assert_eq!(tree(&[], 0, 1.0), "n0: 0 (heap allocation functions) malloc/new/new[], --alloc-fns, etc.\n");
+        // Stacks whose frames read the same (two stack ids): one node per label, never two
+        // siblings alike.
+        let detail = vec![(vec![f(0x401000, "big", 1), main.clone()], 300), (vec![f(0x401000, "big", 1), main.clone()], 700)];
+        let t = tree(&detail, 1000, 1.0);
+        assert_eq!(t, "n1: 1000 (heap allocation functions) malloc/new/new[], --alloc-fns, etc.\n n1: 1000 0x401000: big (big.c:1)\n  n0: 1000 0x400100: main (main.c:9)\n");
     }
 
     #[test]

@@ -2,16 +2,24 @@
 //! leaking at exit, temporary allocations, and freed memory glibc still holds, by site.
 //!
 //! Built from the analysis' per-stack aggregation (`analysis::sites`) and the image's stack
-//! table, symbolised here once per distinct address. A site is one stack id; its `function`,
-//! `file` and `line` are those of its first frame outside the allocator's plumbing and the
-//! language's library (see [`plumbing`]: operator new, `std::vector`, Rust's `alloc::`, libc,
-//! the loader, …), so that `strdup`, `new` or `vec!` name their caller; `frames` lists every
-//! frame, the library's included.
+//! table, symbolised here once per distinct address. A site is named (`function`, `file`,
+//! `line`) by its first frame outside the allocator's plumbing and the language's library (see
+//! [`plumbing`]: operator new, `std::vector`, Rust's `alloc::`, libc, the loader, …), so that
+//! `strdup`, `new` or `vec!` name their caller.
+//!
+//! A site is what the user sees: the naming frame and every caller beyond it ([`shown_frames`]),
+//! each as its symbolised function, file, line and module (an unresolved frame's function is
+//! `module+0xoffset`). Stack ids whose shown frames are identical — stacks that differ only in
+//! the hidden plumbing frames inside them (malloc vs calloc, two paths through libc or
+//! `alloc::`), or only in return addresses that symbolise to the same lines — are one site:
+//! its numbers are summed over them, `stack_ids` lists them, `stack_id` is the one with the most
+//! bytes in that list and `frames` are its frames (every frame, the library's included).
 //!
 //! [`SiteView`] is the plain structure other views (the dashboard) can use.
 
 use std::collections::BTreeMap;
 
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::analysis::glibc::arena::State;
@@ -32,9 +40,14 @@ pub struct SiteView {
     pub bytes: u64,
     pub blocks: u64,
     /// The stack id in the trace, in hex (ids are 64-bit hashes: too wide for JSON numbers in
-    /// most readers); "0x0": allocations without a stack.
+    /// most readers); "0x0": allocations without a stack. Of the site's stack ids, the one with
+    /// the most bytes in this list (then the most blocks, then the lowest id): `frames` are its.
     #[serde(serialize_with = "hex")]
     pub stack_id: u64,
+    /// Every stack id shown as this site (identical frames from the naming one outward), in
+    /// hex, ascending; `stack_id` is one of them.
+    #[serde(serialize_with = "hex_list")]
+    pub stack_ids: Vec<u64>,
     /// Allocations made at this site over the whole run, and their bytes.
     pub allocations: u64,
     pub allocated_bytes: u64,
@@ -47,6 +60,10 @@ pub struct SiteView {
 
 fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{v:#x}"))
+}
+
+fn hex_list<S: serde::Serializer>(v: &[u64], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|v| format!("{v:#x}")))
 }
 
 /// Bytes one site has in glibc's free lists.
@@ -88,6 +105,7 @@ pub struct FunctionView {
     pub function: String,
     pub bytes: u64,
     pub blocks: u64,
+    /// Sites (as listed, not stack ids) of this function live at the peak.
     pub sites: u64,
 }
 
@@ -137,9 +155,40 @@ pub fn plumbing(f: &Frame) -> bool {
         || MODULES.iter().any(|p| m.starts_with(p))
 }
 
+/// The index of the frame that names a site: the first outside the plumbing (the innermost
+/// frame when all are).
+pub fn site_index(frames: &[Frame]) -> usize {
+    frames.iter().position(|f| !plumbing(f)).unwrap_or(0)
+}
+
 /// The frame that names a site.
 pub fn site_frame(frames: &[Frame]) -> Option<&Frame> {
-    frames.iter().find(|f| !plumbing(f)).or(frames.first())
+    frames.get(site_index(frames))
+}
+
+/// The frames a site shows: the naming frame and its callers.
+pub fn shown_frames(frames: &[Frame]) -> &[Frame] {
+    frames.get(site_index(frames)..).unwrap_or_default()
+}
+
+/// A shown frame as it identifies a site: function (`module+0xoffset` when unresolved), file,
+/// line, module.
+type ShownKey = Vec<(String, Option<String>, Option<u32>, String)>;
+
+fn shown_key(frames: &[Frame]) -> ShownKey {
+    shown_frames(frames).iter().map(|f| (f.function.clone(), f.file.clone(), f.line, f.module.clone())).collect()
+}
+
+/// One entry of a list: a site with its amounts summed over its stack ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub site: usize,
+    /// Its stack id with the most bytes here (then blocks, then the lowest id).
+    pub stack: u64,
+    pub bytes: u64,
+    pub blocks: u64,
+    /// Per-list parts (retention: tcache, fastbins, bins), summed too.
+    pub parts: [u64; 3],
 }
 
 fn class_label(i: usize) -> String {
@@ -149,20 +198,85 @@ fn class_label(i: usize) -> String {
     if hi == u64::MAX { format!(">{}", k(lo - 1)) } else { format!("{}-{}", k(lo), k(hi)) }
 }
 
-/// Builds [`SiteView`]s for one image (symbolising each address once).
+/// Builds [`SiteView`]s for one image (symbolising each address once), grouping stack ids into
+/// sites by their shown frames.
 pub struct SiteNamer<'a> {
     img: &'a ImageAnalysis,
     pub symbols: Symbols<'a>,
+    sites: FxHashMap<ShownKey, usize>,
+    site_of: FxHashMap<u64, usize>,
+    /// Stack ids per site, ascending once [`SiteNamer::index`] has seen them all.
+    members: Vec<Vec<u64>>,
 }
 
 impl<'a> SiteNamer<'a> {
     pub fn new(img: &'a ImageAnalysis) -> SiteNamer<'a> {
-        SiteNamer { img, symbols: Symbols::new(img.stacks()) }
+        SiteNamer::with(img, Symbols::new(img.stacks()))
     }
 
     /// With a symbolizer shared between images.
     pub fn shared(img: &'a ImageAnalysis, symbolizer: std::rc::Rc<blazesym::symbolize::Symbolizer>) -> SiteNamer<'a> {
-        SiteNamer { img, symbols: Symbols::shared(img.stacks(), symbolizer) }
+        SiteNamer::with(img, Symbols::shared(img.stacks(), symbolizer))
+    }
+
+    fn with(img: &'a ImageAnalysis, symbols: Symbols<'a>) -> SiteNamer<'a> {
+        SiteNamer { img, symbols, sites: FxHashMap::default(), site_of: FxHashMap::default(), members: Vec::new() }
+    }
+
+    /// The site of a stack id (symbolising it if needed).
+    pub fn site(&mut self, stack: u64) -> usize {
+        if let Some(&i) = self.site_of.get(&stack) {
+            return i;
+        }
+        let key = shown_key(&self.frames(stack));
+        let n = self.sites.len();
+        let i = *self.sites.entry(key).or_insert(n);
+        if i == n {
+            self.members.push(Vec::new());
+        }
+        self.members[i].push(stack);
+        self.site_of.insert(stack, i);
+        i
+    }
+
+    /// Symbolise these stack ids (one batch per module) and give each its site; with every
+    /// stack id the image allocated from, so that a site's counters cover all its stacks.
+    pub fn index(&mut self, ids: impl IntoIterator<Item = u64>) {
+        let mut ids: Vec<u64> = ids.into_iter().chain(self.img.model.sites.by_stack.keys().copied()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        self.symbols.prepare(ids.iter().copied());
+        for id in ids {
+            self.site(id);
+        }
+        for m in &mut self.members {
+            m.sort_unstable();
+        }
+    }
+
+    /// Group per-stack amounts into sites: summed, largest first (bytes, blocks, then the
+    /// representative stack id), at most `n`.
+    pub fn group(&mut self, v: impl IntoIterator<Item = (SiteAmount, [u64; 3])>, n: usize) -> Vec<Entry> {
+        let mut per: FxHashMap<usize, (Entry, (u64, u64))> = FxHashMap::default();
+        for (a, parts) in v {
+            let site = self.site(a.stack);
+            let e = per.entry(site).or_insert((Entry { site, stack: a.stack, bytes: 0, blocks: 0, parts: [0; 3] }, (a.bytes, a.blocks)));
+            // The representative: most bytes, then most blocks, then the lowest id.
+            let best = &mut e.1;
+            if (a.bytes, a.blocks, std::cmp::Reverse(a.stack)) > (best.0, best.1, std::cmp::Reverse(e.0.stack)) {
+                *best = (a.bytes, a.blocks);
+                e.0.stack = a.stack;
+            }
+            e.0.bytes += a.bytes;
+            e.0.blocks += a.blocks;
+            for (s, p) in e.0.parts.iter_mut().zip(parts) {
+                *s += p;
+            }
+        }
+        let mut v: Vec<Entry> = per.into_values().map(|(e, _)| e).collect();
+        v.sort_unstable_by(|a, b| b.bytes.cmp(&a.bytes).then(b.blocks.cmp(&a.blocks)).then(a.stack.cmp(&b.stack)));
+        v.truncate(n);
+        v
     }
 
     /// Frames of a stack id (`(no stack)` for 0, `(stack N not defined)` when the trace lacks it).
@@ -174,31 +288,48 @@ impl<'a> SiteNamer<'a> {
         self.symbols.stack(stack).unwrap_or_else(|| pseudo(format!("(stack {stack} not defined in the trace)")))
     }
 
+    /// The view of one stack's amounts, as its site (counters over all the site's stacks).
     pub fn view(&mut self, a: SiteAmount) -> SiteView {
-        let frames = self.frames(a.stack);
+        let site = self.site(a.stack);
+        self.entry_view(Entry { site, stack: a.stack, bytes: a.bytes, blocks: a.blocks, parts: [0; 3] })
+    }
+
+    /// The view of a grouped entry: its representative's frames, counters summed over every
+    /// stack id of the site.
+    pub fn entry_view(&mut self, e: Entry) -> SiteView {
+        let frames = self.frames(e.stack);
         let top = site_frame(&frames).cloned();
-        let st = self.img.model.sites.by_stack.get(&a.stack).cloned().unwrap_or_default();
+        let ids = self.members[e.site].clone();
+        let (mut allocs, mut allocated, mut temporary, mut classes) = (0u64, 0u64, 0u64, [0u64; SIZE_CLASSES.len()]);
+        for id in &ids {
+            if let Some(st) = self.img.model.sites.by_stack.get(id) {
+                allocs += st.allocs;
+                allocated = allocated.saturating_add(st.allocated_bytes);
+                temporary += st.temporary;
+                for (c, n) in classes.iter_mut().zip(st.size_classes) {
+                    *c += n;
+                }
+            }
+        }
         SiteView {
             function: top.as_ref().map(|f| f.function.clone()).unwrap_or_default(),
             file: top.as_ref().and_then(|f| f.file.clone()),
             line: top.as_ref().and_then(|f| f.line),
-            bytes: a.bytes,
-            blocks: a.blocks,
-            stack_id: a.stack,
-            allocations: st.allocs,
-            allocated_bytes: st.allocated_bytes,
-            temporary: st.temporary,
-            size_classes: st.size_classes.iter().enumerate().filter(|(_, n)| **n > 0).map(|(i, n)| (class_label(i), *n)).collect(),
+            bytes: e.bytes,
+            blocks: e.blocks,
+            stack_id: e.stack,
+            stack_ids: ids,
+            allocations: allocs,
+            allocated_bytes: allocated,
+            temporary,
+            size_classes: classes.iter().enumerate().filter(|(_, n)| **n > 0).map(|(i, n)| (class_label(i), *n)).collect(),
             frames,
         }
     }
 }
 
-/// Largest first, ties by stack id; at most `n`.
-fn top(mut v: Vec<SiteAmount>, n: usize) -> Vec<SiteAmount> {
-    v.sort_unstable_by(|a, b| b.bytes.cmp(&a.bytes).then(b.blocks.cmp(&a.blocks)).then(a.stack.cmp(&b.stack)));
-    v.truncate(n);
-    v
+fn plain(v: impl IntoIterator<Item = SiteAmount>) -> impl Iterator<Item = (SiteAmount, [u64; 3])> {
+    v.into_iter().map(|a| (a, [0; 3]))
 }
 
 pub fn build(img: &ImageAnalysis, symbolizer: std::rc::Rc<blazesym::symbolize::Symbolizer>) -> SitesReport {
@@ -211,43 +342,38 @@ pub fn build(img: &ImageAnalysis, symbolizer: std::rc::Rc<blazesym::symbolize::S
             ..Default::default()
         };
     }
-    let at_peak_all = sites.at_peak();
-    let at_peak = top(at_peak_all.clone(), MAX_SITES);
-    let leaked = top(sites.live_now(), MAX_SITES);
-    let temporary = top(
-        sites.by_stack.iter().filter(|(_, s)| s.temporary > 0).map(|(&stack, s)| SiteAmount { stack, bytes: s.temporary_bytes, blocks: s.temporary }).collect(),
-        MAX_SITES,
-    );
     let retained = retained(img);
     let mut namer = SiteNamer::shared(img, symbolizer);
-    let ids: Vec<u64> = img.samples.peak_pins.iter().map(|p| p.stack).chain(at_peak_all.iter().map(|a| a.stack)).chain(leaked.iter().map(|a| a.stack)).chain(temporary.iter().map(|a| a.stack)).chain(retained.0.iter().map(|r| r.0)).chain(retained.1.iter().filter_map(|p| p.3)).collect();
-    namer.symbols.prepare(ids);
+    // Every stack id of the image gets its site first (their counters are summed per site).
+    namer.index(img.samples.peak_pins.iter().map(|p| p.stack).chain(retained.0.iter().map(|r| r.0)).chain(retained.1.iter().filter_map(|p| p.3)));
+    let at_peak_all = namer.group(plain(sites.at_peak()), usize::MAX);
+    let at_peak: Vec<Entry> = at_peak_all.iter().take(MAX_SITES).copied().collect();
+    let leaked = namer.group(plain(sites.live_now()), MAX_SITES);
+    let temporary = namer.group(
+        plain(sites.by_stack.iter().filter(|(_, s)| s.temporary > 0).map(|(&stack, s)| SiteAmount { stack, bytes: s.temporary_bytes, blocks: s.temporary })),
+        MAX_SITES,
+    );
+    let retained_sites = namer.group(
+        retained.0.iter().map(|&(stack, tc, fb, bins, blocks)| (SiteAmount { stack, bytes: tc + fb + bins, blocks }, [tc, fb, bins])),
+        MAX_SITES,
+    );
 
     // Per top function, over every site live at the peak.
     let mut funcs: BTreeMap<String, FunctionView> = BTreeMap::new();
-    for a in &at_peak_all {
-        let frames = namer.frames(a.stack);
+    for e in &at_peak_all {
+        let frames = namer.frames(e.stack);
         let name = site_frame(&frames).map(|f| f.function.clone()).unwrap_or_default();
-        let e = funcs.entry(name.clone()).or_insert(FunctionView { function: name, bytes: 0, blocks: 0, sites: 0 });
-        e.bytes += a.bytes;
-        e.blocks += a.blocks;
-        e.sites += 1;
+        let f = funcs.entry(name.clone()).or_insert(FunctionView { function: name, bytes: 0, blocks: 0, sites: 0 });
+        f.bytes += e.bytes;
+        f.blocks += e.blocks;
+        f.sites += 1;
     }
     let mut top_functions: Vec<FunctionView> = funcs.into_values().collect();
     top_functions.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.function.cmp(&b.function)));
     top_functions.truncate(MAX_SITES);
 
     let retention_by_site = img.glibc.enabled.then(|| RetentionBySite {
-        sites: retained
-            .0
-            .iter()
-            .map(|&(stack, tc, fb, bins, blocks)| RetainedSite {
-                site: namer.view(SiteAmount { stack, bytes: tc + fb + bins, blocks }),
-                tcache: tc,
-                fastbins: fb,
-                bins,
-            })
-            .collect(),
+        sites: retained_sites.iter().map(|&e| RetainedSite { site: namer.entry_view(e), tcache: e.parts[0], fastbins: e.parts[1], bins: e.parts[2] }).collect(),
         top_pinned_by: retained
             .1
             .iter()
@@ -265,10 +391,10 @@ pub fn build(img: &ImageAnalysis, symbolizer: std::rc::Rc<blazesym::symbolize::S
         stacks: true,
         stacks_note: None,
         allocations_with_stack: sites.with_stack,
-        top_sites_at_peak: at_peak.into_iter().map(|a| namer.view(a)).collect(),
+        top_sites_at_peak: at_peak.into_iter().map(|e| namer.entry_view(e)).collect(),
         top_functions_at_peak: top_functions,
-        leaked_sites: leaked.into_iter().map(|a| namer.view(a)).collect(),
-        temporary_sites: temporary.into_iter().map(|a| namer.view(a)).collect(),
+        leaked_sites: leaked.into_iter().map(|e| namer.entry_view(e)).collect(),
+        temporary_sites: temporary.into_iter().map(|e| namer.entry_view(e)).collect(),
         retention_by_site,
         symbols_missing: namer.symbols.missing(),
     }
@@ -277,8 +403,8 @@ pub fn build(img: &ImageAnalysis, symbolizer: std::rc::Rc<blazesym::symbolize::S
 type Retained = (Vec<(u64, u64, u64, u64, u64)>, Vec<(String, u64, u64, Option<u64>)>);
 
 /// Freed chunks in glibc's free lists at the end, by the stack of the block that was there
-/// (stack, tcache, fastbins, bins, chunks), largest first; and the blocks pinning heap tops
-/// (arena, user address, requested size, stack).
+/// (stack, tcache, fastbins, bins, chunks), largest first (all of them: they are grouped into
+/// sites after); and the blocks pinning heap tops (arena, user address, requested size, stack).
 fn retained(img: &ImageAnalysis) -> Retained {
     let g = &img.glibc;
     if !g.enabled {
@@ -316,6 +442,115 @@ fn retained(img: &ImageAnalysis) -> Retained {
     }
     let mut v: Vec<(u64, u64, u64, u64, u64)> = per.into_iter().map(|(s, (t, f, b, n))| (s, t, f, b, n)).collect();
     v.sort_unstable_by(|a, b| (b.1 + b.2 + b.3).cmp(&(a.1 + a.2 + a.3)).then(a.0.cmp(&b.0)));
-    v.truncate(MAX_SITES);
     (v, pins)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::image::Relation;
+    use crate::analysis::meta::ProcessMeta;
+    use crate::analysis::stacks::{ModuleDef, StackDef};
+    use crate::trace::ProcessStart;
+    use mtrace_protocol::event::{Event, EventKind};
+
+    const LIBC: u64 = 0x7f00_0000_0000;
+    const APP: u64 = 0x5555_0000_0000;
+
+    fn alloc(ptr: u64, size: u64, stack: u64) -> Event {
+        let chunk = mtrace_protocol::event::chunk::request2size(size) | 1;
+        Event::Alloc { kind: EventKind::Malloc, ptr, size, align: 0, chunk, prev_size: 0, stack, stamp: None }
+    }
+    fn free(ptr: u64) -> Event {
+        Event::Free { kind: EventKind::Free, ptr, chunk: 0, stamp: None }
+    }
+
+    /// An image whose modules cannot be read (frames stay `module+0xoffset`): a libc (plumbing)
+    /// and the program; `stacks`: id → return addresses, innermost first.
+    fn image(stacks: &[(u64, &[u64])], events: &[Event]) -> ImageAnalysis {
+        let ps = ProcessStart { image: 0, pid: 1, ppid: 0, parent_image: None, origin: 0, fork_seq: 0, time_ns: 0, hello: Vec::new() };
+        let mut img = ImageAnalysis::new(&ps, ProcessMeta::default(), Relation::Root);
+        let t = img.stacks_mut();
+        for (bias, path) in [(LIBC, "/nonexistent/libc.so.6"), (APP, "/nonexistent/app")] {
+            t.modules.push(ModuleDef { bias, lo: bias, hi: bias + 0x10_0000, build_id: Vec::new(), path: path.into(), loaded_ns: 0, unloaded_ns: None });
+        }
+        for (id, ips) in stacks {
+            t.stacks.insert(*id, StackDef { frames: ips.to_vec().into(), time_ns: 1 });
+        }
+        for (i, ev) in events.iter().enumerate() {
+            img.model.apply(ev, 1000 * (i as u64 + 1), 1);
+        }
+        img
+    }
+
+    fn ids(v: &SiteView) -> Vec<String> {
+        serde_json::to_value(v).unwrap()["stack_ids"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
+    }
+
+    #[test]
+    fn stacks_differing_only_in_plumbing_frames_are_one_site_with_summed_numbers() {
+        // 1 and 2 differ only inside libc (malloc vs calloc, say): one site. 3 is called from
+        // another place in the program, 4 from another outer caller: sites of their own.
+        let stacks: [(u64, &[u64]); 4] = [
+            (1, &[LIBC + 0x101, APP + 0x1001, APP + 0x2001]),
+            (2, &[LIBC + 0x201, LIBC + 0x301, APP + 0x1001, APP + 0x2001]),
+            (3, &[LIBC + 0x101, APP + 0x1011, APP + 0x2001]),
+            (4, &[LIBC + 0x101, APP + 0x1001, APP + 0x3001]),
+        ];
+        let events = [
+            alloc(0x10, 100, 1),
+            alloc(0x20, 200, 2),
+            alloc(0x30, 30, 3),
+            alloc(0x40, 40, 2), // temporary
+            free(0x40),
+            alloc(0x50, 5000, 1), // the peak: 5330 B
+            free(0x50),           // temporary
+            alloc(0x60, 7, 4),
+            free(0x60), // temporary
+        ];
+        let img = image(&stacks, &events);
+        assert_eq!(img.model.c.peak_live_bytes, 5330);
+        let r = build(&img, std::rc::Rc::new(crate::symbols::symbolizer()));
+        assert!(r.stacks);
+
+        // At the peak: stacks 1 (5100 B, 2 blocks) and 2 (200 B) are one entry.
+        let top: Vec<(&str, u64, u64, u64)> = r.top_sites_at_peak.iter().map(|v| (v.function.as_str(), v.bytes, v.blocks, v.stack_id)).collect();
+        assert_eq!(top, vec![("app+0x1000", 5300, 3, 1), ("app+0x1010", 30, 1, 3)]);
+        let a = &r.top_sites_at_peak[0];
+        assert_eq!(ids(a), vec!["0x1", "0x2"]);
+        assert_eq!((a.allocations, a.allocated_bytes, a.temporary), (4, 5340, 2));
+        let classes: Vec<(&str, u64)> = a.size_classes.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        assert_eq!(classes, vec![("17-64", 1), ("4097-16K", 1), ("65-256", 2)]);
+        // Its frames are those of the stack with the most bytes, plumbing included.
+        let f: Vec<&str> = a.frames.iter().map(|f| f.function.as_str()).collect();
+        assert_eq!(f, vec!["libc.so.6+0x100", "app+0x1000", "app+0x2000"]);
+        let json = serde_json::to_value(a).unwrap();
+        assert_eq!((json["stack_id"].as_str(), json["bytes"].as_u64()), (Some("0x1"), Some(5300)));
+        let funcs: Vec<(&str, u64, u64, u64)> = r.top_functions_at_peak.iter().map(|f| (f.function.as_str(), f.bytes, f.blocks, f.sites)).collect();
+        assert_eq!(funcs, vec![("app+0x1000", 5300, 3, 1), ("app+0x1010", 30, 1, 1)]);
+
+        // Leaked: 100 B of stack 1 and 200 B of stack 2; the representative is now stack 2.
+        let leaked: Vec<(&str, u64, u64, u64)> = r.leaked_sites.iter().map(|v| (v.function.as_str(), v.bytes, v.blocks, v.stack_id)).collect();
+        assert_eq!(leaked, vec![("app+0x1000", 300, 2, 2), ("app+0x1010", 30, 1, 3)]);
+        assert_eq!(r.leaked_sites[0].frames.len(), 4);
+
+        // Temporaries: 40 B of stack 2 and 5000 B of stack 1; stack 4 (another outer caller)
+        // stays apart though its naming frame is the same.
+        let temp: Vec<(&str, u64, u64, u64, u64)> = r.temporary_sites.iter().map(|v| (v.function.as_str(), v.bytes, v.blocks, v.allocations, v.stack_id)).collect();
+        assert_eq!(temp, vec![("app+0x1000", 5040, 2, 4, 1), ("app+0x1000", 7, 1, 1, 4)]);
+        assert_eq!(ids(&r.temporary_sites[1]), vec!["0x4"]);
+    }
+
+    #[test]
+    fn grouping_sums_retention_parts_and_orders_by_bytes() {
+        let stacks: [(u64, &[u64]); 3] = [(1, &[LIBC + 0x101, APP + 0x1001]), (2, &[LIBC + 0x201, APP + 0x1001]), (3, &[APP + 0x1011])];
+        let img = image(&stacks, &[]);
+        let mut namer = SiteNamer::new(&img);
+        namer.index([1, 2, 3]);
+        let a = |stack, bytes, blocks| SiteAmount { stack, bytes, blocks };
+        let v = namer.group([(a(1, 30, 1), [10, 20, 0]), (a(3, 40, 2), [0, 0, 40]), (a(2, 25, 3), [5, 0, 20])], 10);
+        let got: Vec<(u64, u64, u64, [u64; 3])> = v.iter().map(|e| (e.stack, e.bytes, e.blocks, e.parts)).collect();
+        assert_eq!(got, vec![(1, 55, 4, [15, 20, 20]), (3, 40, 2, [0, 0, 40])]);
+        assert_eq!(namer.group([(a(1, 30, 1), [0; 3]), (a(3, 40, 2), [0; 3]), (a(2, 25, 3), [0; 3])], 1).len(), 1);
+    }
 }

@@ -114,18 +114,72 @@ fn process(s: &mut String, p: &ProcessReport, lossy: bool) {
 /// Sites shown per list in text.
 const TEXT_SITES: usize = 10;
 
-fn site_line(s: &mut String, v: &super::sites::SiteView, extra: &str) {
+/// Callers shown after a site's name.
+const TEXT_CALLERS: usize = 3;
+
+fn site_head(v: &super::sites::SiteView) -> String {
     let loc = match (&v.file, v.line) {
         (Some(f), Some(l)) => format!(" ({}:{l})", crate::symbols::base_name(f)),
         (Some(f), None) => format!(" ({})", crate::symbols::base_name(f)),
         _ => String::new(),
     };
-    let _ = writeln!(s, "      {:>12} {:>8} blocks  {}{loc}{extra}", bytes(v.bytes), v.blocks, v.function);
-    // The path to it: the next few frames beyond the naming one.
-    let at = v.frames.iter().position(|f| f.function == v.function).map_or(0, |i| i + 1);
-    let path: Vec<String> = v.frames.iter().skip(at).take(3).map(|f| f.label()).collect();
-    if !path.is_empty() {
-        wrap(s, "                                 <- ", "                                    ", &path.join(" <- "));
+    format!("{}{loc}", v.function)
+}
+
+/// The path shown under each entry of a list: the first callers beyond the naming frame, and
+/// where two entries would read the same, the first caller where they differ (after `…`); an
+/// entry still reading like another (frames that differ only in what text does not show: a
+/// directory, a module) gets its stack id.
+fn paths(list: &[&super::sites::SiteView]) -> Vec<String> {
+    let heads: Vec<String> = list.iter().map(|v| site_head(v)).collect();
+    let callers: Vec<Vec<String>> = list.iter().map(|v| super::sites::shown_frames(&v.frames).iter().skip(1).map(|f| f.label()).collect()).collect();
+    let mut shown: Vec<Vec<usize>> = callers.iter().map(|c| (0..c.len().min(TEXT_CALLERS)).collect()).collect();
+    for i in 0..list.len() {
+        for j in 0..list.len() {
+            let (a, b) = (&callers[i], &callers[j]);
+            if i == j || heads[i] != heads[j] || a.is_empty() {
+                continue;
+            }
+            let d = a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
+            if d >= TEXT_CALLERS {
+                shown[i].push(d.min(a.len() - 1));
+            }
+        }
+        shown[i].sort_unstable();
+        shown[i].dedup();
+    }
+    let mut texts: Vec<String> = shown
+        .iter()
+        .zip(&callers)
+        .map(|(idx, c)| {
+            let mut parts: Vec<&str> = Vec::new();
+            for (n, &k) in idx.iter().enumerate() {
+                if n > 0 && k > idx[n - 1] + 1 {
+                    parts.push("…");
+                }
+                parts.push(&c[k]);
+            }
+            parts.join(" <- ")
+        })
+        .collect();
+    let full: Vec<String> = heads.iter().zip(&texts).map(|(h, t)| format!("{h} {t}")).collect();
+    for (i, t) in texts.iter_mut().enumerate() {
+        if full.iter().enumerate().any(|(j, o)| j != i && *o == full[i]) {
+            let id = format!("[stack {:#x}]", list[i].stack_id);
+            *t = if t.is_empty() { id } else { format!("{t} {id}") };
+        }
+    }
+    texts
+}
+
+/// One list's entries, `extra` after each site's name.
+fn site_list<'a>(s: &mut String, list: impl IntoIterator<Item = &'a super::sites::SiteView>, extra: impl Fn(usize) -> String) {
+    let list: Vec<&super::sites::SiteView> = list.into_iter().take(TEXT_SITES).collect();
+    for (i, (v, path)) in list.iter().zip(paths(&list)).enumerate() {
+        let _ = writeln!(s, "      {:>12} {:>8} blocks  {}{}", bytes(v.bytes), v.blocks, site_head(v), extra(i));
+        if !path.is_empty() {
+            wrap(s, "                                 <- ", "                                    ", &path);
+        }
     }
 }
 
@@ -138,30 +192,25 @@ fn sites(s: &mut String, r: &super::sites::SitesReport, peak: u64) {
         return;
     }
     let _ = writeln!(s, "   -- top sites at the peak ({} live):", bytes(peak));
-    for v in r.top_sites_at_peak.iter().take(TEXT_SITES) {
-        site_line(s, v, "");
-    }
+    site_list(s, &r.top_sites_at_peak, |_| String::new());
     if r.leaked_sites.is_empty() {
         let _ = writeln!(s, "   -- leaked at exit: nothing");
     } else {
         let total: u64 = r.leaked_sites.iter().map(|v| v.bytes).sum();
         let _ = writeln!(s, "   -- leaked at exit (still live when the image ended), {} in the sites below:", bytes(total));
-        for v in r.leaked_sites.iter().take(TEXT_SITES) {
-            site_line(s, v, "");
-        }
+        site_list(s, &r.leaked_sites, |_| String::new());
     }
     if !r.temporary_sites.is_empty() {
         let _ = writeln!(s, "   -- temporary allocations (freed by their thread right after, with no call in between):");
-        for v in r.temporary_sites.iter().take(TEXT_SITES) {
-            site_line(s, v, &format!(", of {} allocations", v.allocations));
-        }
+        site_list(s, &r.temporary_sites, |i| format!(", of {} allocations", r.temporary_sites[i].allocations));
     }
     if let Some(rb) = &r.retention_by_site {
         if !rb.sites.is_empty() {
             let _ = writeln!(s, "   -- freed memory glibc keeps at the end, by the site that allocated it:");
-            for v in rb.sites.iter().take(TEXT_SITES) {
-                site_line(s, &v.site, &format!(" [tcache {}, fastbins {}, bins {}]", bytes(v.tcache), bytes(v.fastbins), bytes(v.bins)));
-            }
+            site_list(s, rb.sites.iter().map(|v| &v.site), |i| {
+                let v = &rb.sites[i];
+                format!(" [tcache {}, fastbins {}, bins {}]", bytes(v.tcache), bytes(v.fastbins), bytes(v.bins))
+            });
         }
         for p in &rb.top_pinned_by {
             let site = p.site.as_ref().map(|v| format!(", allocated in {}", v.frames.first().map(|_| v.function.as_str()).unwrap_or("?"))).unwrap_or_default();
@@ -294,5 +343,58 @@ fn retention(s: &mut String, r: &Retention) {
     }
     for u in &r.uncertain {
         wrap(s, "      uncertain: ", "        ", u);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::sites::SiteView;
+    use crate::symbols::Frame;
+
+    fn view(id: u64, names: &[&str]) -> SiteView {
+        let frames = names
+            .iter()
+            .map(|n| Frame { function: n.to_string(), file: Some(format!("/src/{n}.c")), line: Some(1), module: "/bin/a".into(), inlined: false, ip: 0 })
+            .collect();
+        SiteView {
+            function: names[1].into(),
+            file: Some(format!("/src/{}.c", names[1])),
+            line: Some(1),
+            bytes: 1,
+            blocks: 1,
+            stack_id: id,
+            stack_ids: vec![id],
+            allocations: 1,
+            allocated_bytes: 1,
+            temporary: 0,
+            size_classes: Default::default(),
+            frames,
+        }
+    }
+
+    #[test]
+    fn entries_reading_alike_show_where_their_paths_differ() {
+        // "operator new" is plumbing: the site is the second frame.
+        let a = view(1, &["operator new", "f", "g", "h", "i", "j", "x", "main"]);
+        let b = view(2, &["operator new", "f", "g", "h", "i", "j", "y", "main"]);
+        let c = view(3, &["operator new", "k", "g", "h", "i", "j", "y", "main"]);
+        let d = view(4, &["operator new", "f", "g", "h", "i"]);
+        let p = paths(&[&a, &b, &c]);
+        assert_eq!(p[0], "g (g.c:1) <- h (h.c:1) <- i (i.c:1) <- … <- x (x.c:1)");
+        assert_eq!(p[1], "g (g.c:1) <- h (h.c:1) <- i (i.c:1) <- … <- y (y.c:1)");
+        // Another naming frame: the first callers only.
+        assert_eq!(p[2], "g (g.c:1) <- h (h.c:1) <- i (i.c:1)");
+        // A path that ends where another goes on: the other shows its next frame.
+        let p = paths(&[&a, &b, &d]);
+        assert_eq!(p[0], "g (g.c:1) <- h (h.c:1) <- i (i.c:1) <- j (j.c:1) <- x (x.c:1)");
+        assert_eq!(p[1], "g (g.c:1) <- h (h.c:1) <- i (i.c:1) <- j (j.c:1) <- y (y.c:1)");
+        assert_eq!(p[2], "g (g.c:1) <- h (h.c:1) <- i (i.c:1)");
+        // Frames that read the same in text (another directory): the stack ids tell them apart.
+        let mut e = view(5, &["operator new", "k", "g", "h", "i", "j", "y", "main"]);
+        e.frames[3].file = Some("/other/h.c".into());
+        let p = paths(&[&c, &e]);
+        assert_eq!(p[0], "g (g.c:1) <- h (h.c:1) <- i (i.c:1) <- … <- main (main.c:1) [stack 0x3]");
+        assert_eq!(p[1], "g (g.c:1) <- h (h.c:1) <- i (i.c:1) <- … <- main (main.c:1) [stack 0x5]");
     }
 }
