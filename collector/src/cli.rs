@@ -475,7 +475,7 @@ fn first_view(model: &crate::dashboard::model::DashboardModel, panel: Option<cra
 }
 
 fn view(file: &std::path::Path, partial: bool, print: Option<(u16, u16)>, panel: Option<crate::dashboard::app::Panel>, image: Option<u32>) -> i32 {
-    use crate::dashboard::{self, model::DashboardModel};
+    use crate::dashboard;
     use std::io::IsTerminal;
     let size = match print {
         Some(s) => Some(s),
@@ -493,7 +493,7 @@ fn view(file: &std::path::Path, partial: bool, print: Option<(u16, u16)>, panel:
             return 2;
         }
     };
-    let model = DashboardModel::from_report(&report::build(&a, report::ReportOptions { max_timeline: 0, sites: true }));
+    let model = dashboard::feed::final_model(&a);
     drop(a);
     let mut app = match first_view(&model, panel, image) {
         Ok(a) => a,

@@ -268,10 +268,11 @@ impl LiveSites {
         LiveSites { symbolizer: None, caches: Default::default(), latest: Default::default(), next: Instant::now(), last_cost: Duration::ZERO }
     }
 
-    /// Give `m` (built from `x`) the sites of its images: rebuilt if due, else the latest.
-    fn fill(&mut self, x: &Analysis, m: &mut DashboardModel) {
+    /// Give `m` (built from `x`) the sites of its images: rebuilt if due (or `force`), else the
+    /// latest.
+    fn fill(&mut self, x: &Analysis, m: &mut DashboardModel, force: bool) {
         let now = Instant::now();
-        if now >= self.next {
+        if force || now >= self.next {
             let symbolizer = self.symbolizer.get_or_insert_with(|| std::rc::Rc::new(crate::symbols::symbolizer())).clone();
             for img in &x.images {
                 let cache = self.caches.entry(img.id).or_default();
@@ -292,6 +293,13 @@ impl LiveSites {
     }
 }
 
+/// The dashboard's model of a complete analysis, with its sites.
+pub fn final_model(a: &Analysis) -> DashboardModel {
+    let mut m = DashboardModel::from_report(&report::build(a, report::ReportOptions { max_timeline: 0, sites: false }));
+    LiveSites::new().fill(a, &mut m, true);
+    m
+}
+
 fn analyse_loop(path: &Path, state: &Arc<FeedState>, opts: FeedOptions, rx: crossbeam_channel::Receiver<Result<Frame, TraceError>>) {
     let mut a = Analyzer::new();
     let mut damage = None;
@@ -306,7 +314,7 @@ fn analyse_loop(path: &Path, state: &Arc<FeedState>, opts: FeedOptions, rx: cros
     let mut snapshot = |a: &mut Analyzer, state: &FeedState| {
         let mut m = a.peek(|x| {
             let mut m = DashboardModel::from_report(&report::build(x, report::ReportOptions { max_timeline: 0, sites: false }));
-            sites.fill(x, &mut m);
+            sites.fill(x, &mut m, false);
             m
         });
         // Still being written: not a recording that ended badly.
@@ -369,8 +377,9 @@ fn analyse_loop(path: &Path, state: &Arc<FeedState>, opts: FeedOptions, rx: cros
         Some(e) => Some(e.to_string()),
     };
     let analysis = a.finish(damage);
-    // The complete sites (symbolised once, at the end).
-    let m = DashboardModel::from_report(&report::build(&analysis, report::ReportOptions { max_timeline: 0, sites: true }));
+    // The final sites (only their new addresses symbolised when live snapshots came before).
+    let mut m = DashboardModel::from_report(&report::build(&analysis, report::ReportOptions { max_timeline: 0, sites: false }));
+    sites.fill(&analysis, &mut m, true);
     state.calls.store(analysis.images.iter().map(|i| i.model.c.calls.values().sum::<u64>()).sum(), Ordering::Relaxed);
     state.publish(m);
     state.done.store(true, Ordering::Release);
