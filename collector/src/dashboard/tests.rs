@@ -589,5 +589,8 @@ fn sites_without_stacks_pending_and_empty() {
 #[test]
 fn help_lists_the_sites_keys() {
     let s = screen(&model(1), Panel::Sites, |a| a.help = true);
-    has(&s, "t             sites: live at the end (leaked) / at the peak of live bytes");
+    let lines = inside(&s);
+    assert_eq!(lines[14], "[, ], ↑, ↓    previous / next process image (sites panel: ↑/↓ select a site)", "{s}");
+    assert_eq!(lines[15], "t             sites: live at the end (leaked) / at the peak of live bytes", "{s}");
+    assert_eq!(lines[16], "Enter         details of the focused panel (sites: the selected site's", "{s}");
 }
