@@ -208,7 +208,7 @@ fn top(mut v: Vec<SiteAmount>, n: usize) -> Vec<SiteAmount> {
 /// empty. `cache` is updated.
 pub fn build_top(img: &ImageAnalysis, symbolizer: std::rc::Rc<blazesym::symbolize::Symbolizer>, cache: &mut crate::symbols::SymbolCache, n: usize) -> SitesReport {
     let sites = &img.model.sites;
-    if !(sites.with_stack > 0 || !img.stacks().is_empty()) {
+    if sites.with_stack == 0 && img.stacks().is_empty() {
         return no_stacks();
     }
     let at_peak = top(sites.at_peak(), n);
