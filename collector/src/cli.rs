@@ -115,7 +115,8 @@ enum Cmd {
         timeline_points: usize,
     },
     /// Open a full-screen dashboard on a trace: timeline, retention, arenas, thresholds,
-    /// counters, processes (or, with --print or when stdout is not a terminal, print one frame)
+    /// counters, sizes, sites, processes (or, with --print or when stdout is not a terminal, print
+    /// one frame)
     View {
         /// The trace file
         file: PathBuf,
@@ -474,7 +475,7 @@ fn first_view(model: &crate::dashboard::model::DashboardModel, panel: Option<cra
 }
 
 fn view(file: &std::path::Path, partial: bool, print: Option<(u16, u16)>, panel: Option<crate::dashboard::app::Panel>, image: Option<u32>) -> i32 {
-    use crate::dashboard::{self, model::DashboardModel};
+    use crate::dashboard;
     use std::io::IsTerminal;
     let size = match print {
         Some(s) => Some(s),
@@ -492,7 +493,7 @@ fn view(file: &std::path::Path, partial: bool, print: Option<(u16, u16)>, panel:
             return 2;
         }
     };
-    let model = DashboardModel::from_report(&report::build(&a, report::ReportOptions { max_timeline: 0, sites: false }));
+    let model = dashboard::feed::final_model(&a);
     drop(a);
     let mut app = match first_view(&model, panel, image) {
         Ok(a) => a,

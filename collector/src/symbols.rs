@@ -76,6 +76,30 @@ pub struct Symbols<'a> {
     debug_root: PathBuf,
 }
 
+/// What [`Symbols`] learnt about one image's table (module checks, symbolised addresses), kept
+/// apart from the table so that a table that grows (a trace being analysed while it is written)
+/// is symbolised again only for its new addresses: [`Symbols::resume`], [`Symbols::into_cache`].
+#[derive(Default)]
+pub struct SymbolCache {
+    /// `(path, bias)` of the modules the cache was made with, in the table's order (module
+    /// indices are part of the keys: a table whose modules differ starts afresh).
+    modules: Vec<(String, u64)>,
+    states: Vec<ModState>,
+    cache: FxHashMap<(Option<usize>, u64), Rc<[Frame]>>,
+    missing: BTreeMap<String, String>,
+}
+
+impl SymbolCache {
+    /// Addresses symbolised so far.
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+}
+
 impl<'a> Symbols<'a> {
     pub fn new(table: &'a StackTable) -> Symbols<'a> {
         Symbols::shared(table, Rc::new(symbolizer()))
@@ -89,6 +113,30 @@ impl<'a> Symbols<'a> {
     /// `debug_root`: where `.build-id/xx/yyyy.debug` files are looked for.
     pub fn with_debug_root(table: &'a StackTable, symbolizer: Rc<Symbolizer>, debug_root: PathBuf) -> Symbols<'a> {
         Symbols { table, symbolizer, states: vec![ModState::Unchecked; table.modules.len()], cache: FxHashMap::default(), missing: BTreeMap::new(), debug_root }
+    }
+
+    /// Go on with what an earlier [`Symbols`] of the same image learnt (the table may have grown
+    /// since: new modules are checked when needed; a table whose earlier modules changed —
+    /// reordered, as a fork child's when it inherits — starts afresh).
+    pub fn resume(table: &'a StackTable, symbolizer: Rc<Symbolizer>, c: SymbolCache) -> Symbols<'a> {
+        let mut s = Symbols::shared(table, symbolizer);
+        let same = c.modules.len() <= table.modules.len() && c.modules.iter().zip(&table.modules).all(|((p, b), m)| *p == m.path && *b == m.bias);
+        if same {
+            let n = table.modules.len();
+            s.states = c.states;
+            s.states.resize(n, ModState::Unchecked);
+            s.cache = c.cache;
+            // An address outside every module then may be in one now.
+            s.cache.retain(|k, _| k.0.is_some());
+            s.missing = c.missing;
+        }
+        s
+    }
+
+    /// What this one learnt, for [`Symbols::resume`].
+    pub fn into_cache(self) -> SymbolCache {
+        let modules = self.table.modules.iter().map(|m| (m.path.clone(), m.bias)).collect();
+        SymbolCache { modules, states: self.states, cache: self.cache, missing: self.missing }
     }
 
     /// `symbols missing: PATH (reason)` for each module whose frames could not be resolved.
@@ -361,6 +409,35 @@ int main(void) { outer(10); return 0; }
         let f = s.stack(1).unwrap();
         assert_eq!(f[1].function, "outer", "{f:?}");
         assert!(s.missing().is_empty());
+    }
+
+    #[test]
+    fn a_resumed_cache_does_not_look_addresses_up_again_and_starts_afresh_on_other_modules() {
+        let dir = tempfile_dir().join("resume");
+        std::fs::create_dir_all(&dir).unwrap();
+        let bin = compile(&dir, "inl", SRC, &["-g", "-O2"]);
+        let ras = return_addresses(&bin, "outer", "malloc");
+        let bias = 0x5555_0000_0000;
+        let mut t = table(&bin, bias, vec![], &ras);
+        let sym = Rc::new(symbolizer());
+        let mut s = Symbols::shared(&t, sym.clone());
+        assert_eq!(s.stack(1).unwrap()[1].function, "outer");
+        let c = s.into_cache();
+        assert_eq!(c.len(), 1);
+        // The file is gone: only the cache can still name the frames.
+        std::fs::remove_file(&bin).unwrap();
+        // The table grew meanwhile (a new module, a new stack).
+        t.modules.push(ModuleDef { bias: 1 << 40, lo: 1 << 40, hi: (1 << 40) + 0x1000, build_id: vec![], path: "/nonexistent/libnew.so".into(), loaded_ns: 0, unloaded_ns: None });
+        t.stacks.insert(2, StackDef { frames: vec![(1 << 40) + 0x10].into(), time_ns: 1 });
+        let mut s = Symbols::resume(&t, sym.clone(), c);
+        assert_eq!(s.stack(1).unwrap()[1].function, "outer", "from the cache");
+        assert_eq!(s.stack(2).unwrap()[0].function, "libnew.so+0xf");
+        let c = s.into_cache();
+        assert_eq!(c.len(), 2);
+        // Other modules in front: the cache is dropped.
+        t.modules.swap(0, 1);
+        let mut s = Symbols::resume(&t, sym, c);
+        assert_eq!(s.stack(1).unwrap()[0].function, format!("inl+{:#x}", ras[0] - 1));
     }
 
     fn tempfile_dir() -> PathBuf {

@@ -14,7 +14,9 @@ fn sites_c() -> (PathBuf, PathBuf) {
     let exe = fixture("sites");
     let lib = paths().fixtures_out.join("libsites_plugin.so");
     let src = paths().workspace.join("tests/fixtures/sites_plugin.c");
-    let tmp = lib.with_extension(format!("tmp{}", std::process::id()));
+    // Tests of this file build it in parallel: a temporary name of each one's own.
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let tmp = lib.with_extension(format!("tmp{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
     let o = Command::new("gcc").args(["-O2", "-g", "-shared", "-fPIC", "-o"]).arg(&tmp).arg(&src).output().expect("gcc");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     std::fs::rename(&tmp, &lib).unwrap();
@@ -291,4 +293,33 @@ fn the_block_pinning_the_heap_top_is_named_by_its_site() {
     let c = causes.iter().find(|c| c["kind"] == "top_pinned").unwrap_or_else(|| panic!("{causes:#?}"));
     let who = format!("a live 2000-byte block at {:#x} (allocated in pin_above (retention.h:", pin["address"].as_u64().unwrap());
     assert!(s(&c["text"]).contains(&who), "{} should contain {who}", c["text"]);
+}
+
+/// `mtracer view --print 120x40 --panel sites`: the dashboard's sites panel on the C fixture
+/// names the top site at the peak (the table's rows from the inlined fill_row, 1,000,000 B) and
+/// the leaks at exit; without stacks it says so.
+#[test]
+fn dashboard_sites_panel_shows_the_top_site_at_the_peak_and_the_leaks() {
+    let (exe, lib) = sites_c();
+    let r = record(&[], &[exe.to_str().unwrap(), lib.to_str().unwrap()], &[]);
+    assert_eq!(r.code(), Some(0), "{}", r.stderr());
+    let (code, out, err) = mtracer(&["view", "--print", "120x40", "--panel", "sites", r.trace.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    no_panic(&err);
+    assert_eq!(out.lines().count(), 40, "{out}");
+    assert!(out.lines().all(|l| l.chars().count() <= 120), "{out}");
+    assert!(out.contains("▶ Sites · leaked at exit and at the peak"), "{out}");
+    // The peak's list (on the right): 1,000,000 B = 976.56 KiB in 100 blocks at fill_row, first.
+    let first = out.lines().find(|l| l.contains("fill_row")).unwrap_or_else(|| panic!("{out}"));
+    assert!(first.contains("976.56 KiB     100 fill_row") && first.trim_end_matches('┃').trim_end().ends_with("sites.c:20"), "{out}");
+    assert!(out.lines().position(|l| l.contains("fill_row")) < out.lines().position(|l| l.contains("build_table")), "{out}");
+    // At exit (on the left): the plugin's 5000 B and the ten 40-byte names.
+    assert!(out.lines().any(|l| l.contains("4.88 KiB       1 plugin_alloc") && l.contains("sites_plugin.c:6")), "{out}");
+    assert!(out.lines().any(|l| l.contains("400 B      10 leak_name") && l.contains("sites.c:39")), "{out}");
+
+    let r = record(&[], &[exe.to_str().unwrap(), lib.to_str().unwrap()], &[("MTRACE_STACKS", "0")]);
+    assert_eq!(r.code(), Some(0), "{}", r.stderr());
+    let (code, out, err) = mtracer(&["view", "--print", "80x24", "--panel", "sites", r.trace.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("no allocation stacks in this trace (recorded with --no-stacks?)"), "{out}");
 }

@@ -15,6 +15,8 @@ pub enum Panel {
     Counters,
     /// Request sizes of the allocations, by power-of-two bucket.
     Sizes,
+    /// Top allocation sites by live bytes, at the end (or now) and at the peak.
+    Sites,
     /// glibc's arenas, and the mallinfo2 check.
     Arenas,
     /// mmap and trim thresholds, their changes, the arena limit.
@@ -30,6 +32,7 @@ impl Panel {
             Panel::Retention => "Retention",
             Panel::Counters => "Counters",
             Panel::Sizes => "Allocation sizes",
+            Panel::Sites => "Sites",
             Panel::Arenas => "Arenas",
             Panel::Thresholds => "Thresholds",
             Panel::Processes => "Processes",
@@ -84,6 +87,10 @@ pub struct App {
     pub times: Vec<Times>,
     /// Live mode: how the analysis keeps up, and the recorder's backlog.
     pub stream: Option<super::model::StreamStatus>,
+    /// The sites panel lists the sites live at the peak (else: at the end, or now).
+    pub sites_at_peak: bool,
+    /// The selected row of the sites panel (its details show that site's stack).
+    pub site: usize,
 }
 
 /// The times of one image the cursor can go to.
@@ -93,6 +100,8 @@ pub struct Times {
     pub peak_live_s: f64,
     /// The highest RSS sample, if RSS was sampled.
     pub peak_rss_s: Option<f64>,
+    /// Rows of the sites panel: at the end, at the peak.
+    pub sites: (usize, usize),
 }
 
 impl Times {
@@ -104,14 +113,14 @@ impl Times {
                 peak = Some(q);
             }
         }
-        Times { duration_s, peak_live_s: p.peak_live_time_s, peak_rss_s: peak.map(|q| q.t_s) }
+        Times { duration_s, peak_live_s: p.peak_live_time_s, peak_rss_s: peak.map(|q| q.t_s), sites: (p.sites.at_end.len(), p.sites.at_peak.len()) }
     }
 }
 
 impl App {
     /// The state for a trace of `process_count` images, showing image `process` first.
     pub fn new(process_count: usize, process: usize) -> App {
-        let mut panels = vec![Panel::Timeline, Panel::Retention, Panel::Counters, Panel::Sizes, Panel::Arenas, Panel::Thresholds];
+        let mut panels = vec![Panel::Timeline, Panel::Retention, Panel::Counters, Panel::Sizes, Panel::Sites, Panel::Arenas, Panel::Thresholds];
         if process_count > 1 {
             panels.push(Panel::Processes);
         }
@@ -133,13 +142,30 @@ impl App {
             stack: true,
             times: Vec::new(),
             stream: None,
+            sites_at_peak: false,
+            site: 0,
         }
+    }
+
+    /// Rows in the sites list shown now.
+    fn site_rows(&self) -> usize {
+        let t = self.cur_times();
+        if self.sites_at_peak { t.sites.1 } else { t.sites.0 }
+    }
+
+    /// Move the sites panel's selection by `d` rows (kept in the list).
+    fn move_site(&mut self, d: isize) -> Action {
+        let old = self.site;
+        let last = self.site_rows().saturating_sub(1);
+        self.site = self.site.min(last).saturating_add_signed(d).min(last);
+        if self.site == old { Action::None } else { Action::Redraw }
     }
 
     /// Follow a (new) model: the number of images and their times.
     pub fn observe(&mut self, m: &super::model::DashboardModel) {
         self.set_process_count(m.processes.len());
         self.times = m.processes.iter().map(Times::of).collect();
+        self.site = self.site.min(self.site_rows().saturating_sub(1));
     }
 
     fn cur_times(&self) -> Times {
@@ -241,8 +267,9 @@ impl App {
         if old == self.process {
             return Action::None;
         }
-        // Another image, another time line.
+        // Another image, another time line, other sites.
         self.cursor = None;
+        self.site = 0;
         Action::Redraw
     }
 
@@ -356,6 +383,16 @@ impl App {
                 self.offset = 0.0;
                 Action::Redraw
             }
+            // On the sites panel ↑/↓ select a site ([/] still switch images).
+            KeyCode::Down | KeyCode::Char('j') if self.focused() == Panel::Sites => self.move_site(1),
+            KeyCode::Up | KeyCode::Char('k') if self.focused() == Panel::Sites => self.move_site(-1),
+            KeyCode::PageDown if self.focused() == Panel::Sites => self.move_site(10),
+            KeyCode::PageUp if self.focused() == Panel::Sites => self.move_site(-10),
+            KeyCode::Char('t') => {
+                self.sites_at_peak = !self.sites_at_peak;
+                self.site = 0;
+                Action::Redraw
+            }
             KeyCode::Char(']') | KeyCode::Down | KeyCode::Char('j') => self.select_process(true),
             KeyCode::Char('[') | KeyCode::Up | KeyCode::Char('k') => self.select_process(false),
             KeyCode::Char('p') => {
@@ -408,7 +445,7 @@ mod tests {
     #[test]
     fn tab_and_arrows_move_between_panels() {
         let mut a = App::new(1, 0);
-        assert_eq!(a.panels.len(), 6, "no process panel for one image");
+        assert_eq!(a.panels.len(), 7, "no process panel for one image");
         assert_eq!(a.focused(), Panel::Timeline);
         a.on_key(key(KeyCode::Tab));
         assert_eq!(a.focused(), Panel::Retention);
@@ -462,7 +499,7 @@ mod tests {
     #[test]
     fn the_time_cursor_moves_follows_the_window_and_goes_to_the_peaks() {
         let mut a = App::new(2, 0);
-        a.times = vec![Times { duration_s: 8.0, peak_live_s: 6.0, peak_rss_s: Some(7.5) }, Times { duration_s: 1.0, peak_live_s: 0.5, peak_rss_s: None }];
+        a.times = vec![Times { duration_s: 8.0, peak_live_s: 6.0, peak_rss_s: Some(7.5), ..Times::default() }, Times { duration_s: 1.0, peak_live_s: 0.5, peak_rss_s: None, ..Times::default() }];
         assert_eq!(a.cursor, None);
         // The first arrow puts the cursor in the middle of the window, the next move it by 1/40.
         assert_eq!(a.on_key(key(KeyCode::Right)), Action::Redraw);
@@ -534,6 +571,38 @@ mod tests {
         a.on_key(ch(']'));
         a.set_process_count(2);
         assert_eq!(a.process, 1, "clamped");
+    }
+
+    #[test]
+    fn sites_keys_select_a_site_and_toggle_end_and_peak() {
+        let mut a = App::new(2, 0);
+        a.times = vec![Times { sites: (3, 2), ..Times::default() }, Times { sites: (1, 1), ..Times::default() }];
+        assert!(a.focus_panel(Panel::Sites));
+        assert_eq!(a.panels[4], Panel::Sites, "after the sizes in the Tab order");
+        // ↓/↑ move the selection within the list (not the image).
+        assert_eq!(a.on_key(key(KeyCode::Down)), Action::Redraw);
+        a.on_key(ch('j'));
+        assert_eq!((a.site, a.process), (2, 0));
+        assert_eq!(a.on_key(key(KeyCode::Down)), Action::None, "stops at the last site");
+        a.on_key(key(KeyCode::Up));
+        assert_eq!(a.site, 1);
+        // t: the list at the peak (its own rows), from the top.
+        assert_eq!(a.on_key(ch('t')), Action::Redraw);
+        assert!(a.sites_at_peak);
+        assert_eq!(a.site, 0);
+        a.on_key(key(KeyCode::PageDown));
+        assert_eq!(a.site, 1, "clamped to the 2 sites at the peak");
+        // Enter: the selected site's details; ↓ scrolls them there.
+        a.on_key(key(KeyCode::Enter));
+        assert!(a.details);
+        a.on_key(key(KeyCode::Down));
+        assert_eq!((a.scroll, a.site), (1, 1));
+        a.on_key(key(KeyCode::Esc));
+        // [/] still switch images, and the selection starts again.
+        a.on_key(ch(']'));
+        assert_eq!((a.process, a.site), (1, 0));
+        a.on_key(ch('t'));
+        assert!(!a.sites_at_peak);
     }
 
     #[test]

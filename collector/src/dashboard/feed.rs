@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, RecvTimeoutError};
 
-use super::model::{DashboardModel, Indexing};
-use crate::analysis::Analyzer;
+use super::model::{DashboardModel, Indexing, SitesModel};
+use crate::analysis::{Analysis, Analyzer};
 use crate::report;
 use crate::trace::{Frame, Record, TraceError, TraceReader};
 
@@ -245,6 +245,61 @@ fn describe(path: &Path, e: &TraceError) -> String {
     format!("{}: {e}{hint}", path.display())
 }
 
+/// The allocation sites of the live snapshots: symbolising is the costly part of a snapshot, so
+/// the sites are rebuilt at most once per [`LiveSites::MIN_PERIOD`] (and never taking more than
+/// a tenth of the analysis thread's time: after a build that took `c`, the next waits `10·c`),
+/// each image's symbols are cached across rebuilds (only new addresses are looked up), one
+/// symbolizer (which keeps the ELF and DWARF files it parsed) serves every rebuild; in between,
+/// snapshots carry the latest sites.
+struct LiveSites {
+    symbolizer: Option<std::rc::Rc<blazesym::symbolize::Symbolizer>>,
+    caches: rustc_hash::FxHashMap<u32, crate::symbols::SymbolCache>,
+    latest: rustc_hash::FxHashMap<u32, SitesModel>,
+    next: Instant,
+    /// What the last rebuild cost, in total and per image (for `MTRACE_DASH_STATS`-style checks
+    /// and the tests).
+    last_cost: Duration,
+}
+
+impl LiveSites {
+    const MIN_PERIOD: Duration = Duration::from_secs(1);
+
+    fn new() -> LiveSites {
+        LiveSites { symbolizer: None, caches: Default::default(), latest: Default::default(), next: Instant::now(), last_cost: Duration::ZERO }
+    }
+
+    /// Give `m` (built from `x`) the sites of its images: rebuilt if due (or `force`), else the
+    /// latest.
+    fn fill(&mut self, x: &Analysis, m: &mut DashboardModel, force: bool) {
+        let now = Instant::now();
+        if force || now >= self.next {
+            let symbolizer = self.symbolizer.get_or_insert_with(|| std::rc::Rc::new(crate::symbols::symbolizer())).clone();
+            for img in &x.images {
+                let cache = self.caches.entry(img.id).or_default();
+                let r = report::sites::build_top(img, symbolizer.clone(), cache, report::sites::MAX_SITES);
+                self.latest.insert(img.id, SitesModel::from_report(&r));
+            }
+            self.last_cost = now.elapsed();
+            self.next = Instant::now() + Self::MIN_PERIOD.max(self.last_cost * 10);
+            if std::env::var_os("MTRACE_DASH_SITES_COST").is_some() {
+                eprintln!("mtrace feed: sites of {} image(s) in {:.1} ms ({} addresses cached)", x.images.len(), self.last_cost.as_secs_f64() * 1e3, self.caches.values().map(|c| c.len()).sum::<usize>());
+            }
+        }
+        for p in &mut m.processes {
+            if let Some(s) = self.latest.get(&p.image) {
+                p.sites = s.clone();
+            }
+        }
+    }
+}
+
+/// The dashboard's model of a complete analysis, with its sites.
+pub fn final_model(a: &Analysis) -> DashboardModel {
+    let mut m = DashboardModel::from_report(&report::build(a, report::ReportOptions { max_timeline: 0, sites: false }));
+    LiveSites::new().fill(a, &mut m, true);
+    m
+}
+
 fn analyse_loop(path: &Path, state: &Arc<FeedState>, opts: FeedOptions, rx: crossbeam_channel::Receiver<Result<Frame, TraceError>>) {
     let mut a = Analyzer::new();
     let mut damage = None;
@@ -255,8 +310,13 @@ fn analyse_loop(path: &Path, state: &Arc<FeedState>, opts: FeedOptions, rx: cros
     // The newest recorder clock in the analysed records (Sync records are written every pass
     // of the drain, at least every 10 ms while a process is traced): see `behind_s`.
     let mut data_ns = 0u64;
-    let snapshot = |a: &mut Analyzer, state: &FeedState| {
-        let mut m = a.peek(|x| DashboardModel::from_report(&report::build(x, report::ReportOptions { max_timeline: 0, sites: false })));
+    let mut sites = LiveSites::new();
+    let mut snapshot = |a: &mut Analyzer, state: &FeedState| {
+        let mut m = a.peek(|x| {
+            let mut m = DashboardModel::from_report(&report::build(x, report::ReportOptions { max_timeline: 0, sites: false }));
+            sites.fill(x, &mut m, false);
+            m
+        });
         // Still being written: not a recording that ended badly.
         m.warnings.retain(|w| !w.starts_with("the recording did not end normally"));
         state.publish(m);
@@ -317,7 +377,9 @@ fn analyse_loop(path: &Path, state: &Arc<FeedState>, opts: FeedOptions, rx: cros
         Some(e) => Some(e.to_string()),
     };
     let analysis = a.finish(damage);
-    let m = DashboardModel::from_report(&report::build(&analysis, report::ReportOptions { max_timeline: 0, sites: false }));
+    // The final sites (only their new addresses symbolised when live snapshots came before).
+    let mut m = DashboardModel::from_report(&report::build(&analysis, report::ReportOptions { max_timeline: 0, sites: false }));
+    sites.fill(&analysis, &mut m, true);
     state.calls.store(analysis.images.iter().map(|i| i.model.c.calls.values().sum::<u64>()).sum(), Ordering::Relaxed);
     state.publish(m);
     state.done.store(true, Ordering::Release);

@@ -54,6 +54,83 @@ pub struct SizesModel {
     pub buckets: Vec<(u64, u64, u64, u64)>,
 }
 
+/// Whether an image's allocation sites are known.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SitesStatus {
+    /// Not computed for this model (a live snapshot before the first symbolisation).
+    #[default]
+    Pending,
+    /// The trace has no allocation stacks (recorded with `--no-stacks`).
+    NoStacks,
+    Ready,
+}
+
+/// One frame of a site's stack, innermost first.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SiteFrame {
+    pub function: String,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub module: String,
+    /// Inlined into the next frame.
+    pub inlined: bool,
+}
+
+/// One allocation site with its bytes and blocks in one list.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Site {
+    /// The first frame outside the allocator's and the language library's plumbing.
+    pub function: String,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub bytes: u64,
+    pub blocks: u64,
+    /// Allocations made here over the run so far, and their bytes.
+    pub allocations: u64,
+    pub allocated_bytes: u64,
+    pub stack_id: u64,
+    pub frames: Vec<SiteFrame>,
+}
+
+/// The top allocation sites of an image, by live bytes, largest first.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SitesModel {
+    pub status: SitesStatus,
+    /// Live at the end: leaked at exit once the image has ended; live now while it runs.
+    pub at_end: Vec<Site>,
+    /// Live at the peak of live bytes.
+    pub at_peak: Vec<Site>,
+    pub allocations_with_stack: u64,
+    /// `symbols missing: PATH (reason)`.
+    pub symbols_missing: Vec<String>,
+}
+
+impl SitesModel {
+    pub fn from_report(r: &crate::report::sites::SitesReport) -> SitesModel {
+        if !r.stacks {
+            return SitesModel { status: SitesStatus::NoStacks, ..SitesModel::default() };
+        }
+        let site = |v: &crate::report::sites::SiteView| Site {
+            function: v.function.clone(),
+            file: v.file.clone(),
+            line: v.line,
+            bytes: v.bytes,
+            blocks: v.blocks,
+            allocations: v.allocations,
+            allocated_bytes: v.allocated_bytes,
+            stack_id: v.stack_id,
+            frames: v.frames.iter().map(|f| SiteFrame { function: f.function.clone(), file: f.file.clone(), line: f.line, module: f.module.clone(), inlined: f.inlined }).collect(),
+        };
+        SitesModel {
+            status: SitesStatus::Ready,
+            at_end: r.leaked_sites.iter().map(site).collect(),
+            at_peak: r.top_sites_at_peak.iter().map(site).collect(),
+            allocations_with_stack: r.allocations_with_stack,
+            symbols_missing: r.symbols_missing.clone(),
+        }
+    }
+}
+
 /// One process image.
 #[derive(Clone, Debug, Default)]
 pub struct ProcessModel {
@@ -91,6 +168,7 @@ pub struct ProcessModel {
     /// Absent when the allocator is not glibc's.
     pub retention: Option<RetentionModel>,
     pub sizes: SizesModel,
+    pub sites: SitesModel,
 }
 
 /// One timeline sample.
@@ -317,6 +395,9 @@ impl ProcessModel {
                 max: p.size_histogram.max,
                 buckets: p.size_histogram.buckets.iter().map(|b| (b.lo, b.hi, b.count, b.bytes)).collect(),
             },
+            // Built only when the report has them (`ReportOptions::sites`, or filled in by the
+            // live feed): `Pending` otherwise.
+            sites: if p.sites.stacks || p.sites.stacks_note.is_some() { SitesModel::from_report(&p.sites) } else { SitesModel::default() },
         }
     }
 

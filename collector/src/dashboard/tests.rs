@@ -426,3 +426,171 @@ fn call_rates_from_the_running_counts() {
     assert_eq!(p.point_at(0.555).map(|q| q.t_s), Some(0.55));
     assert_eq!(p.point_at(-1.0).map(|q| q.t_s), Some(0.0));
 }
+
+fn frame(function: &str, file: Option<&str>, line: Option<u32>, module: &str, inlined: bool) -> SiteFrame {
+    SiteFrame { function: function.into(), file: file.map(Into::into), line, module: module.into(), inlined }
+}
+
+/// Sites as the report gives them for the `sites` fixture: the table's rows at the peak (from an
+/// inlined helper), the leaked names at exit.
+fn with_sites(mut m: DashboardModel) -> DashboardModel {
+    let rows = Site {
+        function: "fill_row".into(),
+        file: Some("/src/tests/fixtures/sites.c".into()),
+        line: Some(20),
+        bytes: 1_000_000,
+        blocks: 100,
+        allocations: 100,
+        allocated_bytes: 1_000_000,
+        stack_id: 0xabc,
+        frames: vec![
+            frame("malloc", None, None, "/usr/lib/libmtrace.so", false),
+            frame("fill_row", Some("/src/tests/fixtures/sites.c"), Some(20), "/tmp/sites", true),
+            frame("build_table", Some("/src/tests/fixtures/sites.c"), Some(28), "/tmp/sites", false),
+            frame("main", Some("/src/tests/fixtures/sites.c"), Some(64), "/tmp/sites", false),
+            frame("libc.so.6+0x271ca", None, None, "/lib/x86_64-linux-gnu/libc.so.6", false),
+        ],
+    };
+    let table = Site { function: "build_table".into(), file: Some("/src/tests/fixtures/sites.c".into()), line: Some(26), bytes: 800, blocks: 1, allocations: 1, allocated_bytes: 800, stack_id: 0xdef, frames: vec![] };
+    let names = Site { function: "leak_name".into(), file: Some("/src/tests/fixtures/sites.c".into()), line: Some(39), bytes: 400, blocks: 10, allocations: 10, allocated_bytes: 400, stack_id: 0x123, frames: vec![frame("leak_name", Some("/src/tests/fixtures/sites.c"), Some(39), "/tmp/sites", false)] };
+    let plugin = Site { function: "plugin_alloc".into(), file: Some("/src/tests/fixtures/sites_plugin.c".into()), line: Some(6), bytes: 5000, blocks: 1, allocations: 1, allocated_bytes: 5000, stack_id: 0x456, frames: vec![] };
+    let unknown = Site { function: "libfoo.so+0x1234".into(), bytes: 16, blocks: 1, allocations: 3, allocated_bytes: 48, stack_id: 0x789, ..Site::default() };
+    let p = &mut m.processes[0];
+    p.final_live_bytes = 5416;
+    p.final_live_blocks = 12;
+    p.peak_live_bytes = 1_000_800;
+    p.peak_live_time_s = 0.012;
+    p.sites = SitesModel { status: SitesStatus::Ready, at_end: vec![plugin, names, unknown], at_peak: vec![rows, table], allocations_with_stack: 1122, symbols_missing: vec![] };
+    m
+}
+
+/// The lines of a screen between its first and last line (the panel's inside, borders cut).
+fn inside(s: &str) -> Vec<String> {
+    s.lines().map(|l| l.trim_start_matches(['┃', '│']).trim_end().trim_end_matches(['┃', '│']).trim_end().to_string()).collect()
+}
+
+#[test]
+fn sites_panel_lists_the_top_sites_at_exit_and_at_the_peak() {
+    let m = with_sites(model(1));
+    let s = screen(&m, Panel::Sites, |a| a.observe(&m));
+    let lines = inside(&s);
+    assert_eq!(lines[1], "┏ ▶ Sites · leaked at exit ━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━┓".trim_start_matches('┃'), "{s}");
+    assert_eq!(lines[2], "leaked (live at exit): 5.29 KiB in 12 blocks", "{s}");
+    assert_eq!(lines[3], "       bytes  blocks function                                 file:line", "{s}");
+    assert_eq!(lines[4], "▶   4.88 KiB       1 plugin_alloc                             sites_plugin.c:6", "{s}");
+    assert_eq!(lines[5], "       400 B      10 leak_name                                sites.c:39", "{s}");
+    assert_eq!(lines[6], "        16 B       1 libfoo.so+0x1234", "{s}");
+    assert_eq!(lines[21], "↑/↓ select · Enter: its stack · t: at the peak", "{s}");
+    assert_eq!(lines[23], "q quit · ? help · Tab panel · ↑/↓ site · Enter stack · t end/peak · [/] image", "{s}");
+    // `t`: the sites live at the peak; ↓ selects the next one.
+    let s = screen(&m, Panel::Sites, |a| {
+        a.observe(&m);
+        key(a, KeyCode::Char('t'));
+        key(a, KeyCode::Down);
+        key(a, KeyCode::Down);
+    });
+    let lines = inside(&s);
+    assert!(lines[1].starts_with("┏ ▶ Sites · at the peak ━"), "{s}");
+    assert_eq!(lines[2], "at the peak of live bytes: 977.34 KiB at 0.012 s", "{s}");
+    assert_eq!(lines[3], "       bytes  blocks function                                       file:line", "{s}");
+    assert_eq!(lines[4], "  976.56 KiB     100 fill_row                                       sites.c:20", "{s}");
+    assert_eq!(lines[5], "▶      800 B       1 build_table                                    sites.c:26", "{s}");
+    assert_eq!(lines[21], "↑/↓ select · Enter: its stack · t: at the end", "{s}");
+}
+
+#[test]
+fn sites_side_by_side_when_wide_and_in_the_tab_order() {
+    let m = with_sites(model(1));
+    let mut app = App::new(1, 0);
+    app.color = false;
+    app.observe(&m);
+    // The fifth panel in the Tab order: at 160×50 (four per page) the second page's first.
+    for _ in 0..4 {
+        key(&mut app, KeyCode::Tab);
+    }
+    assert_eq!(app.focused(), Panel::Sites);
+    let s = render_text(&m, &app, 160, 50).join("\n");
+    for n in ["▶ Sites · leaked at exit", " Arenas ", " Thresholds ", "leaked (live at exit): 5.29 KiB in 12 blocks", "▶   4.88 KiB       1 plugin_alloc"] {
+        has(&s, n);
+    }
+    assert!(!s.contains(" Timeline "), "{s}");
+    // Alone at 120 columns: the sites at exit and at the peak side by side.
+    app.single = true;
+    let s = render_text(&m, &app, 120, 40).join("\n");
+    for n in ["▶ Sites · leaked at exit and at the peak", "leaked (live at exit): 5.29 KiB in 12 blocks", "at the peak of live bytes: 977.34 KiB at 0.012 s"] {
+        has(&s, n);
+    }
+    // Both lists on one row: the leaked plugin block and the table's rows at the peak.
+    assert!(s.lines().any(|l| l.contains("▶   4.88 KiB       1 plugin_alloc") && l.contains("976.56 KiB     100 fill_row") && l.contains("sites.c:20")), "{s}");
+    has(&s, "t: select in the other list");
+}
+
+#[test]
+fn sites_details_show_the_selected_sites_frames_with_inlined_ones_marked() {
+    let m = with_sites(model(1));
+    let s = screen(&m, Panel::Sites, |a| {
+        a.observe(&m);
+        key(a, KeyCode::Char('t'));
+        key(a, KeyCode::Enter);
+    });
+    let lines = inside(&s);
+    assert!(lines[1].starts_with("┏ ▶ Sites · details ━"), "{s}");
+    let want = [
+        "at the peak of live bytes: 977.34 KiB at 0.012 s",
+        "site 1 of 2: 976.56 KiB in 100 blocks · fill_row (sites.c:20)",
+        "100 allocations here in all (976.56 KiB) · stack 0xabc",
+        "stack, innermost frame first (inlined: a call the compiler inlined into the",
+        "next frame):",
+        "#0  malloc",
+        "     libmtrace.so",
+        "#1  fill_row [inlined]",
+        "     /src/tests/fixtures/sites.c:20 · sites",
+        "#2  build_table",
+        "     /src/tests/fixtures/sites.c:28 · sites",
+        "#3  main",
+        "     /src/tests/fixtures/sites.c:64 · sites",
+        "#4  libc.so.6+0x271ca",
+        "     libc.so.6",
+    ];
+    assert_eq!(&lines[2..2 + want.len()], &want[..], "{s}");
+}
+
+#[test]
+fn sites_without_stacks_pending_and_empty() {
+    let mut m = with_sites(model(1));
+    m.processes[0].sites = SitesModel { status: SitesStatus::NoStacks, ..SitesModel::default() };
+    let s = screen(&m, Panel::Sites, |a| a.observe(&m));
+    assert_eq!(inside(&s)[2], "no allocation stacks in this trace (recorded with --no-stacks?)", "{s}");
+    let d = screen(&m, Panel::Sites, |a| a.details = true);
+    assert_eq!(inside(&d)[2], "no allocation stacks in this trace (recorded with --no-stacks?)", "{d}");
+    // Live, before the first symbolisation.
+    m.processes[0].sites = SitesModel::default();
+    m.processes[0].ending = "unknown (the trace ends first)".into();
+    let s = screen(&m, Panel::Sites, |a| a.live = Some("running".into()));
+    assert!(inside(&s)[1].starts_with("┏ ▶ Sites · live now ━"), "{s}");
+    assert_eq!(inside(&s)[2], "allocation sites: being symbolised (they refresh about once a second)", "{s}");
+    // Nothing leaked.
+    m.processes[0].sites = SitesModel { status: SitesStatus::Ready, ..SitesModel::default() };
+    m.processes[0].ending = "exited".into();
+    let s = screen(&m, Panel::Sites, |_| {});
+    assert_eq!(inside(&s)[3], "no live blocks at exit: nothing leaked", "{s}");
+    // Tiny terminals do not panic.
+    let m = with_sites(model(1));
+    let mut app = App::new(1, 0);
+    app.focus_panel(Panel::Sites);
+    for (w, h) in [(20, 5), (30, 8), (1, 1), (200, 3)] {
+        render_text(&m, &app, w, h);
+        app.details = true;
+        render_text(&m, &app, w, h);
+        app.details = false;
+    }
+}
+
+#[test]
+fn help_lists_the_sites_keys() {
+    let s = screen(&model(1), Panel::Sites, |a| a.help = true);
+    let lines = inside(&s);
+    assert_eq!(lines[14], "[, ], ↑, ↓    previous / next process image (sites panel: ↑/↓ select a site)", "{s}");
+    assert_eq!(lines[15], "t             sites: live at the end (leaked) / at the peak of live bytes", "{s}");
+    assert_eq!(lines[16], "Enter         details of the focused panel (sites: the selected site's", "{s}");
+}

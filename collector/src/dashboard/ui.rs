@@ -11,7 +11,7 @@ use ratatui::widgets::{Axis, Block, BorderType, Cell, Chart, Clear, Dataset, Gau
 use ratatui::Frame;
 
 use super::app::{App, Panel};
-use super::model::{DashboardModel, Indexing, Point, ProcessModel, RetentionModel, Snapshot};
+use super::model::{DashboardModel, Indexing, Point, ProcessModel, RetentionModel, Site, SitesStatus, Snapshot};
 use crate::report::text::bytes;
 
 /// Terminals at least this wide show two panels side by side.
@@ -78,6 +78,7 @@ pub fn draw(f: &mut Frame, m: &DashboardModel, app: &App) {
     } else {
         match app.focused() {
             Panel::Timeline => "q quit · ? help · Tab panel · ←/→ cursor · h/l scroll · +/- zoom · s stack",
+            Panel::Sites => "q quit · ? help · Tab panel · ↑/↓ site · Enter stack · t end/peak · [/] image",
             _ => "q quit · ? help · Tab panel · +/- zoom · ←/→ panel · [/] image · Enter details",
         }
     };
@@ -133,6 +134,7 @@ fn render_panel(f: &mut Frame, area: Rect, panel: Panel, focused: bool, m: &Dash
         Panel::Retention => retention(f, area, p, app, focused, th),
         Panel::Counters => counters(f, area, p, app, focused, th),
         Panel::Sizes => sizes(f, area, p, focused, th),
+        Panel::Sites => sites(f, area, p, app, focused, th),
         Panel::Arenas => arenas(f, area, p, focused, th),
         Panel::Thresholds => {
             let block = panel_block(panel, " · at the end".to_string(), focused, th);
@@ -624,6 +626,151 @@ fn sizes(f: &mut Frame, area: Rect, p: &ProcessModel, focused: bool, th: Theme) 
     f.render_widget(Paragraph::new(lines), inner);
 }
 
+/// `sites.c:20` (the file's name), the module's name when there is no file, or nothing.
+fn site_place(s: &Site) -> String {
+    match (&s.file, s.line) {
+        (Some(f), Some(l)) => format!("{}:{l}", crate::symbols::base_name(f)),
+        (Some(f), None) => crate::symbols::base_name(f).to_string(),
+        _ => String::new(),
+    }
+}
+
+/// Which sites a list holds, in words: `(title, summary)` of the list at the peak or at the end.
+fn sites_heading(p: &ProcessModel, app: &App, at_peak: bool) -> (&'static str, String) {
+    if at_peak {
+        return ("at the peak", format!("at the peak of live bytes: {} at {:.3} s", bytes(p.peak_live_bytes), p.peak_live_time_s));
+    }
+    let amount = format!("{} in {} blocks", bytes(p.final_live_bytes), p.final_live_blocks);
+    if p.ending == "exited" {
+        ("leaked at exit", format!("leaked (live at exit): {amount}"))
+    } else if app.live.is_some() {
+        ("live now", format!("live now: {amount}"))
+    } else {
+        ("at the end", format!("live at the end of the trace: {amount}"))
+    }
+}
+
+/// The list of sites at the peak or at the end.
+fn site_list(p: &ProcessModel, at_peak: bool) -> &[Site] {
+    if at_peak { &p.sites.at_peak } else { &p.sites.at_end }
+}
+
+const NO_STACKS: &str = "no allocation stacks in this trace (recorded with --no-stacks?)";
+
+/// Why there are no sites to show, if there are none.
+fn sites_absent(p: &ProcessModel, app: &App) -> Option<&'static str> {
+    match p.sites.status {
+        SitesStatus::NoStacks => Some(NO_STACKS),
+        SitesStatus::Pending if app.live.is_some() => Some("allocation sites: being symbolised (they refresh about once a second)"),
+        SitesStatus::Pending => Some("allocation sites were not computed for this view"),
+        SitesStatus::Ready => None,
+    }
+}
+
+/// Inner widths from which the sites at the end and at the peak stand side by side.
+const SITES_SIDE_BY_SIDE: u16 = 110;
+
+fn sites(f: &mut Frame, area: Rect, p: &ProcessModel, app: &App, focused: bool, th: Theme) {
+    let both = area.width.saturating_sub(2) >= SITES_SIDE_BY_SIDE;
+    let extra = if both {
+        format!(" · {} and at the peak", sites_heading(p, app, false).0)
+    } else {
+        format!(" · {}", sites_heading(p, app, app.sites_at_peak).0)
+    };
+    let block = panel_block(Panel::Sites, extra, focused, th);
+    let inner = block.inner(area);
+    f.render_widget(block, area);
+    if let Some(why) = sites_absent(p, app) {
+        f.render_widget(Paragraph::new(why).wrap(Wrap { trim: false }), inner);
+        return;
+    }
+    let [lists, foot] = Layout::vertical([Constraint::Min(1), Constraint::Length(1)]).areas(inner);
+    let other = if both { "t: select in the other list" } else if app.sites_at_peak { "t: at the end" } else { "t: at the peak" };
+    let hint = if p.sites.symbols_missing.is_empty() {
+        format!("↑/↓ select · Enter: its stack · {other}")
+    } else {
+        format!("symbols missing for {} module(s) (Enter) · {other}", p.sites.symbols_missing.len())
+    };
+    f.render_widget(Paragraph::new(Line::styled(hint, th.dim())), foot);
+    if both {
+        let [l, r] = Layout::horizontal([Constraint::Ratio(1, 2); 2]).spacing(2).areas(lists);
+        sites_table(f, l, p, app, false, focused && !app.sites_at_peak, th);
+        sites_table(f, r, p, app, true, focused && app.sites_at_peak, th);
+    } else {
+        sites_table(f, lists, p, app, app.sites_at_peak, focused, th);
+    }
+}
+
+/// One list of sites (at the peak or at the end) with its summary line; `selected`: show the
+/// selection.
+fn sites_table(f: &mut Frame, area: Rect, p: &ProcessModel, app: &App, at_peak: bool, selected: bool, th: Theme) {
+    let [head, table_area] = Layout::vertical([Constraint::Length(1), Constraint::Min(0)]).areas(area);
+    f.render_widget(Paragraph::new(Line::styled(sites_heading(p, app, at_peak).1, th.heading())), head);
+    let list = site_list(p, at_peak);
+    if list.is_empty() {
+        let none = if at_peak { "no live blocks at the peak" } else if p.ending == "exited" { "no live blocks at exit: nothing leaked" } else { "no live blocks" };
+        f.render_widget(Paragraph::new(none), table_area);
+        return;
+    }
+    let rows: Vec<Row> = list
+        .iter()
+        .map(|s| {
+            Row::new(vec![
+                Cell::from(Line::raw(bytes(s.bytes)).right_aligned()),
+                Cell::from(Line::raw(s.blocks.to_string()).right_aligned()),
+                Cell::from(s.function.clone()),
+                Cell::from(site_place(s)),
+            ])
+        })
+        .collect();
+    let place_w = list.iter().map(|s| site_place(s).chars().count()).max().unwrap_or(0).clamp(9, 24) as u16;
+    let widths = [Constraint::Length(10), Constraint::Length(7), Constraint::Min(10), Constraint::Length(place_w)];
+    let header = Row::new(vec![Cell::from(Line::raw("bytes").right_aligned()), Cell::from(Line::raw("blocks").right_aligned()), Cell::from("function"), Cell::from("file:line")]).style(th.heading());
+    let table = Table::new(rows, widths).header(header).column_spacing(1).row_highlight_style(Style::default().add_modifier(Modifier::REVERSED)).highlight_symbol("▶ ");
+    // The selection is shown where the keys move it (the focused panel's chosen list).
+    let mut state = TableState::default().with_selected(selected.then_some(app.site.min(list.len() - 1)));
+    f.render_stateful_widget(table, table_area, &mut state);
+}
+
+/// The details of the sites panel: the selected site's numbers and every frame of its stack.
+fn site_detail_lines(p: &ProcessModel, app: &App, th: Theme) -> Vec<Line<'static>> {
+    if let Some(why) = sites_absent(p, app) {
+        return vec![Line::raw(why)];
+    }
+    let summary = sites_heading(p, app, app.sites_at_peak).1;
+    let list = site_list(p, app.sites_at_peak);
+    let mut v = vec![Line::raw(summary)];
+    let Some(s) = list.get(app.site.min(list.len().saturating_sub(1))) else {
+        v.push(Line::raw("no sites in this list"));
+        return v;
+    };
+    let i = app.site.min(list.len() - 1);
+    v.push(Line::styled(format!("site {} of {}: {} in {} blocks · {}{}", i + 1, list.len(), bytes(s.bytes), s.blocks, s.function, match site_place(s) { x if x.is_empty() => String::new(), x => format!(" ({x})") }), th.heading()));
+    v.push(Line::raw(format!("{} allocations here in all ({}) · stack {:#x}", s.allocations, bytes(s.allocated_bytes), s.stack_id)));
+    v.push(Line::styled("stack, innermost frame first (inlined: a call the compiler inlined into the next frame):", th.heading()));
+    for (k, fr) in s.frames.iter().enumerate() {
+        let inl = if fr.inlined { " [inlined]" } else { "" };
+        v.push(Line::raw(format!("#{k:<3}{}{inl}", fr.function)));
+        let place = match (&fr.file, fr.line) {
+            (Some(f), Some(l)) => format!("{f}:{l}"),
+            (Some(f), None) => f.clone(),
+            _ => String::new(),
+        };
+        let module = crate::symbols::base_name(&fr.module);
+        let at = match (place.is_empty(), module.is_empty()) {
+            (false, false) => format!("{place} · {module}"),
+            (false, true) => place,
+            (true, false) => module.to_string(),
+            (true, true) => continue,
+        };
+        v.push(Line::styled(format!("     {at}"), th.dim()));
+    }
+    for m in &p.sites.symbols_missing {
+        v.push(Line::raw(m.clone()));
+    }
+    v
+}
+
 /// `mtracer view` reading a large trace: a gauge of the bytes read, the rate, and how to quit.
 fn indexing(f: &mut Frame, area: Rect, m: &DashboardModel, ix: &Indexing, th: Theme) {
     let [title, gauge, text, rest] = Layout::vertical([Constraint::Length(2), Constraint::Length(3), Constraint::Length(3), Constraint::Min(0)]).areas(area);
@@ -741,6 +888,7 @@ pub fn detail_lines(m: &DashboardModel, p: &ProcessModel, app: &App, panel: Pane
                 v.push(Line::raw(format!("{:<21} {count:>11} {:>11}", size_range(lo, hi), bytes(b))));
             }
         }
+        Panel::Sites => v.extend(site_detail_lines(p, app, th)),
         Panel::Processes => {
             v.push(Line::styled(format!("{:>5} {:>10} {:>11}  {}", "image", "allocs", "peak RSS", "process (tree)"), th.heading()));
             for (q, d) in m.processes.iter().zip(m.depths()) {
@@ -776,8 +924,10 @@ fn help(f: &mut Frame, area: Rect, th: Theme) {
         "h, l          scroll the time window",
         "s             stack the retention categories under the lines (or not)",
         "+, -, 0       zoom the time window in / out / reset",
-        "[, ], ↑, ↓    previous / next process image",
-        "Enter         details of the focused panel (↑/↓, PgUp/PgDn scroll)",
+        "[, ], ↑, ↓    previous / next process image (sites panel: ↑/↓ select a site)",
+        "t             sites: live at the end (leaked) / at the peak of live bytes",
+        "Enter         details of the focused panel (sites: the selected site's",
+        "              stack; ↑/↓, PgUp/PgDn scroll)",
         "p             pause the refreshing (mtracer run)",
     ];
     let w = (text.iter().map(|s| s.chars().count()).max().unwrap_or(0) as u16 + 4).min(area.width);

@@ -332,15 +332,42 @@ fn plain(v: impl IntoIterator<Item = SiteAmount>) -> impl Iterator<Item = (SiteA
     v.into_iter().map(|a| (a, [0; 3]))
 }
 
+/// The two lists the dashboard shows, cheaply enough to be done again and again while a trace
+/// is being written: the top `n` sites live at the peak (`top_sites_at_peak`) and live now
+/// (`leaked_sites`: leaked once the image has ended), symbolising only their addresses and
+/// reusing what `cache` (an earlier call's, same image) already knows; the other lists stay
+/// empty. `cache` is updated.
+pub fn build_top(img: &ImageAnalysis, symbolizer: std::rc::Rc<blazesym::symbolize::Symbolizer>, cache: &mut crate::symbols::SymbolCache, n: usize) -> SitesReport {
+    let sites = &img.model.sites;
+    if sites.with_stack == 0 && img.stacks().is_empty() {
+        return no_stacks();
+    }
+    let at_peak = top(sites.at_peak(), n);
+    let live = top(sites.live_now(), n);
+    let mut namer = SiteNamer { img, symbols: Symbols::resume(img.stacks(), symbolizer, std::mem::take(cache)) };
+    namer.symbols.prepare(at_peak.iter().chain(live.iter()).map(|a| a.stack));
+    let r = SitesReport {
+        stacks: true,
+        stacks_note: None,
+        allocations_with_stack: sites.with_stack,
+        top_sites_at_peak: at_peak.into_iter().map(|a| namer.view(a)).collect(),
+        leaked_sites: live.into_iter().map(|a| namer.view(a)).collect(),
+        symbols_missing: namer.symbols.missing(),
+        ..Default::default()
+    };
+    *cache = namer.symbols.into_cache();
+    r
+}
+
+fn no_stacks() -> SitesReport {
+    SitesReport { stacks: false, stacks_note: Some("the trace has no allocation stacks (recorded without stacks): no sites".into()), ..Default::default() }
+}
+
 pub fn build(img: &ImageAnalysis, symbolizer: std::rc::Rc<blazesym::symbolize::Symbolizer>) -> SitesReport {
     let sites = &img.model.sites;
     let stacks = sites.with_stack > 0 || !img.stacks().is_empty();
     if !stacks {
-        return SitesReport {
-            stacks: false,
-            stacks_note: Some("the trace has no allocation stacks (recorded without stacks): no sites".into()),
-            ..Default::default()
-        };
+        return no_stacks();
     }
     let retained = retained(img);
     let mut namer = SiteNamer::shared(img, symbolizer);
