@@ -342,16 +342,19 @@ pub fn build_top(img: &ImageAnalysis, symbolizer: std::rc::Rc<blazesym::symboliz
     if sites.with_stack == 0 && img.stacks().is_empty() {
         return no_stacks();
     }
-    let at_peak = top(sites.at_peak(), n);
-    let live = top(sites.live_now(), n);
-    let mut namer = SiteNamer { img, symbols: Symbols::resume(img.stacks(), symbolizer, std::mem::take(cache)) };
+    let (at_peak, live) = (sites.at_peak(), sites.live_now());
+    let mut namer = SiteNamer::with(img, Symbols::resume(img.stacks(), symbolizer, std::mem::take(cache)));
     namer.symbols.prepare(at_peak.iter().chain(live.iter()).map(|a| a.stack));
+    // Grouped like the report's lists (stacks that read the same are one site); the counters
+    // of other lists (allocations, temporaries) cover the stacks of these two lists only.
+    let at_peak = namer.group(plain(at_peak), n);
+    let live = namer.group(plain(live), n);
     let r = SitesReport {
         stacks: true,
         stacks_note: None,
         allocations_with_stack: sites.with_stack,
-        top_sites_at_peak: at_peak.into_iter().map(|a| namer.view(a)).collect(),
-        leaked_sites: live.into_iter().map(|a| namer.view(a)).collect(),
+        top_sites_at_peak: at_peak.into_iter().map(|e| namer.entry_view(e)).collect(),
+        leaked_sites: live.into_iter().map(|e| namer.entry_view(e)).collect(),
         symbols_missing: namer.symbols.missing(),
         ..Default::default()
     };
