@@ -101,6 +101,7 @@ impl Batch {
     }
 
     /// The `k`th queued event, decoded.
+    #[inline]
     fn pending(&self, k: usize) -> Pending {
         let (at, t) = self.events[k];
         let (ev, _) = mtrace_protocol::event::decode(&self.words, at as usize).expect("queued events were decoded before");
@@ -191,16 +192,20 @@ impl Stream {
     }
 
     /// Remove the head (the first queued event) and decode the next one.
-    fn pop_head(&mut self) -> Option<Pending> {
-        let p = self.head.take()?;
-        if let Some(b) = self.batches.front_mut() {
-            b.next += 1;
-            if b.next >= b.events.len() {
-                self.batches.pop_front();
-            }
-        }
-        self.load_head();
-        Some(p)
+    #[inline]
+    fn pop_head(&mut self) -> Pending {
+        let b = self.batches.front_mut().expect("pop on an empty stream");
+        b.next += 1;
+        let p = if b.next < b.events.len() {
+            // Decode the next head in the place of this one.
+            std::mem::replace(self.head.as_mut().expect("pop on an empty stream"), b.pending(b.next))
+        } else {
+            self.batches.pop_front();
+            let p = self.head.take().expect("pop on an empty stream");
+            self.load_head();
+            p
+        };
+        p
     }
 
     /// The queued event with this serial (`None` if applied or not queued).
@@ -699,7 +704,7 @@ impl Merger {
     }
 
     fn apply_head(&mut self, i: usize, model: &mut LiveModel, on_applied: &mut impl FnMut(&Pending, u32, &LiveModel)) {
-        let p = self.streams[i].pop_head().expect("apply on an empty stream");
+        let p = self.streams[i].pop_head();
         self.queued -= 1;
         for (addr, ..) in uses_of(&p.ev).into_iter().flatten() {
             if let Some(per_stream) = self.uses.get_mut(&addr) {
