@@ -11,6 +11,9 @@ use mtrace_tests::*;
 
 /// The C fixture and its dlopen'd library, built once.
 fn sites_c() -> (PathBuf, PathBuf) {
+    // Tests of this binary run in parallel and share the temporary name (one process id).
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let exe = fixture("sites");
     let lib = paths().fixtures_out.join("libsites_plugin.so");
     let src = paths().workspace.join("tests/fixtures/sites_plugin.c");

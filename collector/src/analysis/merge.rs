@@ -75,10 +75,93 @@ enum Wait {
     Stamp { stream: usize, pos: Pos },
 }
 
+/// The events of one chunk that are not applied yet. Queued events are kept as the chunk's words
+/// (2–5 words an event) and decoded when they reach the head of their stream, not as decoded
+/// [`Pending`]s: a stream may hold millions of events until they are safe (two `Sync`s), and a
+/// decoded event is several times larger.
+struct Batch {
+    words: Vec<u64>,
+    seq: u64,
+    /// Word offset of `words[0]` in its block.
+    base_word: u32,
+    epoch: u32,
+    /// Serial of `events[0]` (the events of one chunk have consecutive serials).
+    first_serial: u64,
+    /// Time marks in force in this chunk, in order.
+    times: Vec<u64>,
+    /// Per queued event: word offset in `words`, index in `times`.
+    events: Vec<(u32, u32)>,
+    /// Events before this one are applied.
+    next: usize,
+}
+
+impl Batch {
+    fn end_serial(&self) -> u64 {
+        self.first_serial + self.events.len() as u64
+    }
+
+    /// The `k`th queued event, decoded.
+    #[inline]
+    fn pending(&self, k: usize) -> Pending {
+        let (at, t) = self.events[k];
+        let (ev, _) = mtrace_protocol::event::decode(&self.words, at as usize).expect("queued events were decoded before");
+        let len = mtrace_protocol::event::split_header(self.words[at as usize]).1 as u32;
+        Pending {
+            ev,
+            pos: Pos { seq: self.seq, word: self.base_word + at },
+            len,
+            time_ns: self.times[t as usize],
+            epoch: self.epoch,
+            serial: self.first_serial + k as u64,
+            ignore_stamp: false,
+            ignore_pairs: false,
+        }
+    }
+}
+
+/// Pending uses of one address by one stream: runs of consecutive serials `(first, count)`.
+type UseRuns = VecDeque<(u64, u32)>;
+
+fn runs_push(q: &mut UseRuns, serial: u64) {
+    if let Some((first, n)) = q.back_mut() {
+        if *first + *n as u64 == serial {
+            *n += 1;
+            return;
+        }
+    }
+    q.push_back((serial, 1));
+}
+
+fn runs_remove(q: &mut UseRuns, serial: u64) {
+    if let Some((first, n)) = q.front_mut() {
+        if *first == serial {
+            *first += 1;
+            *n -= 1;
+            if *n == 0 {
+                q.pop_front();
+            }
+            return;
+        }
+    }
+    let Some(k) = q.iter().position(|&(f, n)| f <= serial && serial < f + n as u64) else { return };
+    let (f, n) = q[k];
+    let before = (serial - f) as u32;
+    let after = n - before - 1;
+    q.remove(k);
+    if after > 0 {
+        q.insert(k, (serial + 1, after));
+    }
+    if before > 0 {
+        q.insert(k, (f, before));
+    }
+}
+
 struct Stream {
     id: u32,
     tid: u32,
-    queue: VecDeque<Pending>,
+    /// Queued events, oldest first; `head` is the first of them, decoded.
+    batches: VecDeque<Batch>,
+    head: Option<Pending>,
     /// Time mark of the events being decoded (last `Time` event).
     time_ns: u64,
     /// Where the next chunk should start: (block seq, byte offset).
@@ -91,6 +174,51 @@ struct Stream {
     /// carries `Mallinfo(Periodic)` checkpoints, which no other thread writes (see
     /// [`Merger::stream_count`]).
     internal: bool,
+}
+
+impl Stream {
+    /// Decode the first queued event into `head` if it is not there yet.
+    fn load_head(&mut self) {
+        if self.head.is_some() {
+            return;
+        }
+        while let Some(b) = self.batches.front() {
+            if b.next < b.events.len() {
+                self.head = Some(b.pending(b.next));
+                return;
+            }
+            self.batches.pop_front();
+        }
+    }
+
+    /// Remove the head (the first queued event) and decode the next one.
+    #[inline]
+    fn pop_head(&mut self) -> Pending {
+        let b = self.batches.front_mut().expect("pop on an empty stream");
+        b.next += 1;
+        let p = if b.next < b.events.len() {
+            // Decode the next head in the place of this one.
+            std::mem::replace(self.head.as_mut().expect("pop on an empty stream"), b.pending(b.next))
+        } else {
+            self.batches.pop_front();
+            let p = self.head.take().expect("pop on an empty stream");
+            self.load_head();
+            p
+        };
+        p
+    }
+
+    /// The queued event with this serial (`None` if applied or not queued).
+    fn find(&self, serial: u64) -> Option<(&Batch, usize)> {
+        let k = self.batches.partition_point(|b| b.end_serial() <= serial);
+        let b = self.batches.get(k)?;
+        let idx = serial.checked_sub(b.first_serial)? as usize;
+        (idx >= b.next && idx < b.events.len()).then_some((b, idx))
+    }
+
+    fn queued(&self) -> usize {
+        self.batches.iter().map(|b| b.events.len() - b.next).sum()
+    }
 }
 
 /// Anomalies the merger met (all zero in a healthy trace).
@@ -170,7 +298,8 @@ pub struct Merger {
     serial: u64,
     /// Pending (not applied) allocations and frees per address: per stream that has any, its
     /// uses in stream order (pushed at the back as chunks arrive, popped at the front as applied).
-    uses: FxHashMap<u64, Vec<(usize, VecDeque<Use>)>>,
+    /// Kept as runs of serials; the uses themselves are read from the queued events when needed.
+    uses: FxHashMap<u64, Vec<(usize, UseRuns)>>,
     pub stats: MergeStats,
     /// Stack and module definitions, collected as chunks are decoded (they need no ordering).
     pub stacks: super::stacks::StackTable,
@@ -205,7 +334,8 @@ impl Merger {
         self.streams.push(Stream {
             id,
             tid: 0,
-            queue: VecDeque::new(),
+            batches: VecDeque::new(),
+            head: None,
             time_ns: 0,
             expect: None,
             frontier: Pos::default(),
@@ -235,12 +365,25 @@ impl Merger {
         s.expect = Some((seq, c.offset + (c.words.len() * 8) as u32));
         s.max_seq = s.max_seq.max(seq);
         let base_word = c.offset / 8;
-        let was_empty = s.queue.is_empty();
+        let was_empty = s.head.is_none();
+        let mut batch = Batch {
+            words: Vec::new(),
+            seq,
+            base_word,
+            epoch,
+            first_serial: self.serial + 1,
+            times: vec![s.time_ns],
+            events: Vec::new(),
+            next: 0,
+        };
         for r in Events::new(&c.words) {
             match r {
                 Ok((at, Event::Time { clock_ns })) => {
                     let _ = at;
                     s.time_ns = s.time_ns.max(clock_ns);
+                    if *batch.times.last().unwrap() != s.time_ns {
+                        batch.times.push(s.time_ns);
+                    }
                 }
                 Ok((at, Event::Stack { id, .. })) => self.stacks.define_stack(id, &c.words[at..], s.time_ns),
                 Ok((at, Event::Module { bias, lo, hi, .. })) => self.stacks.define_module(bias, lo, hi, &c.words[at..], s.time_ns),
@@ -249,13 +392,8 @@ impl Merger {
                     if let Event::Mallinfo { reason: MallinfoReason::Periodic, .. } = ev {
                         s.internal = true;
                     }
-                    let len = mtrace_protocol::event::split_header(c.words[at]).1 as u32;
                     self.serial += 1;
-                    let stamp = stamp_of(&ev);
-                    let is_free = matches!(ev, Event::Free { .. });
-                    for (addr, kind, chunk, new_chunk) in uses_of(&ev).into_iter().flatten() {
-                        // A realloc's stamp belongs to its new block; a free's to the freed one.
-                        let stamp = if kind != UseKind::Free || is_free { stamp } else { None };
+                    for (addr, ..) in uses_of(&ev).into_iter().flatten() {
                         let per_stream = self.uses.entry(addr).or_default();
                         let k = match per_stream.iter().position(|(st, _)| *st == i) {
                             Some(k) => k,
@@ -264,26 +402,9 @@ impl Merger {
                                 per_stream.len() - 1
                             }
                         };
-                        per_stream[k].1.push_back(Use {
-                            serial: self.serial,
-                            kind,
-                            chunk,
-                            new_chunk,
-                            stamp,
-                            pos: Pos { seq, word: base_word + at as u32 },
-                            epoch,
-                        });
+                        runs_push(&mut per_stream[k].1, self.serial);
                     }
-                    s.queue.push_back(Pending {
-                        ev,
-                        pos: Pos { seq, word: base_word + at as u32 },
-                        len,
-                        time_ns: s.time_ns,
-                        epoch,
-                        serial: self.serial,
-                        ignore_stamp: false,
-                        ignore_pairs: false,
-                    });
+                    batch.events.push((at as u32, (batch.times.len() - 1) as u32));
                     self.queued += 1;
                 }
                 Err(_) => {
@@ -291,6 +412,13 @@ impl Merger {
                     break;
                 }
             }
+        }
+        if !batch.events.is_empty() {
+            batch.words = c.words.clone();
+            batch.events.shrink_to_fit();
+            batch.times.shrink_to_fit();
+            s.batches.push_back(batch);
+            s.load_head();
         }
         if was_empty {
             self.push_if_ready(i);
@@ -312,7 +440,7 @@ impl Merger {
 
     /// Smallest epoch among events not applied yet.
     fn min_queued_epoch(&self) -> u32 {
-        self.streams.iter().filter_map(|s| s.queue.front().map(|p| p.epoch)).min().unwrap_or(u32::MAX)
+        self.streams.iter().filter_map(|s| s.head.as_ref().map(|p| p.epoch)).min().unwrap_or(u32::MAX)
     }
 
     /// May `p` go now as far as publication order is concerned: is every event read in a pass
@@ -352,7 +480,7 @@ impl Merger {
 
     /// Smallest time mark among events not applied yet.
     pub fn min_queued_time(&self) -> Option<u64> {
-        self.streams.iter().filter_map(|s| s.queue.front().map(|p| p.time_ns)).min()
+        self.streams.iter().filter_map(|s| s.head.as_ref().map(|p| p.time_ns)).min()
     }
 
     /// Thread id of a stream.
@@ -378,7 +506,7 @@ impl Merger {
         if s.wait != Wait::None {
             return;
         }
-        if let Some(h) = s.queue.front() {
+        if let Some(h) = s.head.as_ref() {
             if self.safe(h, 2) {
                 self.ready.push(Reverse((h.time_ns, i)));
             }
@@ -393,7 +521,7 @@ impl Merger {
             let mut min_epoch = self.min_queued_epoch();
             while let Some(Reverse((t, i))) = self.ready.pop() {
                 let s = &self.streams[i];
-                match s.queue.front() {
+                match s.head.as_ref() {
                     Some(h) if s.wait == Wait::None && h.time_ns == t => {
                         if !self.published_in_order(h, min_epoch) {
                             held.push(i);
@@ -410,7 +538,7 @@ impl Merger {
             let me = self.min_queued_epoch();
             let mut retried = false;
             for &i in &held {
-                if self.streams[i].queue.front().is_some_and(|h| self.published_in_order(h, me)) {
+                if self.streams[i].head.as_ref().is_some_and(|h| self.published_in_order(h, me)) {
                     self.push_if_ready(i);
                     retried = true;
                 }
@@ -432,7 +560,7 @@ impl Merger {
 
     /// Try to apply the head of stream `i`; block it if it must wait.
     fn step(&mut self, i: usize, model: &mut LiveModel, on_applied: &mut impl FnMut(&Pending, u32, &LiveModel)) {
-        let head = self.streams[i].queue.front().expect("step on an empty stream");
+        let head = self.streams[i].head.as_ref().expect("step on an empty stream");
         if !self.safe(head, 2) {
             return;
         }
@@ -447,7 +575,7 @@ impl Merger {
                 }
             }
         }
-        let head = self.streams[i].queue.front().expect("step on an empty stream");
+        let head = self.streams[i].head.as_ref().expect("step on an empty stream");
         match model.need(&head.ev) {
             Need::Ok => {
                 if !head.ignore_pairs {
@@ -491,7 +619,7 @@ impl Merger {
         // way) that histories take as far as they can go.
         const HORIZON: usize = 12;
         let streams: Vec<usize> = uses.iter().map(|(st, _)| *st).collect();
-        let seqs: Vec<Vec<&Use>> = uses.iter().map(|(_, q)| q.iter().take(HORIZON).collect()).collect();
+        let seqs: Vec<Vec<Use>> = uses.iter().map(|(st, q)| self.first_uses(*st, addr, q, HORIZON)).collect();
         let Some(me) = streams.iter().position(|&s| s == i) else { return Order::Clear };
         if seqs[me].first().is_none_or(|u| u.serial != serial) {
             // Not this stream's first use of the address (cannot happen for a head).
@@ -500,7 +628,7 @@ impl Merger {
         let mut search = AddrSearch::new(self, &seqs, &streams);
         let mut start = vec![0usize; seqs.len()];
         start[me] = 1;
-        let mine = seqs[me][0];
+        let mine = &seqs[me][0];
         let Some(after) = mine.step(live) else { return Order::Clear };
         if !search.feasible(&mut start, after) {
             return if search.budget == 0 { Order::Clear } else { Order::Defer };
@@ -516,6 +644,41 @@ impl Merger {
             return Order::Ambiguous;
         }
         Order::Clear
+    }
+
+    /// Bytes held for queued events (their words, per-event entries, time marks, use runs):
+    /// what a test can bound per queued event.
+    #[cfg(test)]
+    fn queued_bytes(&self) -> usize {
+        let batches: usize = self
+            .streams
+            .iter()
+            .flat_map(|s| &s.batches)
+            .map(|b| 8 * (b.words.capacity() + b.times.capacity() + b.events.capacity()))
+            .sum();
+        let runs: usize = self.uses.values().flat_map(|v| v.iter()).map(|(_, q)| 16 * q.capacity()).sum();
+        batches + runs
+    }
+
+    /// The first `n` pending uses of `addr` by stream `st` (serials `runs`), read from its queue.
+    fn first_uses(&self, st: usize, addr: u64, runs: &UseRuns, n: usize) -> Vec<Use> {
+        let s = &self.streams[st];
+        let mut out = Vec::new();
+        for serial in runs.iter().flat_map(|&(f, k)| f..f + k as u64).take(n) {
+            let Some((b, idx)) = s.find(serial) else { continue };
+            let p = b.pending(idx);
+            let stamp = stamp_of(&p.ev);
+            let is_free = matches!(p.ev, Event::Free { .. });
+            for (a, kind, chunk, new_chunk) in uses_of(&p.ev).into_iter().flatten() {
+                if a != addr {
+                    continue;
+                }
+                // A realloc's stamp belongs to its new block; a free's to the freed one.
+                let stamp = if kind != UseKind::Free || is_free { stamp } else { None };
+                out.push(Use { serial, kind, chunk, new_chunk, stamp, pos: p.pos, epoch: p.epoch });
+            }
+        }
+        out
     }
 
     /// The stream and position a stamp names, if it names another known-or-future stream.
@@ -541,18 +704,14 @@ impl Merger {
     }
 
     fn apply_head(&mut self, i: usize, model: &mut LiveModel, on_applied: &mut impl FnMut(&Pending, u32, &LiveModel)) {
-        let p = self.streams[i].queue.pop_front().expect("apply on an empty stream");
+        let p = self.streams[i].pop_head();
         self.queued -= 1;
         for (addr, ..) in uses_of(&p.ev).into_iter().flatten() {
             if let Some(per_stream) = self.uses.get_mut(&addr) {
                 if let Some(k) = per_stream.iter().position(|(st, _)| *st == i) {
                     // Applied in stream order: it is at the front.
                     let q = &mut per_stream[k].1;
-                    if q.front().is_some_and(|u| u.serial == p.serial) {
-                        q.pop_front();
-                    } else {
-                        q.retain(|u| u.serial != p.serial);
-                    }
+                    runs_remove(q, p.serial);
                     if q.is_empty() {
                         per_stream.swap_remove(k);
                     }
@@ -604,7 +763,7 @@ impl Merger {
             .streams
             .iter()
             .filter(|s| s.wait != Wait::None)
-            .all(|s| s.queue.front().is_none_or(|h| self.safe(h, 3)));
+            .all(|s| s.head.as_ref().is_none_or(|h| self.safe(h, 3)));
         if !all_settled {
             return false;
         }
@@ -613,8 +772,8 @@ impl Merger {
         for i in 0..self.streams.len() {
             if let Wait::Pair(_) = self.streams[i].wait {
                 // As for forcing: only once whatever could justify the wait must have arrived.
-                if self.streams[i].queue.front().is_some_and(|h| self.safe(h, 3)) {
-                    self.streams[i].queue.front_mut().unwrap().ignore_pairs = true;
+                if self.streams[i].head.as_ref().is_some_and(|h| self.safe(h, 3)) {
+                    self.streams[i].head.as_mut().unwrap().ignore_pairs = true;
                     self.streams[i].wait = Wait::None;
                     self.push_if_ready(i);
                     self.stats.ambiguous += 1;
@@ -633,7 +792,7 @@ impl Merger {
             if s.wait == Wait::None {
                 continue;
             }
-            let Some(h) = s.queue.front() else { continue };
+            let Some(h) = s.head.as_ref() else { continue };
             if !self.safe(h, 3) {
                 continue;
             }
@@ -648,7 +807,7 @@ impl Merger {
         }
         let Some((_, _, i)) = best else { return false };
         if std::env::var_os("MTRACE_DEBUG_MERGE").is_some() {
-            let h = self.streams[i].queue.front().unwrap();
+            let h = self.streams[i].head.as_ref().unwrap();
             eprintln!("force: stream {} wait {:?} head {:?} at {:?} epoch {} syncs {} ended {}", self.streams[i].id, self.streams[i].wait, h.ev, h.pos, h.epoch, self.syncs, self.ended);
             let me = self.min_queued_epoch();
             eprintln!("   min_epoch {me} pass_starts tail {:?}", &self.pass_starts[self.pass_starts.len().saturating_sub(4)..]);
@@ -658,24 +817,24 @@ impl Merger {
                     s.id,
                     s.wait,
                     s.frontier,
-                    s.queue.len(),
-                    s.queue.front().map(|p| (p.ev, p.pos, p.epoch)),
-                    s.queue.front().map(|p| p.time_ns),
-                    s.queue.front().map(|p| self.pass_of(p.time_ns))
+                    s.queued(),
+                    s.head.as_ref().map(|p| (p.ev, p.pos, p.epoch)),
+                    s.head.as_ref().map(|p| p.time_ns),
+                    s.head.as_ref().map(|p| self.pass_of(p.time_ns))
                 );
             }
         }
         match self.streams[i].wait {
             Wait::Stamp { .. } => {
                 self.stats.ignored_stamps += 1;
-                self.streams[i].queue.front_mut().unwrap().ignore_stamp = true;
+                self.streams[i].head.as_mut().unwrap().ignore_stamp = true;
                 self.streams[i].wait = Wait::None;
                 self.push_if_ready(i);
             }
             Wait::Addr(_) => {
                 // An allocation of a still-live address is admitted beside the live block (the
                 // model counts it as reordered); a free whose block never appeared is forced.
-                let head = &self.streams[i].queue.front().unwrap().ev;
+                let head = &self.streams[i].head.as_ref().unwrap().ev;
                 if !matches!(model.need(head), Need::Dead(_)) {
                     self.stats.forced += 1;
                 }
@@ -708,7 +867,7 @@ enum Outcome {
 /// Depth-first search for a valid history of one address's pending uses.
 struct AddrSearch<'a> {
     merger: &'a Merger,
-    seqs: &'a [Vec<&'a Use>],
+    seqs: &'a [Vec<Use>],
     streams: &'a [usize],
     /// Per stream, how many of its uses must be consumed.
     mandatory: Vec<usize>,
@@ -718,7 +877,7 @@ struct AddrSearch<'a> {
 }
 
 impl<'a> AddrSearch<'a> {
-    fn new(merger: &'a Merger, seqs: &'a [Vec<&'a Use>], streams: &'a [usize]) -> Self {
+    fn new(merger: &'a Merger, seqs: &'a [Vec<Use>], streams: &'a [usize]) -> Self {
         let mandatory = seqs
             .iter()
             .map(|s| if merger.ended { s.len() } else { s.iter().take_while(|u| u.epoch + 2 <= merger.syncs).count() })

@@ -396,3 +396,53 @@ fn the_mallinfo_sampler_stream_is_not_counted_as_a_thread() {
         vec![(1, MallinfoReason::Periodic), (2, MallinfoReason::BeforeTrim), (2, MallinfoReason::AfterTrim), (2, MallinfoReason::Exit)]
     );
 }
+
+/// One thread reusing one address over and over (a malloc/free loop): everything it queues
+/// before its events are safe is held as the chunks' words — not as decoded events — and the
+/// pending uses of the address as runs of serials, not one entry per event.
+#[test]
+fn queued_events_of_a_churn_loop_stay_compact() {
+    const PAIRS: u64 = 50_000;
+    const PER_CHUNK: u64 = 100;
+    let mut m = Merger::new(None);
+    let mut model = LiveModel::default();
+    let mut words = Vec::new();
+    let mut seq = 0u32;
+    for k in 0..PAIRS {
+        if k % 7 == 0 {
+            words.extend_from_slice(&[ev::header(EventKind::Time, 2, 0), 1000 + k]);
+        }
+        words.extend_from_slice(&[ev::header(EventKind::Malloc, 3, 0), 0x10, 32, ev::header(EventKind::Free, 2, 0), 0x10]);
+        if (k + 1) % PER_CHUNK == 0 {
+            m.add_chunk(&Chunk { image: 0, stream: 1, tid: 1, block_seq: seq, offset: 0, words: std::mem::take(&mut words) });
+            seq += 1;
+        }
+    }
+    m.run(&mut model, &mut |_, _, _| {});
+    assert_eq!(m.queued() as u64, 2 * PAIRS);
+    assert_eq!(model.c.live_blocks, 0);
+    // One run of serials for the address, however many uses.
+    let runs: Vec<usize> = m.uses[&0x10].iter().map(|(_, q)| q.len()).collect();
+    assert_eq!(runs, vec![1]);
+    // The chunks' words (5 per pair, plus time marks) and 8 bytes of index per event.
+    let per_event = m.queued_bytes() as f64 / (2 * PAIRS) as f64;
+    assert!(per_event <= 32.0, "{per_event} bytes per queued event");
+    let mut applied = 0u64;
+    let mut last_time = 0;
+    for pass in 1..=2 {
+        // Pass starts after every time mark of the chunks (all were read in the first pass).
+        m.sync(1_000_000 * pass);
+        m.run(&mut model, &mut |p, _, _| {
+            applied += 1;
+            assert!(p.time_ns >= last_time);
+            last_time = p.time_ns;
+        });
+    }
+    assert_eq!(applied, 2 * PAIRS);
+    assert_eq!(last_time, 1000 + (PAIRS - 1) / 7 * 7);
+    assert_eq!(m.queued(), 0);
+    assert!(m.uses.is_empty());
+    assert_eq!(m.queued_bytes(), 0);
+    assert_eq!(model.c.live_blocks, 0);
+    assert_eq!(model.c.unmatched_frees, 0);
+}
