@@ -11,13 +11,13 @@ use mtrace_tests::*;
 
 /// The C fixture and its dlopen'd library, built once.
 fn sites_c() -> (PathBuf, PathBuf) {
-    // Tests of this binary run in parallel and share the temporary name (one process id).
+    // Tests of this binary run in parallel: one builds the library at a time, under a temporary
+    // name of its own, renamed into place.
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let exe = fixture("sites");
     let lib = paths().fixtures_out.join("libsites_plugin.so");
     let src = paths().workspace.join("tests/fixtures/sites_plugin.c");
-    // Tests of this file build it in parallel: a temporary name of each one's own.
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let tmp = lib.with_extension(format!("tmp{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
     let o = Command::new("gcc").args(["-O2", "-g", "-shared", "-fPIC", "-o"]).arg(&tmp).arg(&src).output().expect("gcc");
