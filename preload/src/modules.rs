@@ -247,14 +247,39 @@ unsafe fn emit_module(t: *mut ThreadState, e: &Entry) {
 
 /// Re-read the module list; publish a new one if it changed (its `Module` / `ModuleUnload`
 /// events are written by [`announce`], outside any event being written). Returns whether it
-/// changed.
+/// changed. From an unwind: if another thread is refreshing, returns `false` at once and the
+/// current list stays — never waits. Waiting could deadlock: that thread holds our lock while
+/// `dl_iterate_phdr` waits for glibc's loader lock, which this thread may hold (an allocation
+/// inside a `dl_iterate_phdr` callback of the program's).
 ///
 /// # Safety
 /// Guard held.
 pub unsafe fn refresh() -> bool {
+    if LOCK.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        return false;
+    }
+    // SAFETY: per the contract; the lock is ours.
+    unsafe { refresh_locked() }
+}
+
+/// [`refresh`], waiting for another thread's refresh to end first: for the image's start and
+/// after `dlclose` returned (no loader lock is held then).
+///
+/// # Safety
+/// Guard held; not inside a `dl_iterate_phdr` callback.
+pub unsafe fn refresh_waiting() -> bool {
     while LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
         core::hint::spin_loop();
     }
+    // SAFETY: per the contract; the lock is ours.
+    unsafe { refresh_locked() }
+}
+
+/// The body of [`refresh`]: `LOCK` is held, and released here.
+///
+/// # Safety
+/// Guard held, `LOCK` taken by the caller.
+unsafe fn refresh_locked() -> bool {
     SEEN_EPOCH.store(DL_EPOCH.load(Ordering::Acquire), Ordering::Release);
     let mut found: Vec<Found> = Vec::with_capacity(64);
     // SAFETY: the callback only reads the program headers glibc hands it.
@@ -357,6 +382,9 @@ pub unsafe fn resend_all(t: *mut ThreadState) {
             // SAFETY: per the contract.
             unsafe { emit_module(t, e) };
         }
+        // What was just sent is what this image's stream has announced (the parent may not
+        // have announced its latest list yet).
+        ANNOUNCED.store(l as *const ModList as *mut ModList, Ordering::Release);
     }
 }
 
@@ -453,8 +481,10 @@ pub unsafe extern "C" fn dlclose(handle: *mut c_void) -> c_int {
         unsafe {
             if (*t).busy == 0 && writer::STATE.load(Ordering::Acquire) == writer::ACTIVE {
                 (*t).busy = 1;
-                refresh();
+                let errno = *libc::__errno_location();
+                refresh_waiting();
                 announce(t);
+                *libc::__errno_location() = errno;
                 (*t).busy = 0;
             }
         }

@@ -184,7 +184,7 @@ pub unsafe fn start(t: *mut ThreadState) {
             sys::name_mapping(m, len);
             TABLE.store(m as *mut AtomicU64, Ordering::Release);
         }
-        modules::refresh();
+        modules::refresh_waiting();
         modules::announce(t);
     }
     if modules::current().is_some() {
@@ -387,11 +387,14 @@ fn before_cold(t: *mut ThreadState, size: u64) -> u64 {
     // SAFETY: `t` is this thread's state; the guard is taken around our work.
     unsafe {
         (*t).busy = 1;
+        // The program's errno is not ours to change (naming our mappings may fail, say).
+        let errno = *libc::__errno_location();
         let mut sid = 0;
         if wanted(t, size) {
             sid = capture(t);
             flush(t);
         }
+        *libc::__errno_location() = errno;
         (*t).busy = 0;
         sid
     }

@@ -240,3 +240,13 @@ fn cxx_operator_new() {
     assert!(stdcxx.1 <= f[0] && f[0] < stdcxx.2, "ip[0] {:#x} not in libstdc++", f[0]);
     assert!(inside(f[1], fns["make"]), "ip[1] {:#x} not in make", f[1]);
 }
+
+/// A successful malloc leaves errno alone, also on each thread's first allocation with a stack
+/// (the preload's per-thread set-up makes system calls that may fail).
+#[test]
+fn errno_is_kept_across_allocations() {
+    let bin = fixture("stacks_errno");
+    let r = record(&[], &[bin.to_str().unwrap()], &[]);
+    assert_eq!(r.code(), Some(0), "{}{}", String::from_utf8_lossy(&r.output.stdout), r.stderr());
+    assert_eq!(String::from_utf8_lossy(&r.output.stdout), "errno kept\n");
+}
