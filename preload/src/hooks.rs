@@ -928,7 +928,11 @@ macro_rules! trampoline {
         #[unsafe(no_mangle)]
         #[allow(unused_variables)]
         pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
+            // CFI by hand (rustc emits none for naked functions): the stack is never touched,
+            // so the initial rule (CFA = rsp + 8, return address below it) holds throughout —
+            // debuggers, profilers and crash handlers unwind through the trampoline.
             core::arch::naked_asm!(
+                ".cfi_startproc",
                 "mov rax, qword ptr [rip + mtrace_thread_state@GOTTPOFF]",
                 "mov rax, qword ptr fs:[rax + {stk}]",
                 "test rax, rax",
@@ -938,6 +942,7 @@ macro_rules! trampoline {
                 "mov qword ptr [rax + {cfa} + 8], rbp",
                 "2:",
                 "jmp {imp}",
+                ".cfi_endproc",
                 stk = const crate::tls::STK_OFFSET,
                 cfa = const crate::stacks::CFA_OFFSET,
                 imp = sym $imp,

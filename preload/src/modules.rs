@@ -415,6 +415,8 @@ extern "C" fn resolve_dlmopen() -> *mut c_void {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dlopen(_file: *const c_char, _mode: c_int) -> *mut c_void {
     core::arch::naked_asm!(
+        // CFI by hand (rustc emits none for naked functions), following the pushes.
+        ".cfi_startproc",
         "mov rax, qword ptr [rip + {real}]",
         "test rax, rax",
         "jz 2f",
@@ -423,15 +425,22 @@ pub unsafe extern "C" fn dlopen(_file: *const c_char, _mode: c_int) -> *mut c_vo
         "jmp rax",
         "2:",
         "push rdi",
+        ".cfi_adjust_cfa_offset 8",
         "push rsi",
+        ".cfi_adjust_cfa_offset 8",
         "push rdx",
+        ".cfi_adjust_cfa_offset 8",
         "call {resolve}",
         "pop rdx",
+        ".cfi_adjust_cfa_offset -8",
         "pop rsi",
+        ".cfi_adjust_cfa_offset -8",
         "pop rdi",
+        ".cfi_adjust_cfa_offset -8",
         "test rax, rax",
         "jnz 1b",
         "ret",
+        ".cfi_endproc",
         real = sym DLOPEN_REAL,
         epoch = sym DL_EPOCH,
         resolve = sym resolve_dlopen,
@@ -443,6 +452,8 @@ pub unsafe extern "C" fn dlopen(_file: *const c_char, _mode: c_int) -> *mut c_vo
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dlmopen(_lmid: libc::c_long, _file: *const c_char, _mode: c_int) -> *mut c_void {
     core::arch::naked_asm!(
+        // CFI by hand (rustc emits none for naked functions), following the pushes.
+        ".cfi_startproc",
         "mov rax, qword ptr [rip + {real}]",
         "test rax, rax",
         "jz 2f",
@@ -451,15 +462,22 @@ pub unsafe extern "C" fn dlmopen(_lmid: libc::c_long, _file: *const c_char, _mod
         "jmp rax",
         "2:",
         "push rdi",
+        ".cfi_adjust_cfa_offset 8",
         "push rsi",
+        ".cfi_adjust_cfa_offset 8",
         "push rdx",
+        ".cfi_adjust_cfa_offset 8",
         "call {resolve}",
         "pop rdx",
+        ".cfi_adjust_cfa_offset -8",
         "pop rsi",
+        ".cfi_adjust_cfa_offset -8",
         "pop rdi",
+        ".cfi_adjust_cfa_offset -8",
         "test rax, rax",
         "jnz 1b",
         "ret",
+        ".cfi_endproc",
         real = sym DLMOPEN_REAL,
         epoch = sym DL_EPOCH,
         resolve = sym resolve_dlmopen,

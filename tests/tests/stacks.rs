@@ -250,3 +250,33 @@ fn errno_is_kept_across_allocations() {
     assert_eq!(r.code(), Some(0), "{}{}", String::from_utf8_lossy(&r.output.stdout), r.stderr());
     assert_eq!(String::from_utf8_lossy(&r.output.stdout), "errno kept\n");
 }
+
+/// Every exported entry point written in assembly (the allocation trampolines, dlopen and
+/// dlmopen) has call-frame information: debuggers, profilers and crash handlers unwind through
+/// them.
+#[test]
+fn assembly_entry_points_have_unwind_info() {
+    let lib = paths().preload();
+    let nm = Command::new("nm").arg("-D").arg("--defined-only").arg(&lib).output().expect("nm");
+    let nm = String::from_utf8_lossy(&nm.stdout);
+    let fde = Command::new("readelf").arg("--debug-dump=frames").arg(&lib).output().expect("readelf");
+    let fde = String::from_utf8_lossy(&fde.stdout);
+    // "... FDE cie=00000000 pc=000000000001112c..000000000001114e"
+    let ranges: Vec<(u64, u64)> = fde
+        .lines()
+        .filter_map(|l| l.split("pc=").nth(1))
+        .filter_map(|r| r.split_once(".."))
+        .filter_map(|(a, b)| Some((u64::from_str_radix(a.trim(), 16).ok()?, u64::from_str_radix(b.trim(), 16).ok()?)))
+        .collect();
+    assert!(!ranges.is_empty(), "no FDEs in {}", lib.display());
+    for name in ["malloc", "calloc", "realloc", "reallocarray", "memalign", "aligned_alloc", "valloc", "pvalloc", "posix_memalign", "dlopen", "dlmopen"] {
+        let addr = nm
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() == 3 && f[2] == name).then(|| u64::from_str_radix(f[0], 16).unwrap())
+            })
+            .unwrap_or_else(|| panic!("{name} not exported"));
+        assert!(ranges.iter().any(|&(lo, hi)| lo <= addr && addr < hi), "{name} at {addr:#x} has no FDE");
+    }
+}
