@@ -285,7 +285,12 @@ unsafe fn refresh_locked() -> bool {
     // SAFETY: the callback only reads the program headers glibc hands it.
     unsafe { libc::dl_iterate_phdr(Some(collect), &mut found as *mut Vec<Found> as *mut c_void) };
     let old = current();
-    let same = |a: &Found, e: &Entry| a.bias == e.bias && a.lo == e.lo && a.hi == e.hi;
+    // The same object: same place, and same build id and name (another object unloaded behind
+    // our back and mapped at the same addresses must not keep the old one's `.eh_frame`). The
+    // executable's empty name is filled in only below.
+    let same = |a: &Found, e: &Entry| {
+        a.bias == e.bias && a.lo == e.lo && a.hi == e.hi && a.build_id == e.build_id && (a.path.is_empty() || a.path == e.path)
+    };
     let mut changed = old.is_none();
     let mut mods: Vec<Entry> = Vec::with_capacity(found.len());
     for mut f in found {
@@ -334,26 +339,23 @@ pub fn unannounced() -> bool {
 }
 
 /// Write `Module` events for the modules the current list has and the announced one had not,
-/// `ModuleUnload` for the reverse.
+/// `ModuleUnload` for the reverse. Never waits for the lock (see [`refresh`]): if another thread
+/// holds it, the list stays unannounced and a later call (the next stack written) announces it;
+/// the collector resolves frames against `Module` events that come late.
 ///
 /// # Safety
 /// Guard held, `STATE` is `ACTIVE`, no event half-written.
 pub unsafe fn announce(t: *mut ThreadState) {
-    while LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
-        core::hint::spin_loop();
+    if LOCK.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        return;
     }
     let cur = CURRENT.load(Ordering::Acquire);
     let old = ANNOUNCED.load(Ordering::Acquire);
     if cur != old && !cur.is_null() {
         // SAFETY: published lists are never freed.
         let (cur_l, old_l) = unsafe { (&*cur, if old.is_null() { None } else { Some(&*old) }) };
-        let same = |a: &Entry, b: &Entry| a.bias == b.bias && a.lo == b.lo && a.hi == b.hi;
-        for e in &cur_l.mods {
-            if !old_l.is_some_and(|o| o.mods.iter().any(|m| same(m, e))) {
-                // SAFETY: per the contract.
-                unsafe { emit_module(t, e) };
-            }
-        }
+        let same = |a: &Entry, b: &Entry| a.bias == b.bias && a.lo == b.lo && a.hi == b.hi && a.build_id == b.build_id && a.path == b.path;
+        // Unloads first: an object replaced at the same load bias is unloaded, then loaded.
         if let Some(o) = old_l {
             for e in &o.mods {
                 if !cur_l.mods.iter().any(|m| same(m, e)) {
@@ -365,6 +367,12 @@ pub unsafe fn announce(t: *mut ThreadState) {
                         })
                     };
                 }
+            }
+        }
+        for e in &cur_l.mods {
+            if !old_l.is_some_and(|o| o.mods.iter().any(|m| same(m, e))) {
+                // SAFETY: per the contract.
+                unsafe { emit_module(t, e) };
             }
         }
         ANNOUNCED.store(cur, Ordering::Release);
