@@ -417,80 +417,60 @@ extern "C" fn resolve_dlmopen() -> *mut c_void {
     p
 }
 
-/// `dlopen`: note that the module list may change, then jump to the real `dlopen` with the
-/// caller's return address still on the stack (glibc resolves the file relative to the caller).
-#[unsafe(naked)]
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn dlopen(_file: *const c_char, _mode: c_int) -> *mut c_void {
-    core::arch::naked_asm!(
-        // CFI by hand (rustc emits none for naked functions), following the pushes.
-        ".cfi_startproc",
-        "mov rax, qword ptr [rip + {real}]",
-        "test rax, rax",
-        "jz 2f",
-        "1:",
-        "lock inc qword ptr [rip + {epoch}]",
-        "jmp rax",
-        "2:",
-        "push rdi",
-        ".cfi_adjust_cfa_offset 8",
-        "push rsi",
-        ".cfi_adjust_cfa_offset 8",
-        "push rdx",
-        ".cfi_adjust_cfa_offset 8",
-        "call {resolve}",
-        "pop rdx",
-        ".cfi_adjust_cfa_offset -8",
-        "pop rsi",
-        ".cfi_adjust_cfa_offset -8",
-        "pop rdi",
-        ".cfi_adjust_cfa_offset -8",
-        "test rax, rax",
-        "jnz 1b",
-        "ret",
-        ".cfi_endproc",
-        real = sym DLOPEN_REAL,
-        epoch = sym DL_EPOCH,
-        resolve = sym resolve_dlopen,
-    )
+/// A loader entry point (`dlopen`, `dlmopen`) that notes the module list may change, then jumps
+/// to the real function with the caller's return address still on the stack (glibc resolves the
+/// file, RUNPATH, `$ORIGIN` and the namespace relative to its caller, so no wrapper frame may sit
+/// in between). Until the real function is known it is resolved first (the argument registers
+/// saved around the call); if it cannot be, the call returns null.
+macro_rules! loader_trampoline {
+    ($(#[$doc:meta])* $name:ident ($($arg:ident : $ty:ty),*), $real:ident, $resolve:ident) => {
+        $(#[$doc])*
+        #[unsafe(naked)]
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> *mut c_void {
+            core::arch::naked_asm!(
+                // CFI by hand (rustc emits none for naked functions), following the pushes.
+                ".cfi_startproc",
+                "mov rax, qword ptr [rip + {real}]",
+                "test rax, rax",
+                "jz 2f",
+                "1:",
+                "lock inc qword ptr [rip + {epoch}]",
+                "jmp rax",
+                "2:",
+                "push rdi",
+                ".cfi_adjust_cfa_offset 8",
+                "push rsi",
+                ".cfi_adjust_cfa_offset 8",
+                "push rdx",
+                ".cfi_adjust_cfa_offset 8",
+                "call {resolve}",
+                "pop rdx",
+                ".cfi_adjust_cfa_offset -8",
+                "pop rsi",
+                ".cfi_adjust_cfa_offset -8",
+                "pop rdi",
+                ".cfi_adjust_cfa_offset -8",
+                "test rax, rax",
+                "jnz 1b",
+                "ret",
+                ".cfi_endproc",
+                real = sym $real,
+                epoch = sym DL_EPOCH,
+                resolve = sym $resolve,
+            )
+        }
+    };
 }
 
-/// `dlmopen`, as [`dlopen`].
-#[unsafe(naked)]
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn dlmopen(_lmid: libc::c_long, _file: *const c_char, _mode: c_int) -> *mut c_void {
-    core::arch::naked_asm!(
-        // CFI by hand (rustc emits none for naked functions), following the pushes.
-        ".cfi_startproc",
-        "mov rax, qword ptr [rip + {real}]",
-        "test rax, rax",
-        "jz 2f",
-        "1:",
-        "lock inc qword ptr [rip + {epoch}]",
-        "jmp rax",
-        "2:",
-        "push rdi",
-        ".cfi_adjust_cfa_offset 8",
-        "push rsi",
-        ".cfi_adjust_cfa_offset 8",
-        "push rdx",
-        ".cfi_adjust_cfa_offset 8",
-        "call {resolve}",
-        "pop rdx",
-        ".cfi_adjust_cfa_offset -8",
-        "pop rsi",
-        ".cfi_adjust_cfa_offset -8",
-        "pop rdi",
-        ".cfi_adjust_cfa_offset -8",
-        "test rax, rax",
-        "jnz 1b",
-        "ret",
-        ".cfi_endproc",
-        real = sym DLMOPEN_REAL,
-        epoch = sym DL_EPOCH,
-        resolve = sym resolve_dlmopen,
-    )
-}
+loader_trampoline!(
+    /// `dlopen`, see [`loader_trampoline`].
+    dlopen(_file: *const c_char, _mode: c_int), DLOPEN_REAL, resolve_dlopen
+);
+loader_trampoline!(
+    /// `dlmopen`, see [`loader_trampoline`].
+    dlmopen(_lmid: libc::c_long, _file: *const c_char, _mode: c_int), DLMOPEN_REAL, resolve_dlmopen
+);
 
 /// `dlclose`: forward, then refresh the list (`ModuleUnload` for what it unloaded).
 #[unsafe(no_mangle)]
