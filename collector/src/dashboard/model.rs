@@ -269,17 +269,8 @@ pub struct Trim {
     pub causes_before: Vec<Cause>,
 }
 
-#[derive(Clone, Debug, Default)]
-pub struct ThresholdsModel {
-    pub mmap_threshold: u64,
-    pub trim_threshold: u64,
-    pub top_pad: u64,
-    pub dynamic: bool,
-    pub fixed_by: Option<String>,
-    pub arena_limit: u64,
-    pub arena_limit_source: String,
-    pub changes: Vec<ThresholdChange>,
-}
+/// The thresholds in force, as the report gives them.
+pub use crate::report::retention::Thresholds as ThresholdsModel;
 
 /// A threshold change, as the glibc model records it.
 pub use crate::analysis::glibc::params::ThresholdChange;
@@ -469,22 +460,12 @@ fn snapshot(b: &crate::analysis::glibc::breakdown::Breakdown, rss_bytes: u64, c:
 
 impl RetentionModel {
     pub fn from_report(r: &Retention) -> RetentionModel {
-        let t = &r.thresholds;
         // The report's own order of the mallinfo2 fields (the text report's).
         let order = ["arena", "ordblks", "smblks", "hblks", "hblkhd", "uordblks", "fordblks", "fsmblks", "keepcost"];
         RetentionModel {
             at_end: snapshot(&r.at_end, 0, &r.causes),
             at_peak: r.at_peak_rss.as_ref().map(|p| snapshot(&p.breakdown, p.rss_bytes, &p.causes)),
-            thresholds: ThresholdsModel {
-                mmap_threshold: t.mmap_threshold,
-                trim_threshold: t.trim_threshold,
-                top_pad: t.top_pad,
-                dynamic: t.dynamic,
-                fixed_by: t.fixed_by.clone(),
-                arena_limit: t.arena_limit,
-                arena_limit_source: t.arena_limit_source.clone(),
-                changes: t.changes.clone(),
-            },
+            thresholds: r.thresholds.clone(),
             remedies: r.remedies.iter().map(|m| Remedy { action: m.action.to_string(), bytes_returned: m.bytes_returned, text: m.text.clone() }).collect(),
             trims: r
                 .trims

@@ -57,7 +57,7 @@ pub struct CheckpointInfo {
     pub differences: BTreeMap<&'static str, i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Clone, Debug, Default)]
 pub struct Thresholds {
     pub mmap_threshold: u64,
     pub trim_threshold: u64,
