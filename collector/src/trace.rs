@@ -371,6 +371,8 @@ impl Record {
 pub struct TraceWriter<W: Write> {
     out: W,
     raw: Vec<u8>,
+    /// The compressed frame (kept across frames: no allocation per frame).
+    stored: Vec<u8>,
     frame_target: usize,
     bytes_written: u64,
     frames: u64,
@@ -384,7 +386,7 @@ impl<W: Write> TraceWriter<W> {
         h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
         h[12..16].copy_from_slice(&(FILE_HEADER_LEN as u32).to_le_bytes());
         out.write_all(&h)?;
-        Ok(TraceWriter { out, raw: Vec::with_capacity(frame_target + 4096), frame_target, bytes_written: FILE_HEADER_LEN as u64, frames: 0 })
+        Ok(TraceWriter { out, raw: Vec::with_capacity(frame_target + 4096), stored: Vec::new(), frame_target, bytes_written: FILE_HEADER_LEN as u64, frames: 0 })
     }
 
     pub fn push(&mut self, rec: &Record) -> io::Result<()> {
@@ -413,14 +415,16 @@ impl<W: Write> TraceWriter<W> {
         if self.raw.is_empty() {
             return self.out.flush();
         }
-        let stored = lz4_flex::block::compress(&self.raw);
+        self.stored.resize(lz4_flex::block::get_maximum_output_size(self.raw.len()), 0);
+        let n = lz4_flex::block::compress_into(&self.raw, &mut self.stored).map_err(io::Error::other)?;
+        let stored = &self.stored[..n];
         let mut h = [0u8; FRAME_HEADER_LEN];
         h[..4].copy_from_slice(&FRAME_MAGIC);
         h[4..8].copy_from_slice(&(self.raw.len() as u32).to_le_bytes());
         h[8..12].copy_from_slice(&(stored.len() as u32).to_le_bytes());
         h[12..16].copy_from_slice(&crc32fast::hash(&stored).to_le_bytes());
         self.out.write_all(&h)?;
-        self.out.write_all(&stored)?;
+        self.out.write_all(stored)?;
         self.out.flush()?;
         self.bytes_written += (FRAME_HEADER_LEN + stored.len()) as u64;
         self.frames += 1;

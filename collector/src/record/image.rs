@@ -13,6 +13,10 @@ use memmap2::MmapMut;
 use mtrace_protocol::control::Bye;
 use mtrace_protocol::ring::{self, Geometry, Ring};
 use crate::trace::Record;
+use super::sink::Sink;
+
+/// Encoded bytes at which the drain thread hands its buffer to the writer.
+pub const SEND_AT: usize = 256 << 10;
 use rustc_hash::FxHashMap;
 
 pub struct Image {
@@ -117,9 +121,11 @@ impl Image {
         }
     }
 
-    /// Read everything newly published in the ring, appending chunk records to `out`.
-    /// Full blocks that were read completely go back to the free queue.
-    pub fn drain(&self, st: &mut DrainState, out: &mut Vec<u8>) -> Pass {
+    /// Read everything newly published in the ring, appending chunk records to `out`, which is
+    /// handed to `sink` whenever it holds [`SEND_AT`] bytes (so that it keeps its capacity: a
+    /// pass that finds many blocks does not grow it). Full blocks that were read completely go
+    /// back to the free queue.
+    pub fn drain(&self, st: &mut DrainState, out: &mut Vec<u8>, sink: &Sink) -> Pass {
         let ring = &self.ring;
         let geo = ring.geometry();
         let used = ring.used_blocks();
@@ -155,6 +161,9 @@ impl Image {
                 // SAFETY: `[read, len)` of block `i` was published by its owner (acquire on
                 // `len`) and is never written again while we hold the block.
                 let bytes = unsafe { std::slice::from_raw_parts(ring.block_data(i).add(cur.read as usize), (len - cur.read) as usize) };
+                if out.len() >= SEND_AT {
+                    sink.send_bytes(std::mem::replace(out, sink.buffer()));
+                }
                 Record::encode_chunk_bytes(out, self.id, stream, tid, seq, cur.read, bytes);
                 pass.bytes += bytes.len() as u64;
                 cur.read = len;
@@ -168,6 +177,9 @@ impl Image {
             if full && cur.read >= len {
                 st.streams.insert(stream, seq.wrapping_add(1));
                 *cur = BlockCursor::default();
+                // SAFETY: `[0, len)` of block `i` lies inside our mapping; nobody writes it until
+                // it is back on the free stack (below).
+                unsafe { evict(ring.block_data(i), len as usize) };
                 d.len.store(0, Ordering::Relaxed);
                 d.state.store(ring::BLOCK_FREE, Ordering::Release);
                 if ring.push_free(i) {
@@ -206,4 +218,38 @@ impl Image {
             libc::syscall(libc::SYS_futex, c.free_futex.as_ptr(), libc::FUTEX_WAKE, i32::MAX, 0usize, 0usize, 0u32);
         }
     }
+}
+
+/// Whether this CPU has `clflushopt` (CPUID leaf 7, EBX bit 23).
+#[cfg(target_arch = "x86_64")]
+fn has_clflushopt() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    // Leaf 7 is read only where the CPU reports it.
+    *HAS.get_or_init(|| std::arch::x86_64::__cpuid(0).eax >= 7 && std::arch::x86_64::__cpuid_count(7, 0).ebx & (1 << 23) != 0)
+}
+
+/// Push the `len` bytes at `p` (a block just read, about to be recycled) out of this CPU's caches.
+///
+/// The block goes back to a writer of the traced process, whose next events overwrite it. If its
+/// lines were still in our cache, each of the writer's first stores to a line would have to take
+/// it from this core (a cross-core transfer the writer's store queue cannot hide: it stalls the
+/// application). Evicted lines come from memory, which the writer's hardware prefetcher streams
+/// ahead of its stores. Measured on the 2-core VM of the churn benchmark: 15–52 ns per
+/// malloc+free pair without this, 10–13 ns with it, for 2 µs of our time per 64 KiB block.
+///
+/// # Safety
+/// `[p, p + len)` is mapped.
+unsafe fn evict(p: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if has_clflushopt() {
+        let mut off = 0;
+        while off < len {
+            // SAFETY: `p + off` is inside the mapping (per the contract); clflushopt only writes
+            // the line back, it changes no memory contents.
+            unsafe { std::arch::asm!("clflushopt [{0}]", in(reg) p.add(off), options(nostack, preserves_flags)) };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, len);
 }

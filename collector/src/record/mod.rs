@@ -196,7 +196,7 @@ fn drain_loop(shared: &Shared) {
     // Precise short sleeps: the default 50 µs timer slack would stretch a 200 µs period.
     // SAFETY: prctl on the calling thread.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000usize, 0usize, 0usize, 0usize) };
-    let mut buf = Vec::with_capacity(1 << 20);
+    let mut buf = shared.sink.buffer();
     loop {
         let exiting = shared.drain_exit.load(Ordering::Acquire);
         let images: Vec<Arc<Image>> = shared.images.lock().unwrap().clone();
@@ -214,18 +214,18 @@ fn drain_loop(shared: &Shared) {
             // pass reads is all there is.
             let gone = img.disconnected.load(Ordering::Acquire) && (img.process_gone() || img.superseded.load(Ordering::Acquire));
             let finishing = gone || exiting;
-            let pass = img.drain(&mut st, &mut buf);
+            let pass = img.drain(&mut st, &mut buf, &shared.sink);
             backlog += pass.bytes;
             let now = crate::clock::now_ns();
             if pass.bytes > 0 || now.saturating_sub(st.last_sync_ns) >= 10_000_000 || finishing {
                 Record::Sync { image: img.id, time_ns: pass_start }.encode(&mut buf);
                 st.last_sync_ns = now;
             }
-            if buf.len() >= 256 << 10 {
-                shared.sink.send_bytes(std::mem::replace(&mut buf, Vec::with_capacity(1 << 20)));
+            if buf.len() >= image::SEND_AT {
+                shared.sink.send_bytes(std::mem::replace(&mut buf, shared.sink.buffer()));
             }
             if img.ack_wanted.load(Ordering::Acquire) {
-                shared.sink.send_bytes(std::mem::replace(&mut buf, Vec::with_capacity(1 << 20)));
+                shared.sink.send_bytes(std::mem::replace(&mut buf, shared.sink.buffer()));
                 shared.sink.flush();
                 if let Some(c) = img.conn.lock().unwrap().as_ref() {
                     server::send_bye_ack(std::os::fd::AsRawFd::as_raw_fd(c));
@@ -240,7 +240,7 @@ fn drain_loop(shared: &Shared) {
         shared.backlog.bytes.store(backlog, Ordering::Relaxed);
         shared.backlog.writers_waiting.store(waiting, Ordering::Relaxed);
         if !buf.is_empty() {
-            shared.sink.send_bytes(std::mem::replace(&mut buf, Vec::with_capacity(1 << 20)));
+            shared.sink.send_bytes(std::mem::replace(&mut buf, shared.sink.buffer()));
         }
         if exiting {
             break;
