@@ -394,8 +394,13 @@ impl<W: Write> TraceWriter<W> {
         self.maybe_cut()
     }
 
-    /// Append records already encoded with [`Record::encode`].
+    /// Append records already encoded with [`Record::encode`]. A batch of at least a quarter
+    /// frame that arrives when nothing is buffered is compressed as its own frame, in place (the
+    /// recorder's drain thread sends its events in such batches: no copy on the way).
     pub fn push_encoded(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.raw.is_empty() && bytes.len() >= self.frame_target / 4 && bytes.len() <= MAX_FRAME_RAW {
+            return self.write_frame(bytes);
+        }
         self.raw.extend_from_slice(bytes);
         self.maybe_cut()
     }
@@ -415,20 +420,28 @@ impl<W: Write> TraceWriter<W> {
         if self.raw.is_empty() {
             return self.out.flush();
         }
-        self.stored.resize(lz4_flex::block::get_maximum_output_size(self.raw.len()), 0);
-        let n = lz4_flex::block::compress_into(&self.raw, &mut self.stored).map_err(io::Error::other)?;
+        let raw = std::mem::take(&mut self.raw);
+        let r = self.write_frame(&raw);
+        self.raw = raw;
+        self.raw.clear();
+        r
+    }
+
+    /// Compress `raw` (whole records) and write it as one frame, then flush the output.
+    fn write_frame(&mut self, raw: &[u8]) -> io::Result<()> {
+        self.stored.resize(lz4_flex::block::get_maximum_output_size(raw.len()), 0);
+        let n = lz4_flex::block::compress_into(raw, &mut self.stored).map_err(io::Error::other)?;
         let stored = &self.stored[..n];
         let mut h = [0u8; FRAME_HEADER_LEN];
         h[..4].copy_from_slice(&FRAME_MAGIC);
-        h[4..8].copy_from_slice(&(self.raw.len() as u32).to_le_bytes());
+        h[4..8].copy_from_slice(&(raw.len() as u32).to_le_bytes());
         h[8..12].copy_from_slice(&(stored.len() as u32).to_le_bytes());
-        h[12..16].copy_from_slice(&crc32fast::hash(&stored).to_le_bytes());
+        h[12..16].copy_from_slice(&crc32fast::hash(stored).to_le_bytes());
         self.out.write_all(&h)?;
         self.out.write_all(stored)?;
         self.out.flush()?;
         self.bytes_written += (FRAME_HEADER_LEN + stored.len()) as u64;
         self.frames += 1;
-        self.raw.clear();
         Ok(())
     }
 
