@@ -716,11 +716,26 @@ unsafe extern "C" fn calloc_impl(nmemb: usize, size: usize) -> *mut c_void {
     p
 }
 
+/// [`stacks::before`] for the malloc and calloc hooks with stacks on: when the chunk fast path
+/// will record the call (guard free, `STATE` active), the memo hit inline.
+#[inline(always)]
+fn stacked_before(size: u64) -> u64 {
+    let t = tls::state();
+    // SAFETY: `t` is this thread's state; the checks are `before_ready`'s contract (stacks are on
+    // in the callers).
+    unsafe {
+        if tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) && writer::STATE.load(core::sync::atomic::Ordering::Acquire) == ACTIVE {
+            return stacks::before_ready(t, size);
+        }
+    }
+    stacks::before(size)
+}
+
 /// `calloc` with stacks on: the stack first (see [`malloc_stacked`]).
 #[inline(never)]
 unsafe fn calloc_stacked(nmemb: usize, size: usize, total: Option<usize>) -> *mut c_void {
     let bytes = total.map_or(u64::MAX, |t| t as u64);
-    let sid = stacks::before(bytes);
+    let sid = stacked_before(bytes);
     // SAFETY: forwarding to the real calloc (resolved: stacks are on only once registered).
     let p = unsafe { real::calloc().map_or(null_mut(), |f| f(nmemb, size)) };
     let t = tls::state();
@@ -742,7 +757,7 @@ unsafe fn calloc_stacked(nmemb: usize, size: usize, total: Option<usize>) -> *mu
 /// publication, and an unwind between the call and its event would put it out of order.
 #[inline(never)]
 unsafe fn malloc_stacked(size: usize) -> *mut c_void {
-    let sid = stacks::before(size as u64);
+    let sid = stacked_before(size as u64);
     // SAFETY: forwarding to the real malloc (resolved: stacks are on only once registered).
     let p = unsafe { real::malloc().map_or(null_mut(), |f| f(size)) };
     let t = tls::state();

@@ -342,48 +342,84 @@ pub fn before(size: u64) -> u64 {
     before_slow(size)
 }
 
-/// The memo hit, inline: no call, no guard needed (nothing but this thread's state is touched).
+/// [`before`] out of line: the memo hit, else [`before_cold`].
 #[inline(never)]
 fn before_slow(size: u64) -> u64 {
     let t = crate::tls::state();
-    // SAFETY: `t` is this thread's state; `st` its stack state. A memo entry's words were read
-    // from this thread's stack between the same CFA and the stack top: still mapped.
+    // SAFETY: `t` is this thread's state.
     unsafe {
         if (*t).busy != 0 || writer::STATE.load(Ordering::Acquire) != writer::ACTIVE {
             return 0;
         }
+        match memo_hit(t) {
+            0 => before_cold(t, size),
+            id => id,
+        }
+    }
+}
+
+/// [`before`] for a hook that already checked that the guard is free and `STATE` is `ACTIVE`:
+/// the memo hit inline (no call, no guard needed: nothing but this thread's state is touched),
+/// else [`before_cold`].
+///
+/// # Safety
+/// `t` is this thread's state, its guard free, `STATE` is `ACTIVE`, stacks are on.
+#[inline(always)]
+pub unsafe fn before_ready(t: *mut ThreadState, size: u64) -> u64 {
+    // SAFETY: per the contract.
+    unsafe {
+        match memo_hit(t) {
+            0 => before_cold(t, size),
+            id => id,
+        }
+    }
+}
+
+/// The id of the caller's stack if the memo has it (0: no — then the trampoline's frame is
+/// left for [`before_cold`]). No sampling, a state that exists.
+///
+/// The caller's CFA must lie above our own stack pointer (a frame the trampoline noted for a
+/// call that never came here is below it, popped); everything else about it is vouched for by
+/// the entry it matches, whose CFA was checked against the stack bounds when it was filled.
+///
+/// # Safety
+/// `t` is this thread's state, its guard free.
+#[inline(always)]
+unsafe fn memo_hit(t: *mut ThreadState) -> u64 {
+    // SAFETY: `st` is this thread's stack state. A memo entry's words were read from this
+    // thread's stack between the same CFA and the stack top: still mapped.
+    unsafe {
         let st = (*t).stk;
         if st.is_null() || SAMPLE.load(Ordering::Relaxed) != 0 {
-            return before_cold(t, size);
+            return 0;
         }
         let cfa = (*st).cfa;
         let bp = (*st).bp;
-        (*st).cfa = 0;
-        let sp = own_sp();
-        if cfa > sp && (*st).lo < sp && cfa <= (*st).hi && cfa & 7 == 0 {
-            let ra = *((cfa - 8) as *const u64);
-            let m = &*(&raw const (*st).memo).cast::<Memo>().add(memo_slot(cfa));
-            if m.cfa == cfa && m.ra == ra && m.generation == modules::GEN.load(Ordering::Relaxed) && (m.bp_dep == 0 || m.bp == bp) {
-                // `n` ≤ MEMO_READS (written by `full`).
-                let mut r = m.reads.as_ptr();
-                let end = r.add(m.n as usize);
-                while r < end && *((*r).0 as *const u64) == (*r).1 {
-                    r = r.add(1);
-                }
-                if r == end {
-                    return m.id;
-                }
-            }
+        if cfa <= own_sp() {
+            return 0;
         }
-        (*st).cfa = cfa;
-        before_cold(t, size)
+        let m = &*(&raw const (*st).memo).cast::<Memo>().add(memo_slot(cfa));
+        if m.cfa != cfa || m.ra != *((cfa - 8) as *const u64) || m.generation != modules::GEN.load(Ordering::Relaxed) || (m.bp_dep != 0 && m.bp != bp) {
+            return 0;
+        }
+        // `n` ≤ MEMO_READS (written by `full`).
+        let mut r = m.reads.as_ptr();
+        let end = r.add(m.n as usize);
+        while r < end && *((*r).0 as *const u64) == (*r).1 {
+            r = r.add(1);
+        }
+        if r != end {
+            return 0;
+        }
+        (*st).cfa = 0;
+        m.id
     }
 }
 
 /// Everything but a memo hit: the thread's first stack, sampling, a full unwind, definitions.
 #[cold]
 #[inline(never)]
-fn before_cold(t: *mut ThreadState, size: u64) -> u64 {
+pub fn before_cold(t: *mut ThreadState, size: u64) -> u64 {
     // SAFETY: `t` is this thread's state; the guard is taken around our work.
     unsafe {
         (*t).busy = 1;
