@@ -12,13 +12,17 @@ extern void *__libc_malloc(size_t);
 extern void __libc_free(void *);
 
 static __thread uint64_t events[8192] __attribute__((tls_model("initial-exec")));
+
+/* The stores must happen although nothing reads them: tell the compiler the buffer is used. */
+#define KEEP() __asm__ volatile("" : : "r"(events) : "memory")
 static __thread unsigned at __attribute__((tls_model("initial-exec")));
 
 void *malloc(size_t n) {
     void *p = __libc_malloc(n);
     unsigned i = at;
     events[i] = (uint64_t)p;
-    events[i + 1] = n;
+    events[(i + 1) & 8191] = n;
+    KEEP();
     at = (i + 2) & 8191;
     return p;
 }
@@ -26,6 +30,7 @@ void *malloc(size_t n) {
 void free(void *p) {
     unsigned i = at;
     events[i] = (uint64_t)p | 1;
+    KEEP();
     at = (i + 1) & 8191;
     __libc_free(p);
 }

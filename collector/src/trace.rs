@@ -398,7 +398,7 @@ impl<W: Write> TraceWriter<W> {
     /// frame that arrives when nothing is buffered is compressed as its own frame, in place (the
     /// recorder's drain thread sends its events in such batches: no copy on the way).
     pub fn push_encoded(&mut self, bytes: &[u8]) -> io::Result<()> {
-        if self.raw.is_empty() && bytes.len() >= self.frame_target / 4 && bytes.len() <= MAX_FRAME_RAW {
+        if self.raw.is_empty() && !bytes.is_empty() && bytes.len() >= self.frame_target / 4 && bytes.len() <= MAX_FRAME_RAW {
             return self.write_frame(bytes);
         }
         self.raw.extend_from_slice(bytes);

@@ -419,7 +419,7 @@ unsafe fn memo_hit(t: *mut ThreadState) -> u64 {
 /// Everything but a memo hit: the thread's first stack, sampling, a full unwind, definitions.
 #[cold]
 #[inline(never)]
-pub fn before_cold(t: *mut ThreadState, size: u64) -> u64 {
+fn before_cold(t: *mut ThreadState, size: u64) -> u64 {
     // SAFETY: `t` is this thread's state; the guard is taken around our work.
     unsafe {
         (*t).busy = 1;

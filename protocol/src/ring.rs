@@ -16,7 +16,7 @@
 //!   and returns fully read `FULL` blocks to the free stack, bumping `free_futex`. The stack is
 //!   LIFO on purpose: the block a writer gets is the one the collector finished last, already
 //!   mapped in the process (no page faults), instead of cycling through the whole ring. The
-//!   collector evicts a block's lines from its own cache before returning it, so that the
+//!   collector evicts a block's lines from the caches (`clflushopt`) before returning it, so that the
 //!   writer's stores do not have to fetch them from the collector's core one by one.
 //! * Lossless mode: a thread that finds no free block waits on `free_futex` (a shared futex, not
 //!   `FUTEX_PRIVATE`). Lossy mode: it drops its events and counts them instead.

@@ -13,11 +13,11 @@ use memmap2::MmapMut;
 use mtrace_protocol::control::Bye;
 use mtrace_protocol::ring::{self, Geometry, Ring};
 use crate::trace::Record;
+use rustc_hash::FxHashMap;
 use super::sink::Sink;
 
 /// Encoded bytes at which the drain thread hands its buffer to the writer.
 pub const SEND_AT: usize = 256 << 10;
-use rustc_hash::FxHashMap;
 
 pub struct Image {
     pub id: u32,
@@ -224,11 +224,14 @@ impl Image {
 #[cfg(target_arch = "x86_64")]
 fn has_clflushopt() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    // Leaf 7 is read only where the CPU reports it.
-    *HAS.get_or_init(|| std::arch::x86_64::__cpuid(0).eax >= 7 && std::arch::x86_64::__cpuid_count(7, 0).ebx & (1 << 23) != 0)
+    // `__cpuid` is safe from Rust 1.94; the workspace supports 1.88.
+    #[allow(unused_unsafe)]
+    // SAFETY: CPUID exists on every x86_64 CPU; leaf 7 is read only where leaf 0 reports it.
+    *HAS.get_or_init(|| unsafe { std::arch::x86_64::__cpuid(0).eax >= 7 && std::arch::x86_64::__cpuid_count(7, 0).ebx & (1 << 23) != 0 })
 }
 
-/// Push the `len` bytes at `p` (a block just read, about to be recycled) out of this CPU's caches.
+/// Push the `len` bytes at `p` (a block just read, about to be recycled) out of every cache
+/// (`clflushopt` writes a line back and drops it from all levels, on every core).
 ///
 /// The block goes back to a writer of the traced process, whose next events overwrite it. If its
 /// lines were still in our cache, each of the writer's first stores to a line would have to take
