@@ -351,10 +351,7 @@ fn before_slow(size: u64) -> u64 {
         if (*t).busy != 0 || writer::STATE.load(Ordering::Acquire) != writer::ACTIVE {
             return 0;
         }
-        match memo_hit(t) {
-            0 => before_cold(t, size),
-            id => id,
-        }
+        before_ready(t, size)
     }
 }
 
