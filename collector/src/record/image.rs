@@ -162,7 +162,7 @@ impl Image {
                 // `len`) and is never written again while we hold the block.
                 let bytes = unsafe { std::slice::from_raw_parts(ring.block_data(i).add(cur.read as usize), (len - cur.read) as usize) };
                 if out.len() >= SEND_AT {
-                    sink.send_bytes(std::mem::replace(out, sink.buffer()));
+                    sink.send_buffer(out);
                 }
                 Record::encode_chunk_bytes(out, self.id, stream, tid, seq, cur.read, bytes);
                 pass.bytes += bytes.len() as u64;

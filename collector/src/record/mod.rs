@@ -222,10 +222,10 @@ fn drain_loop(shared: &Shared) {
                 st.last_sync_ns = now;
             }
             if buf.len() >= image::SEND_AT {
-                shared.sink.send_bytes(std::mem::replace(&mut buf, shared.sink.buffer()));
+                shared.sink.send_buffer(&mut buf);
             }
             if img.ack_wanted.load(Ordering::Acquire) {
-                shared.sink.send_bytes(std::mem::replace(&mut buf, shared.sink.buffer()));
+                shared.sink.send_buffer(&mut buf);
                 shared.sink.flush();
                 if let Some(c) = img.conn.lock().unwrap().as_ref() {
                     server::send_bye_ack(std::os::fd::AsRawFd::as_raw_fd(c));
@@ -240,7 +240,7 @@ fn drain_loop(shared: &Shared) {
         shared.backlog.bytes.store(backlog, Ordering::Relaxed);
         shared.backlog.writers_waiting.store(waiting, Ordering::Relaxed);
         if !buf.is_empty() {
-            shared.sink.send_bytes(std::mem::replace(&mut buf, shared.sink.buffer()));
+            shared.sink.send_buffer(&mut buf);
         }
         if exiting {
             break;

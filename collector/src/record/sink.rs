@@ -41,6 +41,11 @@ impl Sink {
     pub fn buffer(&self) -> Vec<u8> {
         self.spare.try_recv().unwrap_or_else(|_| Vec::with_capacity(BUFFER_CAPACITY))
     }
+
+    /// Send what `buf` holds to the writer and leave `buf` an empty [`Sink::buffer`].
+    pub fn send_buffer(&self, buf: &mut Vec<u8>) {
+        self.send_bytes(std::mem::replace(buf, self.buffer()));
+    }
     pub fn send(&self, r: &Record) {
         let mut b = Vec::with_capacity(64);
         r.encode(&mut b);
