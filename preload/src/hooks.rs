@@ -323,22 +323,22 @@ const fn alloc_kind(calloc: bool) -> EventKind {
     if calloc { EventKind::Calloc } else { EventKind::Malloc }
 }
 
-/// Write a `Malloc` or `Calloc` event (`FOUND`: with the stamp `st`). `false`: no room, nothing
-/// written.
+/// Write a `Malloc` or `Calloc` event (`FOUND`: with the stamp `st`; `STACK`: with the stack id `sid`,
+/// not 0). `false`: no room, nothing written.
 ///
 /// # Safety
 /// As [`malloc_fast`], after its checks.
 #[inline(always)]
-unsafe fn malloc_event<const CALLOC: bool, const FOUND: bool>(t: *mut ThreadState, p: *mut c_void, size: u64, hdr: u64, st: u64, sid: u64) -> bool {
-    let n = 3 + (sid != 0) as usize + FOUND as usize;
+unsafe fn malloc_event<const CALLOC: bool, const FOUND: bool, const STACK: bool>(t: *mut ThreadState, p: *mut c_void, size: u64, hdr: u64, st: u64, sid: u64) -> bool {
+    let n = 3 + STACK as usize + FOUND as usize;
     // SAFETY: `reserve_fast` gave room for `n` words.
     unsafe {
         let Some(w) = writer::reserve_fast(t, n) else { return false };
-        let aux = (hdr & AUX_CHUNK_MASK) | if FOUND { AUX_HAS_STAMP } else { 0 } | if sid != 0 { AUX_HAS_STACK } else { 0 };
+        let aux = (hdr & AUX_CHUNK_MASK) | if FOUND { AUX_HAS_STAMP } else { 0 } | if STACK { AUX_HAS_STACK } else { 0 };
         *w = header(alloc_kind(CALLOC), n, aux);
         *w.add(1) = p as u64;
         *w.add(2) = size;
-        if sid != 0 {
+        if STACK {
             *w.add(3) = sid;
         }
         if FOUND {
@@ -355,7 +355,8 @@ unsafe fn malloc_event<const CALLOC: bool, const FOUND: bool>(t: *mut ThreadStat
 unsafe fn malloc_fast_found(t: *mut ThreadState, p: *mut c_void, size: u64, hdr: u64, st: u64, sid: u64) -> *mut c_void {
     // SAFETY: per `malloc_fast`.
     unsafe {
-        if !malloc_event::<false, true>(t, p, size, hdr, st, sid) {
+        let written = if sid != 0 { malloc_event::<false, true, true>(t, p, size, hdr, st, sid) } else { malloc_event::<false, true, false>(t, p, size, hdr, st, 0) };
+        if !written {
             return malloc_general(t, EventKind::Malloc, p, size, sid);
         }
         tls::release_fast(t, fast::CHUNKS);
@@ -380,7 +381,16 @@ unsafe fn malloc_fast<const CALLOC: bool>(t: *mut ThreadState, p: *mut c_void, s
 /// [`malloc_fast`] with the stack id `sid` (0: none) already taken.
 #[inline(always)]
 unsafe fn malloc_fast_with<const CALLOC: bool>(t: *mut ThreadState, p: *mut c_void, size: u64, sid: u64) -> *mut c_void {
-    let gl = g();
+    // Two copies, so that the event's layout is a constant in each (no arithmetic on `sid`).
+    // SAFETY: per the contract.
+    unsafe {
+        if sid != 0 { malloc_fast_stack::<CALLOC, true>(t, p, size, sid) } else { malloc_fast_stack::<CALLOC, false>(t, p, size, 0) }
+    }
+}
+
+/// [`malloc_fast_with`] knowing whether there is a stack id (`STACK`: `sid` is not 0).
+#[inline(always)]
+unsafe fn malloc_fast_stack<const CALLOC: bool, const STACK: bool>(t: *mut ThreadState, p: *mut c_void, size: u64, sid: u64) -> *mut c_void {
     let kind = alloc_kind(CALLOC);
     // SAFETY: `p` is null or a live block; `t` is ours.
     unsafe {
@@ -388,18 +398,21 @@ unsafe fn malloc_fast_with<const CALLOC: bool>(t: *mut ThreadState, p: *mut c_vo
             return malloc_general(t, kind, p, size, sid);
         }
         let Some(hdr) = fast_header(t, p, true) else { return malloc_general(t, kind, p, size, sid) };
-        // As `observe_brk` after the event: a moved break is reported by the general path.
-        if core::ptr::read_volatile((*t).curbrk) != (*t).last_brk {
+        // As `observe_brk` after the event: a moved break is reported by the general path. Only
+        // after a main-arena allocation: a thread arena never moves the break (its heaps are
+        // mmapped), so a move seen here was made by another thread, which reports it itself
+        // (its allocation came from the main arena; its free, from `after_free`).
+        if !chunk::non_main_arena(hdr) && core::ptr::read_volatile((*t).curbrk) != (*t).last_brk {
             return malloc_general(t, kind, p, size, sid);
         }
         // calloc zeroes the block: nothing to find (as `inspect_new_block`).
-        if gl.stamps && !CALLOC {
+        if !CALLOC {
             let w = *((p as *const u8).add(chunk::stamp_front(chunk::size(hdr))) as *const u64);
             if foreign_stamp(w, (*t).stamp_xor) {
                 return malloc_fast_found(t, p, size, hdr, w, sid);
             }
         }
-        if !malloc_event::<CALLOC, false>(t, p, size, hdr, 0, sid) {
+        if !malloc_event::<CALLOC, false, STACK>(t, p, size, hdr, 0, sid) {
             return malloc_general(t, kind, p, size, sid);
         }
         tls::release_fast(t, fast::CHUNKS);
@@ -418,7 +431,7 @@ unsafe fn free_event<const FOUND: bool>(t: *mut ThreadState, p: *mut c_void, hdr
     // SAFETY: `reserve_fast` gave room for `n` words; the stamp slots lie inside the live block.
     unsafe {
         let Some(w) = writer::reserve_fast(t, n) else { return false };
-        if g().stamps {
+        {
             // The ring position of this very event names it (`stamp::encode` of its word offset).
             let word = ((w as usize - (*t).base as usize) / 8) as u64 & ((1 << stamp::WORD_BITS) - 1);
             let st = (*t).stamp_xor ^ word;
@@ -456,18 +469,15 @@ unsafe fn free_fast_found(t: *mut ThreadState, p: *mut c_void, hdr: u64, front: 
 /// Forward a recorded free of the chunk with header `hdr`. A thread-arena chunk's free cannot
 /// move the program break (glibc trims thread-arena heaps with `mmap`/`madvise`, and only the
 /// main arena with `sbrk`): nothing to observe after it, so the real free is a tail call. (A move
-/// made meanwhile by another thread is seen by this one at its next allocation, and is reported
-/// by the thread that made it.)
+/// made meanwhile by another thread is reported by the thread that made it.)
 ///
 /// # Safety
-/// `p` is the application's block, recorded, guard released.
+/// `p` is the application's block, recorded on this thread's chunk fast path, guard released.
 #[inline(always)]
 unsafe fn free_recorded(p: *mut c_void, hdr: u64) {
-    if chunk::non_main_arena(hdr)
-        && let Some(f) = real::free()
-    {
-        // SAFETY: forwarding to the real free.
-        return unsafe { f(p) };
+    if chunk::non_main_arena(hdr) {
+        // SAFETY: forwarding to the real free, present on a fast path (see `real::free_present`).
+        return unsafe { real::free_present()(p) };
     }
     // SAFETY: per the contract.
     unsafe { free_forward(p) }
@@ -489,7 +499,7 @@ unsafe fn free_fast(t: *mut ThreadState, p: *mut c_void) {
         // As `record_free_held`: only the thread's current heap is looked at.
         let Some(hdr) = fast_header(t, p, false) else { return free_general(t, p) };
         let front = (p as *mut u8).add(chunk::stamp_front(chunk::size(hdr))) as *mut u64;
-        if g().stamps {
+        {
             let w = *front;
             if foreign_stamp(w, (*t).stamp_xor) {
                 return free_fast_found(t, p, hdr, front, w);
@@ -556,10 +566,25 @@ unsafe fn free_plain(t: *mut ThreadState, p: *mut c_void) {
 unsafe fn malloc_general(t: *mut ThreadState, kind: EventKind, p: *mut c_void, size: u64, sid: u64) -> *mut c_void {
     // SAFETY: per `malloc_fast`.
     unsafe {
+        no_fast_path_when_off(t);
         record_alloc_held(t, kind, p, size, 0, sid);
         (*t).busy = 0;
     }
     opaque(p)
+}
+
+/// Tracing stopped (the collector went away, see `writer::detach`): this thread's fast path, which
+/// reads no `STATE`, has been failing on the poisoned clock since; turn it off so that the hooks
+/// go straight to forwarding.
+///
+/// # Safety
+/// `t` is this thread's state, guard held.
+#[inline(always)]
+unsafe fn no_fast_path_when_off(t: *mut ThreadState) {
+    if writer::STATE.load(core::sync::atomic::Ordering::Relaxed) == OFF {
+        // SAFETY: per the contract.
+        unsafe { (*t).fast = fast::NONE };
+    }
 }
 
 /// `malloc` when the chunk fast path is not available: the plain fast path, or the general one
@@ -624,6 +649,12 @@ unsafe fn free_forward(p: *mut c_void) {
 unsafe fn free_general(t: *mut ThreadState, p: *mut c_void) {
     // SAFETY: per `free_fast`.
     unsafe {
+        if real::is_bootstrap(p) {
+            // Never recorded, never given to the real free (the fast path let it through).
+            (*t).busy = 0;
+            return;
+        }
+        no_fast_path_when_off(t);
         record_free_held(t, EventKind::Free, p, 0, 0);
         (*t).busy = 0;
         free_forward(p)
@@ -674,26 +705,24 @@ unsafe extern "C" fn malloc_impl(size: usize) -> *mut c_void {
     // SAFETY: `t` is this thread's state; the guard is taken before anything is read or written.
     // `p` came from the real malloc.
     unsafe {
-        match writer::STATE.load(core::sync::atomic::Ordering::Acquire) {
-            ACTIVE => {
-                if tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
-                    (*t).busy = 1;
-                    return malloc_fast::<false>(t, p, size as u64);
-                }
-                malloc_other(size, p)
-            }
-            OFF => p,
-            _ => malloc_other(size, p),
+        // No check of `STATE` on the fast path: see `fast::CHUNKS`.
+        if tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
+            (*t).busy = 1;
+            return malloc_fast::<false>(t, p, size as u64);
         }
+        if writer::STATE.load(core::sync::atomic::Ordering::Relaxed) == OFF {
+            return p;
+        }
+        malloc_other(size, p)
     }
 }
 
 unsafe extern "C" fn calloc_impl(nmemb: usize, size: usize) -> *mut c_void {
-    let total = nmemb.checked_mul(size);
     if stacks::enabled() {
         // SAFETY: the caller's arguments.
-        return unsafe { calloc_stacked(nmemb, size, total) };
+        return unsafe { calloc_stacked(nmemb, size) };
     }
+    let total = nmemb.checked_mul(size);
     let p = match real::calloc() {
         // SAFETY: forwarding to the real calloc.
         Some(f) => unsafe { f(nmemb, size) },
@@ -707,7 +736,7 @@ unsafe extern "C" fn calloc_impl(nmemb: usize, size: usize) -> *mut c_void {
     let t = tls::state();
     // SAFETY: as in `malloc`; `p` came from the real calloc.
     unsafe {
-        if writer::STATE.load(core::sync::atomic::Ordering::Acquire) == ACTIVE && tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
+        if tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
             (*t).busy = 1;
             return malloc_fast::<true>(t, p, bytes);
         }
@@ -717,31 +746,32 @@ unsafe extern "C" fn calloc_impl(nmemb: usize, size: usize) -> *mut c_void {
 }
 
 /// [`stacks::before`] for the malloc and calloc hooks with stacks on: when the chunk fast path
-/// will record the call (guard free, `STATE` active), the memo hit inline.
+/// will record the call (guard free, a block), the memo hit inline.
 #[inline(always)]
 fn stacked_before(size: u64) -> u64 {
     let t = tls::state();
     // SAFETY: `t` is this thread's state; the checks are `before_ready`'s contract (stacks are on
     // in the callers).
     unsafe {
-        if tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) && writer::STATE.load(core::sync::atomic::Ordering::Acquire) == ACTIVE {
+        if tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
             return stacks::before_ready(t, size);
         }
     }
     stacks::before(size)
 }
 
-/// `calloc` with stacks on: the stack first (see [`malloc_stacked`]).
+/// `calloc` with stacks on: the stack first (see [`malloc_stacked`]). Also the trampoline's
+/// target for a thread with a stack state.
 #[inline(never)]
-unsafe fn calloc_stacked(nmemb: usize, size: usize, total: Option<usize>) -> *mut c_void {
-    let bytes = total.map_or(u64::MAX, |t| t as u64);
+unsafe extern "C" fn calloc_stacked(nmemb: usize, size: usize) -> *mut c_void {
+    let bytes = nmemb.checked_mul(size).map_or(u64::MAX, |t| t as u64);
     let sid = stacked_before(bytes);
     // SAFETY: forwarding to the real calloc (resolved: stacks are on only once registered).
     let p = unsafe { real::calloc().map_or(null_mut(), |f| f(nmemb, size)) };
     let t = tls::state();
     // SAFETY: as in `calloc`.
     unsafe {
-        if writer::STATE.load(core::sync::atomic::Ordering::Acquire) == ACTIVE && tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
+        if tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
             (*t).busy = 1;
             return malloc_fast_with::<true>(t, p, bytes, sid);
         }
@@ -754,16 +784,17 @@ unsafe fn calloc_stacked(nmemb: usize, size: usize, total: Option<usize>) -> *mu
 /// taken and released around it, nothing done before registration), so that the allocation's
 /// event is written and published right after the real call, as without stacks: the collector
 /// orders other threads' calls (and `mallinfo2` checkpoints) against it by time marks and
-/// publication, and an unwind between the call and its event would put it out of order.
+/// publication, and an unwind between the call and its event would put it out of order. Also the
+/// trampoline's target for a thread with a stack state.
 #[inline(never)]
-unsafe fn malloc_stacked(size: usize) -> *mut c_void {
+unsafe extern "C" fn malloc_stacked(size: usize) -> *mut c_void {
     let sid = stacked_before(size as u64);
     // SAFETY: forwarding to the real malloc (resolved: stacks are on only once registered).
     let p = unsafe { real::malloc().map_or(null_mut(), |f| f(size)) };
     let t = tls::state();
     // SAFETY: as in `malloc`.
     unsafe {
-        if writer::STATE.load(core::sync::atomic::Ordering::Acquire) == ACTIVE && tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
+        if tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
             (*t).busy = 1;
             return malloc_fast_with::<false>(t, p, size as u64, sid);
         }
@@ -776,21 +807,20 @@ unsafe fn malloc_stacked(size: usize) -> *mut c_void {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn free(p: *mut c_void) {
-    if real::is_bootstrap(p) {
-        return;
-    }
     let t = tls::state();
     // SAFETY: `t` is this thread's state; the guard is taken before anything is read or written.
-    // `p` is the application's block (or null), about to be freed.
+    // `p` is the application's block, a bootstrap arena block, or null, about to be freed.
     unsafe {
+        // The fast path needs no check of `STATE` (see `fast::CHUNKS`) nor of the bootstrap
+        // arena: an arena block's "chunk header" is 0, which sends it to `free_general`.
+        if tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
+            (*t).busy = 1;
+            return free_fast(t, p);
+        }
+        if real::is_bootstrap(p) {
+            return;
+        }
         match writer::STATE.load(core::sync::atomic::Ordering::Acquire) {
-            ACTIVE => {
-                if tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
-                    (*t).busy = 1;
-                    return free_fast(t, p);
-                }
-                free_other(p)
-            }
             // Not tracing: nothing to record, nor to observe after the free.
             OFF => match real::free() {
                 Some(f) => f(p),
@@ -936,9 +966,16 @@ aligned_hook!(aligned_alloc, aligned_alloc_impl, EventKind::AlignedAlloc, (align
 // unwinder (see `stacks`) and jump to the hook, arguments untouched. With a stack state for the
 // thread: its `cfa` = rsp + 8 (the caller's stack pointer after the return) and `bp` = rbp (the
 // caller's, untouched so far). Without one: nothing but the jump. rax and r11 are scratch.
+// A thread has a stack state only once stacks are on (`stacks::state`; never turned off, and a
+// fork child clears its thread's), so `malloc` and `calloc` then jump straight to their stacked
+// hooks.
 
 macro_rules! trampoline {
     ($name:ident => $imp:ident ($($arg:ident : $ty:ty),*) -> $ret:ty) => {
+        trampoline!($name => $imp, $imp ($($arg: $ty),*) -> $ret);
+    };
+    // `$stacked`: where to go with a stack state (stacks are on; the hook's check is skipped).
+    ($name:ident => $imp:ident, $stacked:ident ($($arg:ident : $ty:ty),*) -> $ret:ty) => {
         #[unsafe(naked)]
         #[unsafe(no_mangle)]
         #[allow(unused_variables)]
@@ -955,19 +992,21 @@ macro_rules! trampoline {
                 "lea r11, [rsp + 8]",
                 "mov qword ptr [rax + {cfa}], r11",
                 "mov qword ptr [rax + {cfa} + 8], rbp",
+                "jmp {stacked}",
                 "2:",
                 "jmp {imp}",
                 ".cfi_endproc",
                 stk = const crate::tls::STK_OFFSET,
                 cfa = const crate::stacks::CFA_OFFSET,
                 imp = sym $imp,
+                stacked = sym $stacked,
             )
         }
     };
 }
 
-trampoline!(malloc => malloc_impl(size: usize) -> *mut c_void);
-trampoline!(calloc => calloc_impl(nmemb: usize, size: usize) -> *mut c_void);
+trampoline!(malloc => malloc_impl, malloc_stacked(size: usize) -> *mut c_void);
+trampoline!(calloc => calloc_impl, calloc_stacked(nmemb: usize, size: usize) -> *mut c_void);
 trampoline!(realloc => realloc_impl(old: *mut c_void, size: usize) -> *mut c_void);
 trampoline!(reallocarray => reallocarray_impl(old: *mut c_void, nmemb: usize, size: usize) -> *mut c_void);
 trampoline!(memalign => memalign_impl(align: usize, size: usize) -> *mut c_void);

@@ -39,6 +39,17 @@ macro_rules! real_fns {
     };
 }
 
+/// The real `free`, for a caller that knows it is resolved and present (a thread with a chunk
+/// fast path: `writer::switch_block` sets one only then).
+///
+/// # Safety
+/// [`free()`] is `Some`.
+#[inline(always)]
+pub unsafe fn free_present() -> FreeFn {
+    // SAFETY: per the contract.
+    unsafe { free().unwrap_unchecked() }
+}
+
 pub type MallocFn = unsafe extern "C" fn(usize) -> *mut c_void;
 pub type FreeFn = unsafe extern "C" fn(*mut c_void);
 pub type CallocFn = unsafe extern "C" fn(usize, usize) -> *mut c_void;
@@ -165,7 +176,9 @@ pub fn bootstrap_alloc(size: usize, align: usize) -> *mut c_void {
     let base = arena_base();
     let mut cur = ARENA_NEXT.load(Ordering::Relaxed);
     loop {
-        // 16 bytes of header (the size) right below the returned pointer.
+        // 16 bytes of header right below the returned pointer: the size, then a word that stays
+        // 0 (the arena is zeroed and never reused). The hooks' fast paths read that word as a
+        // chunk header, and 0 sends the call to the general path, which knows arena pointers.
         let start = (base + cur + 16 + align - 1) & !(align - 1);
         let end = start + size.max(1);
         if end > base + ARENA_SIZE {
@@ -173,8 +186,8 @@ pub fn bootstrap_alloc(size: usize, align: usize) -> *mut c_void {
         }
         match ARENA_NEXT.compare_exchange_weak(cur, end - base, Ordering::AcqRel, Ordering::Relaxed) {
             Ok(_) => {
-                // SAFETY: `start - 8` lies inside the arena, in the header gap we reserved.
-                unsafe { *((start - 8) as *mut usize) = size };
+                // SAFETY: `start - 16` lies inside the arena, in the header gap we reserved.
+                unsafe { *((start - 16) as *mut usize) = size };
                 return start as *mut c_void;
             }
             Err(c) => cur = c,
@@ -184,6 +197,6 @@ pub fn bootstrap_alloc(size: usize, align: usize) -> *mut c_void {
 
 /// Size recorded for an arena pointer.
 pub fn bootstrap_size(p: *const c_void) -> usize {
-    // SAFETY: `p` is an arena pointer; its size sits 8 bytes below it.
-    unsafe { *((p as usize - 8) as *const usize) }
+    // SAFETY: `p` is an arena pointer; its size sits 16 bytes below it.
+    unsafe { *((p as usize - 16) as *const usize) }
 }

@@ -79,6 +79,15 @@ pub fn enabled() -> bool {
 
 const MEMO: usize = 16;
 const MEMO_READS: usize = 96;
+/// Read slots a memo entry always checks, used or not (unused ones are [`pad_read`]): the memo
+/// hit compares them without a loop, and loops only over the rest.
+const MEMO_FIXED: usize = 2;
+/// The word an unused fixed read slot reads (and expects): always 0.
+static PAD_WORD: u64 = 0;
+/// Set in a memo entry's key (`Memo::cfa`) when stacks are sampled: a real CFA is 8-aligned, so
+/// such an entry never matches in [`memo_hit`] (which must not answer when sampling decides)
+/// and only [`capture`], which adds the mark, finds it.
+const SAMPLED_KEY: u64 = 1;
 /// Frames unwound at most (the depth plus room for our own frames on the fallback path).
 const MAX_UNWIND: usize = MAX_STACK_DEPTH + 16;
 /// `rbp` while a frame is tried without it.
@@ -87,6 +96,7 @@ const POISON: u64 = 0xffff_8000_0000_0000;
 #[repr(C)]
 struct Memo {
     ra: u64,
+    /// The caller's CFA, with [`SAMPLED_KEY`] when sampling; 0: unused.
     cfa: u64,
     bp: u64,
     generation: u64,
@@ -320,6 +330,18 @@ fn memo_slot(cfa: u64) -> usize {
     ((cfa >> 4) as usize) & (MEMO - 1)
 }
 
+/// An unused fixed read slot of a memo entry: reads [`PAD_WORD`], expects 0.
+#[inline(always)]
+fn pad_read() -> (u64, u64) {
+    (&raw const PAD_WORD as u64, 0)
+}
+
+/// A memo entry's key for the caller's CFA `cfa`: see [`SAMPLED_KEY`].
+#[inline(always)]
+fn memo_key(cfa: u64) -> u64 {
+    if SAMPLE.load(Ordering::Relaxed) != 0 { cfa | SAMPLED_KEY } else { cfa }
+}
+
 #[inline(always)]
 fn own_sp() -> u64 {
     let sp: u64;
@@ -355,12 +377,13 @@ fn before_slow(size: u64) -> u64 {
     }
 }
 
-/// [`before`] for a hook that already checked that the guard is free and `STATE` is `ACTIVE`:
-/// the memo hit inline (no call, no guard needed: nothing but this thread's state is touched),
-/// else [`before_cold`].
+/// [`before`] for a hook that already checked that the guard is free and that the thread is
+/// recording (`STATE` is `ACTIVE`, or the thread has a fast path: see `tls::fast::CHUNKS`): the
+/// memo hit inline (no call, no guard needed: nothing but this thread's state is touched), else
+/// [`before_cold`], which checks `STATE`.
 ///
 /// # Safety
-/// `t` is this thread's state, its guard free, `STATE` is `ACTIVE`, stacks are on.
+/// `t` is this thread's state, its guard free, the thread recording as above, stacks are on.
 #[inline(always)]
 pub unsafe fn before_ready(t: *mut ThreadState, size: u64) -> u64 {
     // SAFETY: per the contract.
@@ -387,7 +410,7 @@ unsafe fn memo_hit(t: *mut ThreadState) -> u64 {
     // thread's stack between the same CFA and the stack top: still mapped.
     unsafe {
         let st = (*t).stk;
-        if st.is_null() || SAMPLE.load(Ordering::Relaxed) != 0 {
+        if st.is_null() {
             return 0;
         }
         let cfa = (*st).cfa;
@@ -395,18 +418,28 @@ unsafe fn memo_hit(t: *mut ThreadState) -> u64 {
         if cfa <= own_sp() {
             return 0;
         }
+        // An entry with `SAMPLED_KEY` (sampling) never equals `cfa`.
         let m = &*(&raw const (*st).memo).cast::<Memo>().add(memo_slot(cfa));
         if m.cfa != cfa || m.ra != *((cfa - 8) as *const u64) || m.generation != modules::GEN.load(Ordering::Relaxed) || (m.bp_dep != 0 && m.bp != bp) {
             return 0;
         }
-        // `n` ≤ MEMO_READS (written by `full`).
-        let mut r = m.reads.as_ptr();
-        let end = r.add(m.n as usize);
-        while r < end && *((*r).0 as *const u64) == (*r).1 {
-            r = r.add(1);
-        }
-        if r != end {
+        // A used entry's first `MEMO_FIXED` slots are reads or `pad_read()`s (`full`), without a
+        // loop; then the rest of its `n` ≤ MEMO_READS.
+        let r = m.reads.as_ptr();
+        let (r0, r1) = (*r, *r.add(1));
+        if (*(r0.0 as *const u64) ^ r0.1) | (*(r1.0 as *const u64) ^ r1.1) != 0 {
             return 0;
+        }
+        let n = m.n as usize;
+        if n > MEMO_FIXED {
+            let mut i = MEMO_FIXED;
+            while i < n {
+                let (a, v) = *r.add(i);
+                if *(a as *const u64) != v {
+                    return 0;
+                }
+                i += 1;
+            }
         }
         (*st).cfa = 0;
         m.id
@@ -419,6 +452,10 @@ unsafe fn memo_hit(t: *mut ThreadState) -> u64 {
 fn before_cold(t: *mut ThreadState, size: u64) -> u64 {
     // SAFETY: `t` is this thread's state; the guard is taken around our work.
     unsafe {
+        // The malloc hooks reach us without checking `STATE` (see `tls::fast::CHUNKS`).
+        if writer::STATE.load(Ordering::Acquire) != writer::ACTIVE {
+            return 0;
+        }
         (*t).busy = 1;
         // The program's errno is not ours to change (naming our mappings may fail, say).
         let errno = *libc::__errno_location();
@@ -545,7 +582,7 @@ unsafe fn capture(t: *mut ThreadState) -> u64 {
         }
         let ra = *((cfa - 8) as *const u64);
         let m = &(*st).memo[memo_slot(cfa)];
-        if m.cfa == cfa && m.ra == ra && m.generation == list.generation && (m.bp_dep == 0 || m.bp == bp) {
+        if m.cfa == memo_key(cfa) && m.ra == ra && m.generation == list.generation && (m.bp_dep == 0 || m.bp == bp) {
             let mut i = 0;
             let n = m.n as usize;
             while i < n {
@@ -602,13 +639,16 @@ unsafe fn full(st: *mut StackState, mut list: &'static ModList, ra: u64, cfa: u6
         if !s.overflow {
             let m = &mut s.memo[memo_slot(cfa)];
             m.ra = ra;
-            m.cfa = cfa;
+            m.cfa = memo_key(cfa);
             m.bp = bp;
             m.bp_dep = bp_dep as u32;
             m.generation = list.generation;
             m.id = id;
             m.n = s.nlog as u32;
             m.reads[..s.nlog].copy_from_slice(&s.log[..s.nlog]);
+            for r in m.reads.iter_mut().take(MEMO_FIXED).skip(s.nlog) {
+                *r = pad_read();
+            }
         }
         id
     }

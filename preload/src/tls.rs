@@ -35,7 +35,13 @@ pub mod mode {
 pub mod fast {
     /// No fast path: the hooks take the general one.
     pub const NONE: u8 = 0;
-    /// Chunk headers may be read (glibc's malloc) and the stream id fits a stamp.
+    /// Chunk headers may be read (glibc's malloc), stamps are on and the stream id fits a stamp.
+    ///
+    /// The hooks take this fast path without reading `writer::STATE`: `fast` is set only while
+    /// `STATE` is `ACTIVE` (in `switch_block`), and when tracing stops (`writer::detach`) the
+    /// ring's clock is poisoned, which fails every thread's `reserve_fast` and sends it to the
+    /// general path, which checks `STATE` and clears `fast`. A fork child resets its one thread's
+    /// state before anything else.
     pub const CHUNKS: u8 = 1;
     /// Chunk headers are not read (`MTRACE_CHUNKS=0`, or another allocator): events carry no
     /// chunk, stamp or heap information.

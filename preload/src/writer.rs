@@ -130,6 +130,9 @@ pub unsafe fn commit(t: *mut ThreadState, n: usize) {
 unsafe fn reserve_slow(t: *mut ThreadState, n: usize, clock: u64) -> *mut u64 {
     // SAFETY: per `reserve`'s contract.
     unsafe {
+        if clock == POISONED_CLOCK {
+            return core::ptr::null_mut();
+        }
         // Room for the event plus a Time event.
         let need = (n + 2) * 8;
         if (*t).mode != mode::WRITING || ((*t).end as usize - (*t).cur as usize) < need {
@@ -197,10 +200,11 @@ unsafe fn switch_block(t: *mut ThreadState) -> bool {
                 (*t).stamp_xor = stamp::encode(crate::glibc::g().stamp_key, (*t).stream, (*t).block_seq, 0);
                 (*t).curbrk = crate::glibc::curbrk_or_zero();
                 // The chunk fast path compares stream ids in stamps' 20 bits, as `find_stamp` does
-                // only for ids that fit them.
+                // only for ids that fit them, and always reads and writes stamps. It calls the
+                // real free without checking it (`real::free_present`).
                 (*t).fast = if !crate::glibc::g().chunks {
                     crate::tls::fast::PLAIN
-                } else if (*t).stream < stamp::MAX_STREAMS {
+                } else if (*t).stream < stamp::MAX_STREAMS && crate::glibc::g().stamps && crate::real::free().is_some() {
                     crate::tls::fast::CHUNKS
                 } else {
                     crate::tls::fast::NONE
@@ -278,9 +282,19 @@ pub unsafe fn flush_dropped(t: *mut ThreadState) {
 /// Stop tracing this image (the application keeps running untraced).
 pub fn detach(why: &[u8]) {
     if STATE.swap(OFF, Ordering::AcqRel) == ACTIVE {
+        // The fast paths read no `STATE`: a clock that can never equal a thread's last one sends
+        // every thread to the general path, which sees `OFF` (see `tls::fast::CHUNKS`). Nobody
+        // reads this ring any more, or ever will in earnest: the collector is gone or stuck.
+        if let Some(ring) = hot().ring {
+            ring.header().clock.0.clock_ns.store(POISONED_CLOCK, Ordering::Release);
+        }
         sys::warn(&[b"tracing stopped: ", why]);
     }
 }
+
+/// The collector clock after [`detach`]: the collector only ever raises the clock (`fetch_max`),
+/// so it stays, and no `Time` event carries it ([`reserve_slow`] drops the event).
+pub const POISONED_CLOCK: u64 = u64::MAX;
 
 /// Release this thread's block at thread exit (so the ring does not fill with dead threads'
 /// blocks). Later events of the thread take a new block.

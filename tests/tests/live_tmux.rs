@@ -206,7 +206,9 @@ fn view_shows_progress_while_reading_and_quits_at_once() {
     let size = std::fs::metadata(&trace).unwrap().len();
     let cmd = shell(&[], &["view", trace.to_str().unwrap()]);
     let Some(t) = Tmux::start("view", &cmd) else { return };
-    let s = t.wait_for("Analysing", 10.0);
+    // The footer is drawn last: wait for it, not for the first line (a busy machine shows a
+    // half-drawn screen in between).
+    let s = t.wait_for("q quit", 10.0);
     assert!(s.contains(&format!("reading the trace of: {}", trace.display())), "{s}");
     assert!(s.contains("events analysed") && s.contains("events/s") && s.contains("q quit"), "{s}");
     assert!(s.contains(&format!(" of {} (", mtracer_bytes(size))), "the total is the file's size:\n{s}");
