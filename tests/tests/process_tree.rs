@@ -29,3 +29,28 @@ fn fork_and_exec_give_one_exact_image_each() {
     assert_eq!(child["ending"], "exited");
     assert_eq!(exec["ending"], "exited");
 }
+
+/// The command exits at once, leaving behind an untraced process that starts a traced one 300 ms
+/// later: the recorder (their subreaper) sees a descendant alive, waits for the registration,
+/// and the late image is in the trace with its exact numbers. (Without the wait, the recording
+/// would end as soon as nothing was registered.)
+#[test]
+fn a_process_started_after_the_command_exited_is_recorded() {
+    let fx = fixture("exactness");
+    // The inner shell runs without LD_PRELOAD (untraced, never registers) and exits at once; its
+    // background subshell (another process, untraced too) sleeps, then execs the fixture with the
+    // preload back. Meanwhile no traced process is alive.
+    let script = r#"env -u LD_PRELOAD sh -c '(sleep 0.3; exec env LD_PRELOAD="$0" "$1" >"$2") & exit 0' "$LD_PRELOAD" "$FX" "$OUT""#;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fixture.out");
+    let r = record(&[], &["sh", "-c", script], &[("FX", fx.to_str().unwrap()), ("OUT", out.to_str().unwrap())]);
+    assert_eq!(r.code(), Some(0), "{}", r.stderr());
+    let rep = r.report();
+    let procs = rep["processes"].as_array().unwrap();
+    let late = procs.iter().find(|p| p["exe"].as_str() == fx.to_str()).unwrap_or_else(|| panic!("the fixture is not in the trace: {rep}"));
+    assert_eq!(late["ending"], "exited", "{late}");
+    let truth = truth(&std::fs::read_to_string(&out).unwrap());
+    for k in ["alloc_count", "free_count", "final_live_bytes", "peak_live_bytes"] {
+        assert_eq!(num(late, k), truth[k], "{k}");
+    }
+}

@@ -123,6 +123,7 @@ pub fn record_live(mut opts: Options, command: &[String], output: Option<PathBuf
         }
     }
     install_signal_handlers();
+    let reaper = become_subreaper();
     let mut cmd = Command::new(program);
     cmd.args(&command[1..]).env("LD_PRELOAD", &ld_preload).env("MTRACE_SOCK", format!("@{name}")).env_remove("MTRACE_DISABLE");
     cmd.envs(opts.child_env.iter().map(|(k, v)| (k, v)));
@@ -195,9 +196,18 @@ pub fn record_live(mut opts: Options, command: &[String], output: Option<PathBuf
         }
         let live = shared.live_images();
         if live == 0 && server.pending() == 0 {
-            // A short grace for a process that is between exec and registration.
+            // Nothing being recorded. A process the command started may still be on its way to
+            // registering (between fork or exec and our preload's constructor): as its subreaper
+            // we know whether any is alive. None: done at once. Some: wait up to a second for
+            // one to register (an untraced one — static, or with LD_PRELOAD dropped — never
+            // will, and is not waited for longer). Not a subreaper: a short grace.
+            let grace = match reaper.then(descendants_alive) {
+                Some(false) => break,
+                Some(true) => Duration::from_secs(1),
+                None => Duration::from_millis(50),
+            };
             let t = *idle_since.get_or_insert_with(Instant::now);
-            if t.elapsed() >= Duration::from_millis(50) {
+            if t.elapsed() >= grace {
                 break;
             }
             continue;
@@ -217,6 +227,34 @@ pub fn record_live(mut opts: Options, command: &[String], output: Option<PathBuf
     drop(server);
     let trace_bytes = sink.finish()?;
     Ok(Outcome { exit_code, trace_bytes, images, trace: opts.output })
+}
+
+/// Make this process the reaper of the command's orphans (`PR_SET_CHILD_SUBREAPER`), so that once
+/// the command exits, [`descendants_alive`] can tell whether anything it started may still
+/// register. `false` if the kernel refused.
+fn become_subreaper() -> bool {
+    // SAFETY: prctl on this process with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1usize, 0usize, 0usize, 0usize) == 0 }
+}
+
+/// Reap the processes the command started that have exited (orphans are re-parented to us, see
+/// [`become_subreaper`]); `true` while any is still alive. Call only once the command itself was
+/// waited for: this reaps any child.
+fn descendants_alive() -> bool {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid out-pointer; WNOHANG never blocks.
+        let r = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if r > 0 {
+            continue;
+        }
+        if r == 0 {
+            return true;
+        }
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return false; // ECHILD: no child left
+        }
+    }
 }
 
 /// Hold an exclusive lock on the trace while it is being written: readers that find it locked
