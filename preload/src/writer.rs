@@ -211,6 +211,11 @@ unsafe fn switch_block(t: *mut ThreadState) -> bool {
                 };
                 // Every block starts with the time, so it can be read on its own.
                 let clock = (*hot().clock).load(Ordering::Relaxed);
+                if clock == POISONED_CLOCK {
+                    // Tracing stopped since `STATE` was read: hand the empty block back.
+                    give_up_block(t, &ring);
+                    return false;
+                }
                 *base = event::header(EventKind::Time, 2, 0);
                 *base.add(1) = clock;
                 (*t).last_clock = clock;

@@ -21,7 +21,11 @@
 //! * Lossless mode: a thread that finds no free block waits on `free_futex` (a shared futex, not
 //!   `FUTEX_PRIVATE`). Lossy mode: it drops its events and counts them instead.
 //! * `clock_ns` is written by the collector every tick: it is both the time base of events and
-//!   the collector's heartbeat. A waiting thread that sees it stall gives up tracing.
+//!   the collector's heartbeat. A waiting thread that sees it stall gives up tracing. The
+//!   collector only ever raises it (`fetch_max`). A process that gives up tracing sets it to
+//!   `u64::MAX` for good: its threads' fast paths compare it with the clock of their last `Time`
+//!   event instead of reading whether tracing is on, and that value sends them all to the slow
+//!   path, which sees it is off. No event carries that value.
 //!
 //! Everything here is `#[repr(C)]`, address-free atomics, valid across processes. The collector
 //! must treat every value it reads as untrusted (the application can scribble over the ring).
@@ -74,7 +78,8 @@ pub struct RingHeader {
 
 #[repr(C)]
 pub struct ClockLine {
-    /// CLOCK_MONOTONIC of the collector, in ns; refreshed every tick.
+    /// CLOCK_MONOTONIC of the collector, in ns; refreshed every tick. `u64::MAX` once the process
+    /// stopped tracing (see the module docs).
     pub clock_ns: AtomicU64,
     pub collector_state: AtomicU32,
     /// Incremented by the collector each time it returns blocks to the free queue.
