@@ -13,7 +13,7 @@ pub enum TraceError {
     Io(#[from] io::Error),
     #[error("not an mtrace trace file (bad magic at offset 0)")]
     NotATrace,
-    #[error("trace format version {found} is not supported (this mtracer reads version {supported})")]
+    #[error("trace format version {found} is not supported (this mtracer reads versions {MIN_FORMAT_VERSION} to {supported})")]
     UnsupportedVersion { found: u32, supported: u32 },
     #[error("trace truncated at byte offset {offset}: {what}")]
     Truncated { offset: u64, what: String },
@@ -146,6 +146,18 @@ pub enum Record {
     Unknown(u8),
 }
 
+/// Chunks at least this long are compressed by [`Record::encode_chunk_compressed`] (below it the
+/// compressor's set-up costs more than the copy it saves).
+pub const COMPRESS_FROM: usize = 2048;
+
+/// Little-endian words from a chunk's payload.
+fn words_of(data: &[u8]) -> Result<Vec<u64>, String> {
+    if data.len() % 8 != 0 {
+        return Err(format!("chunk data of {} bytes is not whole words", data.len()));
+    }
+    Ok(data.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
+}
+
 fn put_u32(v: &mut Vec<u8>, x: u32) {
     v.extend_from_slice(&x.to_le_bytes());
 }
@@ -244,7 +256,39 @@ impl Record {
         }
     }
 
-    /// Encode a chunk straight from raw little-endian event bytes (the collector's hot path).
+    /// Encode a chunk from raw little-endian event bytes, lz4-compressed when that pays
+    /// ([`chunk_encoding::LZ4`]; chunks under [`COMPRESS_FROM`] bytes, or that do not shrink, are
+    /// stored as words). `scratch` is a buffer kept between calls (the compressor's output, so that
+    /// `out` never holds more than the compressed bytes). The collector's hot path: `bytes` is read
+    /// once, by the compressor, straight from the ring.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_chunk_compressed(out: &mut Vec<u8>, scratch: &mut Vec<u8>, image: u32, stream: u32, tid: u32, block_seq: u32, offset: u32, bytes: &[u8]) {
+        if bytes.len() >= COMPRESS_FROM {
+            let need = lz4_flex::block::get_maximum_output_size(bytes.len());
+            if scratch.len() < need {
+                scratch.resize(need, 0);
+            }
+            if let Ok(n) = lz4_flex::block::compress_into(bytes, scratch) {
+                if n + 8 < bytes.len() {
+                    let start = out.len();
+                    out.extend_from_slice(&[0u8; 8]);
+                    put_u32(out, image);
+                    put_u32(out, stream);
+                    put_u32(out, tid);
+                    put_u32(out, block_seq);
+                    put_u32(out, offset);
+                    put_u32(out, chunk_encoding::LZ4);
+                    put_u32(out, bytes.len() as u32);
+                    out.extend_from_slice(&scratch[..n]);
+                    Self::finish(out, start, record_type::CHUNK);
+                    return;
+                }
+            }
+        }
+        Self::encode_chunk_bytes(out, image, stream, tid, block_seq, offset, bytes);
+    }
+
+    /// Encode a chunk straight from raw little-endian event bytes, as words.
     pub fn encode_chunk_bytes(out: &mut Vec<u8>, image: u32, stream: u32, tid: u32, block_seq: u32, offset: u32, bytes: &[u8]) {
         let start = out.len();
         out.extend_from_slice(&[0u8; 8]);
@@ -253,7 +297,7 @@ impl Record {
         put_u32(out, tid);
         put_u32(out, block_seq);
         put_u32(out, offset);
-        put_u32(out, 0);
+        put_u32(out, chunk_encoding::WORDS);
         out.extend_from_slice(bytes);
         Self::finish(out, start, record_type::CHUNK);
     }
@@ -305,12 +349,22 @@ impl Record {
                 let tid = r.u32().ok_or_else(short)?;
                 let block_seq = r.u32().ok_or_else(short)?;
                 let offset = r.u32().ok_or_else(short)?;
-                r.u32().ok_or_else(short)?;
-                let data = &body[r.pos..];
-                if data.len() % 8 != 0 {
-                    return Err((at, format!("chunk data of {} bytes is not whole words", data.len())));
-                }
-                let words = data.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+                let encoding = r.u32().ok_or_else(short)?;
+                let words = match encoding {
+                    chunk_encoding::WORDS => words_of(&body[r.pos..]).map_err(|e| (at, e))?,
+                    chunk_encoding::LZ4 => {
+                        let raw_len = r.u32().ok_or_else(short)?;
+                        if raw_len > chunk_encoding::MAX_RAW {
+                            return Err((at, format!("compressed chunk claims {raw_len} bytes")));
+                        }
+                        let raw = lz4_flex::block::decompress(&body[r.pos..], raw_len as usize).map_err(|e| (at, format!("compressed chunk does not decompress: {e}")))?;
+                        if raw.len() != raw_len as usize {
+                            return Err((at, "compressed chunk decompressed to the wrong size".to_string()));
+                        }
+                        words_of(&raw).map_err(|e| (at, e))?
+                    }
+                    e => return Err((at, format!("unknown chunk encoding {e}"))),
+                };
                 Record::Chunk(Chunk { image, stream, tid, block_seq, offset, words })
             }
             record_type::RSS => {
@@ -561,7 +615,7 @@ impl<R: Read> TraceReader<R> {
             return Err(TraceError::Truncated { offset: n as u64, what: "file header cut short".into() });
         }
         let version = u32::from_le_bytes(h[8..12].try_into().unwrap());
-        if version != FORMAT_VERSION {
+        if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(TraceError::UnsupportedVersion { found: version, supported: FORMAT_VERSION });
         }
         let hlen = u32::from_le_bytes(h[12..16].try_into().unwrap()) as usize;
@@ -736,9 +790,82 @@ mod tests {
     fn wrong_version_and_magic() {
         let mut bytes = write(&sample(), 1 << 20);
         bytes[8] = 99;
-        assert!(matches!(read_all(&bytes), Err(TraceError::UnsupportedVersion { found: 99, supported: 1 })));
+        let err = read_all(&bytes).unwrap_err();
+        assert!(matches!(err, TraceError::UnsupportedVersion { found: 99, supported: FORMAT_VERSION }), "{err}");
+        assert_eq!(err.to_string(), "trace format version 99 is not supported (this mtracer reads versions 1 to 2)");
+        bytes[8] = 0;
+        assert!(matches!(read_all(&bytes), Err(TraceError::UnsupportedVersion { found: 0, .. })));
+        // Version 1 (chunks as plain words only) is still read.
+        bytes[8] = 1;
+        assert_eq!(read_all(&bytes).unwrap(), sample());
         assert!(matches!(read_all(b"hello world, not a trace"), Err(TraceError::NotATrace)));
         assert!(matches!(read_all(b""), Err(TraceError::NotATrace)));
+    }
+
+    /// Event words that compress (a repeated malloc/free pattern), `n` of them.
+    fn churn_words(n: usize) -> Vec<u64> {
+        (0..n as u64).map(|i| if i % 5 == 0 { 0x0301 | 0x31 << 16 } else { 0x5555_0000_1000 + (i % 5) * 8 }).collect()
+    }
+
+    fn le_bytes(words: &[u64]) -> Vec<u8> {
+        words.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn compressed_chunks_round_trip_and_small_or_incompressible_ones_stay_words() {
+        let mut scratch = Vec::new();
+        let cases = [
+            (churn_words(8192), chunk_encoding::LZ4),
+            // Under COMPRESS_FROM bytes: words.
+            (churn_words(COMPRESS_FROM / 8 - 1), chunk_encoding::WORDS),
+            // Does not shrink: words.
+            ((0..1024u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(17) ^ 0xdead_beef).collect(), chunk_encoding::WORDS),
+        ];
+        for (words, encoding) in cases {
+            let mut raw = Vec::new();
+            Record::encode_chunk_compressed(&mut raw, &mut scratch, 3, 7, 99, 12, 4096, &le_bytes(&words));
+            assert_eq!(u32::from_le_bytes(raw[8 + 20..8 + 24].try_into().unwrap()), encoding);
+            let (rec, next) = Record::decode(&raw, 0).unwrap();
+            assert_eq!(next, raw.len());
+            assert_eq!(rec, Record::Chunk(Chunk { image: 3, stream: 7, tid: 99, block_seq: 12, offset: 4096, words }));
+        }
+        // 64 KiB of churn events take a few hundred bytes.
+        let mut raw = Vec::new();
+        Record::encode_chunk_compressed(&mut raw, &mut scratch, 0, 1, 1, 0, 0, &le_bytes(&churn_words(8192)));
+        assert!(raw.len() < 1024, "{} bytes", raw.len());
+    }
+
+    #[test]
+    fn a_damaged_compressed_chunk_is_an_error_with_its_offset() {
+        let mut scratch = Vec::new();
+        let mut good = Vec::new();
+        Record::encode_chunk_compressed(&mut good, &mut scratch, 0, 1, 1, 0, 0, &le_bytes(&churn_words(8192)));
+        let at = 24; // a record before it (8 bytes of header, 16 of body)
+        let mut framed = raw(&Record::Sync { image: 0, time_ns: 1 });
+        assert_eq!(framed.len(), at);
+        framed.extend_from_slice(&good);
+        // A raw length that does not match the data, one past the limit, an unknown encoding,
+        // garbage instead of the compressed bytes.
+        let raw_len = at + 8 + 24;
+        let damage: [(&dyn Fn(&mut Vec<u8>), &str); 4] = [
+            (&|b| b[raw_len..raw_len + 4].copy_from_slice(&1000u32.to_le_bytes()), "decompress"),
+            (&|b| b[raw_len..raw_len + 4].copy_from_slice(&(chunk_encoding::MAX_RAW + 1).to_le_bytes()), "claims"),
+            (&|b| b[at + 8 + 20..at + 8 + 24].copy_from_slice(&7u32.to_le_bytes()), "unknown chunk encoding 7"),
+            (&|b| {
+                let n = b.len();
+                for x in &mut b[raw_len + 4..n] {
+                    *x = 0xff;
+                }
+            }, "decompress"),
+        ];
+        for (f, what) in damage {
+            let mut b = framed.clone();
+            f(&mut b);
+            let (_, next) = Record::decode(&b, 0).unwrap();
+            let (off, msg) = Record::decode(&b, next).unwrap_err();
+            assert_eq!(off, at);
+            assert!(msg.contains(what), "{msg}");
+        }
     }
 
     /// The raw bytes of one record, as a frame holds them.

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! file    := file_header frame*
-//! file_header (16 B) := magic "\x89MTRACE\n" | version u32 (= 1) | header_len u32 (= 16)
+//! file_header (16 B) := magic "\x89MTRACE\n" | version u32 (= 2) | header_len u32 (= 16)
 //! frame   := frame_header payload
 //! frame_header (16 B) := "MTFR" | raw_len u32 | stored_len u32 | crc32 u32 (of the stored payload)
 //! payload := lz4 block (lz4_flex `block` format) of raw_len bytes, stored_len bytes long
@@ -23,13 +23,19 @@
 //! |---|---|---|
 //! | 1 | `Session` | TLVs (see [`session_tag`]) |
 //! | 2 | `ProcessStart` | image u32, pid u32, ppid u32, parent_image u32 (`u32::MAX`: none), origin u32, 0 u32, fork_seq u64, time_ns u64, hello bytes (see [`crate::control`]) |
-//! | 3 | `Chunk` | image u32, stream u32, tid u32, block_seq u32, offset u32 (bytes into the block), 0 u32, event words |
+//! | 3 | `Chunk` | image u32, stream u32, tid u32, block_seq u32, offset u32 (bytes into the block), encoding u32, payload (see [`chunk_encoding`]) |
 //! | 4 | `Rss` | image u32, 0 u32, time_ns u64, rss_bytes u64 |
 //! | 5 | `ProcessEnd` | image u32, reason u32, time_ns u64, rss_bytes u64, hwm_bytes u64, dropped_events u64, dropped_blocks u64, status i64 |
 //! | 6 | `SessionEnd` | time_ns u64, exit_status i64 |
 //! | 7 | `Note` | image u32 (`u32::MAX`: session), 0 u32, UTF-8 text |
 //! | 8 | `Sync` | image u32, 0 u32, pass_start_ns u64 |
 //! | 9 | `Smaps` | image u32, count u32, time_ns u64, then `count` mappings of 3 × u64: start \| kind (in the 12 low bits, see [`map_kind`]), end, rss_bytes |
+//!
+//! A `Chunk`'s payload is the event words themselves ([`chunk_encoding::WORDS`]), or (version 2)
+//! raw_len u32 followed by an lz4 block that decompresses to those `raw_len` bytes
+//! ([`chunk_encoding::LZ4`]): the recorder compresses large chunks straight from the ring instead
+//! of copying them, and the frame's own compression then has little left to do. Version 1 files
+//! (words only) are read as they are.
 //!
 //! `Sync` marks the end of one pass of the collector over an image's ring: every event published
 //! before that pass began appears in the file before the record. An event read in a pass has all
@@ -51,7 +57,10 @@
 
 
 pub const FILE_MAGIC: [u8; 8] = *b"\x89MTRACE\n";
-pub const FORMAT_VERSION: u32 = 1;
+/// The version written.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version readers accept (1: chunks are always plain words).
+pub const MIN_FORMAT_VERSION: u32 = 1;
 pub const FILE_HEADER_LEN: usize = 16;
 pub const FRAME_MAGIC: [u8; 4] = *b"MTFR";
 pub const FRAME_HEADER_LEN: usize = 16;
@@ -59,6 +68,16 @@ pub const FRAME_HEADER_LEN: usize = 16;
 pub const MAX_FRAME_RAW: usize = 64 << 20;
 /// `image` value meaning "no process image" (session-level notes, roots without parent).
 pub const NO_IMAGE: u32 = u32::MAX;
+
+/// How a `Chunk` record carries its event words (the u32 after `offset`).
+pub mod chunk_encoding {
+    /// The words, little-endian.
+    pub const WORDS: u32 = 0;
+    /// raw_len u32, then an lz4 block (lz4_flex `block` format) of the words' `raw_len` bytes.
+    pub const LZ4: u32 = 1;
+    /// Largest `raw_len` a reader accepts (a ring block is at most 128 KiB).
+    pub const MAX_RAW: u32 = 16 << 20;
+}
 
 /// Session TLV tags (record type 1).
 pub mod session_tag {

@@ -46,9 +46,11 @@ fn foreign_and_empty_files_are_not_traces() {
     }
 }
 
-/// A trace big enough to span several frames.
+/// A trace that spans several frames: the writer cuts a frame every 100 ms while the recorder
+/// has something to write (the RSS samples of a live process, every 10 ms, are enough), and the
+/// shell lives half a second after the churn.
 fn big_trace() -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
-    let r = record(&[], &[fixture("churn").to_str().unwrap(), "1", "300000"], &[]);
+    let r = record(&[], &["sh", "-c", r#""$FX" 1 300000 && sleep 0.5"#], &[("FX", fixture("churn").to_str().unwrap())]);
     assert_eq!(r.code(), Some(0));
     let bytes = std::fs::read(&r.trace).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -57,14 +59,15 @@ fn big_trace() -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
     (dir, path, bytes)
 }
 
-/// Offsets of the frame headers (the format: 16-byte file header, then `MTFR` frames).
-fn frame_offsets(bytes: &[u8]) -> Vec<usize> {
+/// Offsets and stored lengths of the frames (the format: 16-byte file header, then `MTFR` frames
+/// of a 16-byte header and the stored bytes).
+fn frames_of(bytes: &[u8]) -> Vec<(usize, usize)> {
     let mut v = Vec::new();
     let mut at = 16;
     while at + 16 <= bytes.len() {
         assert_eq!(&bytes[at..at + 4], b"MTFR");
-        v.push(at);
         let stored = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap()) as usize;
+        v.push((at, stored));
         at += 16 + stored;
     }
     v
@@ -73,9 +76,9 @@ fn frame_offsets(bytes: &[u8]) -> Vec<usize> {
 #[test]
 fn a_truncated_trace_names_the_offset_and_partial_reads_before_it() {
     let (dir, _, bytes) = big_trace();
-    let frames = frame_offsets(&bytes);
+    let frames = frames_of(&bytes);
     assert!(frames.len() >= 3, "want several frames, got {}", frames.len());
-    let cut_frame = frames[frames.len() / 2];
+    let cut_frame = frames[frames.len() / 2].0;
     let cut = dir.path().join("cut.mtr");
     std::fs::write(&cut, &bytes[..cut_frame + 40]).unwrap();
     let (code, _, err) = mtracer(&["report", cut.to_str().unwrap()]);
@@ -92,9 +95,9 @@ fn a_truncated_trace_names_the_offset_and_partial_reads_before_it() {
 #[test]
 fn a_corrupt_frame_is_caught_by_its_checksum() {
     let (dir, _, mut bytes) = big_trace();
-    let frames = frame_offsets(&bytes);
-    let victim = frames[1];
-    bytes[victim + 100] ^= 0x5a;
+    let frames = frames_of(&bytes);
+    let (victim, stored) = frames[1];
+    bytes[victim + 16 + stored / 2] ^= 0x5a;
     let bad = dir.path().join("bad.mtr");
     std::fs::write(&bad, &bytes).unwrap();
     let (code, _, err) = mtracer(&["report", bad.to_str().unwrap()]);
@@ -118,10 +121,10 @@ fn an_unknown_format_version_is_named() {
 #[test]
 fn garbage_after_a_valid_prefix_never_panics() {
     let (dir, _, bytes) = big_trace();
-    let frames = frame_offsets(&bytes);
+    let frames = frames_of(&bytes);
     let f = dir.path().join("g.mtr");
     // A few deterministic mutations of header fields, lengths and payloads.
-    for (i, &at) in frames.iter().take(4).enumerate() {
+    for (i, &(at, _)) in frames.iter().take(4).enumerate() {
         for delta in [4usize, 8, 12, 20, 200] {
             let mut b = bytes.clone();
             let pos = (at + delta).min(b.len() - 1);
