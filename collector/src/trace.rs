@@ -243,13 +243,16 @@ impl Record {
         Self::finish(out, start, ty);
     }
 
+    /// The fixed part of a `Chunk` body.
+    #[allow(clippy::too_many_arguments)]
+    fn put_chunk_head(out: &mut Vec<u8>, image: u32, stream: u32, tid: u32, block_seq: u32, offset: u32, encoding: u32) {
+        for v in [image, stream, tid, block_seq, offset, encoding] {
+            put_u32(out, v);
+        }
+    }
+
     fn encode_chunk_body(out: &mut Vec<u8>, image: u32, stream: u32, tid: u32, block_seq: u32, offset: u32, words: &[u64]) {
-        put_u32(out, image);
-        put_u32(out, stream);
-        put_u32(out, tid);
-        put_u32(out, block_seq);
-        put_u32(out, offset);
-        put_u32(out, 0);
+        Self::put_chunk_head(out, image, stream, tid, block_seq, offset, chunk_encoding::WORDS);
         out.reserve(words.len() * 8);
         for w in words {
             put_u64(out, *w);
@@ -272,12 +275,7 @@ impl Record {
                 if n + 8 < bytes.len() {
                     let start = out.len();
                     out.extend_from_slice(&[0u8; 8]);
-                    put_u32(out, image);
-                    put_u32(out, stream);
-                    put_u32(out, tid);
-                    put_u32(out, block_seq);
-                    put_u32(out, offset);
-                    put_u32(out, chunk_encoding::LZ4);
+                    Self::put_chunk_head(out, image, stream, tid, block_seq, offset, chunk_encoding::LZ4);
                     put_u32(out, bytes.len() as u32);
                     out.extend_from_slice(&scratch[..n]);
                     Self::finish(out, start, record_type::CHUNK);
@@ -292,12 +290,7 @@ impl Record {
     pub fn encode_chunk_bytes(out: &mut Vec<u8>, image: u32, stream: u32, tid: u32, block_seq: u32, offset: u32, bytes: &[u8]) {
         let start = out.len();
         out.extend_from_slice(&[0u8; 8]);
-        put_u32(out, image);
-        put_u32(out, stream);
-        put_u32(out, tid);
-        put_u32(out, block_seq);
-        put_u32(out, offset);
-        put_u32(out, chunk_encoding::WORDS);
+        Self::put_chunk_head(out, image, stream, tid, block_seq, offset, chunk_encoding::WORDS);
         out.extend_from_slice(bytes);
         Self::finish(out, start, record_type::CHUNK);
     }
