@@ -152,7 +152,7 @@ pub const COMPRESS_FROM: usize = 2048;
 
 /// Little-endian words from a chunk's payload.
 fn words_of(data: &[u8]) -> Result<Vec<u64>, String> {
-    if data.len() % 8 != 0 {
+    if !data.len().is_multiple_of(8) {
         return Err(format!("chunk data of {} bytes is not whole words", data.len()));
     }
     Ok(data.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
@@ -271,16 +271,16 @@ impl Record {
             if scratch.len() < need {
                 scratch.resize(need, 0);
             }
-            if let Ok(n) = lz4_flex::block::compress_into(bytes, scratch) {
-                if n + 8 < bytes.len() {
-                    let start = out.len();
-                    out.extend_from_slice(&[0u8; 8]);
-                    Self::put_chunk_head(out, image, stream, tid, block_seq, offset, chunk_encoding::LZ4);
-                    put_u32(out, bytes.len() as u32);
-                    out.extend_from_slice(&scratch[..n]);
-                    Self::finish(out, start, record_type::CHUNK);
-                    return;
-                }
+            if let Ok(n) = lz4_flex::block::compress_into(bytes, scratch)
+                && n + 8 < bytes.len()
+            {
+                let start = out.len();
+                out.extend_from_slice(&[0u8; 8]);
+                Self::put_chunk_head(out, image, stream, tid, block_seq, offset, chunk_encoding::LZ4);
+                put_u32(out, bytes.len() as u32);
+                out.extend_from_slice(&scratch[..n]);
+                Self::finish(out, start, record_type::CHUNK);
+                return;
             }
         }
         Self::encode_chunk_bytes(out, image, stream, tid, block_seq, offset, bytes);
