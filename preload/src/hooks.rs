@@ -398,11 +398,11 @@ unsafe fn malloc_fast_stack<const CALLOC: bool, const STACK: bool>(t: *mut Threa
             return malloc_general(t, kind, p, size, sid);
         }
         let Some(hdr) = fast_header(t, p, true) else { return malloc_general(t, kind, p, size, sid) };
-        // As `observe_brk` after the event: a moved break is reported by the general path. Only
-        // after a main-arena allocation: a thread arena never moves the break (its heaps are
-        // mmapped), so a move seen here was made by another thread, which reports it itself
-        // (its allocation came from the main arena; its free, from `after_free`).
-        if !chunk::non_main_arena(hdr) && core::ptr::read_volatile((*t).curbrk) != (*t).last_brk {
+        // As `observe_brk` after the event: a moved break is reported by the general path. Also
+        // after a thread-arena allocation, which cannot have moved it: glibc moves it without any
+        // hook too (a thread's exit frees its tcache with `__libc_free`, which can trim), and
+        // the next allocation of any thread is where that is seen.
+        if core::ptr::read_volatile((*t).curbrk) != (*t).last_brk {
             return malloc_general(t, kind, p, size, sid);
         }
         // calloc zeroes the block: nothing to find (as `inspect_new_block`).

@@ -54,3 +54,17 @@ fn a_process_started_after_the_command_exited_is_recorded() {
         assert_eq!(num(late, k), truth[k], "{k}");
     }
 }
+
+/// The recorder is the subreaper of the command's orphans: it reaps them as they exit, while the
+/// command still runs. A script that waits for an orphan with `kill -0` (a zombie still answers
+/// it) sees it go.
+#[test]
+fn orphans_are_reaped_while_the_command_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("pid");
+    let script = r#"( sleep 0.2 & echo $! >"$PIDFILE" ); pid=$(cat "$PIDFILE"); n=0
+        while kill -0 "$pid" 2>/dev/null; do n=$((n + 1)); [ "$n" -gt 100 ] && exit 3; sleep 0.05; done; echo gone"#;
+    let r = record(&[], &["sh", "-c", script], &[("PIDFILE", pidfile.to_str().unwrap())]);
+    assert_eq!(r.code(), Some(0), "the orphan stayed a zombie: {}", r.stderr());
+    assert_eq!(r.stdout(), "gone\n");
+}

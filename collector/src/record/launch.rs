@@ -178,10 +178,18 @@ pub fn record_live(mut opts: Options, command: &[String], output: Option<PathBuf
     let mut status = None;
     let mut waiting_note = None::<Instant>;
     let mut idle_since = None::<Instant>;
+    let command_pid = child.id() as libc::pid_t;
     loop {
         server.poll_once(&shared, 5);
+        // As a subreaper, reap all along: the command, and the orphans it leaves (a zombie stays
+        // "alive" to `kill -0`, which scripts poll).
+        let mut exited = None;
+        let others_alive = if reaper { reap_children(command_pid, &mut exited) } else { false };
         if status.is_none() {
-            if let Some(st) = child.try_wait().context("waiting for the command")? {
+            if !reaper {
+                exited = child.try_wait().context("waiting for the command")?;
+            }
+            if let Some(st) = exited {
                 status = Some(st);
                 CHILD.store(0, Ordering::Release);
                 if let Some(l) = &live {
@@ -201,7 +209,7 @@ pub fn record_live(mut opts: Options, command: &[String], output: Option<PathBuf
             // we know whether any is alive. None: done at once. Some: wait up to a second for
             // one to register (an untraced one — static, or with LD_PRELOAD dropped — never
             // will, and is not waited for longer). Not a subreaper: a short grace.
-            let grace = match reaper.then(descendants_alive) {
+            let grace = match reaper.then_some(others_alive) {
                 Some(false) => break,
                 Some(true) => Duration::from_secs(1),
                 None => Duration::from_millis(50),
@@ -230,21 +238,30 @@ pub fn record_live(mut opts: Options, command: &[String], output: Option<PathBuf
 }
 
 /// Make this process the reaper of the command's orphans (`PR_SET_CHILD_SUBREAPER`), so that once
-/// the command exits, [`descendants_alive`] can tell whether anything it started may still
+/// the command exits, [`reap_children`] can tell whether anything it started may still
 /// register. `false` if the kernel refused.
+///
+/// An orphan of the command then sees `mtracer` as its parent (`getppid()`) instead of init or
+/// the session's own subreaper, as under `tini` or a systemd user session.
 fn become_subreaper() -> bool {
     // SAFETY: prctl on this process with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1usize, 0usize, 0usize, 0usize) == 0 }
 }
 
-/// Reap the processes the command started that have exited (orphans are re-parented to us, see
-/// [`become_subreaper`]); `true` while any is still alive. Call only once the command itself was
-/// waited for: this reaps any child.
-fn descendants_alive() -> bool {
+/// Reap every child that has exited: the command (pid `command`; its status goes to
+/// `command_status`) and the orphans it left, which are re-parented to us (see
+/// [`become_subreaper`]). `true` while any child is still alive (once the command has exited:
+/// one it started). The only way the command is waited for once we are a subreaper
+/// (`Child::try_wait` would miss a status reaped here).
+fn reap_children(command: libc::pid_t, command_status: &mut Option<std::process::ExitStatus>) -> bool {
     loop {
         let mut status = 0;
         // SAFETY: waitpid with a valid out-pointer; WNOHANG never blocks.
         let r = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if r == command {
+            *command_status = Some(std::process::ExitStatus::from_raw(status));
+            continue;
+        }
         if r > 0 {
             continue;
         }
