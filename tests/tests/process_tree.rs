@@ -68,3 +68,29 @@ fn orphans_are_reaped_while_the_command_runs() {
     assert_eq!(r.code(), Some(0), "the orphan stayed a zombie: {}", r.stderr());
     assert_eq!(r.stdout(), "gone\n");
 }
+
+/// Started with SIGCHLD ignored (inherited from a parent that ignores it), the recorder still
+/// gets the command's exit status (the kernel would otherwise reap the command for nobody), and
+/// the command still inherits the ignored SIGCHLD.
+#[test]
+fn an_inherited_ignored_sigchld_neither_hangs_nor_loses_the_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("t.mtr");
+    // An ignored signal stays ignored across exec (python3 is one of the suite's real programs).
+    let under_ignored_sigchld = |cmd: &[&str]| {
+        std::process::Command::new("timeout")
+            .args(["30", "python3", "-c", "import os, signal, sys; signal.signal(signal.SIGCHLD, signal.SIG_IGN); os.execv(sys.argv[1], sys.argv[1:])"])
+            .arg(paths().mtracer())
+            .args(["record", "-q", "-o"])
+            .arg(&trace)
+            .arg("--")
+            .args(cmd)
+            .output()
+            .unwrap()
+    };
+    let o = under_ignored_sigchld(&["sh", "-c", "exit 5"]);
+    assert_eq!(o.status.code(), Some(5), "{}", String::from_utf8_lossy(&o.stderr));
+    // SigIgn is a hex mask: SIGCHLD (17) is bit 16, the fifth digit from the right.
+    let o = under_ignored_sigchld(&["grep", "-c", "^SigIgn:.*[13579bdf]....$", "/proc/self/status"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "1\n", "the command sees SIGCHLD ignored");
+}

@@ -124,16 +124,23 @@ pub fn record_live(mut opts: Options, command: &[String], output: Option<PathBuf
     }
     install_signal_handlers();
     let reaper = become_subreaper();
+    // Children must stay waitable: an ignored SIGCHLD inherited from our parent would have the
+    // kernel reap them (the command's status with them). The command gets the inherited
+    // disposition back below.
+    let sigchld_ignored = default_sigchld();
     let mut cmd = Command::new(program);
     cmd.args(&command[1..]).env("LD_PRELOAD", &ld_preload).env("MTRACE_SOCK", format!("@{name}")).env_remove("MTRACE_DISABLE");
     cmd.envs(opts.child_env.iter().map(|(k, v)| (k, v)));
     // SAFETY: the pre-exec hook only calls async-signal-safe functions.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             // Do not pass our ignored/blocked signals on.
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            if sigchld_ignored {
+                libc::signal(libc::SIGCHLD, libc::SIG_IGN);
+            }
             Ok(())
         });
     }
@@ -188,6 +195,9 @@ pub fn record_live(mut opts: Options, command: &[String], output: Option<PathBuf
         if status.is_none() {
             if !reaper {
                 exited = child.try_wait().context("waiting for the command")?;
+            } else if exited.is_none() && !others_alive {
+                // No child at all, yet the command's status never came: someone else reaped it.
+                bail!("waiting for the command: it was reaped by someone else");
             }
             if let Some(st) = exited {
                 status = Some(st);
@@ -235,6 +245,17 @@ pub fn record_live(mut opts: Options, command: &[String], output: Option<PathBuf
     drop(server);
     let trace_bytes = sink.finish()?;
     Ok(Outcome { exit_code, trace_bytes, images, trace: opts.output })
+}
+
+/// Set SIGCHLD to its default disposition; `true` if it was ignored.
+fn default_sigchld() -> bool {
+    // SAFETY: sigaction with a valid new action and out-pointer.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        let mut new: libc::sigaction = std::mem::zeroed();
+        new.sa_sigaction = libc::SIG_DFL;
+        libc::sigaction(libc::SIGCHLD, &new, &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+    }
 }
 
 /// Make this process the reaper of the command's orphans (`PR_SET_CHILD_SUBREAPER`), so that once
