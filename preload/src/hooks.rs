@@ -352,11 +352,10 @@ unsafe fn malloc_event<const CALLOC: bool, const FOUND: bool, const STACK: bool>
 /// [`malloc_fast`] when the block holds another stream's stamp.
 #[cold]
 #[inline(never)]
-unsafe fn malloc_fast_found(t: *mut ThreadState, p: *mut c_void, size: u64, hdr: u64, st: u64, sid: u64) -> *mut c_void {
+unsafe fn malloc_fast_found<const STACK: bool>(t: *mut ThreadState, p: *mut c_void, size: u64, hdr: u64, st: u64, sid: u64) -> *mut c_void {
     // SAFETY: per `malloc_fast`.
     unsafe {
-        let written = if sid != 0 { malloc_event::<false, true, true>(t, p, size, hdr, st, sid) } else { malloc_event::<false, true, false>(t, p, size, hdr, st, 0) };
-        if !written {
+        if !malloc_event::<false, true, STACK>(t, p, size, hdr, st, sid) {
             return malloc_general(t, EventKind::Malloc, p, size, sid);
         }
         tls::release_fast(t, fast::CHUNKS);
@@ -409,7 +408,7 @@ unsafe fn malloc_fast_stack<const CALLOC: bool, const STACK: bool>(t: *mut Threa
         if !CALLOC {
             let w = *((p as *const u8).add(chunk::stamp_front(chunk::size(hdr))) as *const u64);
             if foreign_stamp(w, (*t).stamp_xor) {
-                return malloc_fast_found(t, p, size, hdr, w, sid);
+                return malloc_fast_found::<STACK>(t, p, size, hdr, w, sid);
             }
         }
         if !malloc_event::<CALLOC, false, STACK>(t, p, size, hdr, 0, sid) {
@@ -431,15 +430,12 @@ unsafe fn free_event<const FOUND: bool>(t: *mut ThreadState, p: *mut c_void, hdr
     // SAFETY: `reserve_fast` gave room for `n` words; the stamp slots lie inside the live block.
     unsafe {
         let Some(w) = writer::reserve_fast(t, n) else { return false };
-        {
-            // The ring position of this very event names it (`stamp::encode` of its word offset).
-            let word = ((w as usize - (*t).base as usize) / 8) as u64 & ((1 << stamp::WORD_BITS) - 1);
-            let st = (*t).stamp_xor ^ word;
-            let csize = chunk::size(hdr);
-            *front = st;
-            if let Some(end) = chunk::stamp_end(csize) {
-                *((p as *mut u8).add(end) as *mut u64) = st;
-            }
+        // The ring position of this very event names it (`stamp::encode` of its word offset).
+        let word = ((w as usize - (*t).base as usize) / 8) as u64 & ((1 << stamp::WORD_BITS) - 1);
+        let st = (*t).stamp_xor ^ word;
+        *front = st;
+        if let Some(end) = chunk::stamp_end(chunk::size(hdr)) {
+            *((p as *mut u8).add(end) as *mut u64) = st;
         }
         let aux = (hdr & AUX_CHUNK_MASK) | if FOUND { AUX_HAS_STAMP } else { 0 };
         *w = header(EventKind::Free, n, aux);
@@ -469,7 +465,7 @@ unsafe fn free_fast_found(t: *mut ThreadState, p: *mut c_void, hdr: u64, front: 
 /// Forward a recorded free of the chunk with header `hdr`. A thread-arena chunk's free cannot
 /// move the program break (glibc trims thread-arena heaps with `mmap`/`madvise`, and only the
 /// main arena with `sbrk`): nothing to observe after it, so the real free is a tail call. (A move
-/// made meanwhile by another thread is reported by the thread that made it.)
+/// made meanwhile, by another thread or by glibc without a hook, is seen at the next allocation.)
 ///
 /// # Safety
 /// `p` is the application's block, recorded on this thread's chunk fast path, guard released.
@@ -487,8 +483,8 @@ unsafe fn free_recorded(p: *mut c_void, hdr: u64) {
 /// one — release the guard and forward to the real free. Tail calls only, as [`malloc_fast`].
 ///
 /// # Safety
-/// As [`malloc_fast`]; `p` is the application's block (or null) about to be freed (not a
-/// bootstrap one).
+/// As [`malloc_fast`]; `p` is the application's block, or a bootstrap arena block (its "chunk
+/// header" is 0: `fast_header` sends it to `free_general`), or null, about to be freed.
 #[inline(always)]
 unsafe fn free_fast(t: *mut ThreadState, p: *mut c_void) {
     // SAFETY: `p` is null or a live block; `t` is ours.
@@ -499,11 +495,9 @@ unsafe fn free_fast(t: *mut ThreadState, p: *mut c_void) {
         // As `record_free_held`: only the thread's current heap is looked at.
         let Some(hdr) = fast_header(t, p, false) else { return free_general(t, p) };
         let front = (p as *mut u8).add(chunk::stamp_front(chunk::size(hdr))) as *mut u64;
-        {
-            let w = *front;
-            if foreign_stamp(w, (*t).stamp_xor) {
-                return free_fast_found(t, p, hdr, front, w);
-            }
+        let w = *front;
+        if foreign_stamp(w, (*t).stamp_xor) {
+            return free_fast_found(t, p, hdr, front, w);
         }
         if !free_event::<false>(t, p, hdr, front, 0) {
             return free_general(t, p);

@@ -124,10 +124,10 @@ impl Image {
         }
     }
 
-    /// Read everything newly published in the ring, appending chunk records (compressed) to `out`, which is
-    /// handed to `sink` whenever it holds [`SEND_AT`] bytes (so that it keeps its capacity: a
-    /// pass that finds many blocks does not grow it). Full blocks that were read completely go
-    /// back to the free queue.
+    /// Read everything newly published in the ring, appending (compressed) chunk records to `out`,
+    /// which is handed to `sink` whenever it holds [`SEND_AT`] bytes (so that it keeps its
+    /// capacity: a pass that finds many blocks does not grow it). Full blocks that were read
+    /// completely go back to the free queue.
     pub fn drain(&self, st: &mut DrainState, out: &mut Vec<u8>, sink: &Sink) -> Pass {
         let ring = &self.ring;
         let geo = ring.geometry();
