@@ -15,6 +15,10 @@ pub enum TraceError {
     NotATrace,
     #[error("trace format version {found} is not supported (this mtracer reads versions {MIN_FORMAT_VERSION} to {supported})")]
     UnsupportedVersion { found: u32, supported: u32 },
+    #[error(
+        "trace format version {found} was written by an earlier mtrace, whose cross-thread ordering (free stamps) this one no longer reads (it reads version {MIN_FORMAT_VERSION} on): record the program again"
+    )]
+    OldVersion { found: u32 },
     #[error("trace truncated at byte offset {offset}: {what}")]
     Truncated { offset: u64, what: String },
     #[error("trace corrupt at byte offset {offset}: {what}")]
@@ -542,12 +546,11 @@ impl Frame {
 /// Print every record of a trace, with chunk events decoded (debugging aid: `mtracer dump`).
 pub fn dump(path: &std::path::Path, out: &mut impl Write) -> Result<(), TraceError> {
     let mut r = TraceReader::new(std::io::BufReader::new(std::fs::File::open(path)?))?;
-    let mut keys = std::collections::HashMap::new();
-    let stamp_of = |e: &mtrace_protocol::event::Event| match *e {
-        mtrace_protocol::event::Event::Alloc { stamp, .. }
-        | mtrace_protocol::event::Event::Realloc { stamp, .. }
-        | mtrace_protocol::event::Event::Free { stamp, .. } => stamp,
-        _ => None,
+    use mtrace_protocol::event::Event;
+    let afters = |e: &Event| match *e {
+        Event::Alloc { after, .. } | Event::Free { after, .. } => [None, after],
+        Event::Realloc { after_old, after, .. } => [after_old, after],
+        _ => [None, None],
     };
     while let Some(frame) = r.next_frame()? {
         writeln!(out, "frame @{} ({} bytes)", frame.offset, frame.raw.len())?;
@@ -558,10 +561,12 @@ pub fn dump(path: &std::path::Path, out: &mut impl Write) -> Result<(), TraceErr
                     for ev in mtrace_protocol::event::Events::new(&c.words) {
                         match ev {
                             Ok((at, e)) => {
-                                let st = stamp_of(&e)
-                                    .and_then(|w| mtrace_protocol::stamp::decode(*keys.get(&c.image).unwrap_or(&0), w))
-                                    .map(|r| format!(" <- stream {} {}:{}", r.stream, r.seq_low, r.word))
-                                    .unwrap_or_default();
+                                let st: String = afters(&e)
+                                    .into_iter()
+                                    .flatten()
+                                    .filter_map(mtrace_protocol::order::decode)
+                                    .map(|r| format!(" after stream {} {}:{}", r.stream, r.seq_low, r.word))
+                                    .collect();
                                 writeln!(out, "  {}:{} {:?}{st}", c.block_seq, c.offset / 8 + at as u32, e)?
                             }
                             Err(e) => writeln!(out, "  undecodable: {e}")?,
@@ -569,11 +574,10 @@ pub fn dump(path: &std::path::Path, out: &mut impl Write) -> Result<(), TraceErr
                     }
                 }
                 Record::ProcessStart(p) => {
-                    let key = mtrace_protocol::control::HelloFixed::decode(&p.hello).map_or(0, |(h, _)| h.stamp_key);
-                    keys.insert(p.image, key);
+                    let cells = mtrace_protocol::control::HelloFixed::decode(&p.hello).and_then(|(h, _)| h.order_cells());
                     writeln!(
                         out,
-                        "process-start image {} pid {} ppid {} parent {:?} origin {} fork_seq {} t {} stamp-key {key:#x}",
+                        "process-start image {} pid {} ppid {} parent {:?} origin {} fork_seq {} t {} order-cells {cells:x?}",
                         p.image, p.pid, p.ppid, p.parent_image, p.origin, p.fork_seq, p.time_ns
                     )?
                 }
@@ -608,6 +612,9 @@ impl<R: Read> TraceReader<R> {
             return Err(TraceError::Truncated { offset: n as u64, what: "file header cut short".into() });
         }
         let version = u32::from_le_bytes(h[8..12].try_into().unwrap());
+        if (1..MIN_FORMAT_VERSION).contains(&version) {
+            return Err(TraceError::OldVersion { found: version });
+        }
         if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(TraceError::UnsupportedVersion { found: version, supported: FORMAT_VERSION });
         }
@@ -785,11 +792,17 @@ mod tests {
         bytes[8] = 99;
         let err = read_all(&bytes).unwrap_err();
         assert!(matches!(err, TraceError::UnsupportedVersion { found: 99, supported: FORMAT_VERSION }), "{err}");
-        assert_eq!(err.to_string(), "trace format version 99 is not supported (this mtracer reads versions 1 to 2)");
+        assert_eq!(err.to_string(), "trace format version 99 is not supported (this mtracer reads versions 3 to 3)");
         bytes[8] = 0;
         assert!(matches!(read_all(&bytes), Err(TraceError::UnsupportedVersion { found: 0, .. })));
-        // Version 1 (chunks as plain words only) is still read.
-        bytes[8] = 1;
+        // Versions 1 and 2 (free stamps) are named as an earlier mtrace's.
+        for v in [1, 2] {
+            bytes[8] = v;
+            let err = read_all(&bytes).unwrap_err();
+            assert!(matches!(err, TraceError::OldVersion { found } if found == v as u32), "{err}");
+            assert!(err.to_string().contains(&format!("version {v} was written by an earlier mtrace")), "{err}");
+        }
+        bytes[8] = 3;
         assert_eq!(read_all(&bytes).unwrap(), sample());
         assert!(matches!(read_all(b"hello world, not a trace"), Err(TraceError::NotATrace)));
         assert!(matches!(read_all(b""), Err(TraceError::NotATrace)));

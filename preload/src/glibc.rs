@@ -20,9 +20,6 @@ pub struct Glibc {
     pub chunks: bool,
     /// `heap_info` of thread-arena heaps may be read.
     pub heap_info: bool,
-    /// Free stamps are written and looked for.
-    pub stamps: bool,
-    pub stamp_key: u64,
     /// `&__curbrk`, or null.
     pub curbrk: *const u64,
     /// `sizeof(heap_info)`: 48 since glibc 2.35, 32 before.
@@ -31,7 +28,7 @@ pub struct Glibc {
 }
 
 pub static mut GLIBC: Glibc =
-    Glibc { chunks: false, heap_info: false, stamps: false, stamp_key: 0, curbrk: core::ptr::null(), heap_info_size: 48, page: 4096 };
+    Glibc { chunks: false, heap_info: false, curbrk: core::ptr::null(), heap_info_size: 48, page: 4096 };
 
 #[inline(always)]
 pub fn g() -> &'static Glibc {

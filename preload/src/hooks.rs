@@ -3,266 +3,100 @@
 //! Every hook forwards to the real function unconditionally — before our constructor ran, after
 //! our destructor ran, when tracing is off, or while our own code is on the stack (the guard).
 //! Recording happens after the call for everything that returns a block, and before the call for
-//! `free` (the chunk header and the stamp slot are only readable while the block is live).
+//! `free` (the chunk header is only readable while the block is live, and the block's ordering
+//! cell must be exchanged before glibc can hand the block to another thread).
+//!
+//! Each call takes one path, in layers:
+//! * the entry point forwards, then hands the result to [`record_alloc`] (or records a free in
+//!   [`free`] before forwarding it);
+//! * a thread with a fast path (`tls::fast`) records in straight-line code: [`alloc_fast`] and
+//!   [`free_fast`], specialised by `CHUNKS` (whether glibc's chunk headers are read). Anything
+//!   unusual — not a heap chunk, a thread-arena heap to report, a moved break, a full block, a
+//!   clock tick — hands the call, before anything is written, to the general path
+//!   ([`record_alloc_held`], [`record_free_held`]), which records every case exactly as the fast
+//!   path would;
+//! * ordering (see `crate::order`): a free exchanges its block's cell, an allocation loads its
+//!   block's cell, and the event carries the other thread's position found there.
+//!
+//! The reentrancy guard is a value, [`Guard`]: taking it marks our code as running on this
+//! thread, dropping it releases it.
 
 use core::ffi::{c_int, c_void};
 use core::ptr::null_mut;
+use core::sync::atomic::Ordering;
 
-use mtrace_protocol::event::{self, chunk, header, EventKind, AUX_CHUNK_MASK, AUX_HAS_PREV_SIZE, AUX_HAS_STACK, AUX_HAS_STAMP};
-use mtrace_protocol::stamp;
+use mtrace_protocol::event::{self, chunk, header, EventKind, AUX_CHUNK_MASK, AUX_HAS_AFTER, AUX_HAS_AFTER_OLD, AUX_HAS_PREV_SIZE, AUX_HAS_STACK};
+use mtrace_protocol::order::foreign;
 
 use crate::glibc::{self, g};
+use crate::order;
 use crate::real;
 use crate::stacks;
 use crate::tls::{self, fast, ThreadState};
-use crate::writer::{self, ACTIVE, OFF};
+use crate::writer::{self, OFF};
 
-/// Take the guard if this call should be recorded.
-#[inline(always)]
-fn enter() -> Option<*mut ThreadState> {
-    let t = tls::state();
-    // SAFETY: `t` is this thread's TLS block.
-    unsafe {
-        if (*t).busy != 0 || writer::STATE.load(core::sync::atomic::Ordering::Acquire) == OFF {
-            return None;
+/// This thread's reentrancy guard, held. While it lives, hooked calls on this thread — our own,
+/// or libc's on our behalf — forward without recording. Dropping it releases it.
+struct Guard(*mut ThreadState);
+
+impl Guard {
+    /// The guard, if this call is to be recorded: our own code is not running on this thread and
+    /// tracing is not off.
+    #[inline(always)]
+    fn take() -> Option<Guard> {
+        let t = tls::state();
+        // SAFETY: `t` is this thread's TLS block.
+        unsafe {
+            if (*t).busy != 0 || writer::STATE.load(Ordering::Acquire) == OFF {
+                return None;
+            }
+            (*t).busy = 1;
         }
-        (*t).busy = 1;
+        Some(Guard(t))
     }
-    Some(t)
+
+    /// The guard of a thread whose hook found it free with a fast path set (`tls::fast_ready`).
+    ///
+    /// # Safety
+    /// `t` is this thread's state and its guard is free.
+    #[inline(always)]
+    unsafe fn take_ready(t: *mut ThreadState) -> Guard {
+        // SAFETY: per the contract.
+        unsafe { (*t).busy = 1 };
+        Guard(t)
+    }
+
+    #[inline(always)]
+    fn thread(&self) -> *mut ThreadState {
+        self.0
+    }
+
+    /// Release it at the end of fast path `mode` (`busy` and `fast` in one store: see
+    /// `tls::release_fast`).
+    #[inline(always)]
+    fn release_fast(self, mode: u8) {
+        let t = self.0;
+        core::mem::forget(self);
+        // SAFETY: `t` is this thread's state, whose fast path is `mode` (it took this one).
+        unsafe { tls::release_fast(t, mode) }
+    }
 }
 
-/// Write an event of `n` words: into the ring when registered, through the pre-init buffer
-/// before (see [`writer::emit`]).
-#[inline(always)]
-unsafe fn put(t: *mut ThreadState, n: usize, fill: impl FnOnce(*mut u64)) {
-    // SAFETY: guard held by the caller.
-    unsafe { writer::emit(t, n, fill) }
+impl Drop for Guard {
+    #[inline(always)]
+    fn drop(&mut self) {
+        // SAFETY: `self.0` is this thread's TLS block.
+        unsafe { (*self.0).busy = 0 };
+    }
 }
 
-#[inline(always)]
-fn leave(t: *mut ThreadState) {
-    // SAFETY: `t` is this thread's TLS block.
-    unsafe { (*t).busy = 0 };
-}
-
-/// Is this call to be recorded? Inlined into every hook: a TLS byte and one load, so that the
-/// hook itself stays a small function and the recording work (with its larger frame) lives out of
-/// line.
+/// Is this call to be recorded? (The guard free and tracing not off; nothing taken.)
 #[inline(always)]
 fn recording() -> bool {
     let t = tls::state();
     // SAFETY: `t` is this thread's TLS block.
-    unsafe { (*t).busy == 0 && writer::STATE.load(core::sync::atomic::Ordering::Relaxed) != OFF }
+    unsafe { (*t).busy == 0 && writer::STATE.load(Ordering::Relaxed) != OFF }
 }
-
-/// Record an allocation that returned `p` (null on failure).
-#[inline(never)]
-unsafe fn record_alloc(kind: EventKind, p: *mut c_void, size: u64, align: u64, sid: u64) {
-    let Some(t) = enter() else { return };
-    // SAFETY: per the caller; guard held.
-    unsafe { record_alloc_held(t, kind, p, size, align, sid) };
-    leave(t);
-}
-
-/// [`record_alloc`] with the guard already held (the general path, also the fast path's
-/// fallback). `sid`: the allocation's stack id (0: none), taken before forwarding
-/// ([`stacks::before`]).
-#[inline(never)]
-unsafe fn record_alloc_held(t: *mut ThreadState, kind: EventKind, p: *mut c_void, size: u64, align: u64, sid: u64) {
-    // SAFETY: `p` is null or a live block the real allocator just returned; guard held.
-    unsafe {
-        let (mut aux, prev_size, stamp) = inspect_new_block(t, kind, p as *const u8);
-        if sid != 0 {
-            aux |= AUX_HAS_STACK;
-        }
-        let base = kind.base_words();
-        let n = base + (aux & AUX_HAS_PREV_SIZE != 0) as usize + (sid != 0) as usize + (aux & AUX_HAS_STAMP != 0) as usize;
-        put(t, n, |w| {
-            *w = header(kind, n, aux);
-            *w.add(1) = p as u64;
-            *w.add(2) = size;
-            if base == 4 {
-                *w.add(3) = align;
-            }
-            let mut i = base;
-            if aux & AUX_HAS_PREV_SIZE != 0 {
-                *w.add(i) = prev_size;
-                i += 1;
-            }
-            if sid != 0 {
-                *w.add(i) = sid;
-                i += 1;
-            }
-            if aux & AUX_HAS_STAMP != 0 {
-                *w.add(i) = stamp;
-            }
-        });
-        glibc::observe_brk(t);
-    }
-}
-
-/// Read what glibc and earlier frees left on a block we are about to report: its chunk header,
-/// `prev_size` if mmapped, and a stamp naming another thread's free. Returns (aux, prev, stamp).
-#[inline(always)]
-unsafe fn inspect_new_block(t: *mut ThreadState, kind: EventKind, p: *const u8) -> (u64, u64, u64) {
-    // SAFETY: per the caller.
-    unsafe {
-        let hdr = glibc::chunk_header(p);
-        let mut aux = hdr & AUX_CHUNK_MASK;
-        let mut prev_size = 0;
-        let mut st = 0;
-        if hdr != 0 {
-            if chunk::is_mmapped(hdr) {
-                aux |= AUX_HAS_PREV_SIZE;
-                prev_size = glibc::mmapped_prev_size(p);
-            } else {
-                if chunk::non_main_arena(hdr) {
-                    glibc::observe_heap(t, p as u64);
-                }
-                // calloc zeroes the block: nothing to find.
-                if g().stamps && kind != EventKind::Calloc {
-                    if let Some(w) = find_stamp(t, p, chunk::size(hdr), kind == EventKind::Realloc || kind == EventKind::Reallocarray) {
-                        aux |= AUX_HAS_STAMP;
-                        st = w;
-                    }
-                }
-            }
-        }
-        (aux, prev_size, st)
-    }
-}
-
-/// A stamp another thread's free left in the block at `p`, if any: in the front slot — or, for a
-/// moved realloc (whose front holds a copy of the old block), in the end slot first.
-#[inline(always)]
-unsafe fn find_stamp(t: *mut ThreadState, p: *const u8, size: u64, realloc: bool) -> Option<u64> {
-    let key = g().stamp_key;
-    // SAFETY: `t` is this thread's state; both slots lie inside the live block.
-    unsafe {
-        let me = (*t).stream;
-        let genuine = |w: u64| stamp::looks_genuine(key, w) && stamp::decode(key, w).is_some_and(|r| r.stream != me);
-        if realloc {
-            if let Some(end) = chunk::stamp_end(size) {
-                let w = *(p.add(end) as *const u64);
-                if genuine(w) {
-                    return Some(w);
-                }
-            }
-        }
-        let w = *(p.add(chunk::stamp_front(size)) as *const u64);
-        genuine(w).then_some(w)
-    }
-}
-
-/// Record a free of `p` (before the real free runs) and leave a stamp in the block. A stamp of
-/// another thread's earlier free still in the block is recorded too (an ordering edge).
-#[inline(never)]
-unsafe fn record_free(kind: EventKind, p: *mut c_void, a: u64, b: u64) {
-    let Some(t) = enter() else { return };
-    // SAFETY: per the caller; guard held.
-    unsafe { record_free_held(t, kind, p, a, b) };
-    leave(t);
-}
-
-/// [`record_free`] with the guard already held (the general path, also the fast path's fallback).
-#[inline(never)]
-unsafe fn record_free_held(t: *mut ThreadState, kind: EventKind, p: *mut c_void, a: u64, b: u64) {
-    // SAFETY: `p` is null or a live block about to be freed; guard held.
-    unsafe {
-        let hdr = glibc::chunk_header(p as *const u8);
-        let mut aux = hdr & AUX_CHUNK_MASK;
-        let stampable = hdr != 0 && g().stamps && !chunk::is_mmapped(hdr);
-        let size = chunk::size(hdr);
-        let mut found = 0;
-        // Only the thread's own current heap: frees of other arenas' chunks (cross-thread frees)
-        // would make the one-entry cache thrash. Shrinks show up at the next allocation.
-        if hdr != 0 && !chunk::is_mmapped(hdr) && chunk::non_main_arena(hdr) && (p as u64 & !(chunk::HEAP_MAX_SIZE - 1)) == (*t).heap {
-            glibc::observe_heap(t, p as u64);
-        }
-        if stampable {
-            if let Some(w) = find_stamp(t, p as *const u8, size, false) {
-                aux |= AUX_HAS_STAMP;
-                found = w;
-            }
-        }
-        let n = kind.base_words() + (aux & AUX_HAS_STAMP != 0) as usize;
-        put(t, n, |w| {
-            // The ring position of this very event names it in the stamp (pre-init events have
-            // no position: their `base` is null and no stamp is left).
-            if stampable && !(*t).base.is_null() && writer::STATE.load(core::sync::atomic::Ordering::Relaxed) == ACTIVE {
-                let word = (w as usize - (*t).base as usize) / 8;
-                let st = stamp::encode(g().stamp_key, (*t).stream, (*t).block_seq, word as u32);
-                *((p as *mut u8).add(chunk::stamp_front(size)) as *mut u64) = st;
-                if let Some(end) = chunk::stamp_end(size) {
-                    *((p as *mut u8).add(end) as *mut u64) = st;
-                }
-            }
-            fill_free(w, kind, n, aux, p, a, b, found)
-        });
-    }
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn fill_free(w: *mut u64, kind: EventKind, n: usize, aux: u64, p: *mut c_void, a: u64, b: u64, found: u64) {
-    // SAFETY: `w` has room for `n` words.
-    unsafe {
-        *w = header(kind, n, aux);
-        *w.add(1) = p as u64;
-        let base = kind.base_words();
-        if base > 2 {
-            *w.add(2) = a;
-        }
-        if base > 3 {
-            *w.add(3) = b;
-        }
-        if aux & AUX_HAS_STAMP != 0 {
-            *w.add(base) = found;
-        }
-    }
-}
-
-/// After a free: report a program break that moved (systrim). A load and a compare.
-#[inline(always)]
-fn after_free() {
-    let cb = g().curbrk;
-    if cb.is_null() {
-        return;
-    }
-    let t = tls::state();
-    // SAFETY: `t` is this thread's TLS block; `cb` is glibc's `__curbrk`.
-    unsafe {
-        if core::ptr::read_volatile(cb) != (*t).last_brk && (*t).busy == 0 {
-            if let Some(t) = enter() {
-                glibc::observe_brk(t);
-                leave(t);
-            }
-        }
-    }
-}
-
-/// Record a call with fixed words (mmap family, mallopt, …).
-#[inline(always)]
-fn record_words<const N: usize>(words: [u64; N]) {
-    if let Some(t) = enter() {
-        // SAFETY: guard held; `emit` gets exactly N words.
-        unsafe {
-            writer::emit(t, N, |w| core::ptr::copy_nonoverlapping(words.as_ptr(), w, N));
-            glibc::observe_brk(t);
-        }
-        leave(t);
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Fast paths of malloc and free.
-//
-// The common case — a live heap chunk, nothing new to report about the thread's heap or the
-// program break, the clock unchanged since the last `Time` event, room in the block — in straight
-// line code inlined into the hooks: reads first, then the stores of one event. Whatever else is
-// seen (before anything is written) hands the call to the general path, which records it exactly
-// as it would have without the fast path. Event layouts and stamp semantics are the general
-// path's: see `record_alloc_held`, `inspect_new_block`, `find_stamp`, `record_free_held`.
 
 /// `p`, in a way the optimiser cannot see through. The out-of-line tails of the hooks return the
 /// block they were given: without this, LLVM infers that they return their argument and keeps a
@@ -276,11 +110,190 @@ fn opaque(p: *mut c_void) -> *mut c_void {
     v as *mut c_void
 }
 
-/// A word found in a block is a genuine stamp of another stream (see `ThreadState::stamp_xor`;
-/// `fast::CHUNKS` guarantees that the stream id fits the stamp, as `find_stamp` compares it).
+// ---------------------------------------------------------------------------------------------
+// Allocations.
+
+/// Record an allocation call that returned `p` (null on failure) and return `p`: on the
+/// thread's fast path if it has one and the call is a malloc or calloc, else on the general
+/// path. `sid`: the allocation's stack id, taken before forwarding ([`stacks::before`]; 0: none).
+/// Everything after a check is a tail call, so that the hook keeps no state across calls.
+///
+/// # Safety
+/// `p` is null or the live block the real allocator just returned.
 #[inline(always)]
-fn foreign_stamp(w: u64, stamp_xor: u64) -> bool {
-    ((w ^ stamp_xor) >> 32).wrapping_sub(1) < (1 << stamp::STREAM_BITS) - 1
+unsafe fn record_alloc(kind: EventKind, p: *mut c_void, size: u64, align: u64, sid: u64) -> *mut c_void {
+    let t = tls::state();
+    // SAFETY: `t` is this thread's state; the guard is checked before anything else is read.
+    unsafe {
+        if kind.base_words() == 3 {
+            let v = tls::guard_and_fast(t);
+            if v == tls::ready(fast::CHUNKS) {
+                return alloc_fast::<true>(Guard::take_ready(t), kind, p, size, sid);
+            }
+            if v == tls::ready(fast::PLAIN) {
+                return alloc_fast::<false>(Guard::take_ready(t), kind, p, size, sid);
+            }
+        }
+        alloc_unready(kind, p, size, align, sid)
+    }
+}
+
+/// [`record_alloc`] without a fast path: the guard (if the call is to be recorded), the general
+/// path. Out of line, reached by a tail call.
+#[inline(never)]
+unsafe fn alloc_unready(kind: EventKind, p: *mut c_void, size: u64, align: u64, sid: u64) -> *mut c_void {
+    if let Some(g) = Guard::take() {
+        // SAFETY: per `record_alloc`; the guard is held.
+        unsafe { record_alloc_held(g.thread(), kind, p, size, align, sid) };
+    }
+    opaque(p)
+}
+
+/// The fast path of `malloc` and `calloc` (`kind`): the block's chunk header (`CHUNKS`), its
+/// ordering cell, and one event of 3 to 5 words — `w0 ptr size [stack] [after]` — in straight
+/// line code, reads first. Whatever else is seen hands the call to [`alloc_general`] before
+/// anything is written.
+///
+/// # Safety
+/// `g` is this thread's guard, taken on the fast path `CHUNKS`/`PLAIN` that the thread has;
+/// `p` is what the real allocator returned.
+#[inline(always)]
+unsafe fn alloc_fast<const CHUNKS: bool>(g: Guard, kind: EventKind, p: *mut c_void, size: u64, sid: u64) -> *mut c_void {
+    let t = g.thread();
+    // SAFETY: `p` is null or a live block; `t` is ours, with a block and `pos_base` (fast path).
+    unsafe {
+        if p.is_null() {
+            return alloc_general(g, kind, p, size, sid);
+        }
+        let hdr = if CHUNKS {
+            match fast_header(t, p, true) {
+                Some(h) => h,
+                None => return alloc_general(g, kind, p, size, sid),
+            }
+        } else {
+            0
+        };
+        // As `observe_brk` after the event: a moved break is reported by the general path. Also
+        // after a thread-arena allocation, which cannot have moved it: glibc moves it without any
+        // hook too (a thread's exit frees its tcache with `__libc_free`, which can trim), and the
+        // next allocation of any thread is where that is seen.
+        if core::ptr::read_volatile((*t).curbrk) != (*t).last_brk {
+            return alloc_general(g, kind, p, size, sid);
+        }
+        let Some(w) = writer::reserve_fast(t, 5) else { return alloc_general(g, kind, p, size, sid) };
+        let after = order::load(p as u64);
+        let has_after = foreign(after, (*t).pos_base);
+        let has_stack = sid != 0;
+        let n = 3 + has_stack as usize + has_after as usize;
+        let aux = (hdr & AUX_CHUNK_MASK) | if has_stack { AUX_HAS_STACK } else { 0 } | if has_after { AUX_HAS_AFTER } else { 0 };
+        // Both optional words are stored unconditionally (no branch): `after` lands on the stack
+        // word's slot when there is no stack, and what lies beyond `n` is never committed.
+        *w = header(kind, n, aux);
+        *w.add(1) = p as u64;
+        *w.add(2) = size;
+        *w.add(3) = sid;
+        *w.add(3 + has_stack as usize) = after;
+        writer::commit_at(t, w, n);
+        g.release_fast(if CHUNKS { fast::CHUNKS } else { fast::PLAIN });
+    }
+    p
+}
+
+/// The general path of an allocation the fast path did not take: record, release the guard,
+/// return `p` (a tail call).
+#[cold]
+#[inline(never)]
+unsafe fn alloc_general(g: Guard, kind: EventKind, p: *mut c_void, size: u64, sid: u64) -> *mut c_void {
+    // SAFETY: per `alloc_fast`.
+    unsafe {
+        no_fast_path_when_off(g.thread());
+        record_alloc_held(g.thread(), kind, p, size, 0, sid);
+    }
+    drop(g);
+    opaque(p)
+}
+
+/// Tracing stopped (the collector went away, see `writer::detach`): this thread's fast path, which
+/// reads no `STATE`, has been failing on the poisoned clock since; turn it off so that the hooks
+/// go straight to forwarding.
+///
+/// # Safety
+/// `t` is this thread's state, guard held.
+#[inline(always)]
+unsafe fn no_fast_path_when_off(t: *mut ThreadState) {
+    if writer::STATE.load(Ordering::Relaxed) == OFF {
+        // SAFETY: per the contract.
+        unsafe { (*t).fast = fast::NONE };
+    }
+}
+
+/// Record an allocation that returned `p` (null on failure), guard held: every case.
+/// `w0(chunk) ptr size [align] [prev_size] [stack] [after]` (see `mtrace_protocol::event`).
+///
+/// # Safety
+/// `t` is this thread's state with the guard held; `p` is null or a live block the real
+/// allocator just returned.
+#[inline(never)]
+unsafe fn record_alloc_held(t: *mut ThreadState, kind: EventKind, p: *mut c_void, size: u64, align: u64, sid: u64) {
+    // SAFETY: per the contract.
+    unsafe {
+        let (mut aux, prev_size) = inspect_new_block(t, p as *const u8);
+        if sid != 0 {
+            aux |= AUX_HAS_STACK;
+        }
+        let base = kind.base_words();
+        writer::emit_ordered(t, base + 3, |w, _| {
+            let after = if !p.is_null() && order::enabled() { order::load(p as u64) } else { 0 };
+            let has_after = foreign(after, (*t).pos_base);
+            let aux = if has_after { aux | AUX_HAS_AFTER } else { aux };
+            let mut i = 1;
+            let mut put = |v: u64| {
+                *w.add(i) = v;
+                i += 1;
+            };
+            put(p as u64);
+            put(size);
+            if base == 4 {
+                put(align);
+            }
+            if aux & AUX_HAS_PREV_SIZE != 0 {
+                put(prev_size);
+            }
+            if sid != 0 {
+                put(sid);
+            }
+            if has_after {
+                put(after);
+            }
+            *w = header(kind, i, aux);
+            i
+        });
+        glibc::observe_brk(t);
+    }
+}
+
+/// What glibc left on a block we are about to report: its chunk header and `prev_size` if it is
+/// mmapped (`aux` bits and the word); reports its thread-arena heap if that is new or changed.
+///
+/// # Safety
+/// Guard held; `p` is null or a live block of the real allocator.
+#[inline(always)]
+unsafe fn inspect_new_block(t: *mut ThreadState, p: *const u8) -> (u64, u64) {
+    // SAFETY: per the contract.
+    unsafe {
+        let hdr = glibc::chunk_header(p);
+        let mut aux = hdr & AUX_CHUNK_MASK;
+        let mut prev_size = 0;
+        if hdr != 0 {
+            if chunk::is_mmapped(hdr) {
+                aux |= AUX_HAS_PREV_SIZE;
+                prev_size = glibc::mmapped_prev_size(p);
+            } else if chunk::non_main_arena(hdr) {
+                glibc::observe_heap(t, p as u64);
+            }
+        }
+        (aux, prev_size)
+    }
 }
 
 /// The chunk header of block `p`, if the fast paths may record it; `None`: take the general path
@@ -296,8 +309,8 @@ unsafe fn fast_header(t: *mut ThreadState, p: *mut c_void, any_heap: bool) -> Op
     // SAFETY: per the contract.
     unsafe {
         let hdr = *(p as *const u64).sub(1);
-        // A heap chunk's header: not 0 (the general path's "unknown"), not mmapped, and within
-        // `AUX_CHUNK_MASK` (so it is its own `aux` chunk bits).
+        // A heap chunk's header: not 0 (the general path's "unknown", and the bootstrap arena's
+        // blocks), not mmapped, and within `AUX_CHUNK_MASK` (so it is its own `aux` chunk bits).
         if hdr & !(AUX_CHUNK_MASK & !chunk::IS_MMAPPED) != 0 || hdr == 0 {
             return None;
         }
@@ -317,148 +330,147 @@ unsafe fn fast_header(t: *mut ThreadState, p: *mut c_void, any_heap: bool) -> Op
     }
 }
 
-/// The event kind of [`malloc_fast`]: `Calloc` or `Malloc`.
-#[inline(always)]
-const fn alloc_kind(calloc: bool) -> EventKind {
-    if calloc { EventKind::Calloc } else { EventKind::Malloc }
-}
+// ---------------------------------------------------------------------------------------------
+// Frees.
 
-/// Write a `Malloc` or `Calloc` event (`FOUND`: with the stamp `st`; `STACK`: with the stack id `sid`,
-/// not 0). `false`: no room, nothing written.
-///
-/// # Safety
-/// As [`malloc_fast`], after its checks.
-#[inline(always)]
-unsafe fn malloc_event<const CALLOC: bool, const FOUND: bool, const STACK: bool>(t: *mut ThreadState, p: *mut c_void, size: u64, hdr: u64, st: u64, sid: u64) -> bool {
-    let n = 3 + STACK as usize + FOUND as usize;
-    // SAFETY: `reserve_fast` gave room for `n` words.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn free(p: *mut c_void) {
+    let t = tls::state();
+    // SAFETY: `t` is this thread's state; the guard is checked before anything else is read.
+    // `p` is the application's block, a bootstrap arena block, or null, about to be freed.
     unsafe {
-        let Some(w) = writer::reserve_fast(t, n) else { return false };
-        let aux = (hdr & AUX_CHUNK_MASK) | if FOUND { AUX_HAS_STAMP } else { 0 } | if STACK { AUX_HAS_STACK } else { 0 };
-        *w = header(alloc_kind(CALLOC), n, aux);
-        *w.add(1) = p as u64;
-        *w.add(2) = size;
-        if STACK {
-            *w.add(3) = sid;
+        let v = tls::guard_and_fast(t);
+        // The fast paths need no check of `STATE` (see `fast::CHUNKS`).
+        if v == tls::ready(fast::CHUNKS) {
+            return free_fast::<true>(Guard::take_ready(t), p);
         }
-        if FOUND {
-            *w.add(n - 1) = st;
+        if v == tls::ready(fast::PLAIN) {
+            return free_fast::<false>(Guard::take_ready(t), p);
         }
-        writer::commit_at(t, w, n);
+        free_unready(EventKind::Free, p, 0, 0)
     }
-    true
 }
 
-/// [`malloc_fast`] when the block holds another stream's stamp.
-#[cold]
+/// Record a free without a fast path (the guard if the call is to be recorded, the general
+/// path), then forward it. `kind` with its extra arguments `a`, `b` (free_sized's size, …).
+/// Out of line, reached by a tail call.
 #[inline(never)]
-unsafe fn malloc_fast_found<const STACK: bool>(t: *mut ThreadState, p: *mut c_void, size: u64, hdr: u64, st: u64, sid: u64) -> *mut c_void {
-    // SAFETY: per `malloc_fast`.
-    unsafe {
-        if !malloc_event::<false, true, STACK>(t, p, size, hdr, st, sid) {
-            return malloc_general(t, EventKind::Malloc, p, size, sid);
-        }
-        tls::release_fast(t, fast::CHUNKS);
+unsafe fn free_unready(kind: EventKind, p: *mut c_void, a: u64, b: u64) {
+    if real::is_bootstrap(p) {
+        // Never recorded, never given to the real free.
+        return;
     }
-    opaque(p)
+    if writer::STATE.load(Ordering::Acquire) == OFF && kind == EventKind::Free {
+        // Not tracing: nothing to record, nor to observe after the free.
+        // SAFETY: forwarding to the real free.
+        return unsafe {
+            match real::free() {
+                Some(f) => f(p),
+                None => free_forward(p),
+            }
+        };
+    }
+    if let Some(g) = Guard::take() {
+        // SAFETY: `p` is the application's block (or null), about to be freed; guard held.
+        unsafe { record_free_held(g.thread(), kind, p, a, b) };
+    }
+    // SAFETY: as above.
+    unsafe { forward_free(kind, p, a, b) }
 }
 
-/// Record `malloc(size) = p` (`CALLOC`: `calloc` of `size` bytes in all) — on the fast path if
-/// it applies, else on the general one — release the guard and return `p`. Everything after a
-/// check is a tail call, so that the hook keeps no state across calls (no callee-saved
-/// registers).
+/// The fast path of `free`: the block's chunk header (`CHUNKS`), the exchange of its ordering
+/// cell with this event's position, and one event of 2 or 3 words — `w0 ptr [after]` — then
+/// the real free, a tail call. Whatever else is seen hands the call to [`free_general`] before
+/// anything is written.
 ///
 /// # Safety
-/// `t` is this thread's state with `fast == CHUNKS`, guard held, `STATE` is `ACTIVE`; `p` is what
-/// the real allocator returned.
+/// As [`alloc_fast`]; `p` is the application's block, a bootstrap arena block, or null, about
+/// to be freed.
 #[inline(always)]
-unsafe fn malloc_fast<const CALLOC: bool>(t: *mut ThreadState, p: *mut c_void, size: u64) -> *mut c_void {
-    // SAFETY: per the contract.
-    unsafe { malloc_fast_with::<CALLOC>(t, p, size, 0) }
-}
-
-/// [`malloc_fast`] with the stack id `sid` (0: none) already taken.
-#[inline(always)]
-unsafe fn malloc_fast_with<const CALLOC: bool>(t: *mut ThreadState, p: *mut c_void, size: u64, sid: u64) -> *mut c_void {
-    // Two copies, so that the event's layout is a constant in each (no arithmetic on `sid`).
-    // SAFETY: per the contract.
-    unsafe {
-        if sid != 0 { malloc_fast_stack::<CALLOC, true>(t, p, size, sid) } else { malloc_fast_stack::<CALLOC, false>(t, p, size, 0) }
-    }
-}
-
-/// [`malloc_fast_with`] knowing whether there is a stack id (`STACK`: `sid` is not 0).
-#[inline(always)]
-unsafe fn malloc_fast_stack<const CALLOC: bool, const STACK: bool>(t: *mut ThreadState, p: *mut c_void, size: u64, sid: u64) -> *mut c_void {
-    let kind = alloc_kind(CALLOC);
-    // SAFETY: `p` is null or a live block; `t` is ours.
+unsafe fn free_fast<const CHUNKS: bool>(g: Guard, p: *mut c_void) {
+    let t = g.thread();
+    // SAFETY: `p` is null or a live block; `t` is ours, with a block and `pos_base` (fast path).
     unsafe {
         if p.is_null() {
-            return malloc_general(t, kind, p, size, sid);
+            return free_general(g, p);
         }
-        let Some(hdr) = fast_header(t, p, true) else { return malloc_general(t, kind, p, size, sid) };
-        // As `observe_brk` after the event: a moved break is reported by the general path. Also
-        // after a thread-arena allocation, which cannot have moved it: glibc moves it without any
-        // hook too (a thread's exit frees its tcache with `__libc_free`, which can trim), and
-        // the next allocation of any thread is where that is seen.
-        if core::ptr::read_volatile((*t).curbrk) != (*t).last_brk {
-            return malloc_general(t, kind, p, size, sid);
-        }
-        // calloc zeroes the block: nothing to find (as `inspect_new_block`).
-        if !CALLOC {
-            let w = *((p as *const u8).add(chunk::stamp_front(chunk::size(hdr))) as *const u64);
-            if foreign_stamp(w, (*t).stamp_xor) {
-                return malloc_fast_found::<STACK>(t, p, size, hdr, w, sid);
+        // A bootstrap block's "chunk header" is 0, which `fast_header` rejects; without headers it
+        // is looked for.
+        let hdr = if CHUNKS {
+            // As `record_free_held`: only the thread's current heap is looked at.
+            match fast_header(t, p, false) {
+                Some(h) => h,
+                None => return free_general(g, p),
             }
-        }
-        if !malloc_event::<CALLOC, false, STACK>(t, p, size, hdr, 0, sid) {
-            return malloc_general(t, kind, p, size, sid);
-        }
-        tls::release_fast(t, fast::CHUNKS);
-    }
-    p
-}
-
-/// Write a `Free` event (`FOUND`: with the stamp `found` that was in the block) and leave this
-/// free's stamp in the block (when stamps are on). `false`: no room, nothing written.
-///
-/// # Safety
-/// As [`free_fast`], after its checks.
-#[inline(always)]
-unsafe fn free_event<const FOUND: bool>(t: *mut ThreadState, p: *mut c_void, hdr: u64, front: *mut u64, found: u64) -> bool {
-    let n = 2 + FOUND as usize;
-    // SAFETY: `reserve_fast` gave room for `n` words; the stamp slots lie inside the live block.
-    unsafe {
-        let Some(w) = writer::reserve_fast(t, n) else { return false };
-        // The ring position of this very event names it (`stamp::encode` of its word offset).
-        let word = ((w as usize - (*t).base as usize) / 8) as u64 & ((1 << stamp::WORD_BITS) - 1);
-        let st = (*t).stamp_xor ^ word;
-        *front = st;
-        if let Some(end) = chunk::stamp_end(chunk::size(hdr)) {
-            *((p as *mut u8).add(end) as *mut u64) = st;
-        }
-        let aux = (hdr & AUX_CHUNK_MASK) | if FOUND { AUX_HAS_STAMP } else { 0 };
-        *w = header(EventKind::Free, n, aux);
+        } else {
+            if real::is_bootstrap(p) {
+                return free_general(g, p);
+            }
+            0
+        };
+        let Some(w) = writer::reserve_fast(t, 3) else { return free_general(g, p) };
+        // This event's position goes into the cell before the block goes back to glibc.
+        let pos = (*t).pos_base | ((w as usize - (*t).base as usize) / 8) as u64;
+        let prev = order::exchange(p as u64, pos);
+        let has_after = foreign(prev, pos);
+        let n = 2 + has_after as usize;
+        *w = header(EventKind::Free, n, (hdr & AUX_CHUNK_MASK) | if has_after { AUX_HAS_AFTER } else { 0 });
         *w.add(1) = p as u64;
-        if FOUND {
-            *w.add(2) = found;
-        }
+        *w.add(2) = prev;
         writer::commit_at(t, w, n);
+        g.release_fast(if CHUNKS { fast::CHUNKS } else { fast::PLAIN });
+        free_recorded(p, hdr)
     }
-    true
 }
 
-/// [`free_fast`] when the block holds another stream's stamp.
+/// The general path of a `free` the fast path did not take: record, release the guard, forward.
 #[cold]
 #[inline(never)]
-unsafe fn free_fast_found(t: *mut ThreadState, p: *mut c_void, hdr: u64, front: *mut u64, found: u64) {
+unsafe fn free_general(g: Guard, p: *mut c_void) {
     // SAFETY: per `free_fast`.
     unsafe {
-        if !free_event::<true>(t, p, hdr, front, found) {
-            return free_general(t, p);
+        if real::is_bootstrap(p) {
+            // Never recorded, never given to the real free (the fast path let it through).
+            return;
         }
-        tls::release_fast(t, fast::CHUNKS);
-        free_recorded(p, hdr)
+        no_fast_path_when_off(g.thread());
+        record_free_held(g.thread(), EventKind::Free, p, 0, 0);
+        drop(g);
+        free_forward(p)
+    }
+}
+
+/// Record a free of `p` (before the real free runs), guard held: every case. Exchanges the
+/// block's ordering cell with the event's position. `w0(chunk) ptr [a] [b] [after]`.
+///
+/// # Safety
+/// `t` is this thread's state with the guard held; `p` is null or a live block about to be freed.
+#[inline(never)]
+unsafe fn record_free_held(t: *mut ThreadState, kind: EventKind, p: *mut c_void, a: u64, b: u64) {
+    // SAFETY: per the contract.
+    unsafe {
+        let hdr = glibc::chunk_header(p as *const u8);
+        // Only the thread's own current heap: frees of other arenas' chunks (cross-thread frees)
+        // would make the one-entry cache thrash. Shrinks show up at the next allocation.
+        if hdr != 0 && !chunk::is_mmapped(hdr) && chunk::non_main_arena(hdr) && (p as u64 & !(chunk::HEAP_MAX_SIZE - 1)) == (*t).heap {
+            glibc::observe_heap(t, p as u64);
+        }
+        let base = kind.base_words();
+        writer::emit_ordered(t, base + 1, |w, pos| {
+            let prev = if pos != 0 && !p.is_null() { order::exchange(p as u64, pos) } else { 0 };
+            let has_after = foreign(prev, pos);
+            let n = base + has_after as usize;
+            *w = header(kind, n, (hdr & AUX_CHUNK_MASK) | if has_after { AUX_HAS_AFTER } else { 0 });
+            *w.add(1) = p as u64;
+            if base > 2 {
+                *w.add(2) = a;
+            }
+            if base > 3 {
+                *w.add(3) = b;
+            }
+            *w.add(base) = prev;
+            n
+        });
     }
 }
 
@@ -468,7 +480,7 @@ unsafe fn free_fast_found(t: *mut ThreadState, p: *mut c_void, hdr: u64, front: 
 /// made meanwhile, by another thread or by glibc without a hook, is seen at the next allocation.)
 ///
 /// # Safety
-/// `p` is the application's block, recorded on this thread's chunk fast path, guard released.
+/// `p` is the application's block, recorded on this thread's fast path, guard released.
 #[inline(always)]
 unsafe fn free_recorded(p: *mut c_void, hdr: u64) {
     if chunk::non_main_arena(hdr) {
@@ -477,144 +489,6 @@ unsafe fn free_recorded(p: *mut c_void, hdr: u64) {
     }
     // SAFETY: per the contract.
     unsafe { free_forward(p) }
-}
-
-/// Record `free(p)` and leave the stamp — on the fast path if it applies, else on the general
-/// one — release the guard and forward to the real free. Tail calls only, as [`malloc_fast`].
-///
-/// # Safety
-/// As [`malloc_fast`]; `p` is the application's block, or a bootstrap arena block (its "chunk
-/// header" is 0: `fast_header` sends it to `free_general`), or null, about to be freed.
-#[inline(always)]
-unsafe fn free_fast(t: *mut ThreadState, p: *mut c_void) {
-    // SAFETY: `p` is null or a live block; `t` is ours.
-    unsafe {
-        if p.is_null() {
-            return free_general(t, p);
-        }
-        // As `record_free_held`: only the thread's current heap is looked at.
-        let Some(hdr) = fast_header(t, p, false) else { return free_general(t, p) };
-        let front = (p as *mut u8).add(chunk::stamp_front(chunk::size(hdr))) as *mut u64;
-        let w = *front;
-        if foreign_stamp(w, (*t).stamp_xor) {
-            return free_fast_found(t, p, hdr, front, w);
-        }
-        if !free_event::<false>(t, p, hdr, front, 0) {
-            return free_general(t, p);
-        }
-        tls::release_fast(t, fast::CHUNKS);
-        free_recorded(p, hdr)
-    }
-}
-
-/// The fast path of `malloc` without chunk headers (`fast::PLAIN`): the general path's event when
-/// it reads no header (no chunk, stamp or heap information). Tail calls only, as [`malloc_fast`].
-///
-/// # Safety
-/// As [`malloc_fast`], with `fast == PLAIN`.
-#[inline(always)]
-unsafe fn malloc_plain(t: *mut ThreadState, p: *mut c_void, size: u64) -> *mut c_void {
-    // SAFETY: `t` is ours; `reserve_fast` gave room for 3 words.
-    unsafe {
-        // As `observe_brk` after the event (a word that stays 0 when the break is not known).
-        if core::ptr::read_volatile((*t).curbrk) != (*t).last_brk {
-            return malloc_general(t, EventKind::Malloc, p, size, 0);
-        }
-        let Some(w) = writer::reserve_fast(t, 3) else { return malloc_general(t, EventKind::Malloc, p, size, 0) };
-        *w = header(EventKind::Malloc, 3, 0);
-        *w.add(1) = p as u64;
-        *w.add(2) = size;
-        writer::commit_at(t, w, 3);
-        tls::release_fast(t, fast::PLAIN);
-    }
-    p
-}
-
-/// The fast path of `free` without chunk headers (`fast::PLAIN`), as [`malloc_plain`].
-///
-/// # Safety
-/// As [`free_fast`], with `fast == PLAIN`.
-#[inline(always)]
-unsafe fn free_plain(t: *mut ThreadState, p: *mut c_void) {
-    // SAFETY: `t` is ours; `reserve_fast` gave room for 2 words.
-    unsafe {
-        let Some(w) = writer::reserve_fast(t, 2) else { return free_general(t, p) };
-        *w = header(EventKind::Free, 2, 0);
-        *w.add(1) = p as u64;
-        writer::commit_at(t, w, 2);
-        tls::release_fast(t, fast::PLAIN);
-        if g().curbrk.is_null() {
-            // No break to observe after the free.
-            if let Some(f) = real::free() {
-                return f(p);
-            }
-        }
-        free_forward(p)
-    }
-}
-
-/// The general path of a `malloc` or `calloc` the fast path did not take, guard held: record,
-/// release the guard, return `p` (a tail call, so that the hook keeps no state across calls).
-#[cold]
-#[inline(never)]
-unsafe fn malloc_general(t: *mut ThreadState, kind: EventKind, p: *mut c_void, size: u64, sid: u64) -> *mut c_void {
-    // SAFETY: per `malloc_fast`.
-    unsafe {
-        no_fast_path_when_off(t);
-        record_alloc_held(t, kind, p, size, 0, sid);
-        (*t).busy = 0;
-    }
-    opaque(p)
-}
-
-/// Tracing stopped (the collector went away, see `writer::detach`): this thread's fast path, which
-/// reads no `STATE`, has been failing on the poisoned clock since; turn it off so that the hooks
-/// go straight to forwarding.
-///
-/// # Safety
-/// `t` is this thread's state, guard held.
-#[inline(always)]
-unsafe fn no_fast_path_when_off(t: *mut ThreadState) {
-    if writer::STATE.load(core::sync::atomic::Ordering::Relaxed) == OFF {
-        // SAFETY: per the contract.
-        unsafe { (*t).fast = fast::NONE };
-    }
-}
-
-/// `malloc` when the chunk fast path is not available: the plain fast path, or the general one
-/// (guard taken, not registered, not tracing). Out of line, reached by a tail call.
-#[inline(never)]
-unsafe fn malloc_other(size: usize, p: *mut c_void) -> *mut c_void {
-    let t = tls::state();
-    // SAFETY: `t` is this thread's state; the guard is taken before anything is read or written.
-    if unsafe { tls::guard_and_fast(t) } == tls::ready(fast::PLAIN)
-        && writer::STATE.load(core::sync::atomic::Ordering::Acquire) == ACTIVE
-        && !stacks::enabled()
-    {
-        // SAFETY: as above; `p` came from the real malloc.
-        unsafe {
-            (*t).busy = 1;
-            return malloc_plain(t, p, size as u64);
-        }
-    }
-    if recording() {
-        // SAFETY: `p` came from the real malloc.
-        unsafe { record_alloc(EventKind::Malloc, p, size as u64, 0, 0) };
-    }
-    opaque(p)
-}
-
-/// `malloc` before the real functions are resolved.
-#[cold]
-#[inline(never)]
-unsafe fn malloc_unresolved(size: usize) -> *mut c_void {
-    let p = match unresolved_alloc(size, 16) {
-        Some(p) => return p,
-        // SAFETY: resolved now.
-        None => unsafe { real::malloc().map_or(null_mut(), |f| f(size)) },
-    };
-    // SAFETY: `p` came from the real malloc.
-    unsafe { malloc_other(size, p) }
 }
 
 /// Forward a `free` to the real one, then report a program break it moved. Out of line: the
@@ -636,52 +510,75 @@ unsafe fn free_forward(p: *mut c_void) {
     after_free();
 }
 
-/// The general path of a `free` the fast path did not take, guard held: record, release the
-/// guard, forward.
-#[cold]
-#[inline(never)]
-unsafe fn free_general(t: *mut ThreadState, p: *mut c_void) {
-    // SAFETY: per `free_fast`.
+/// Forward `free`, `free_sized` or `free_aligned_sized` (the latter two to `free` where the libc
+/// has none), then report a program break that moved.
+///
+/// # Safety
+/// `p` is the application's block (or null), about to be freed.
+unsafe fn forward_free(kind: EventKind, p: *mut c_void, a: u64, b: u64) {
+    if !real::resolved() {
+        real::ensure_resolved();
+    }
+    // SAFETY: per the contract.
     unsafe {
-        if real::is_bootstrap(p) {
-            // Never recorded, never given to the real free (the fast path let it through).
-            (*t).busy = 0;
-            return;
+        match kind {
+            EventKind::FreeSized if real::free_sized().is_some() => real::free_sized().unwrap_unchecked()(p, a as usize),
+            EventKind::FreeAlignedSized if real::free_aligned_sized().is_some() => real::free_aligned_sized().unwrap_unchecked()(p, a as usize, b as usize),
+            _ => return free_forward(p),
         }
-        no_fast_path_when_off(t);
-        record_free_held(t, EventKind::Free, p, 0, 0);
-        (*t).busy = 0;
-        free_forward(p)
+    }
+    after_free();
+}
+
+/// After a free: report a program break that moved (systrim). A load and a compare.
+#[inline(always)]
+fn after_free() {
+    let cb = g().curbrk;
+    if cb.is_null() {
+        return;
+    }
+    let t = tls::state();
+    // SAFETY: `t` is this thread's TLS block; `cb` is glibc's `__curbrk`.
+    unsafe {
+        if core::ptr::read_volatile(cb) != (*t).last_brk && (*t).busy == 0 {
+            if let Some(g) = Guard::take() {
+                glibc::observe_brk(g.thread());
+            }
+        }
     }
 }
 
-/// `free` when the chunk fast path is not available: the plain fast path, or the general one
-/// (guard taken, not registered, not tracing). Out of line, reached by a tail call.
-#[inline(never)]
-unsafe fn free_other(p: *mut c_void) {
-    let t = tls::state();
-    // SAFETY: `t` is this thread's state; the guard is taken before anything is read or written.
-    if unsafe { tls::guard_and_fast(t) } == tls::ready(fast::PLAIN) && writer::STATE.load(core::sync::atomic::Ordering::Acquire) == ACTIVE {
-        // SAFETY: as above; `p` is the application's block (or null), about to be freed.
+/// Record a call with fixed words (mmap family, mallopt, …).
+#[inline(always)]
+fn record_words<const N: usize>(words: [u64; N]) {
+    if let Some(g) = Guard::take() {
+        // SAFETY: guard held; `emit` gets exactly N words.
         unsafe {
-            (*t).busy = 1;
-            return free_plain(t, p);
+            writer::emit(g.thread(), N, |w| core::ptr::copy_nonoverlapping(words.as_ptr(), w, N));
+            glibc::observe_brk(g.thread());
         }
     }
-    if recording() {
-        // SAFETY: `p` is the application's block (or null), about to be freed.
-        unsafe { record_free(EventKind::Free, p, 0, 0) };
-    }
-    // SAFETY: as above.
-    unsafe { free_forward(p) }
 }
 
 // ---------------------------------------------------------------------------------------------
-// malloc family
+// The malloc family's entry points.
 
 #[cold]
 fn unresolved_alloc(size: usize, align: usize) -> Option<*mut c_void> {
     if real::ensure_resolved() { None } else { Some(real::bootstrap_alloc(size, align)) }
+}
+
+/// `malloc` before the real functions are resolved.
+#[cold]
+#[inline(never)]
+unsafe fn malloc_unresolved(size: usize) -> *mut c_void {
+    let p = match unresolved_alloc(size, 16) {
+        Some(p) => return p,
+        // SAFETY: resolved now.
+        None => unsafe { real::malloc().map_or(null_mut(), |f| f(size)) },
+    };
+    // SAFETY: `p` came from the real malloc.
+    unsafe { record_alloc(EventKind::Malloc, p, size as u64, 0, 0) }
 }
 
 unsafe extern "C" fn malloc_impl(size: usize) -> *mut c_void {
@@ -695,20 +592,8 @@ unsafe extern "C" fn malloc_impl(size: usize) -> *mut c_void {
         // SAFETY: forwarded and recorded there.
         None => return unsafe { malloc_unresolved(size) },
     };
-    let t = tls::state();
-    // SAFETY: `t` is this thread's state; the guard is taken before anything is read or written.
-    // `p` came from the real malloc.
-    unsafe {
-        // No check of `STATE` on the fast path: see `fast::CHUNKS`.
-        if tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
-            (*t).busy = 1;
-            return malloc_fast::<false>(t, p, size as u64);
-        }
-        if writer::STATE.load(core::sync::atomic::Ordering::Relaxed) == OFF {
-            return p;
-        }
-        malloc_other(size, p)
-    }
+    // SAFETY: `p` came from the real malloc.
+    unsafe { record_alloc(EventKind::Malloc, p, size as u64, 0, 0) }
 }
 
 unsafe extern "C" fn calloc_impl(nmemb: usize, size: usize) -> *mut c_void {
@@ -726,52 +611,23 @@ unsafe extern "C" fn calloc_impl(nmemb: usize, size: usize) -> *mut c_void {
             None => unsafe { real::calloc().map_or(null_mut(), |f| f(nmemb, size)) },
         },
     };
-    let bytes = total.map_or(u64::MAX, |t| t as u64);
-    let t = tls::state();
-    // SAFETY: as in `malloc`; `p` came from the real calloc.
-    unsafe {
-        if tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
-            (*t).busy = 1;
-            return malloc_fast::<true>(t, p, bytes);
-        }
-        record_alloc(EventKind::Calloc, p, bytes, 0, 0);
-    }
-    p
+    // SAFETY: `p` came from the real calloc.
+    unsafe { record_alloc(EventKind::Calloc, p, total.map_or(u64::MAX, |t| t as u64), 0, 0) }
 }
 
-/// [`stacks::before`] for the malloc and calloc hooks with stacks on: when the chunk fast path
-/// will record the call (guard free, a block), the memo hit inline.
+/// [`stacks::before`] for the malloc and calloc hooks with stacks on: when a fast path will record
+/// the call (guard free, a block), the memo hit inline.
 #[inline(always)]
 fn stacked_before(size: u64) -> u64 {
     let t = tls::state();
     // SAFETY: `t` is this thread's state; the checks are `before_ready`'s contract (stacks are on
     // in the callers).
     unsafe {
-        if tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
+        if tls::fast_ready(t) {
             return stacks::before_ready(t, size);
         }
     }
     stacks::before(size)
-}
-
-/// `calloc` with stacks on: the stack first (see [`malloc_stacked`]). Also the trampoline's
-/// target for a thread with a stack state.
-#[inline(never)]
-unsafe extern "C" fn calloc_stacked(nmemb: usize, size: usize) -> *mut c_void {
-    let bytes = nmemb.checked_mul(size).map_or(u64::MAX, |t| t as u64);
-    let sid = stacked_before(bytes);
-    // SAFETY: forwarding to the real calloc (resolved: stacks are on only once registered).
-    let p = unsafe { real::calloc().map_or(null_mut(), |f| f(nmemb, size)) };
-    let t = tls::state();
-    // SAFETY: as in `calloc`.
-    unsafe {
-        if tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
-            (*t).busy = 1;
-            return malloc_fast_with::<true>(t, p, bytes, sid);
-        }
-        record_alloc(EventKind::Calloc, p, bytes, 0, sid);
-    }
-    p
 }
 
 /// `malloc` with stacks on. The stack is taken *before* forwarding ([`stacks::before`]: guard
@@ -785,93 +641,85 @@ unsafe extern "C" fn malloc_stacked(size: usize) -> *mut c_void {
     let sid = stacked_before(size as u64);
     // SAFETY: forwarding to the real malloc (resolved: stacks are on only once registered).
     let p = unsafe { real::malloc().map_or(null_mut(), |f| f(size)) };
-    let t = tls::state();
-    // SAFETY: as in `malloc`.
-    unsafe {
-        if tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
-            (*t).busy = 1;
-            return malloc_fast_with::<false>(t, p, size as u64, sid);
-        }
-        if recording() {
-            record_alloc(EventKind::Malloc, p, size as u64, 0, sid);
-        }
-    }
-    opaque(p)
+    // SAFETY: `p` came from the real malloc.
+    unsafe { record_alloc(EventKind::Malloc, p, size as u64, 0, sid) }
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn free(p: *mut c_void) {
-    let t = tls::state();
-    // SAFETY: `t` is this thread's state; the guard is taken before anything is read or written.
-    // `p` is the application's block, a bootstrap arena block, or null, about to be freed.
-    unsafe {
-        // The fast path needs no check of `STATE` (see `fast::CHUNKS`) nor of the bootstrap
-        // arena: an arena block's "chunk header" is 0, which sends it to `free_general`.
-        if tls::guard_and_fast(t) == tls::ready(fast::CHUNKS) {
-            (*t).busy = 1;
-            return free_fast(t, p);
-        }
-        if real::is_bootstrap(p) {
-            return;
-        }
-        match writer::STATE.load(core::sync::atomic::Ordering::Acquire) {
-            // Not tracing: nothing to record, nor to observe after the free.
-            OFF => match real::free() {
-                Some(f) => f(p),
-                None => free_forward(p),
-            },
-            _ => free_other(p),
-        }
-    }
+/// `calloc` with stacks on: the stack first (see [`malloc_stacked`]). Also the trampoline's
+/// target for a thread with a stack state.
+#[inline(never)]
+unsafe extern "C" fn calloc_stacked(nmemb: usize, size: usize) -> *mut c_void {
+    let bytes = nmemb.checked_mul(size).map_or(u64::MAX, |t| t as u64);
+    let sid = stacked_before(bytes);
+    // SAFETY: forwarding to the real calloc (resolved: stacks are on only once registered).
+    let p = unsafe { real::calloc().map_or(null_mut(), |f| f(nmemb, size)) };
+    // SAFETY: `p` came from the real calloc.
+    unsafe { record_alloc(EventKind::Calloc, p, bytes, 0, sid) }
 }
 
-/// realloc and reallocarray: read the old header, forward (guarded, so glibc's inner calls are
-/// not recorded twice), then record one event.
+/// realloc and reallocarray: one event, `w0(new chunk) old new size old_chunk [prev_size]
+/// [stack] [after_old] [after]`. With the guard held throughout — glibc's inner calls are not
+/// recorded twice, and nothing else is written on this thread between the exchange of the old
+/// block's cell (before the real call: the old block may go to another thread inside it, named
+/// by the position of the event to come, `writer::next_position`) and the event.
 #[inline(always)]
 unsafe fn realloc_common(kind: EventKind, old: *mut c_void, size: u64, call: impl FnOnce() -> *mut c_void) -> *mut c_void {
     let sid = stacks::before(size);
     // SAFETY: `old` is null or a live block of the application (not a bootstrap one).
     let old_hdr = unsafe { glibc::chunk_header(old as *const u8) };
-    let t = tls::state();
-    // SAFETY: `t` is this thread's TLS block.
-    unsafe { (*t).busy += 1 };
+    let Some(g) = Guard::take() else { return call() };
+    let t = g.thread();
+    // SAFETY: guard held; `old` is live until the real call.
+    let after_old = unsafe {
+        let pos = if old.is_null() { 0 } else { writer::next_position(t) };
+        if pos == 0 { 0 } else { Some(order::exchange(old as u64, pos)).filter(|&v| foreign(v, pos)).unwrap_or(0) }
+    };
     let p = call();
-    // SAFETY: as above.
-    unsafe { (*t).busy -= 1 };
-    let Some(t) = enter() else { return p };
     // SAFETY: `p` is null or the live block the real realloc returned; guard held.
     unsafe {
-        let (aux, prev_size, st) =
-            if p.is_null() || p == old { (glibc::chunk_header(p as *const u8) & AUX_CHUNK_MASK, 0, 0) } else { inspect_new_block(t, kind, p as *const u8) };
-        let (aux, prev_size) = if aux & chunk::IS_MMAPPED != 0 && aux & AUX_HAS_PREV_SIZE == 0 && !p.is_null() {
-            (aux | AUX_HAS_PREV_SIZE, glibc::mmapped_prev_size(p as *const u8))
+        let (aux, prev_size) = if p.is_null() {
+            (0, 0)
+        } else if p == old {
+            let hdr = glibc::chunk_header(p as *const u8);
+            let prev = if chunk::is_mmapped(hdr) { glibc::mmapped_prev_size(p as *const u8) } else { 0 };
+            (hdr & AUX_CHUNK_MASK | if chunk::is_mmapped(hdr) { AUX_HAS_PREV_SIZE } else { 0 }, prev)
         } else {
-            (aux, prev_size)
+            inspect_new_block(t, p as *const u8)
         };
-        let aux = if sid != 0 { aux | AUX_HAS_STACK } else { aux };
-        let n = 5 + (aux & AUX_HAS_PREV_SIZE != 0) as usize + (sid != 0) as usize + (aux & AUX_HAS_STAMP != 0) as usize;
-        writer::emit(t, n, |w| {
-            *w = header(kind, n, aux);
+        writer::emit_ordered(t, 9, |w, _| {
+            let after = if !p.is_null() && p != old && order::enabled() { order::load(p as u64) } else { 0 };
+            let has_after = foreign(after, (*t).pos_base);
+            let aux = aux
+                | if sid != 0 { AUX_HAS_STACK } else { 0 }
+                | if after_old != 0 { AUX_HAS_AFTER_OLD } else { 0 }
+                | if has_after { AUX_HAS_AFTER } else { 0 };
+            let mut i = 5;
+            let mut put = |v: u64| {
+                *w.add(i) = v;
+                i += 1;
+            };
+            if aux & AUX_HAS_PREV_SIZE != 0 {
+                put(prev_size);
+            }
+            if sid != 0 {
+                put(sid);
+            }
+            if after_old != 0 {
+                put(after_old);
+            }
+            if has_after {
+                put(after);
+            }
+            *w = header(kind, i, aux);
             *w.add(1) = old as u64;
             *w.add(2) = p as u64;
             *w.add(3) = size;
             *w.add(4) = old_hdr & AUX_CHUNK_MASK;
-            let mut i = 5;
-            if aux & AUX_HAS_PREV_SIZE != 0 {
-                *w.add(i) = prev_size;
-                i += 1;
-            }
-            if sid != 0 {
-                *w.add(i) = sid;
-                i += 1;
-            }
-            if aux & AUX_HAS_STAMP != 0 {
-                *w.add(i) = st;
-            }
+            i
         });
         glibc::observe_brk(t);
     }
-    leave(t);
+    drop(g);
     p
 }
 
@@ -946,8 +794,7 @@ macro_rules! aligned_hook {
                 },
             };
             // SAFETY: `p` came from the real allocator.
-            unsafe { record_alloc($kind, p, $size as u64, $align as u64, sid) };
-            p
+            unsafe { record_alloc($kind, p, $size as u64, $align as u64, sid) }
         }
     };
 }
@@ -1021,8 +868,7 @@ unsafe extern "C" fn valloc_impl(size: usize) -> *mut c_void {
         },
     };
     // SAFETY: `p` came from the real valloc.
-    unsafe { record_alloc(EventKind::Valloc, p, size as u64, 0, sid) };
-    p
+    unsafe { record_alloc(EventKind::Valloc, p, size as u64, 0, sid) }
 }
 
 unsafe extern "C" fn pvalloc_impl(size: usize) -> *mut c_void {
@@ -1037,8 +883,7 @@ unsafe extern "C" fn pvalloc_impl(size: usize) -> *mut c_void {
         },
     };
     // SAFETY: `p` came from the real pvalloc.
-    unsafe { record_alloc(EventKind::Pvalloc, p, size as u64, 0, sid) };
-    p
+    unsafe { record_alloc(EventKind::Pvalloc, p, size as u64, 0, sid) }
 }
 
 unsafe extern "C" fn posix_memalign_impl(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
@@ -1082,50 +927,14 @@ pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn free_sized(p: *mut c_void, size: usize) {
-    if real::is_bootstrap(p) {
-        return;
-    }
     // SAFETY: `p` is the application's block, about to be freed.
-    unsafe { record_free(EventKind::FreeSized, p, size as u64, 0) };
-    if !real::resolved() {
-        real::ensure_resolved();
-    }
-    // SAFETY: forwarding to the real free_sized, or free where the libc has none.
-    unsafe {
-        match real::free_sized() {
-            Some(f) => f(p, size),
-            None => {
-                if let Some(f) = real::free() {
-                    f(p)
-                }
-            }
-        }
-    }
-    after_free();
+    unsafe { free_unready(EventKind::FreeSized, p, size as u64, 0) }
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn free_aligned_sized(p: *mut c_void, align: usize, size: usize) {
-    if real::is_bootstrap(p) {
-        return;
-    }
     // SAFETY: `p` is the application's block, about to be freed.
-    unsafe { record_free(EventKind::FreeAlignedSized, p, align as u64, size as u64) };
-    if !real::resolved() {
-        real::ensure_resolved();
-    }
-    // SAFETY: forwarding to the real function, or free where the libc has none.
-    unsafe {
-        match real::free_aligned_sized() {
-            Some(f) => f(p, align, size),
-            None => {
-                if let Some(f) = real::free() {
-                    f(p)
-                }
-            }
-        }
-    }
-    after_free();
+    unsafe { free_unready(EventKind::FreeAlignedSized, p, align as u64, size as u64) }
 }
 
 /// `malloc_trim`, recorded as `MallocTrim` — between two `mallinfo2` checkpoints (`BeforeTrim`,
@@ -1154,7 +963,8 @@ pub unsafe extern "C" fn malloc_trim(pad: usize) -> c_int {
 unsafe fn malloc_trim_checkpointed(pad: usize) -> c_int {
     // SAFETY: forwarding to the real malloc_trim.
     let trim = || unsafe { real::malloc_trim().map_or(0, |f| f(pad)) };
-    let Some(t) = enter() else { return trim() };
+    let Some(g) = Guard::take() else { return trim() };
+    let t = g.thread();
     // SAFETY: guard held; glibc's malloc_trim calls none of our hooks (its system calls are
     // internal), so holding the guard across it hides nothing.
     unsafe {
@@ -1171,7 +981,6 @@ unsafe fn malloc_trim_checkpointed(pad: usize) -> c_int {
         if let Some(mi) = after {
             crate::mallinfo::emit(t, event::MallinfoReason::AfterTrim, &mi);
         }
-        leave(t);
         r
     }
 }

@@ -18,6 +18,7 @@
 //! * [`hooks`] — the exported functions.
 //! * [`writer`] — appending events to this thread's ring block; pre-init buffering.
 //! * [`glibc`] — what is read from glibc's malloc (chunk headers, heap_info, the break).
+//! * [`order`] — the ordering cells that order every address's history across threads.
 //! * [`real`] — resolving the real functions; the bootstrap arena used while resolving.
 //! * [`session`] — registering with the collector, or starting the standalone agent.
 //! * [`meta`] — process metadata sent at registration.
@@ -39,6 +40,7 @@ pub mod lifecycle;
 pub mod mallinfo;
 pub mod meta;
 pub mod modules;
+pub mod order;
 pub mod real;
 pub mod session;
 pub mod stacks;

@@ -45,6 +45,7 @@ extern "C" fn init(_argc: c_int, argv: *const *const c_char, envp: *const *const
         return;
     }
     detect_glibc();
+    crate::order::init(order_cells());
     crate::stacks::configure();
     // SAFETY: pthread calls with valid arguments; single-threaded initialisation.
     unsafe {
@@ -98,7 +99,6 @@ fn detect_glibc() {
     let gl = unsafe { &mut *core::ptr::addr_of_mut!(GLIBC) };
     // SAFETY: getauxval only reads the auxiliary vector.
     gl.page = unsafe { libc::getauxval(libc::AT_PAGESZ) }.max(4096);
-    gl.stamp_key = random_u64();
     // SAFETY: Dl_info is plain pointers and integers; all-zero is a valid value.
     let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
     let is_glibc = real::malloc().is_some_and(|f| {
@@ -126,7 +126,23 @@ fn detect_glibc() {
     // SAFETY: NUL-terminated environment string.
     let hugetlb = !tunables.is_null() && unsafe { sys::cstr_bytes(tunables as *const u8) }.windows(20).any(|w| w == b"glibc.malloc.hugetlb");
     gl.heap_info = !hugetlb && major == 2 && (26..=42).contains(&minor);
-    gl.stamps = !env_is(c"MTRACE_STAMPS", b"0");
+}
+
+/// The ordering cells wanted: log2 of their number (`MTRACE_ORDER_CELLS`, default
+/// `order::DEFAULT_CELL_BITS`), or none (`MTRACE_ORDER=0`).
+fn order_cells() -> Option<u32> {
+    if env_is(c"MTRACE_ORDER", b"0") {
+        return None;
+    }
+    // SAFETY: getenv with a NUL-terminated name, during single-threaded initialisation.
+    let v = unsafe { libc::getenv(c"MTRACE_ORDER_CELLS".as_ptr()) };
+    if v.is_null() {
+        return Some(mtrace_protocol::order::DEFAULT_CELL_BITS);
+    }
+    // SAFETY: NUL-terminated environment string.
+    let digits = unsafe { sys::cstr_bytes(v as *const u8) };
+    let n = digits.iter().take_while(|c| c.is_ascii_digit()).take(3).fold(0u32, |a, c| a * 10 + (c - b'0') as u32);
+    Some(if digits.is_empty() { mtrace_protocol::order::DEFAULT_CELL_BITS } else { n })
 }
 
 fn glibc_version() -> (u32, u32) {
@@ -139,15 +155,6 @@ fn glibc_version() -> (u32, u32) {
     (it.next().unwrap_or(0), it.next().unwrap_or(0))
 }
 
-fn random_u64() -> u64 {
-    let mut v = 0u64;
-    // SAFETY: getrandom into a local; falls back to time and address bits.
-    let n = unsafe { libc::syscall(libc::SYS_getrandom, &mut v as *mut u64, 8usize, libc::GRND_NONBLOCK) };
-    if n != 8 {
-        v = sys::clock_ns(libc::CLOCK_MONOTONIC) ^ ((&v as *const u64 as u64) << 17) ^ sys::getpid() as u64;
-    }
-    v
-}
 
 /// A thread took its first block: arrange for its block to be released when it exits.
 pub fn on_thread_first_block() {
@@ -213,7 +220,7 @@ unsafe extern "C" fn fork_child() {
         // last process never sees zero connections in between.
         let parent_fd = session::SOCK_FD;
         SAID_BYE.store(false, Ordering::Release);
-        (*core::ptr::addr_of_mut!(GLIBC)).stamp_key = random_u64();
+        crate::order::fork_child();
         match session::register_fork(parent, seq) {
             Registered::Yes => {
                 if parent_fd >= 0 && parent_fd != session::SOCK_FD {

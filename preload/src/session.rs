@@ -145,8 +145,8 @@ fn register(origin: control::Origin, parent_image: u64, fork_seq: u64) -> Regist
     if g().heap_info {
         flags |= control::HELLO_HEAP_INFO;
     }
-    if g().stamps {
-        flags |= control::HELLO_STAMPS;
+    if crate::order::enabled() {
+        flags |= control::HELLO_ORDER;
     }
     let fixed = HelloFixed {
         version: control::PROTOCOL_VERSION,
@@ -155,7 +155,7 @@ fn register(origin: control::Origin, parent_image: u64, fork_seq: u64) -> Regist
         ppid: sys::getppid(),
         parent_image,
         fork_seq,
-        stamp_key: g().stamp_key,
+        order_table: crate::order::hello_word(),
         flags,
     };
     let n = fixed.encode(buf);

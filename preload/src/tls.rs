@@ -35,7 +35,8 @@ pub mod mode {
 pub mod fast {
     /// No fast path: the hooks take the general one.
     pub const NONE: u8 = 0;
-    /// Chunk headers may be read (glibc's malloc), stamps are on and the stream id fits a stamp.
+    /// Chunk headers may be read (glibc's malloc), the ordering cells exist and the stream id fits
+    /// a position (`pos_base` is set).
     ///
     /// The hooks take this fast path without reading `writer::STATE`: `fast` is set only while
     /// `STATE` is `ACTIVE` (in `switch_block`), and when tracing stops (`writer::detach`) the
@@ -44,7 +45,7 @@ pub mod fast {
     /// state before anything else.
     pub const CHUNKS: u8 = 1;
     /// Chunk headers are not read (`MTRACE_CHUNKS=0`, or another allocator): events carry no
-    /// chunk, stamp or heap information.
+    /// chunk or heap information (they carry ordering, as with `CHUNKS`).
     pub const PLAIN: u8 = 2;
 }
 
@@ -57,7 +58,7 @@ pub struct ThreadState {
     /// Reentrancy guard: non-zero while our own code runs on this thread.
     pub busy: u8,
     /// Which malloc/free fast path may run for this thread ([`fast`]); non-zero only while it
-    /// owns a block (`mode` is `WRITING`) and `clock`, `stamp_xor` and `curbrk` are set for it.
+    /// owns a block (`mode` is `WRITING`) and `clock`, `pos_base` and `curbrk` are set for it.
     pub fast: u8,
     pub mode: u8,
     /// This thread is resolving the real functions (its allocations use the bootstrap arena).
@@ -73,10 +74,10 @@ pub struct ThreadState {
     pub clock: *const AtomicU64,
     /// Collector clock value this thread last wrote a `Time` event for.
     pub last_clock: u64,
-    /// `stamp::encode(key, stream, block_seq, 0)` for the current block (valid while `fast` is not `NONE`):
-    /// a free's stamp is this XOR its word offset, and a word `w` found in a block is a genuine
-    /// stamp of another stream iff `(w ^ stamp_xor) >> 32` is in `1..2^20`.
-    pub stamp_xor: u64,
+    /// `order::position(stream, block_seq, 0)` for the current block, 0 if the stream id does not
+    /// fit a position: an event's position is this OR its word offset in the block (see
+    /// `writer::position`).
+    pub pos_base: u64,
     /// Program break this thread last reported.
     pub last_brk: u64,
     /// `glibc::GLIBC.curbrk`, or a word holding 0 where that is null (valid while `fast` is not `NONE`).
@@ -141,6 +142,17 @@ pub unsafe fn guard_and_fast(t: *mut ThreadState) -> u16 {
 pub unsafe fn release_fast(t: *mut ThreadState, mode: u8) {
     // SAFETY: as `guard_and_fast`; `fast` keeps its value.
     unsafe { *(t as *mut u16) = ready(mode) }
+}
+
+/// The guard is free and the thread has a fast path (either).
+///
+/// # Safety
+/// `t` is this thread's state.
+#[inline(always)]
+pub unsafe fn fast_ready(t: *mut ThreadState) -> bool {
+    // SAFETY: per the contract.
+    let v = unsafe { guard_and_fast(t) };
+    v == ready(fast::CHUNKS) || v == ready(fast::PLAIN)
 }
 
 /// The value of [`guard_and_fast`] when the guard is free and the fast path is `mode`.

@@ -16,7 +16,7 @@ use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use mtrace_protocol::event::{self, EventKind};
 use mtrace_protocol::ring::{self, Ring};
-use mtrace_protocol::stamp;
+use mtrace_protocol::order;
 
 use crate::sys;
 use crate::tls::{mode, ThreadState};
@@ -110,6 +110,20 @@ pub unsafe fn commit_at(t: *mut ThreadState, w: *mut u64, n: usize) {
     }
 }
 
+/// The position (see `mtrace_protocol::order`) of an event reserved at `w` in this thread's
+/// block: 0 if the stream id does not fit one.
+///
+/// # Safety
+/// `t` is this thread's state and `w` a reserved position in its current block.
+#[inline(always)]
+pub unsafe fn position(t: *mut ThreadState, w: *mut u64) -> u64 {
+    // SAFETY: per the contract, `w` lies in the block starting at `base`.
+    unsafe {
+        let base = (*t).pos_base;
+        if base == 0 { 0 } else { base | ((w as usize - (*t).base as usize) / 8) as u64 }
+    }
+}
+
 /// Publish the `n` words just written at the reserved position.
 ///
 /// # Safety
@@ -197,17 +211,17 @@ unsafe fn switch_block(t: *mut ThreadState) -> bool {
                 (*t).len = &d.len;
                 (*t).mode = mode::WRITING;
                 (*t).clock = hot().clock;
-                (*t).stamp_xor = stamp::encode(crate::glibc::g().stamp_key, (*t).stream, (*t).block_seq, 0);
+                let ordered = (*t).stream < order::MAX_STREAMS && crate::order::enabled();
+                (*t).pos_base = if ordered { order::position((*t).stream, (*t).block_seq, 0) } else { 0 };
                 (*t).curbrk = crate::glibc::curbrk_or_zero();
-                // The chunk fast path compares stream ids in stamps' 20 bits, as `find_stamp` does
-                // only for ids that fit them, and always reads and writes stamps. It calls the
-                // real free without checking it (`real::free_present`).
-                (*t).fast = if !crate::glibc::g().chunks {
-                    crate::tls::fast::PLAIN
-                } else if (*t).stream < stamp::MAX_STREAMS && crate::glibc::g().stamps && crate::real::free().is_some() {
+                // The fast paths always exchange and load ordering cells with positions made of
+                // `pos_base`, and call the real free without checking it (`real::free_present`).
+                (*t).fast = if !ordered || crate::real::free().is_none() {
+                    crate::tls::fast::NONE
+                } else if crate::glibc::g().chunks {
                     crate::tls::fast::CHUNKS
                 } else {
-                    crate::tls::fast::NONE
+                    crate::tls::fast::PLAIN
                 };
                 // Every block starts with the time, so it can be read on its own.
                 let clock = (*hot().clock).load(Ordering::Relaxed);
@@ -440,6 +454,63 @@ pub unsafe fn drain_preinit(t: *mut ThreadState) {
 /// Discard the pre-init buffer (tracing is off).
 pub fn discard_preinit() {
     PRE_RESERVED.swap(PRE_CLOSED, Ordering::AcqRel);
+}
+
+/// Write one event of at most `max` words (≤ 16) that takes part in the ordering of its address:
+/// `fill(w, pos)` writes it at `w` and returns its length; `pos` is the event's position in the
+/// ring, or 0 where it has none (the pre-init buffer, a stream id beyond positions, no ordering
+/// cells) — then it must touch no ordering cell.
+///
+/// # Safety
+/// `t` is this thread's state with the guard held; `fill` writes at most `max` words.
+#[inline(always)]
+pub unsafe fn emit_ordered(t: *mut ThreadState, max: usize, fill: impl FnOnce(*mut u64, u64) -> usize) {
+    // SAFETY: per the contract.
+    unsafe {
+        match STATE.load(Ordering::Acquire) {
+            ACTIVE => {
+                let p = reserve(t, max);
+                if p.is_null() {
+                    return;
+                }
+                let pos = if crate::order::enabled() { position(t, p) } else { 0 };
+                let n = fill(p, pos);
+                commit(t, n);
+            }
+            PREINIT => {
+                let mut tmp = [0u64; 16];
+                let n = fill(tmp.as_mut_ptr(), 0);
+                let p = pre_reserve(n);
+                if !p.is_null() {
+                    core::ptr::copy_nonoverlapping(tmp.as_ptr(), p, n);
+                    pre_commit(n);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The position the next event of this thread will be written at, for a call whose ordering
+/// cell must be exchanged before its event can be written (a realloc exchanges its old block's
+/// cell before the real call and writes its event after): 0 if it has none (not registered, the
+/// event would be dropped, no ordering cells). The collector resolves a position to the first
+/// *call* event at or after it (see `mtrace_protocol::order`), so observations written in
+/// between (a `Time`, a heap's size) and a move to the next block keep it right — as long as the
+/// guard is held from here to the event.
+///
+/// # Safety
+/// `t` is this thread's state with the guard held.
+#[inline(always)]
+pub unsafe fn next_position(t: *mut ThreadState) -> u64 {
+    // SAFETY: per the contract; `reserve` only makes room (and may write a `Time` event).
+    unsafe {
+        if STATE.load(Ordering::Acquire) != ACTIVE || !crate::order::enabled() {
+            return 0;
+        }
+        let p = reserve(t, 1);
+        if p.is_null() { 0 } else { position(t, p) }
+    }
 }
 
 /// Write one event of `n` words, built by `fill`, to the ring or the pre-init buffer.

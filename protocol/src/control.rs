@@ -15,7 +15,7 @@
 //!
 //! Messages are little-endian. Metadata is a sequence of TLVs `[tag u16][len u32][bytes]`.
 
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 pub const HELLO_MAGIC: u32 = u32::from_le_bytes(*b"MTRH");
 pub const WELCOME_MAGIC: u32 = u32::from_le_bytes(*b"MTRW");
@@ -52,17 +52,25 @@ pub struct HelloFixed {
     pub parent_image: u64,
     /// For `Origin::Fork`: the sequence number of the parent's `Fork` event.
     pub fork_seq: u64,
-    /// Key of this image's free stamps.
-    pub stamp_key: u64,
+    /// Where this image's ordering cells are (see [`crate::order`]): the table's page-aligned
+    /// address with the log2 of its number of cells in the low 12 bits; 0 if it has none.
+    pub order_table: u64,
     pub flags: u64,
 }
 
 pub const HELLO_FIXED_LEN: usize = 48;
 
+impl HelloFixed {
+    /// The ordering cell table: (address, log2 of its cells), if the image has one.
+    pub fn order_cells(&self) -> Option<(u64, u32)> {
+        (self.order_table != 0).then(|| (self.order_table & !0xfff, (self.order_table & 0xfff) as u32))
+    }
+}
+
 /// Hello flags.
 pub const HELLO_GLIBC_CHUNKS: u64 = 1; // chunk headers are read (real malloc is glibc's)
 pub const HELLO_HEAP_INFO: u64 = 2; // thread-arena heap_info is read
-pub const HELLO_STAMPS: u64 = 4; // free stamps are written
+pub const HELLO_ORDER: u64 = 4; // ordering cells are written (see `order`)
 pub const HELLO_META_TRUNCATED: u64 = 8; // metadata did not fit; some TLVs are missing
 
 /// Metadata tags.
@@ -98,7 +106,7 @@ impl HelloFixed {
         w.u32(0);
         w.u64(self.parent_image);
         w.u64(self.fork_seq);
-        w.u64(self.stamp_key);
+        w.u64(self.order_table);
         w.u64(self.flags);
         debug_assert_eq!(w.pos, HELLO_FIXED_LEN + 8);
         w.pos
@@ -122,7 +130,7 @@ impl HelloFixed {
             ppid,
             parent_image: r.u64()?,
             fork_seq: r.u64()?,
-            stamp_key: r.u64()?,
+            order_table: r.u64()?,
             flags: r.u64()?,
         };
         Some((h, &msg[r.pos..]))
@@ -333,7 +341,7 @@ mod tests {
             ppid: 9,
             parent_image: 3,
             fork_seq: 2,
-            stamp_key: 0xabcdef,
+            order_table: 0x7f00_0000_0000 | 21,
             flags: HELLO_STAMPS,
         };
         let n = h.encode(&mut buf);

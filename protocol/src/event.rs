@@ -18,12 +18,12 @@
 //!
 //! | kind | words |
 //! |---|---|
-//! | `Malloc`, `Calloc`, `Valloc`, `Pvalloc` | `w0(chunk) ptr size [prev_size] [stack] [stamp]` |
-//! | `Memalign`, `PosixMemalign`, `AlignedAlloc` | `w0(chunk) ptr size align [prev_size] [stack] [stamp]` |
-//! | `Realloc`, `Reallocarray` | `w0(new chunk) old_ptr new_ptr size old_chunk [prev_size] [stack] [stamp]` |
-//! | `Free` | `w0(chunk) ptr [stamp]` |
-//! | `FreeSized` | `w0(chunk) ptr size [stamp]` |
-//! | `FreeAlignedSized` | `w0(chunk) ptr align size [stamp]` |
+//! | `Malloc`, `Calloc`, `Valloc`, `Pvalloc` | `w0(chunk) ptr size [prev_size] [stack] [after]` |
+//! | `Memalign`, `PosixMemalign`, `AlignedAlloc` | `w0(chunk) ptr size align [prev_size] [stack] [after]` |
+//! | `Realloc`, `Reallocarray` | `w0(new chunk) old_ptr new_ptr size old_chunk [prev_size] [stack] [after_old] [after]` |
+//! | `Free` | `w0(chunk) ptr [after]` |
+//! | `FreeSized` | `w0(chunk) ptr size [after]` |
+//! | `FreeAlignedSized` | `w0(chunk) ptr align size [after]` |
 //! | `UsableSize` | `w0 ptr result` |
 //! | `Mmap`, `Mmap64` | `w0(prot \| flags<<8) result len fd offset addr_hint` |
 //! | `Munmap` | `w0(result) addr len` |
@@ -43,6 +43,13 @@
 //! | `Stack` | `w0(depth) id ip[0] .. ip[depth-1]` |
 //! | `Module` | `w0(path_len \| build_id_len<<16) bias lo hi build_id_words.. path_words..` |
 //! | `ModuleUnload` | `w0 bias` |
+//!
+//! Ordering (see [`crate::order`]): `after` is a stream position (never 0) of an event of another
+//! thread that happened before this one — for an allocation, the last exchange of the ordering
+//! cell of the address it returned; for a free, the exchange its own exchange replaced.
+//! `after_old` is a realloc's exchange of the old block's cell (made before the real call), and
+//! `after` its load of the new block's cell (when the block moved). `AUX_HAS_AFTER` and
+//! `AUX_HAS_AFTER_OLD` announce them.
 //!
 //! Stacks (allocation sites):
 //! * `stack` on an allocation is a stack id (non-zero); `AUX_HAS_STACK` announces it. An
@@ -101,34 +108,19 @@ pub mod chunk {
     }
     /// Heap alignment of thread-arena heaps (`HEAP_MAX_SIZE`, 64 MiB on x86_64).
     pub const HEAP_MAX_SIZE: u64 = 64 << 20;
-    /// Where the free hook leaves its stamp inside a block being freed (offsets from the user
-    /// pointer). glibc writes offsets 0 and 8 of a free chunk (tcache next/key, fd/bk), 16 and 24
-    /// (fd/bk_nextsize, once the chunk heads a large-bin chunk after coalescing, whatever its own
-    /// size) and the last 8 usable bytes (the next chunk's `prev_size`, "foot"). Two slots:
-    ///
-    /// * the *front* slot, offset 32 (16 for the 32-byte class): it stays put when the address is
-    ///   reused with another size (chunks are carved from the front of free chunks);
-    /// * the *end* slot, `size − 24` (chunks ≥ 64 B): a moving realloc copies the old block over
-    ///   the start of the new one, but a block that grows keeps its end — and the stamp in it.
-    pub const fn stamp_front(chunk_size: u64) -> usize {
-        if chunk_size >= 48 { 32 } else { 16 }
-    }
-
-    /// See [`stamp_front`]. `None` for chunks too small to have a distinct end slot.
-    pub const fn stamp_end(chunk_size: u64) -> Option<usize> {
-        if chunk_size >= 64 { Some((chunk_size - 24) as usize) } else { None }
-    }
 }
 
-/// Mask of the chunk header bits kept in `aux` (chunks below 32 TiB).
-pub const AUX_CHUNK_MASK: u64 = (1 << 45) - 1;
+/// Mask of the chunk header bits kept in `aux` (chunks below 16 TiB).
+pub const AUX_CHUNK_MASK: u64 = (1 << 44) - 1;
+/// `aux` flag of `Realloc`/`Reallocarray`: an `after_old` word follows the stack id (see the
+/// module docs).
+pub const AUX_HAS_AFTER_OLD: u64 = 1 << 44;
 /// `aux` flag of allocation events: a stack id word follows `prev_size` (see the module docs).
 pub const AUX_HAS_STACK: u64 = 1 << 45;
 /// `aux` flag: a `prev_size` word (offset of an mmapped chunk in its mapping) follows the base words.
 pub const AUX_HAS_PREV_SIZE: u64 = 1 << 46;
-/// `aux` flag: a stamp word (see [`crate::stamp`]) is the last word (allocations: the stamp found
-/// in the new block; frees: the stamp found in the block before this free replaced it).
-pub const AUX_HAS_STAMP: u64 = 1 << 47;
+/// `aux` flag: an `after` word (a position, see [`crate::order`]) is the last word.
+pub const AUX_HAS_AFTER: u64 = 1 << 47;
 
 /// `aux` flag of `ProgramBreak` and `HeapSize`: a fresh report (see [`Event::ProgramBreak`]).
 pub const PROGRAM_BREAK_FRESH: u64 = 1;
@@ -201,7 +193,7 @@ impl EventKind {
     pub const fn is_call(self) -> bool {
         (self as u8) < 32
     }
-    /// Calls whose `aux` is a chunk header and which may carry `prev_size`/stamp words.
+    /// Calls whose `aux` is a chunk header and which may carry `prev_size` and `after` words.
     pub const fn is_allocation(self) -> bool {
         matches!(
             self,
@@ -234,8 +226,9 @@ pub const fn split_header(w: u64) -> (u8, usize, u64) {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
     /// Any call that creates a block: malloc, calloc, memalign family, valloc, pvalloc.
-    /// `stack`: the allocation site's stack id, 0 if none.
-    Alloc { kind: EventKind, ptr: u64, size: u64, align: u64, chunk: u64, prev_size: u64, stack: u64, stamp: Option<u64> },
+    /// `stack`: the allocation site's stack id, 0 if none. `after`: the other thread's event it
+    /// comes after (see [`crate::order`]).
+    Alloc { kind: EventKind, ptr: u64, size: u64, align: u64, chunk: u64, prev_size: u64, stack: u64, after: Option<u64> },
     /// realloc / reallocarray.
     Realloc {
         kind: EventKind,
@@ -246,12 +239,14 @@ pub enum Event {
         chunk: u64,
         prev_size: u64,
         stack: u64,
-        stamp: Option<u64>,
+        /// The other thread's event this realloc's exchange of the old block's cell replaced.
+        after_old: Option<u64>,
+        /// The other thread's event found in the new block's cell (a moved block).
+        after: Option<u64>,
     },
-    /// free, free_sized, free_aligned_sized. `ptr` may be 0 (`free(NULL)`). `stamp`: the stamp
-    /// another thread's earlier free left in this block's memory, found still there (this free
-    /// happened after that one).
-    Free { kind: EventKind, ptr: u64, chunk: u64, stamp: Option<u64> },
+    /// free, free_sized, free_aligned_sized. `ptr` may be 0 (`free(NULL)`). `after`: the other
+    /// thread's event this free's exchange of the block's ordering cell replaced.
+    Free { kind: EventKind, ptr: u64, chunk: u64, after: Option<u64> },
     UsableSize { ptr: u64, result: u64 },
     Mmap { kind: EventKind, result: u64, len: u64, prot: u32, flags: u32, fd: i64, offset: u64, addr_hint: u64 },
     Munmap { addr: u64, len: u64, result: i64 },
@@ -422,45 +417,42 @@ pub fn decode(words: &[u64], at: usize) -> Result<(Event, usize), DecodeError> {
     }
     let w = &words[at..at + len];
     // Optional trailing words of allocation events.
-    let extras = |mut i: usize, allocation: bool| -> Result<(u64, u64, Option<u64>), DecodeError> {
-        let mut prev_size = 0;
-        let mut stack = 0;
-        let mut stamp = None;
+    // (prev_size, stack, after_old, after); `allocation`: the event may carry prev_size and a
+    // stack; `realloc`: it may carry after_old.
+    let extras = |mut i: usize, allocation: bool, realloc: bool| -> Result<(u64, u64, Option<u64>, Option<u64>), DecodeError> {
         let bad = DecodeError::BadLength { word: at, kind: k, len };
-        if aux & AUX_HAS_PREV_SIZE != 0 {
+        let mut take = |flag: u64| -> Result<Option<u64>, DecodeError> {
+            if aux & flag == 0 {
+                return Ok(None);
+            }
             if i >= len {
                 return Err(bad);
             }
-            prev_size = w[i];
             i += 1;
+            Ok(Some(w[i - 1]))
+        };
+        let prev_size = if allocation { take(AUX_HAS_PREV_SIZE)?.unwrap_or(0) } else { 0 };
+        let stack = if allocation { take(AUX_HAS_STACK)?.unwrap_or(0) } else { 0 };
+        let after_old = if realloc { take(AUX_HAS_AFTER_OLD)? } else { None };
+        let after = take(AUX_HAS_AFTER)?;
+        // A position names a stream (0 is "none", never written).
+        if after_old.is_some_and(|v| crate::order::decode(v).is_none()) || after.is_some_and(|v| crate::order::decode(v).is_none()) {
+            return Err(bad);
         }
-        if allocation && aux & AUX_HAS_STACK != 0 {
-            if i >= len {
-                return Err(bad);
-            }
-            stack = w[i];
-            i += 1;
-        }
-        if aux & AUX_HAS_STAMP != 0 {
-            if i >= len {
-                return Err(bad);
-            }
-            stamp = Some(w[i]);
-        }
-        Ok((prev_size, stack, stamp))
+        Ok((prev_size, stack, after_old, after))
     };
     let chunk = aux & AUX_CHUNK_MASK;
     let ev = match kind {
         EventKind::Malloc | EventKind::Calloc | EventKind::Valloc | EventKind::Pvalloc => {
-            let (prev_size, stack, stamp) = extras(3, true)?;
-            Event::Alloc { kind, ptr: w[1], size: w[2], align: 0, chunk, prev_size, stack, stamp }
+            let (prev_size, stack, _, after) = extras(3, true, false)?;
+            Event::Alloc { kind, ptr: w[1], size: w[2], align: 0, chunk, prev_size, stack, after }
         }
         EventKind::Memalign | EventKind::PosixMemalign | EventKind::AlignedAlloc => {
-            let (prev_size, stack, stamp) = extras(4, true)?;
-            Event::Alloc { kind, ptr: w[1], size: w[2], align: w[3], chunk, prev_size, stack, stamp }
+            let (prev_size, stack, _, after) = extras(4, true, false)?;
+            Event::Alloc { kind, ptr: w[1], size: w[2], align: w[3], chunk, prev_size, stack, after }
         }
         EventKind::Realloc | EventKind::Reallocarray => {
-            let (prev_size, stack, stamp) = extras(5, true)?;
+            let (prev_size, stack, after_old, after) = extras(5, true, true)?;
             Event::Realloc {
                 kind,
                 old_ptr: w[1],
@@ -470,12 +462,13 @@ pub fn decode(words: &[u64], at: usize) -> Result<(Event, usize), DecodeError> {
                 chunk,
                 prev_size,
                 stack,
-                stamp,
+                after_old,
+                after,
             }
         }
         EventKind::Free | EventKind::FreeSized | EventKind::FreeAlignedSized => {
-            let (_, _, stamp) = extras(base, false)?;
-            Event::Free { kind, ptr: w[1], chunk, stamp }
+            let (_, _, _, after) = extras(base, false, false)?;
+            Event::Free { kind, ptr: w[1], chunk, after }
         }
         EventKind::UsableSize => Event::UsableSize { ptr: w[1], result: w[2] },
         EventKind::Mmap | EventKind::Mmap64 => Event::Mmap {
@@ -651,18 +644,19 @@ mod tests {
 
     #[test]
     fn header_round_trip() {
-        let h = header(EventKind::Realloc, 7, 0x1234_5678_9abc & AUX_CHUNK_MASK | AUX_HAS_STAMP);
+        let h = header(EventKind::Realloc, 7, 0x1234_5678_9abc & AUX_CHUNK_MASK | AUX_HAS_AFTER);
         let (k, len, aux) = split_header(h);
         assert_eq!(k, EventKind::Realloc as u8);
         assert_eq!(len, 7);
         assert_eq!(aux & AUX_CHUNK_MASK, 0x1234_5678_9abc & AUX_CHUNK_MASK);
-        assert_ne!(aux & AUX_HAS_STAMP, 0);
+        assert_ne!(aux & AUX_HAS_AFTER, 0);
     }
 
     #[test]
     fn alloc_with_extras_decodes() {
         let hdr = 0x21000 | chunk::IS_MMAPPED;
-        let w = [header(EventKind::Memalign, 6, hdr | AUX_HAS_PREV_SIZE | AUX_HAS_STAMP), 0x7f00_0010, 5000, 4096, 4080, 0xdead];
+        let after = crate::order::position(9, 3, 100);
+        let w = [header(EventKind::Memalign, 6, hdr | AUX_HAS_PREV_SIZE | AUX_HAS_AFTER), 0x7f00_0010, 5000, 4096, 4080, after];
         let (ev, len) = decode(&w, 0).unwrap();
         assert_eq!(len, 6);
         assert_eq!(
@@ -675,7 +669,7 @@ mod tests {
                 chunk: hdr,
                 prev_size: 4080,
                 stack: 0,
-                stamp: Some(0xdead)
+                after: Some(after)
             }
         );
     }
@@ -683,13 +677,29 @@ mod tests {
     #[test]
     fn alloc_with_stack_decodes() {
         let hdr = 0x31;
-        let w = [header(EventKind::Malloc, 5, hdr | AUX_HAS_STACK | AUX_HAS_STAMP), 0x5000, 40, 77, 0xbeef];
+        let after = crate::order::position(2, 0, 7);
+        let w = [header(EventKind::Malloc, 5, hdr | AUX_HAS_STACK | AUX_HAS_AFTER), 0x5000, 40, 77, after];
         let (ev, len) = decode(&w, 0).unwrap();
         assert_eq!(len, 5);
-        assert_eq!(ev, Event::Alloc { kind: EventKind::Malloc, ptr: 0x5000, size: 40, align: 0, chunk: hdr, prev_size: 0, stack: 77, stamp: Some(0xbeef) });
+        assert_eq!(ev, Event::Alloc { kind: EventKind::Malloc, ptr: 0x5000, size: 40, align: 0, chunk: hdr, prev_size: 0, stack: 77, after: Some(after) });
         // Frees never carry a stack word, whatever the aux bits say about the chunk.
         let w = [header(EventKind::Free, 2, 0x31), 0x5000];
-        assert_eq!(decode(&w, 0).unwrap().0, Event::Free { kind: EventKind::Free, ptr: 0x5000, chunk: 0x31, stamp: None });
+        assert_eq!(decode(&w, 0).unwrap().0, Event::Free { kind: EventKind::Free, ptr: 0x5000, chunk: 0x31, after: None });
+    }
+
+    #[test]
+    fn realloc_carries_both_orderings() {
+        let (old, new) = (crate::order::position(4, 1, 2), crate::order::position(5, 6, 7));
+        let aux = 0x41 | AUX_HAS_STACK | AUX_HAS_AFTER_OLD | AUX_HAS_AFTER;
+        let w = [header(EventKind::Realloc, 8, aux), 0x1000, 0x2000, 50, 0x31, 99, old, new];
+        let ev = decode(&w, 0).unwrap().0;
+        assert_eq!(
+            ev,
+            Event::Realloc { kind: EventKind::Realloc, old_ptr: 0x1000, new_ptr: 0x2000, size: 50, old_chunk: 0x31, chunk: 0x41, prev_size: 0, stack: 99, after_old: Some(old), after: Some(new) }
+        );
+        // `after_old` alone (an in-place realloc).
+        let w = [header(EventKind::Realloc, 6, 0x41 | AUX_HAS_AFTER_OLD), 0x1000, 0x1000, 50, 0x31, old];
+        assert!(matches!(decode(&w, 0).unwrap().0, Event::Realloc { after_old: Some(o), after: None, .. } if o == old));
     }
 
     #[test]
@@ -737,8 +747,9 @@ mod tests {
         assert!(matches!(decode(&[header(EventKind::Malloc, 2, 0), 1], 0), Err(DecodeError::BadLength { .. })));
         assert!(matches!(decode(&[header(EventKind::Malloc, 3, 0), 1], 0), Err(DecodeError::Truncated { .. })));
         assert!(matches!(decode(&[0], 0), Err(DecodeError::BadLength { .. })));
-        // A stamp flag without room for the stamp.
-        assert!(matches!(decode(&[header(EventKind::Malloc, 3, AUX_HAS_STAMP), 1, 2], 0), Err(DecodeError::BadLength { .. })));
+        // An `after` flag without room for the word, or naming no stream.
+        assert!(matches!(decode(&[header(EventKind::Malloc, 3, AUX_HAS_AFTER), 1, 2], 0), Err(DecodeError::BadLength { .. })));
+        assert!(matches!(decode(&[header(EventKind::Free, 3, AUX_HAS_AFTER), 1, 77], 0), Err(DecodeError::BadLength { .. })));
         // Unknown kinds are skipped by length.
         let (ev, len) = decode(&[header_raw(200, 2), 9], 0).unwrap();
         assert_eq!((ev, len), (Event::Unknown { kind: 200 }, 2));

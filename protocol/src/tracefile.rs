@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! file    := file_header frame*
-//! file_header (16 B) := magic "\x89MTRACE\n" | version u32 (= 2) | header_len u32 (= 16)
+//! file_header (16 B) := magic "\x89MTRACE\n" | version u32 (= 3) | header_len u32 (= 16)
 //! frame   := frame_header payload
 //! frame_header (16 B) := "MTFR" | raw_len u32 | stored_len u32 | crc32 u32 (of the stored payload)
 //! payload := lz4 block (lz4_flex `block` format) of raw_len bytes, stored_len bytes long
@@ -31,11 +31,10 @@
 //! | 8 | `Sync` | image u32, 0 u32, pass_start_ns u64 |
 //! | 9 | `Smaps` | image u32, count u32, time_ns u64, then `count` mappings of 3 × u64: start \| kind (in the 12 low bits, see [`map_kind`]), end, rss_bytes |
 //!
-//! A `Chunk`'s payload is the event words themselves ([`chunk_encoding::WORDS`]), or (version 2)
-//! raw_len u32 followed by an lz4 block that decompresses to those `raw_len` bytes
-//! ([`chunk_encoding::LZ4`]): the recorder compresses large chunks straight from the ring instead
-//! of copying them, and the frame's own compression then has little left to do. Version 1 files
-//! (words only) are read as they are.
+//! A `Chunk`'s payload is the event words themselves ([`chunk_encoding::WORDS`]), or raw_len u32
+//! followed by an lz4 block that decompresses to those `raw_len` bytes ([`chunk_encoding::LZ4`]):
+//! the recorder compresses large chunks straight from the ring instead of copying them, and the
+//! frame's own compression then has little left to do.
 //!
 //! `Sync` marks the end of one pass of the collector over an image's ring: every event published
 //! before that pass began appears in the file before the record. An event read in a pass has all
@@ -58,9 +57,12 @@
 
 pub const FILE_MAGIC: [u8; 8] = *b"\x89MTRACE\n";
 /// The version written.
-pub const FORMAT_VERSION: u32 = 2;
-/// The oldest version readers accept (1: chunks are always plain words).
-pub const MIN_FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest version readers accept. Version 3 replaced the free stamps of versions 1 and 2
+/// (words the preload left inside freed chunks) with ordering cells (`after` words, see
+/// [`crate::order`]): the events' flag bits and words changed meaning, and the analysis no longer
+/// has the search that ordered threads from stamps. Older files are named, not misread.
+pub const MIN_FORMAT_VERSION: u32 = 3;
 pub const FILE_HEADER_LEN: usize = 16;
 pub const FRAME_MAGIC: [u8; 4] = *b"MTFR";
 pub const FRAME_HEADER_LEN: usize = 16;

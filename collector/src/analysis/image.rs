@@ -204,7 +204,6 @@ enum Held {
 
 impl ImageAnalysis {
     pub fn new(ps: &ProcessStart, meta: ProcessMeta, relation: Relation) -> ImageAnalysis {
-        let stamp_key = meta.stamps.then_some(meta.stamp_key);
         let phase = match (ps.origin == Origin::Fork as u32, ps.parent_image) {
             (true, Some(parent)) => Phase::AwaitingSnapshot { parent, seq: ps.fork_seq },
             _ => Phase::Running,
@@ -225,7 +224,7 @@ impl ImageAnalysis {
             end: None,
             model,
             glibc,
-            merger: Merger::new(stamp_key),
+            merger: Merger::new(),
             phase,
             held: Vec::new(),
             last_sync_ns: 0,
@@ -385,6 +384,9 @@ impl ImageAnalysis {
         }
         self.merger.end();
         self.run();
+        if std::env::var_os("MTRACE_DEBUG_MERGE").is_some() && self.merger.queued() > 0 {
+            self.merger.debug_dump();
+        }
         self.glibc.finish();
     }
 }

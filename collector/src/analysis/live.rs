@@ -283,13 +283,13 @@ mod tests {
     use super::*;
 
     fn alloc(ptr: u64, size: u64) -> Event {
-        Event::Alloc { kind: EventKind::Malloc, ptr, size, align: 0, chunk: 0, prev_size: 0, stack: 0, stamp: None }
+        Event::Alloc { kind: EventKind::Malloc, ptr, size, align: 0, chunk: 0, prev_size: 0, stack: 0, after: None }
     }
     fn free(ptr: u64) -> Event {
-        Event::Free { kind: EventKind::Free, ptr, chunk: 0, stamp: None }
+        Event::Free { kind: EventKind::Free, ptr, chunk: 0, after: None }
     }
     fn realloc(old_ptr: u64, new_ptr: u64, size: u64) -> Event {
-        Event::Realloc { kind: EventKind::Realloc, old_ptr, new_ptr, size, old_chunk: 0, chunk: 0, prev_size: 0, stack: 0, stamp: None }
+        Event::Realloc { kind: EventKind::Realloc, old_ptr, new_ptr, size, old_chunk: 0, chunk: 0, prev_size: 0, stack: 0, after_old: None, after: None }
     }
 
     #[test]
@@ -344,7 +344,7 @@ mod tests {
     #[test]
     fn mmapped_chunks_count_their_mapping() {
         let mut m = LiveModel::default();
-        let ev = Event::Alloc { kind: EventKind::Memalign, ptr: 0x7000_1000, size: 200_000, align: 4096, chunk: 200_720 | chunk::IS_MMAPPED, prev_size: 4080, stack: 0, stamp: None };
+        let ev = Event::Alloc { kind: EventKind::Memalign, ptr: 0x7000_1000, size: 200_000, align: 4096, chunk: 200_720 | chunk::IS_MMAPPED, prev_size: 4080, stack: 0, after: None };
         m.apply(&ev, 0, 1);
         assert_eq!(m.c.mmapped_bytes, 204_800);
         m.apply(&free(0x7000_1000), 1, 1);

@@ -4,46 +4,48 @@
 //! applies events to the [`LiveModel`] in time-mark order (the collector's clock, ~1 ms
 //! resolution), but never applies an event before what must precede it:
 //!
+//! * an event that carries `after` positions (see `mtrace_protocol::order`) waits until the event
+//!   each one names has been applied: the other thread's free (or realloc) whose exchange of the
+//!   address's ordering cell this event read or replaced. A position names "the first *call* of
+//!   that stream at or after it" (a realloc exchanges before its event is written, and a heap
+//!   observation or a `Time` may come in between), so each stream keeps a *call frontier*: the
+//!   end of the last call applied;
 //! * a free (or realloc source) of an address that is not live waits for its allocation;
-//! * an allocation of an address that is still live waits for the free of the old block;
-//! * an allocation that found a free *stamp* (see `mtrace_protocol::stamp`) waits until the
-//!   stamped free — an event at a known stream position — has been applied;
-//! * when other threads also have pending allocations or frees of the same address, an event
-//!   goes first only if the pending uses of that address, across all threads, can still be
-//!   interleaved into a valid history (alternating allocation and free, each thread in its
-//!   order, stamps respected) that starts with it. A small search over that one address
-//!   decides; it orders reuse that left no stamp (calloc zeroes the block it returns; a block
-//!   freed inside realloc cannot be stamped) and frees whose block is ambiguous.
+//! * an allocation of an address that is still live waits for the free of the old block.
 //!
-//! What stays undecidable: two unstamped allocations of one address in different threads that
-//! could each go first (e.g. a third thread frees the address in between), within one time
-//! mark. The merger then follows time and stream order and counts the choice in
-//! [`MergeStats::ambiguous`]; counts stay exact, the attributed sizes of the two blocks may be
-//! swapped.
+//! With the ordering cells these waits are exact by construction: every allocation of an
+//! address comes after the free of the block before it, and every free after the allocation of
+//! its own block — the argument is in `mtrace_protocol::order`. There is no search and no guess.
+//! What is left under [`MergeStats`] means lost data: a position that names an event which never
+//! arrived (the program was killed between a free's exchange and its event), a free whose block
+//! was never recorded (lossy mode, or a block allocated before tracing), a stream gap.
 //!
 //! Publication order: the collector writes its clock into the ring as each drain pass starts,
 //! and `Sync` records carry that pass-start clock. An event time-marked at or after pass k's
 //! start was written after every event read in passes before k was published — so it is applied
-//! only after all of those. This orders cross-thread reuse to the resolution of one pass (tens of
-//! µs under load) even where nothing else does.
+//! only after all of those. This keeps unrelated events of different threads (the glibc model's
+//! view of the heap) in the order they happened to the resolution of one pass.
 //!
 //! Completeness: events come in chunks between `Sync` records. An event read in one drain pass
-//! has everything that causally precedes it in the trace by the end of the next pass, so an event
-//! becomes *safe* two `Sync`s after its chunk (or when the image ended). Only safe events are
-//! applied. If nothing can be applied, deferrals behind pairs are released first; then a blocked
-//! event that is safe with one more `Sync` of margin (or the image ended) can never have its
-//! precondition met: it is forced (an unmatched free, a displaced block, or an ignored stamp) and
-//! counted.
+//! has the events that causally precede it through the program (a block handed to another
+//! thread was recorded before the program got it) in the trace by the end of the next pass, so an
+//! event becomes *safe* two `Sync`s after its chunk (or when the image ended), and only safe
+//! events are applied. A position in a cell is the exception — a thread exchanges before it
+//! writes its event and can be preempted in between — so a wait on a position lasts until the
+//! named event arrives, however long. When nothing can be applied and nothing that could unblock
+//! it is still on its way, a blocked event that is safe with one more `Sync` of margin (or the
+//! image ended) can never have its precondition met: it is forced (an unmatched free, a
+//! displaced block, a missing predecessor) and counted.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
 use mtrace_protocol::event::{Event, Events, MallinfoReason};
-use mtrace_protocol::stamp;
+use mtrace_protocol::order;
 use crate::trace::Chunk;
 use rustc_hash::FxHashMap;
 
-use super::live::{same_chunk, LiveModel, Need};
+use super::live::{LiveModel, Need};
 
 /// Position of an event in its stream: block sequence number and word offset in the block.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -61,18 +63,17 @@ pub struct Pending {
     pub time_ns: u64,
     /// Number of Sync records seen before its chunk.
     pub epoch: u32,
-    serial: u64,
-    ignore_stamp: bool,
-    ignore_pairs: bool,
+    /// Its `after` positions were forced past (they named events that cannot come).
+    ignore_after: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Wait {
     None,
+    /// Until the address's liveness changes (see [`Need`]).
     Addr(u64),
-    /// Behind another thread's self-contained pair at this address.
-    Pair(u64),
-    Stamp { stream: usize, pos: Pos },
+    /// Until the first call of `stream` at or after `pos` has been applied.
+    After { stream: usize, pos: Pos },
 }
 
 /// The events of one chunk that are not applied yet. Queued events are kept as the chunk's words
@@ -85,8 +86,6 @@ struct Batch {
     /// Word offset of `words[0]` in its block.
     base_word: u32,
     epoch: u32,
-    /// Serial of `events[0]` (the events of one chunk have consecutive serials).
-    first_serial: u64,
     /// Time marks in force in this chunk, in order.
     times: Vec<u64>,
     /// Per queued event: word offset in `words`, index in `times`.
@@ -96,10 +95,6 @@ struct Batch {
 }
 
 impl Batch {
-    fn end_serial(&self) -> u64 {
-        self.first_serial + self.events.len() as u64
-    }
-
     /// The `k`th queued event, decoded.
     #[inline]
     fn pending(&self, k: usize) -> Pending {
@@ -112,47 +107,8 @@ impl Batch {
             len,
             time_ns: self.times[t as usize],
             epoch: self.epoch,
-            serial: self.first_serial + k as u64,
-            ignore_stamp: false,
-            ignore_pairs: false,
+            ignore_after: false,
         }
-    }
-}
-
-/// Pending uses of one address by one stream: runs of consecutive serials `(first, count)`.
-type UseRuns = VecDeque<(u64, u32)>;
-
-fn runs_push(q: &mut UseRuns, serial: u64) {
-    if let Some((first, n)) = q.back_mut() {
-        if *first + *n as u64 == serial {
-            *n += 1;
-            return;
-        }
-    }
-    q.push_back((serial, 1));
-}
-
-fn runs_remove(q: &mut UseRuns, serial: u64) {
-    if let Some((first, n)) = q.front_mut() {
-        if *first == serial {
-            *first += 1;
-            *n -= 1;
-            if *n == 0 {
-                q.pop_front();
-            }
-            return;
-        }
-    }
-    let Some(k) = q.iter().position(|&(f, n)| f <= serial && serial < f + n as u64) else { return };
-    let (f, n) = q[k];
-    let before = (serial - f) as u32;
-    let after = n - before - 1;
-    q.remove(k);
-    if after > 0 {
-        q.insert(k, (serial + 1, after));
-    }
-    if before > 0 {
-        q.insert(k, (f, before));
     }
 }
 
@@ -166,7 +122,7 @@ struct Stream {
     time_ns: u64,
     /// Where the next chunk should start: (block seq, byte offset).
     expect: Option<(u64, u32)>,
-    /// Everything before this position has been applied.
+    /// Every call event before this position has been applied (the end of the last one).
     frontier: Pos,
     max_seq: u64,
     wait: Wait,
@@ -208,84 +164,37 @@ impl Stream {
         p
     }
 
-    /// The queued event with this serial (`None` if applied or not queued).
-    fn find(&self, serial: u64) -> Option<(&Batch, usize)> {
-        let k = self.batches.partition_point(|b| b.end_serial() <= serial);
-        let b = self.batches.get(k)?;
-        let idx = serial.checked_sub(b.first_serial)? as usize;
-        (idx >= b.next && idx < b.events.len()).then_some((b, idx))
-    }
-
     fn queued(&self) -> usize {
         self.batches.iter().map(|b| b.events.len() - b.next).sum()
     }
+
+    /// Has every word up to `pos` been received (so the event there, if any, is queued or
+    /// applied)?
+    fn received(&self, pos: Pos) -> bool {
+        self.expect.is_some_and(|(seq, off)| Pos { seq, word: off / 8 } > pos)
+    }
 }
 
-/// Anomalies the merger met (all zero in a healthy trace).
+/// Anomalies the merger met (all zero in a healthy trace; each means lost data).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MergeStats {
     /// Chunks that did not continue their stream where the previous one ended.
     pub gaps: u64,
     /// Chunks whose words do not decode.
     pub decode_errors: u64,
-    /// Stamps that named no reachable free, ignored.
-    pub ignored_stamps: u64,
-    /// Words that passed the stamp magic but name nothing this image could have written
-    /// (application data, or a stamp whose low bytes the program overwrote): not stamps, and not
-    /// an anomaly.
-    pub rejected_stamps: u64,
+    /// Ordering positions that named an event the trace never got (the program was killed
+    /// between a free's exchange of its ordering cell and its event): released at the end.
+    pub missing_predecessors: u64,
+    /// Ordering positions released to break a cycle of waits (never expected: every position is
+    /// a real happens-before).
+    pub broken_cycles: u64,
     /// Frees applied although their block never appeared (unmatched).
     pub forced: u64,
-    /// Unstamped allocations whose order against another thread's allocation of the same
-    /// address could not be decided (see the module documentation).
-    pub ambiguous: u64,
-}
-
-/// What an event does to an address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum UseKind {
-    /// Makes it live.
-    Alloc,
-    /// Ends its block.
-    Free,
-    /// An in-place realloc: needs it live, leaves it live (one atomic event, not free + alloc).
-    Keep,
-}
-
-/// The state of an address in the search: `None` dead, `Some(chunk)` live with that header.
-type AddrState = Option<u64>;
-
-impl Use {
-    /// Can this use happen in `state`? What is the state after it?
-    fn step(&self, state: AddrState) -> Option<AddrState> {
-        match (self.kind, state) {
-            (UseKind::Alloc, None) => Some(Some(self.new_chunk)),
-            (UseKind::Free, Some(c)) if same_chunk(c, self.chunk) => Some(None),
-            (UseKind::Keep, Some(c)) if same_chunk(c, self.chunk) => Some(Some(self.new_chunk)),
-            _ => None,
-        }
-    }
-}
-
-/// A pending event's use of an address, for the per-address search.
-#[derive(Clone, Copy, Debug)]
-struct Use {
-    serial: u64,
-    kind: UseKind,
-    /// Header of the block a Free or Keep ends (0: unknown).
-    chunk: u64,
-    /// Header of the block an Alloc or Keep begins.
-    new_chunk: u64,
-    /// The stamp of an allocation carrying one (ordered after that free).
-    stamp: Option<u64>,
-    pos: Pos,
-    epoch: u32,
 }
 
 pub struct Merger {
     streams: Vec<Stream>,
     by_id: FxHashMap<u32, usize>,
-    stamp_key: Option<u64>,
     syncs: u32,
     /// Pass-start clock of each Sync, in order.
     pass_starts: Vec<u64>,
@@ -293,34 +202,25 @@ pub struct Merger {
     ready: BinaryHeap<Reverse<(u64, usize)>>,
     addr_waiters: FxHashMap<u64, Vec<usize>>,
     /// Per target stream: (position, waiting stream).
-    stamp_waiters: Vec<Vec<(Pos, usize)>>,
+    after_waiters: Vec<Vec<(Pos, usize)>>,
     queued: usize,
-    serial: u64,
-    /// Pending (not applied) allocations and frees per address: per stream that has any, its
-    /// uses in stream order (pushed at the back as chunks arrive, popped at the front as applied).
-    /// Kept as runs of serials; the uses themselves are read from the queued events when needed.
-    uses: FxHashMap<u64, Vec<(usize, UseRuns)>>,
     pub stats: MergeStats,
     /// Stack and module definitions, collected as chunks are decoded (they need no ordering).
     pub stacks: super::stacks::StackTable,
 }
 
 impl Merger {
-    /// `stamp_key`: the image's stamp key when it writes stamps.
-    pub fn new(stamp_key: Option<u64>) -> Merger {
+    pub fn new() -> Merger {
         Merger {
             streams: Vec::new(),
             by_id: FxHashMap::default(),
-            stamp_key,
             syncs: 0,
             pass_starts: Vec::new(),
             ended: false,
             ready: BinaryHeap::new(),
             addr_waiters: FxHashMap::default(),
-            stamp_waiters: Vec::new(),
+            after_waiters: Vec::new(),
             queued: 0,
-            serial: 0,
-            uses: FxHashMap::default(),
             stats: MergeStats::default(),
             stacks: Default::default(),
         }
@@ -343,7 +243,7 @@ impl Merger {
             wait: Wait::None,
             internal: false,
         });
-        self.stamp_waiters.push(Vec::new());
+        self.after_waiters.push(Vec::new());
         self.by_id.insert(id, i);
         i
     }
@@ -371,7 +271,6 @@ impl Merger {
             seq,
             base_word,
             epoch,
-            first_serial: self.serial + 1,
             times: vec![s.time_ns],
             events: Vec::new(),
             next: 0,
@@ -391,18 +290,6 @@ impl Merger {
                 Ok((at, ev)) => {
                     if let Event::Mallinfo { reason: MallinfoReason::Periodic, .. } = ev {
                         s.internal = true;
-                    }
-                    self.serial += 1;
-                    for (addr, ..) in uses_of(&ev).into_iter().flatten() {
-                        let per_stream = self.uses.entry(addr).or_default();
-                        let k = match per_stream.iter().position(|(st, _)| *st == i) {
-                            Some(k) => k,
-                            None => {
-                                per_stream.push((i, VecDeque::new()));
-                                per_stream.len() - 1
-                            }
-                        };
-                        runs_push(&mut per_stream[k].1, self.serial);
                     }
                     batch.events.push((at as u32, (batch.times.len() - 1) as u32));
                     self.queued += 1;
@@ -438,9 +325,14 @@ impl Merger {
         self.pass_starts.partition_point(|&s| s <= t).saturating_sub(1) as u32
     }
 
-    /// Smallest epoch among events not applied yet.
+    /// Smallest epoch among the heads that could go now (not waiting). A waiting head holds no
+    /// other one back by publication order: what it waits for can have been written in a later
+    /// pass than itself (a realloc exchanges its old block's cell before the call and writes its
+    /// event, time-marked, after it; a head can wait on an address whose allocation waits on
+    /// such a position), and that real edge overrides publication order, a mere preference for
+    /// unrelated events, which would otherwise hold it behind them forever.
     fn min_queued_epoch(&self) -> u32 {
-        self.streams.iter().filter_map(|s| s.head.as_ref().map(|p| p.epoch)).min().unwrap_or(u32::MAX)
+        self.streams.iter().filter(|s| s.wait == Wait::None).filter_map(|s| s.head.as_ref().map(|p| p.epoch)).min().unwrap_or(u32::MAX)
     }
 
     /// May `p` go now as far as publication order is concerned: is every event read in a pass
@@ -452,13 +344,9 @@ impl Merger {
         self.pass_of(p.time_ns) <= min_epoch
     }
 
-    /// More events became safe: re-examine deferrals (they were decided on less data) and queue
-    /// every stream whose head is now safe.
+    /// More events became safe: queue every stream whose head is now safe.
     fn reconsider(&mut self) {
         for i in 0..self.streams.len() {
-            if let Wait::Pair(_) = self.streams[i].wait {
-                self.streams[i].wait = Wait::None;
-            }
             self.push_if_ready(i);
         }
     }
@@ -488,8 +376,8 @@ impl Merger {
         self.by_id.get(&stream_id).map(|&i| self.streams[i].tid)
     }
 
-    /// Threads of the application that wrote events. Not counted: streams a stamp named but that
-    /// never appeared, and the preload's mallinfo2 sampler thread — recognised by the
+    /// Threads of the application that wrote events. Not counted: streams an ordering position
+    /// named but that never appeared, and the preload's mallinfo2 sampler thread — recognised by the
     /// `Mallinfo(Periodic)` checkpoints it writes: only that thread writes them, and it writes
     /// nothing else (see `preload/src/mallinfo.rs`). Its stream needs no mark of its own in the
     /// ring or the trace, and a trace without periodic checkpoints counts as before.
@@ -546,7 +434,12 @@ impl Merger {
             if retried {
                 continue;
             }
-            let forced = self.force_one(model, on_applied);
+            let mut forced = self.force_one(model, on_applied);
+            if !forced && self.ended && self.queued > 0 {
+                // Everything has arrived and nothing can go: never leave events unapplied.
+                self.release_oldest(model, on_applied);
+                forced = true;
+            }
             // Every stream goes back in the heap: held heads stay candidates (after a force, or
             // for the next run, after the next chunk or Sync).
             for i in 0..self.streams.len() {
@@ -564,41 +457,19 @@ impl Merger {
         if !self.safe(head, 2) {
             return;
         }
-        let stamp = if head.ignore_stamp { None } else { stamp_of(&head.ev) };
-        if let Some(st) = stamp {
-            if let Some(w) = self.stamp_target(i, st) {
-                let (j, pos) = w;
+        if !head.ignore_after {
+            for v in afters_of(&head.ev).into_iter().flatten() {
+                let Some((j, pos)) = self.after_target(i, v) else { continue };
                 if self.streams[j].frontier <= pos {
-                    self.streams[i].wait = Wait::Stamp { stream: j, pos };
-                    self.stamp_waiters[j].push((pos, i));
+                    self.streams[i].wait = Wait::After { stream: j, pos };
+                    self.after_waiters[j].push((pos, i));
                     return;
                 }
             }
         }
         let head = self.streams[i].head.as_ref().expect("step on an empty stream");
         match model.need(&head.ev) {
-            Need::Ok => {
-                if !head.ignore_pairs {
-                    let serial = head.serial;
-                    let mut ambiguous = false;
-                    let t = touched(&head.ev);
-                    for a in t.into_iter().flatten().take(if t[0] == t[1] { 1 } else { 2 }) {
-                        match self.address_order(i, a, serial, model.live.get(&a).map(|b| b.chunk)) {
-                            Order::Defer => {
-                                self.streams[i].wait = Wait::Pair(a);
-                                self.addr_waiters.entry(a).or_default().push(i);
-                                return;
-                            }
-                            Order::Ambiguous => ambiguous = true,
-                            Order::Clear => {}
-                        }
-                    }
-                    if ambiguous {
-                        self.stats.ambiguous += 1;
-                    }
-                }
-                self.apply_head(i, model, on_applied)
-            }
+            Need::Ok => self.apply_head(i, model, on_applied),
             Need::Live(a) | Need::Dead(a) | Need::Other(a) => {
                 self.streams[i].wait = Wait::Addr(a);
                 self.addr_waiters.entry(a).or_default().push(i);
@@ -606,142 +477,55 @@ impl Merger {
         }
     }
 
-    /// May the use of `addr` by stream `i`'s head (serial `serial`) go first? Searches the pending
-    /// uses of `addr` (safe ones) for a valid interleaving that starts with it.
-    fn address_order(&self, i: usize, addr: u64, serial: u64, live: AddrState) -> Order {
-        let Some(uses) = self.uses.get(&addr) else { return Order::Clear };
-        if uses.iter().all(|(st, _)| *st == i) {
-            return Order::Clear;
-        }
-        // Per stream, its first pending uses of `addr` in order (a bounded horizon: the search is
-        // about who goes next, not about the far future). Safe uses are mandatory (their causal
-        // pasts are present); newer ones are an optional suffix (their pasts may still be on the
-        // way) that histories take as far as they can go.
-        const HORIZON: usize = 12;
-        let streams: Vec<usize> = uses.iter().map(|(st, _)| *st).collect();
-        let seqs: Vec<Vec<Use>> = uses.iter().map(|(st, q)| self.first_uses(*st, addr, q, HORIZON)).collect();
-        let Some(me) = streams.iter().position(|&s| s == i) else { return Order::Clear };
-        if seqs[me].first().is_none_or(|u| u.serial != serial) {
-            // Not this stream's first use of the address (cannot happen for a head).
-            return Order::Clear;
-        }
-        let mut search = AddrSearch::new(self, &seqs, &streams);
-        let mut start = vec![0usize; seqs.len()];
-        start[me] = 1;
-        let mine = &seqs[me][0];
-        let Some(after) = mine.step(live) else { return Order::Clear };
-        if !search.feasible(&mut start, after) {
-            return if search.budget == 0 { Order::Clear } else { Order::Defer };
-        }
-        // A guess is a choice that rules out final outcomes the pending uses still allowed.
-        let mut search = AddrSearch::new(self, &seqs, &streams);
-        let all = search.outcomes(&mut vec![0usize; seqs.len()], live, Outcome::Current);
-        let mut start = vec![0usize; seqs.len()];
-        start[me] = 1;
-        let outcome = if after.is_some() { Outcome::Block(mine.serial) } else { Outcome::Dead };
-        let mine_only = search.outcomes(&mut start, after, outcome);
-        if search.budget == 0 || mine_only.len() < all.len() {
-            return Order::Ambiguous;
-        }
-        Order::Clear
-    }
-
-    /// Bytes held for queued events (their words, per-event entries, time marks, use runs):
-    /// what a test can bound per queued event.
+    /// Bytes held for queued events (their words, per-event entries, time marks): what a test can
+    /// bound per queued event.
     #[cfg(test)]
     fn queued_bytes(&self) -> usize {
-        let batches: usize = self
-            .streams
-            .iter()
-            .flat_map(|s| &s.batches)
-            .map(|b| 8 * (b.words.capacity() + b.times.capacity() + b.events.capacity()))
-            .sum();
-        let runs: usize = self.uses.values().flat_map(|v| v.iter()).map(|(_, q)| 16 * q.capacity()).sum();
-        batches + runs
+        self.streams.iter().flat_map(|s| &s.batches).map(|b| 8 * (b.words.capacity() + b.times.capacity() + b.events.capacity())).sum()
     }
 
-    /// The first `n` pending uses of `addr` by stream `st` (serials `runs`), read from its queue.
-    fn first_uses(&self, st: usize, addr: u64, runs: &UseRuns, n: usize) -> Vec<Use> {
-        let s = &self.streams[st];
-        let mut out = Vec::new();
-        for serial in runs.iter().flat_map(|&(f, k)| f..f + k as u64).take(n) {
-            let Some((b, idx)) = s.find(serial) else { continue };
-            let p = b.pending(idx);
-            let stamp = stamp_of(&p.ev);
-            let is_free = matches!(p.ev, Event::Free { .. });
-            for (a, kind, chunk, new_chunk) in uses_of(&p.ev).into_iter().flatten() {
-                if a != addr {
-                    continue;
-                }
-                // A realloc's stamp belongs to its new block; a free's to the freed one.
-                let stamp = if kind != UseKind::Free || is_free { stamp } else { None };
-                out.push(Use { serial, kind, chunk, new_chunk, stamp, pos: p.pos, epoch: p.epoch });
-            }
-        }
-        out
-    }
-
-    /// The stream and position a stamp names, if it names another known-or-future stream.
-    fn stamp_target(&mut self, i: usize, word: u64) -> Option<(usize, Pos)> {
-        let key = self.stamp_key?;
-        let r = stamp::decode(key, word)?;
-        if r.stream == 0 || r.stream == self.streams[i].id {
-            return None;
-        }
-        let known = self.by_id.get(&r.stream).copied();
-        let (max_seq, frontier) = known.map_or((0, 0), |j| (self.streams[j].max_seq, self.streams[j].frontier.seq));
-        let seq = stamp::resolve_seq(r.seq_low, max_seq.max(frontier));
-        // A reference far beyond anything the stream wrote is not a stamp of this image (e.g. a
-        // parent's stamp in memory a fork child inherited, decoded with the child's key). A
-        // stream not seen yet must be at its very beginning. Only then is a stream made for it.
-        let plausible = if known.is_some() { seq <= max_seq + 2 } else { seq <= 2 };
-        if !plausible {
-            self.stats.rejected_stamps += 1;
+    /// The stream and position an `after` word of stream `i`'s head names. `None`: nothing to
+    /// wait for (its own stream: program order already has it).
+    fn after_target(&mut self, i: usize, v: u64) -> Option<(usize, Pos)> {
+        let r = order::decode(v)?;
+        if r.stream == self.streams[i].id {
             return None;
         }
         let j = self.stream_index(r.stream);
+        let s = &self.streams[j];
+        let seq = order::resolve_seq(r.seq_low, s.max_seq.max(s.frontier.seq));
         Some((j, Pos { seq, word: r.word }))
     }
 
     fn apply_head(&mut self, i: usize, model: &mut LiveModel, on_applied: &mut impl FnMut(&Pending, u32, &LiveModel)) {
         let p = self.streams[i].pop_head();
         self.queued -= 1;
-        for (addr, ..) in uses_of(&p.ev).into_iter().flatten() {
-            if let Some(per_stream) = self.uses.get_mut(&addr) {
-                if let Some(k) = per_stream.iter().position(|(st, _)| *st == i) {
-                    // Applied in stream order: it is at the front.
-                    let q = &mut per_stream[k].1;
-                    runs_remove(q, p.serial);
-                    if q.is_empty() {
-                        per_stream.swap_remove(k);
-                    }
-                }
-                if per_stream.is_empty() {
-                    self.uses.remove(&addr);
-                }
-            }
-        }
         let id = self.streams[i].id;
         model.apply(&p.ev, p.time_ns, id);
         on_applied(&p, id, model);
-        let frontier = Pos { seq: p.pos.seq, word: p.pos.word + p.len };
-        self.streams[i].frontier = frontier;
         for a in touched(&p.ev).into_iter().flatten() {
             if let Some(ws) = self.addr_waiters.remove(&a) {
                 for w in ws {
-                    if self.streams[w].wait == Wait::Addr(a) || self.streams[w].wait == Wait::Pair(a) {
+                    if self.streams[w].wait == Wait::Addr(a) {
                         self.streams[w].wait = Wait::None;
                         self.push_if_ready(w);
                     }
                 }
             }
         }
-        if !self.stamp_waiters[i].is_empty() {
-            let waiters = std::mem::take(&mut self.stamp_waiters[i]);
+        // Positions name calls (see the module docs): only a call moves the frontier.
+        if !is_call(&p.ev) {
+            self.push_if_ready(i);
+            return;
+        }
+        let frontier = Pos { seq: p.pos.seq, word: p.pos.word + p.len };
+        self.streams[i].frontier = frontier;
+        if !self.after_waiters[i].is_empty() {
+            let waiters = std::mem::take(&mut self.after_waiters[i]);
             let mut keep = Vec::new();
             for (pos, w) in waiters {
                 if pos < frontier {
-                    if self.streams[w].wait == (Wait::Stamp { stream: i, pos }) {
+                    if self.streams[w].wait == (Wait::After { stream: i, pos }) {
                         self.streams[w].wait = Wait::None;
                         self.push_if_ready(w);
                     }
@@ -749,57 +533,55 @@ impl Merger {
                     keep.push((pos, w));
                 }
             }
-            self.stamp_waiters[i] = keep;
+            self.after_waiters[i] = keep;
         }
         self.push_if_ready(i);
+    }
+
+    /// May stream `i`'s wait still be met without forcing anything? A wait on a position is,
+    /// while the event it names has not arrived (the image still running), or while the stream
+    /// that has it can still move by itself (its head is not blocked). Then nothing may be
+    /// forced: it may unblock everything.
+    fn may_resolve(&self, i: usize) -> bool {
+        match self.streams[i].wait {
+            Wait::After { stream, pos } => {
+                let t = &self.streams[stream];
+                match &t.head {
+                    None => !self.ended,
+                    Some(_) => !(self.ended || t.received(pos)) || t.wait == Wait::None,
+                }
+            }
+            _ => false,
+        }
     }
 
     /// Nothing is ready: force the oldest blocked event whose precondition can no longer be met.
     fn force_one(&mut self, model: &mut LiveModel, on_applied: &mut impl FnMut(&Pending, u32, &LiveModel)) -> bool {
         // Only a stall that more data cannot resolve is broken: while any blocked head is
-        // younger than the margin, what it waits for (or what waits for it) may still arrive
-        // or be re-decided at the next Sync, and forcing an older event would act on a guess.
-        let all_settled = self
-            .streams
-            .iter()
-            .filter(|s| s.wait != Wait::None)
-            .all(|s| s.head.as_ref().is_none_or(|h| self.safe(h, 3)));
-        if !all_settled {
+        // younger than the margin, or waits for an event still on its way, what it waits for (or
+        // what waits for it) may still arrive.
+        let settled = |m: &Merger, i: usize| m.streams[i].head.as_ref().is_none_or(|h| m.safe(h, 3)) && !m.may_resolve(i);
+        if !(0..self.streams.len()).filter(|&i| self.streams[i].wait != Wait::None).all(|i| settled(self, i)) {
             return false;
         }
-        // Deferrals behind pairs are a preference, not a precondition: release them first.
-        let mut released = false;
-        for i in 0..self.streams.len() {
-            if let Wait::Pair(_) = self.streams[i].wait {
-                // As for forcing: only once whatever could justify the wait must have arrived.
-                if self.streams[i].head.as_ref().is_some_and(|h| self.safe(h, 3)) {
-                    self.streams[i].head.as_mut().unwrap().ignore_pairs = true;
-                    self.streams[i].wait = Wait::None;
-                    self.push_if_ready(i);
-                    self.stats.ambiguous += 1;
-                    released = true;
-                }
-            }
-        }
-        if released {
-            return true;
-        }
         // Break the stall where it can be repaired: first admit a blocked allocation beside the
-        // block still live at its address (a later free tells the two apart by chunk header);
-        // then drop a stamp edge (stamps are true edges: a last resort); then give up on a free.
+        // block still live at its address (its free was lost; a later free tells the two apart by
+        // chunk header); then release an ordering position whose event never came; then give up
+        // on a free; only then break a cycle.
         let mut best: Option<(u8, u64, usize)> = None;
         for (i, s) in self.streams.iter().enumerate() {
             if s.wait == Wait::None {
                 continue;
             }
             let Some(h) = s.head.as_ref() else { continue };
-            if !self.safe(h, 3) {
-                continue;
-            }
             let rank = match s.wait {
                 Wait::Addr(_) if matches!(model.need(&h.ev), Need::Dead(_)) => 0,
-                Wait::Stamp { .. } => 1,
-                _ => 2,
+                // The named event never came (the image ended without it).
+                Wait::After { stream, pos } if !(self.streams[stream].received(pos) && self.streams[stream].head.is_some()) => 1,
+                Wait::Addr(_) => 2,
+                // A cycle (the named event is there, blocked): a last resort.
+                Wait::After { .. } => 3,
+                Wait::None => continue,
             };
             if best.is_none_or(|b| (rank, h.time_ns, i) < b) {
                 best = Some((rank, h.time_ns, i));
@@ -807,27 +589,16 @@ impl Merger {
         }
         let Some((_, _, i)) = best else { return false };
         if std::env::var_os("MTRACE_DEBUG_MERGE").is_some() {
-            let h = self.streams[i].head.as_ref().unwrap();
-            eprintln!("force: stream {} wait {:?} head {:?} at {:?} epoch {} syncs {} ended {}", self.streams[i].id, self.streams[i].wait, h.ev, h.pos, h.epoch, self.syncs, self.ended);
-            let me = self.min_queued_epoch();
-            eprintln!("   min_epoch {me} pass_starts tail {:?}", &self.pass_starts[self.pass_starts.len().saturating_sub(4)..]);
-            for s in &self.streams {
-                eprintln!(
-                    "   stream {} wait {:?} frontier {:?} queued {} head {:?} time {:?} pass_of {:?}",
-                    s.id,
-                    s.wait,
-                    s.frontier,
-                    s.queued(),
-                    s.head.as_ref().map(|p| (p.ev, p.pos, p.epoch)),
-                    s.head.as_ref().map(|p| p.time_ns),
-                    s.head.as_ref().map(|p| self.pass_of(p.time_ns))
-                );
-            }
+            self.debug_stall(i);
         }
         match self.streams[i].wait {
-            Wait::Stamp { .. } => {
-                self.stats.ignored_stamps += 1;
-                self.streams[i].head.as_mut().unwrap().ignore_stamp = true;
+            Wait::After { stream, pos } => {
+                if self.streams[stream].received(pos) && self.streams[stream].head.is_some() {
+                    self.stats.broken_cycles += 1;
+                } else {
+                    self.stats.missing_predecessors += 1;
+                }
+                self.streams[i].head.as_mut().unwrap().ignore_after = true;
                 self.streams[i].wait = Wait::None;
                 self.push_if_ready(i);
             }
@@ -841,158 +612,74 @@ impl Merger {
                 self.streams[i].wait = Wait::None;
                 self.apply_head(i, model, on_applied);
             }
-            Wait::Pair(_) | Wait::None => unreachable!(),
+            Wait::None => unreachable!(),
         }
         true
     }
-}
 
-enum Order {
-    Clear,
-    Defer,
-    Ambiguous,
-}
-
-/// The state an address is left in after its pending uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-enum Outcome {
-    /// Not live.
-    Dead,
-    /// The block live before the pending uses is still live.
-    Current,
-    /// The block allocated by the use with this serial is live.
-    Block(u64),
-}
-
-/// Depth-first search for a valid history of one address's pending uses.
-struct AddrSearch<'a> {
-    merger: &'a Merger,
-    seqs: &'a [Vec<Use>],
-    streams: &'a [usize],
-    /// Per stream, how many of its uses must be consumed.
-    mandatory: Vec<usize>,
-    visited: FxHashMap<(Vec<usize>, AddrState), ()>,
-    memo: FxHashMap<(Vec<usize>, AddrState), Vec<Outcome>>,
-    budget: u32,
-}
-
-impl<'a> AddrSearch<'a> {
-    fn new(merger: &'a Merger, seqs: &'a [Vec<Use>], streams: &'a [usize]) -> Self {
-        let mandatory = seqs
-            .iter()
-            .map(|s| if merger.ended { s.len() } else { s.iter().take_while(|u| u.epoch + 2 <= merger.syncs).count() })
-            .collect();
-        AddrSearch { merger, seqs, streams, mandatory, visited: FxHashMap::default(), memo: FxHashMap::default(), budget: 20_000 }
+    /// The image ended and every head is stuck behind a wait nothing else could break (never
+    /// expected): apply the oldest head as it is, counted as a broken cycle.
+    fn release_oldest(&mut self, model: &mut LiveModel, on_applied: &mut impl FnMut(&Pending, u32, &LiveModel)) {
+        let Some(i) = (0..self.streams.len()).filter(|&i| self.streams[i].head.is_some()).min_by_key(|&i| self.streams[i].head.as_ref().map(|h| h.time_ns)) else { return };
+        if std::env::var_os("MTRACE_DEBUG_MERGE").is_some() {
+            self.debug_stall(i);
+        }
+        self.stats.broken_cycles += 1;
+        self.streams[i].wait = Wait::None;
+        self.apply_head(i, model, on_applied);
     }
 
-    /// Every mandatory use consumed?
-    fn done(&self, pos: &[usize]) -> bool {
-        pos.iter().zip(&self.mandatory).all(|(&p, &m)| p >= m)
+    /// `MTRACE_DEBUG_MERGE`: events are left at the end.
+    pub fn debug_dump(&self) {
+        eprintln!("merge: {} events left, ended {}", self.queued, self.ended);
+        if let Some(i) = (0..self.streams.len()).find(|&i| self.streams[i].head.is_some()) {
+            self.debug_stall(i);
+        }
     }
 
-    /// From positions `pos` (uses consumed per stream) with the address `live` or not, can every
-    /// mandatory use be consumed? Gives up (answering yes) when the budget runs out.
-    fn feasible(&mut self, pos: &mut Vec<usize>, live: AddrState) -> bool {
-        if self.done(pos) {
-            return true;
+    /// `MTRACE_DEBUG_MERGE`: what every stream was doing when stream `i`'s head was forced.
+    fn debug_stall(&self, i: usize) {
+        let h = self.streams[i].head.as_ref().unwrap();
+        eprintln!("force: stream {} wait {:?} head {:?} at {:?} epoch {} syncs {} ended {}", self.streams[i].id, self.streams[i].wait, h.ev, h.pos, h.epoch, self.syncs, self.ended);
+        for s in &self.streams {
+            eprintln!(
+                "   stream {} wait {:?} frontier {:?} expect {:?} queued {} head {:?}",
+                s.id,
+                s.wait,
+                s.frontier,
+                s.expect,
+                s.queued(),
+                s.head.as_ref().map(|p| (p.ev, p.pos, p.epoch, p.time_ns))
+            );
         }
-        if self.budget == 0 {
-            return true;
-        }
-        self.budget -= 1;
-        if self.visited.insert((pos.clone(), live), ()).is_some() {
-            return false;
-        }
-        for k in 0..self.seqs.len() {
-            let Some(u) = self.seqs[k].get(pos[k]) else { continue };
-            let Some(next) = u.step(live) else { continue };
-            if !self.stamp_allows(u, pos) {
-                continue;
-            }
-            pos[k] += 1;
-            let ok = self.feasible(pos, next);
-            pos[k] -= 1;
-            if ok {
-                return true;
-            }
-        }
-        false
-    }
-
-    /// Every final state a maximal valid history of the remaining uses (all mandatory ones
-    /// consumed, optional ones as far as they go) can end in. Empty: none is valid.
-    fn outcomes(&mut self, pos: &mut Vec<usize>, live: AddrState, now: Outcome) -> Vec<Outcome> {
-        if pos.iter().zip(self.seqs).all(|(&p, s)| p >= s.len()) {
-            return vec![now];
-        }
-        if let Some(o) = self.memo.get(&(pos.clone(), live)) {
-            return o.clone();
-        }
-        if self.budget == 0 {
-            return Vec::new();
-        }
-        self.budget -= 1;
-        let mut out: Vec<Outcome> = Vec::new();
-        for k in 0..self.seqs.len() {
-            let Some(u) = self.seqs[k].get(pos[k]) else { continue };
-            let Some(next_state) = u.step(live) else { continue };
-            if !self.stamp_allows(u, pos) {
-                continue;
-            }
-            pos[k] += 1;
-            let next = if next_state.is_some() { Outcome::Block(u.serial) } else { Outcome::Dead };
-            for o in self.outcomes(pos, next_state, next) {
-                if !out.contains(&o) {
-                    out.push(o);
-                }
-            }
-            pos[k] -= 1;
-        }
-        if !out.is_empty() {
-            // Only what the continuations give is independent of how we got here.
-            self.memo.insert((pos.clone(), live), out.clone());
-        } else if self.done(pos) {
-            // Stuck: a maximal history, valid since every mandatory use was consumed.
-            out.push(now);
-        }
-        out
-    }
-
-    /// A stamped use may only come after the free its stamp names: if that free is one of the
-    /// pending uses here, it must have been consumed.
-    fn stamp_allows(&self, u: &Use, pos: &[usize]) -> bool {
-        let Some(st) = u.stamp else { return true };
-        let Some(r) = self.merger.stamp_key.and_then(|k| stamp::decode(k, st)) else { return true };
-        let Some(&j) = self.merger.by_id.get(&r.stream) else { return true };
-        let Some(k) = self.streams.iter().position(|&s| s == j) else { return true };
-        let s = &self.merger.streams[j];
-        let target = Pos { seq: stamp::resolve_seq(r.seq_low, s.max_seq.max(s.frontier.seq)), word: r.word };
-        // Every use of stream k at or before the target must be consumed.
-        self.seqs[k].iter().take_while(|v| v.pos <= target).count() <= pos[k]
     }
 }
 
-/// What an event does to which addresses: (address, kind, header ended, header begun).
-fn uses_of(ev: &Event) -> [Option<(u64, UseKind, u64, u64)>; 2] {
+/// The `after` positions of an event (see `mtrace_protocol::order`).
+fn afters_of(ev: &Event) -> [Option<u64>; 2] {
     match *ev {
-        Event::Alloc { ptr, chunk, .. } if ptr != 0 => [Some((ptr, UseKind::Alloc, 0, chunk)), None],
-        Event::Free { ptr, chunk, .. } if ptr != 0 => [Some((ptr, UseKind::Free, chunk, 0)), None],
-        Event::Realloc { old_ptr, new_ptr, old_chunk, chunk, .. } if old_ptr != 0 && new_ptr == old_ptr => {
-            [Some((old_ptr, UseKind::Keep, old_chunk, chunk)), None]
-        }
-        Event::Realloc { old_ptr, new_ptr, size, old_chunk, chunk, .. } => {
-            let frees_old = old_ptr != 0 && (new_ptr != 0 || size == 0);
-            [frees_old.then_some((old_ptr, UseKind::Free, old_chunk, 0)), (new_ptr != 0).then_some((new_ptr, UseKind::Alloc, 0, chunk))]
-        }
+        Event::Alloc { after, .. } | Event::Free { after, .. } => [after, None],
+        Event::Realloc { after_old, after, .. } => [after_old, after],
         _ => [None, None],
     }
 }
 
-fn stamp_of(ev: &Event) -> Option<u64> {
-    match *ev {
-        Event::Alloc { stamp, .. } | Event::Realloc { stamp, .. } | Event::Free { stamp, .. } => stamp,
-        _ => None,
-    }
+/// A call of the application (what ordering positions name), as opposed to an observation.
+fn is_call(ev: &Event) -> bool {
+    matches!(
+        ev,
+        Event::Alloc { .. }
+            | Event::Free { .. }
+            | Event::Realloc { .. }
+            | Event::UsableSize { .. }
+            | Event::Mmap { .. }
+            | Event::Munmap { .. }
+            | Event::Mremap { .. }
+            | Event::Brk { .. }
+            | Event::Sbrk { .. }
+            | Event::MallocTrim { .. }
+            | Event::Mallopt { .. }
+    )
 }
 
 /// Addresses whose liveness `ev` changes.

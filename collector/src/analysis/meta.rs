@@ -67,9 +67,11 @@ pub struct ProcessMeta {
     /// The preload read glibc chunk headers.
     pub glibc_chunks: bool,
     pub heap_info: bool,
-    pub stamps: bool,
+    /// The image has ordering cells (see `mtrace_protocol::order`): cross-thread order is exact.
+    pub order_cells: bool,
+    /// Where they are: (address, bytes), for leaving them out of the RSS.
     #[serde(skip)]
-    pub stamp_key: u64,
+    pub order_table: Option<(u64, u64)>,
     pub metadata_truncated: bool,
 }
 
@@ -80,9 +82,9 @@ impl ProcessMeta {
         let mut m = ProcessMeta {
             glibc_chunks: fixed.flags & control::HELLO_GLIBC_CHUNKS != 0,
             heap_info: fixed.flags & control::HELLO_HEAP_INFO != 0,
-            stamps: fixed.flags & control::HELLO_STAMPS != 0,
+            order_cells: fixed.flags & control::HELLO_ORDER != 0,
             metadata_truncated: fixed.flags & control::HELLO_META_TRUNCATED != 0,
-            stamp_key: fixed.stamp_key,
+            order_table: fixed.order_cells().map(|(a, bits)| (a, 8u64 << bits.min(40))),
             ..Default::default()
         };
         for (t, v) in Tlvs::new(meta).flatten() {
@@ -109,15 +111,15 @@ impl ProcessMeta {
     /// A fork child's metadata: its parent's, with the child's own start time and break.
     pub fn inherit(&mut self, parent: &ProcessMeta) {
         let (rt, mono, brk) = (self.start_realtime_ns, self.start_monotonic_ns, self.brk_at_init);
-        let (key, chunks, heap_info, stamps) = (self.stamp_key, self.glibc_chunks, self.heap_info, self.stamps);
+        let (table, chunks, heap_info, cells) = (self.order_table, self.glibc_chunks, self.heap_info, self.order_cells);
         *self = parent.clone();
         self.start_realtime_ns = rt;
         self.start_monotonic_ns = mono;
         self.brk_at_init = brk;
-        self.stamp_key = key;
+        self.order_table = table;
         self.glibc_chunks = chunks;
         self.heap_info = heap_info;
-        self.stamps = stamps;
+        self.order_cells = cells;
     }
 }
 

@@ -335,13 +335,13 @@ mod tests {
     fn alloc(ptr: u64, size: u64, stack: u64) -> Event {
         // A heap chunk: 16-byte granularity, header included.
         let chunk = mtrace_protocol::event::chunk::request2size(size) | 1;
-        Event::Alloc { kind: EventKind::Malloc, ptr, size, align: 0, chunk, prev_size: 0, stack, stamp: None }
+        Event::Alloc { kind: EventKind::Malloc, ptr, size, align: 0, chunk, prev_size: 0, stack, after: None }
     }
     fn free(ptr: u64) -> Event {
-        Event::Free { kind: EventKind::Free, ptr, chunk: 0, stamp: None }
+        Event::Free { kind: EventKind::Free, ptr, chunk: 0, after: None }
     }
     fn realloc(old_ptr: u64, new_ptr: u64, size: u64, stack: u64) -> Event {
-        Event::Realloc { kind: EventKind::Realloc, old_ptr, new_ptr, size, old_chunk: 0, chunk: 0, prev_size: 0, stack, stamp: None }
+        Event::Realloc { kind: EventKind::Realloc, old_ptr, new_ptr, size, old_chunk: 0, chunk: 0, prev_size: 0, stack, after_old: None, after: None }
     }
     fn amounts(v: Vec<SiteAmount>) -> Vec<(u64, u64, u64)> {
         let mut v: Vec<_> = v.into_iter().map(|a| (a.stack, a.bytes, a.blocks)).collect();

@@ -337,10 +337,10 @@ impl ProcessModel {
         let anomalies = [
             ("stream gaps", a.stream_gaps),
             ("undecodable chunks", a.undecodable_chunks),
-            ("ignored stamps", a.ignored_stamps),
+            ("missing predecessors", a.missing_predecessors),
+            ("broken cycles", a.broken_cycles),
             ("forced events", a.forced_events),
             ("reordered blocks", a.reordered_blocks),
-            ("ambiguous orders", a.ambiguous_orders),
         ]
         .into_iter()
         .filter(|(_, v)| *v > 0)

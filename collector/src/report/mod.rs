@@ -58,6 +58,10 @@ pub struct ProcessReport {
     pub malloc_env: Vec<String>,
     pub duration_s: f64,
     pub threads: usize,
+    /// The image had ordering cells: its cross-thread history is exact (see `mtrace_protocol::order`).
+    /// Without them (`MTRACE_ORDER=0`, or no memory for the table) threads are ordered by liveness
+    /// and time marks alone.
+    pub order_cells: bool,
     /// Calls per hooked function, failed calls and `free(NULL)` included.
     pub calls: BTreeMap<String, u64>,
     pub alloc_count: u64,
@@ -105,10 +109,15 @@ pub struct ProcessReport {
 pub struct Anomalies {
     pub stream_gaps: u64,
     pub undecodable_chunks: u64,
-    pub ignored_stamps: u64,
+    /// Ordering positions naming events the trace never got (killed between a free's exchange
+    /// and its event).
+    pub missing_predecessors: u64,
+    /// Ordering waits released to break a cycle (never expected).
+    pub broken_cycles: u64,
+    /// Frees applied although their block never appeared.
     pub forced_events: u64,
+    /// Allocations admitted while their address was still live (the old block's free was lost).
     pub reordered_blocks: u64,
-    pub ambiguous_orders: u64,
 }
 
 #[derive(Serialize, Clone, Copy)]
@@ -212,6 +221,7 @@ fn process(img: &ImageAnalysis, opts: ReportOptions, symbolizer: &std::rc::Rc<bl
         malloc_env: img.meta.env.iter().filter(|e| !e.starts_with("LD_PRELOAD=")).cloned().collect(),
         duration_s: secs(end_ns - img.start_ns),
         threads: img.threads(),
+        order_cells: img.meta.order_cells,
         calls: c.calls.iter().map(|(k, v)| (k.label().to_string(), *v)).collect(),
         alloc_count: c.alloc_count,
         free_count: c.free_count,
@@ -243,10 +253,10 @@ fn process(img: &ImageAnalysis, opts: ReportOptions, symbolizer: &std::rc::Rc<bl
         anomalies: Anomalies {
             stream_gaps: stats.gaps,
             undecodable_chunks: stats.decode_errors,
-            ignored_stamps: stats.ignored_stamps,
+            missing_predecessors: stats.missing_predecessors,
+            broken_cycles: stats.broken_cycles,
             forced_events: stats.forced,
             reordered_blocks: c.reordered,
-            ambiguous_orders: stats.ambiguous,
         },
         retention: retention::build(img),
         retention_unavailable: (!img.glibc.enabled).then(|| img.glibc.uncertain.first().cloned().unwrap_or_else(|| "no glibc model".into())),

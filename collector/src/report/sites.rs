@@ -489,10 +489,10 @@ mod tests {
 
     fn alloc(ptr: u64, size: u64, stack: u64) -> Event {
         let chunk = mtrace_protocol::event::chunk::request2size(size) | 1;
-        Event::Alloc { kind: EventKind::Malloc, ptr, size, align: 0, chunk, prev_size: 0, stack, stamp: None }
+        Event::Alloc { kind: EventKind::Malloc, ptr, size, align: 0, chunk, prev_size: 0, stack, after: None }
     }
     fn free(ptr: u64) -> Event {
-        Event::Free { kind: EventKind::Free, ptr, chunk: 0, stamp: None }
+        Event::Free { kind: EventKind::Free, ptr, chunk: 0, after: None }
     }
 
     /// An image whose modules cannot be read (frames stay `module+0xoffset`): a libc (plumbing)

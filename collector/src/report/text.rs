@@ -88,19 +88,15 @@ fn process(s: &mut String, p: &ProcessReport, lossy: bool) {
     if p.unmatched_frees > 0 {
         let _ = writeln!(s, "   unmatched frees: {} (frees of blocks allocated before tracing, or lost)", p.unmatched_frees);
     }
-    let a = &p.anomalies;
-    if a.stream_gaps + a.undecodable_chunks + a.ignored_stamps + a.forced_events > 0 {
-        let _ = writeln!(
-            s,
-            "   anomalies: {} stream gaps, {} undecodable chunks, {} ignored stamps, {} forced events",
-            a.stream_gaps, a.undecodable_chunks, a.ignored_stamps, a.forced_events
-        );
+    if !p.order_cells && p.threads > 1 {
+        let _ = writeln!(s, "   threads ordered by time alone (no ordering cells): blocks handed between threads may be misattributed");
     }
-    if a.reordered_blocks + a.forced_events > 0 {
+    let a = &p.anomalies;
+    if a.stream_gaps + a.undecodable_chunks + a.missing_predecessors + a.broken_cycles + a.forced_events + a.reordered_blocks > 0 {
         let _ = writeln!(
             s,
-            "   ordering: {} blocks admitted out of order, {} undecidable orders (threads reusing one address within a tick)",
-            a.reordered_blocks, a.ambiguous_orders
+            "   anomalies: {} stream gaps, {} undecodable chunks, {} missing predecessors, {} broken cycles, {} forced frees, {} blocks admitted out of order",
+            a.stream_gaps, a.undecodable_chunks, a.missing_predecessors, a.broken_cycles, a.forced_events, a.reordered_blocks
         );
     }
     if let Some(r) = &p.retention {

@@ -980,13 +980,13 @@ mod tests {
     fn malloc(g: &mut GlibcModel, chunk_addr: u64, req: u64) -> u64 {
         let size = params::request2size(req);
         let ptr = chunk_addr + 16;
-        g.apply(&Event::Alloc { kind: EventKind::Malloc, ptr, size: req, align: 0, chunk: size | 1, prev_size: 0, stack: 0, stamp: None }, 1, 1);
+        g.apply(&Event::Alloc { kind: EventKind::Malloc, ptr, size: req, align: 0, chunk: size | 1, prev_size: 0, stack: 0, after: None }, 1, 1);
         ptr
     }
 
     fn free(g: &mut GlibcModel, ptr: u64, req: u64, stream: u32) {
         let size = params::request2size(req);
-        g.apply(&Event::Free { kind: EventKind::Free, ptr, chunk: size | 1, stamp: None }, 2, stream);
+        g.apply(&Event::Free { kind: EventKind::Free, ptr, chunk: size | 1, after: None }, 2, stream);
     }
 
     /// `n` blocks of `req` bytes one after another from the start of the heap (after the main
@@ -1007,7 +1007,7 @@ mod tests {
             g.apply(&Event::Mallinfo { reason: MallinfoReason::Start, mi, clock_before: at }, at, 9);
         };
         let alloc = |g: &mut GlibcModel, at: u64, ptr: u64| {
-            g.apply(&Event::Alloc { kind: EventKind::Malloc, ptr, size: 24, align: 0, chunk: 33, prev_size: 0, stack: 0, stamp: None }, at, 1);
+            g.apply(&Event::Alloc { kind: EventKind::Malloc, ptr, size: 24, align: 0, chunk: 33, prev_size: 0, stack: 0, after: None }, at, 1);
         };
         let first = HEAP + TCACHE_STRUCT_CHUNK + 16;
         // Busy thread: its previous record (100 ms) is before the checkpoint (101 ms), so its
@@ -1037,7 +1037,7 @@ mod tests {
         let mut g = model();
         alloc(&mut g, 100 * MS, first);
         checkpoint(&mut g, 200 * MS);
-        g.apply(&Event::Free { kind: EventKind::Free, ptr: first, chunk: 33, stamp: None }, 201 * MS, 1);
+        g.apply(&Event::Free { kind: EventKind::Free, ptr: first, chunk: 33, after: None }, 201 * MS, 1);
         g.finish();
         assert_eq!(g.checkpoints[0].exact_order, Some(true));
     }
@@ -1124,9 +1124,9 @@ mod tests {
     fn freeing_an_mmapped_chunk_raises_the_thresholds() {
         let mut g = model();
         let hdr = 1_052_672 | chunk::IS_MMAPPED;
-        g.apply(&Event::Alloc { kind: EventKind::Malloc, ptr: 0x7f00_0000_0010, size: 1 << 20, align: 0, chunk: hdr, prev_size: 0, stack: 0, stamp: None }, 1, 1);
+        g.apply(&Event::Alloc { kind: EventKind::Malloc, ptr: 0x7f00_0000_0010, size: 1 << 20, align: 0, chunk: hdr, prev_size: 0, stack: 0, after: None }, 1, 1);
         assert_eq!(g.mallinfo().hblkhd, 1_052_672);
-        g.apply(&Event::Free { kind: EventKind::Free, ptr: 0x7f00_0000_0010, chunk: hdr, stamp: None }, 2, 1);
+        g.apply(&Event::Free { kind: EventKind::Free, ptr: 0x7f00_0000_0010, chunk: hdr, after: None }, 2, 1);
         assert_eq!(g.params.mmap_threshold, 1_052_672);
         assert_eq!(g.params.trim_threshold, 2 * 1_052_672);
         assert_eq!(g.mallinfo().hblkhd, 0);
@@ -1158,9 +1158,9 @@ mod tests {
     #[test]
     fn implausible_values_are_ignored_not_a_panic() {
         let mut g = model();
-        g.apply(&Event::Free { kind: EventKind::Free, ptr: 8, chunk: 33, stamp: None }, 1, 1);
+        g.apply(&Event::Free { kind: EventKind::Free, ptr: 8, chunk: 33, after: None }, 1, 1);
         g.apply(&Event::HeapSize { heap: 0x7f00_0000_0000, size: u64::MAX - 10, fresh: false }, 1, 1);
-        g.apply(&Event::Alloc { kind: EventKind::Malloc, ptr: u64::MAX - 15, size: 1, align: 0, chunk: u64::MAX, prev_size: 0, stack: 0, stamp: None }, 1, 1);
+        g.apply(&Event::Alloc { kind: EventKind::Malloc, ptr: u64::MAX - 15, size: 1, align: 0, chunk: u64::MAX, prev_size: 0, stack: 0, after: None }, 1, 1);
         assert_eq!(g.conflicts(), 3);
         assert_eq!(g.mallinfo().arena, 0x21000);
     }
@@ -1192,9 +1192,9 @@ mod tests {
                 let req = sizes[sz as usize];
                 let hdr = params::request2size(req) | 1 | if slot >= 48 { chunk::NON_MAIN_ARENA } else { 0 };
                 let ev = match op {
-                    0 | 1 => Event::Alloc { kind: EventKind::Malloc, ptr, size: req, align: 0, chunk: hdr, prev_size: 0, stack: 0, stamp: None },
-                    2 | 3 => Event::Free { kind: EventKind::Free, ptr, chunk: hdr, stamp: None },
-                    4 => Event::Realloc { kind: EventKind::Realloc, old_ptr: ptr, new_ptr: ptr, size: req, old_chunk: hdr, chunk: params::request2size(req / 2 + 1) | 1, prev_size: 0, stack: 0, stamp: None },
+                    0 | 1 => Event::Alloc { kind: EventKind::Malloc, ptr, size: req, align: 0, chunk: hdr, prev_size: 0, stack: 0, after: None },
+                    2 | 3 => Event::Free { kind: EventKind::Free, ptr, chunk: hdr, after: None },
+                    4 => Event::Realloc { kind: EventKind::Realloc, old_ptr: ptr, new_ptr: ptr, size: req, old_chunk: hdr, chunk: params::request2size(req / 2 + 1) | 1, prev_size: 0, stack: 0, after_old: None, after: None },
                     5 => Event::ProgramBreak { brk: HEAP + slot * 0x2000, fresh: slot % 2 == 0 },
                     6 => Event::ArenaHeap { heap: thread_heap, ar_ptr: thread_heap + 48, size: 0x21000, prev: 0 },
                     7 => Event::HeapSize { heap: thread_heap, size: slot * 0x1000, fresh: slot % 3 == 0 },

@@ -1,0 +1,127 @@
+//! This image's ordering cells: the table, and the two operations the hooks make on it.
+//!
+//! What the cells are and why they make every address's history exact is in
+//! `mtrace_protocol::order`. Here:
+//!
+//! * **The table** is `2^bits` 64-bit cells (default 2^21: 16 MiB of address space) of private
+//!   anonymous memory, reserved without swap (`MAP_NORESERVE`) and touched only where blocks are
+//!   freed: one page of cells covers 128 KiB of heap. It is made in the constructor, before the
+//!   image registers (events written before that carry no position and touch no cell), named
+//!   `[anon:mtrace]`, and its address goes to the collector in the Hello so that the recorder can
+//!   leave its resident pages out of the program's RSS. `MADV_WIPEONFORK` gives a fork child a
+//!   zeroed table (its streams are new: the parent's positions mean nothing there); where the
+//!   kernel lacks it, the child zeroes it with `MADV_DONTNEED`. `MTRACE_ORDER=0` makes none (the
+//!   collector then orders threads by liveness and time alone, and says so); `MTRACE_ORDER_CELLS=N`
+//!   sets `bits` (10..=28).
+//! * **free** ([`exchange`]): one `xchg` of the block's cell with the free event's position,
+//!   before the real `free`. `realloc` does the same for its old block before the real call.
+//! * **allocation** ([`load`]): one load of the returned block's cell, after the real call.
+//!
+//! Why an atomic exchange and not a plain load and store: with plain stores, two threads freeing
+//! blocks whose addresses share a cell can both read the same predecessor and both store, and the
+//! chain loses one of them — a free the next allocation of its address is no longer ordered
+//! after. A tag of the address in the cell would detect that, but only as a guess to fall back
+//! from. The exchange makes collisions harmless by construction, so the table can stay small.
+//! Measured on the 2-core development VM (`bench/run`, malloc(32)+free, 1 thread, callgrind):
+//! see the README's Performance section for the cost of the exchange against a plain store.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use mtrace_protocol::order;
+
+use crate::sys;
+
+struct Table {
+    cells: *mut AtomicU64,
+    /// `2^bits - 1`.
+    mask: u64,
+    bits: u32,
+    /// The kernel wipes the table in a fork child by itself (`MADV_WIPEONFORK`).
+    wiped_on_fork: bool,
+}
+
+static mut TABLE: Table = Table { cells: core::ptr::null_mut(), mask: 0, bits: 0, wiped_on_fork: false };
+
+#[inline(always)]
+fn table() -> &'static Table {
+    // SAFETY: written only in the constructor, before any hook uses the cells (the image is not
+    // registered yet, so no event has a position).
+    unsafe { &*core::ptr::addr_of!(TABLE) }
+}
+
+/// Make the table (the constructor, single-threaded, before registration). `bits`: log2 of the
+/// number of cells, `None`: no ordering cells.
+pub fn init(bits: Option<u32>) {
+    let Some(bits) = bits else { return };
+    let bits = bits.clamp(order::MIN_CELL_BITS, order::MAX_CELL_BITS);
+    let len = 8usize << bits;
+    // SAFETY: a fresh private anonymous mapping of our own.
+    let p = unsafe {
+        sys::mmap(core::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0)
+    };
+    if p == libc::MAP_FAILED || p.is_null() {
+        sys::warn(&[b"no memory for the ordering cells: threads are ordered by time alone"]);
+        return;
+    }
+    sys::name_mapping(p, len);
+    // SAFETY: madvise on our own mapping.
+    let wiped = unsafe { libc::syscall(libc::SYS_madvise, p, len, libc::MADV_WIPEONFORK) } == 0;
+    // SAFETY: single-threaded initialisation (see `table`).
+    unsafe {
+        *core::ptr::addr_of_mut!(TABLE) = Table { cells: p as *mut AtomicU64, mask: (1u64 << bits) - 1, bits, wiped_on_fork: wiped };
+    }
+}
+
+/// The cells exist (fast paths are allowed only then; see `writer::switch_block`).
+#[inline(always)]
+pub fn enabled() -> bool {
+    !table().cells.is_null()
+}
+
+/// The Hello's `order_table` word: the table's address with `bits` in the low 12 bits (0: none).
+pub fn hello_word() -> u64 {
+    let t = table();
+    if t.cells.is_null() { 0 } else { t.cells as u64 | t.bits as u64 }
+}
+
+/// A fork child: its streams start afresh, so the parent's positions must go.
+pub fn fork_child() {
+    let t = table();
+    if !t.cells.is_null() && !t.wiped_on_fork {
+        // SAFETY: madvise on our own private anonymous mapping: its pages read as zero again.
+        unsafe { libc::syscall(libc::SYS_madvise, t.cells, 8usize << t.bits, libc::MADV_DONTNEED) };
+    }
+}
+
+/// The cell of the block at `p`.
+///
+/// # Safety
+/// [`enabled`].
+#[inline(always)]
+unsafe fn cell(p: u64) -> &'static AtomicU64 {
+    let t = table();
+    // SAFETY: the index is masked to the table, which lives as long as the process.
+    unsafe { &*t.cells.add(order::cell_index_masked(p, t.mask)) }
+}
+
+/// A free (or a realloc's old block): put the position of its event into the block's cell and
+/// return what it replaced. Before the real call.
+///
+/// # Safety
+/// [`enabled`].
+#[inline(always)]
+pub unsafe fn exchange(p: u64, pos: u64) -> u64 {
+    // SAFETY: per the contract.
+    unsafe { cell(p).swap(pos, Ordering::AcqRel) }
+}
+
+/// An allocation: what the cell of the block it returned holds. After the real call (Acquire:
+/// not before the call that handed the block out).
+///
+/// # Safety
+/// [`enabled`].
+#[inline(always)]
+pub unsafe fn load(p: u64) -> u64 {
+    // SAFETY: per the contract.
+    unsafe { cell(p).load(Ordering::Acquire) }
+}
