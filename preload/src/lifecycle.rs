@@ -196,9 +196,13 @@ unsafe extern "C" fn fork_prepare() {
         }
         (*t).busy = 1;
         let seq = writer::FORK_SEQ.fetch_add(1, Ordering::AcqRel) + 1;
-        writer::emit(t, 2, |w| {
-            *w = event::header(EventKind::Fork, 2, 0);
+        // What the other threads have published by now is in the child's heap: the cut.
+        let mut cut = [0u64; event::MAX_EVENT_WORDS - 2];
+        let n = writer::fork_cut(&mut cut);
+        writer::emit(t, 2 + n, |w| {
+            *w = event::header(EventKind::Fork, 2 + n, 0);
             *w.add(1) = seq;
+            core::ptr::copy_nonoverlapping(cut.as_ptr(), w.add(2), n);
         });
         (*t).busy = 0;
     }

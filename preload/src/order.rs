@@ -3,9 +3,9 @@
 //! What the cells are and why they make every address's history exact is in
 //! `mtrace_protocol::order`. Here:
 //!
-//! * **The table** is `2^bits` 64-bit cells (default 2^21: 16 MiB of address space) of private
-//!   anonymous memory, reserved without swap (`MAP_NORESERVE`) and touched only where blocks are
-//!   freed: one page of cells covers 128 KiB of heap. It is made in the constructor, before the
+//! * **The table** is `2^bits` 64-bit cells (default 2^18: 2 MiB) of private anonymous memory,
+//!   reserved without swap (`MAP_NORESERVE`) and touched only where blocks are freed: one page of
+//!   cells covers 128 KiB of heap, the whole table 8 MiB (farther blocks share cells). It is made in the constructor, before the
 //!   image registers (events written before that carry no position and touch no cell), named
 //!   `[anon:mtrace]`, and its address goes to the collector in the Hello so that the recorder can
 //!   leave its resident pages out of the program's RSS. `MADV_WIPEONFORK` gives a fork child a

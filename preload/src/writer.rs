@@ -358,6 +358,38 @@ unsafe fn give_up_block(t: *mut ThreadState, ring: &Ring) {
     }
 }
 
+/// The cut of a fork (see `mtrace_protocol::event::fork_cut`): for each stream with a block in
+/// the ring, the position right after the events it has published, into `out`; returns how
+/// many. Taken by the forking thread just before `fork` (streams beyond `out` are left out, and
+/// then ordered against the fork by time marks alone).
+///
+/// # Safety
+/// `STATE` is `ACTIVE` (the ring is mapped).
+pub unsafe fn fork_cut(out: &mut [u64]) -> usize {
+    let Some(ring) = hot().ring else { return 0 };
+    let (mut n, cap) = (0, out.len());
+    for i in 0..ring.used_blocks() {
+        let d = ring.desc(i);
+        let (stream, seq, len) = (d.stream.load(Ordering::Acquire), d.seq.load(Ordering::Relaxed), d.len.load(Ordering::Acquire));
+        if stream == 0 || stream >= order::MAX_STREAMS {
+            continue;
+        }
+        let pos = order::position(stream, seq, len / 8);
+        // The latest block of each stream (sequence numbers grow; a recycled descriptor still
+        // names its last owner's block).
+        // Within one stream, positions order as (block, word).
+        match out[..n].iter_mut().find(|v| **v >> 40 == pos >> 40) {
+            Some(v) => *v = (*v).max(pos),
+            None if n < cap => {
+                out[n] = pos;
+                n += 1;
+            }
+            None => {}
+        }
+    }
+    n
+}
+
 /// Forget the ring (fork child: the blocks belong to the parent).
 ///
 /// # Safety

@@ -342,7 +342,7 @@ mod tests {
             parent_image: 3,
             fork_seq: 2,
             order_table: 0x7f00_0000_0000 | 21,
-            flags: HELLO_STAMPS,
+            flags: HELLO_ORDER,
         };
         let n = h.encode(&mut buf);
         let mut w = Writer::new(&mut buf[n..]);

@@ -38,7 +38,7 @@
 //! | `HeapSize` | `w0(fresh) heap size` |
 //! | `Lost` | `w0 events blocks` |
 //! | `ThreadExit` | `w0` |
-//! | `Fork` | `w0 fork_seq` |
+//! | `Fork` | `w0 fork_seq cut..` |
 //! | `Mallinfo` | `w0(reason) arena ordblks smblks hblks hblkhd fsmblks uordblks fordblks keepcost clock_before` |
 //! | `Stack` | `w0(depth) id ip[0] .. ip[depth-1]` |
 //! | `Module` | `w0(path_len \| build_id_len<<16) bias lo hi build_id_words.. path_words..` |
@@ -268,8 +268,9 @@ pub enum Event {
     /// Events dropped in lossy mode right before this point.
     Lost { events: u64, blocks: u64 },
     ThreadExit,
-    /// The thread is about to fork; the child registers with this sequence number.
-    Fork { seq: u64 },
+    /// The thread is about to fork; the child registers with this sequence number. `cut`: how
+    /// many words of cut follow ([`fork_cut`]).
+    Fork { seq: u64, cut: usize },
     /// glibc's own books (`mallinfo2()`), taken by the preload as ground truth for the model.
     /// `clock_before`: the collector clock read right before `mallinfo2()` was called (the
     /// event's own time mark is read after it returned): glibc's books are of an instant
@@ -500,7 +501,7 @@ pub fn decode(words: &[u64], at: usize) -> Result<(Event, usize), DecodeError> {
         EventKind::HeapSize => Event::HeapSize { heap: w[1], size: w[2], fresh: aux & PROGRAM_BREAK_FRESH != 0 },
         EventKind::Lost => Event::Lost { events: w[1], blocks: w[2] },
         EventKind::ThreadExit => Event::ThreadExit,
-        EventKind::Fork => Event::Fork { seq: w[1] },
+        EventKind::Fork => Event::Fork { seq: w[1], cut: len - 2 },
         EventKind::Mallinfo => Event::Mallinfo {
             reason: MallinfoReason::from_u8((aux & 0xff) as u8),
             mi: Mallinfo2 {
@@ -533,6 +534,15 @@ pub fn decode(words: &[u64], at: usize) -> Result<(Event, usize), DecodeError> {
         EventKind::ModuleUnload => Event::ModuleUnload { bias: w[1] },
     };
     Ok((ev, len))
+}
+
+/// The cut of the `Fork` event whose words start at `w[0]` (already decoded successfully): per
+/// stream of the image, the position (see [`crate::order`]) right after the last event it had
+/// published when the thread forked — what the fork child's heap includes. Streams not listed had
+/// nothing unread in the ring (or did not fit the event).
+pub fn fork_cut(w: &[u64]) -> &[u64] {
+    let (_, len, _) = split_header(w[0]);
+    &w[2..len]
 }
 
 /// The frames of the `Stack` event whose words start at `w[0]` (already decoded successfully).

@@ -145,9 +145,12 @@ pub const fn cell_index_masked(addr: u64, mask: u64) -> usize {
     (((addr >> GRANULE_SHIFT) ^ region) & mask) as usize
 }
 
-/// Default table: 2^21 cells (16 MiB of address space reserved, touched only where blocks are
-/// freed: a page of cells per 128 KiB of heap, at most 16 MiB).
-pub const DEFAULT_CELL_BITS: u32 = 21;
+/// Default table: 2^18 cells — 2 MiB reserved, touched only where blocks are freed (a page of
+/// cells per 128 KiB of heap), so at most 2 MiB resident however large the heap. Blocks 8 MiB
+/// apart share cells: harmless (see the module docs), a little more waiting in the merger and an
+/// occasional `after` word. Larger tables (`MTRACE_ORDER_CELLS`) trade memory for fewer shared
+/// cache lines between threads.
+pub const DEFAULT_CELL_BITS: u32 = 18;
 /// Accepted sizes of the table (`MTRACE_ORDER_CELLS`, log2 of the number of cells).
 pub const MIN_CELL_BITS: u32 = 10;
 pub const MAX_CELL_BITS: u32 = 28;

@@ -146,3 +146,30 @@ fn without_ordering_cells_the_report_says_so() {
     let (p, _) = run("handoff", &["queue", "4", "200"], &SETUPS[0], &[]);
     assert_eq!(p["order_cells"], true);
 }
+
+/// A fork child of a threaded parent: its ordering cells start empty (the parent's positions
+/// name streams the child does not have), it inherits the parent's blocks, and its own threads
+/// hand those blocks around again. Both images exact.
+#[test]
+fn a_fork_child_of_a_threaded_parent_is_exact() {
+    for pattern in ["rounds", "realloc"] {
+        let _turn = heavy();
+        let fx = fixture("handoff");
+        let r = record(&[], &[fx.to_str().unwrap(), pattern, "6", if pattern == "rounds" { "30" } else { "6000" }], &[("HANDOFF_FORK", "1"), ("GLIBC_TUNABLES", "glibc.pthread.stack_cache_size=0")]);
+        assert_eq!(r.code(), Some(0), "{}", r.stderr());
+        let rep = r.report();
+        let t = truth(&r.stdout());
+        let ps = rep["processes"].as_array().unwrap();
+        assert_eq!(ps.len(), 2, "parent and fork child");
+        for (p, prefix) in [(&ps[0], ""), (&ps[1], "child.")] {
+            let what = format!("{pattern} {}", if prefix.is_empty() { "parent" } else { "child" });
+            assert_clean(p, &what);
+            assert_eq!(num(p, "final_live_bytes"), t[&format!("{prefix}final_live_bytes")], "{what}");
+            assert_eq!(num(p, "final_live_blocks"), t[&format!("{prefix}final_live_blocks")], "{what}");
+            for call in ["malloc", "calloc", "realloc"] {
+                assert_eq!(p["final_live_by_call"][call].as_u64().unwrap_or(0), t[&format!("{prefix}live.{call}")], "{what}: {call}");
+            }
+        }
+        assert_eq!(ps[1]["relation"], "fork", "{}", ps[1]);
+    }
+}

@@ -341,7 +341,7 @@ impl ImageAnalysis {
                 Event::Realloc { new_ptr, size, .. } if new_ptr != 0 => sizes.record(size),
                 _ => {}
             }
-            if let Event::Fork { seq } = p.ev {
+            if let Event::Fork { seq, .. } = p.ev {
                 snaps.insert(seq, (model.clone(), (glibc.clone(), stream)));
             }
         });

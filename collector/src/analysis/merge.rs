@@ -74,6 +74,19 @@ enum Wait {
     Addr(u64),
     /// Until the first call of `stream` at or after `pos` has been applied.
     After { stream: usize, pos: Pos },
+    /// Until every event of `stream` before `pos` has arrived and been applied (a fork's cut).
+    Drained { stream: usize, pos: Pos },
+}
+
+/// Events of `stream` at or after `pos` happened after the fork whose event ends at `fork_end`
+/// in stream `fork`: they wait for it (so that the fork child's heap is the parent's at the
+/// fork, not later).
+#[derive(Clone, Copy, Debug)]
+struct ForkBarrier {
+    stream: usize,
+    pos: Pos,
+    fork: usize,
+    fork_end: Pos,
 }
 
 /// The events of one chunk that are not applied yet. Queued events are kept as the chunk's words
@@ -173,6 +186,11 @@ impl Stream {
     fn received(&self, pos: Pos) -> bool {
         self.expect.is_some_and(|(seq, off)| Pos { seq, word: off / 8 } > pos)
     }
+
+    /// Has every event before `pos` arrived and been applied?
+    fn drained(&self, pos: Pos) -> bool {
+        self.expect.is_some_and(|(seq, off)| Pos { seq, word: off / 8 } >= pos) && self.head.as_ref().is_none_or(|h| h.pos >= pos)
+    }
 }
 
 /// Anomalies the merger met (all zero in a healthy trace; each means lost data).
@@ -203,6 +221,12 @@ pub struct Merger {
     addr_waiters: FxHashMap<u64, Vec<usize>>,
     /// Per target stream: (position, waiting stream).
     after_waiters: Vec<Vec<(Pos, usize)>>,
+    /// Per stream: (position, waiting stream) of [`Wait::Drained`].
+    drain_waiters: Vec<Vec<(Pos, usize)>>,
+    /// Forks not applied yet: their cuts, by (forking stream, position of the `Fork` event) …
+    fork_cuts: FxHashMap<(usize, Pos), Vec<(usize, Pos)>>,
+    /// … and what waits for them.
+    fork_barriers: Vec<ForkBarrier>,
     queued: usize,
     pub stats: MergeStats,
     /// Stack and module definitions, collected as chunks are decoded (they need no ordering).
@@ -220,6 +244,9 @@ impl Merger {
             ready: BinaryHeap::new(),
             addr_waiters: FxHashMap::default(),
             after_waiters: Vec::new(),
+            drain_waiters: Vec::new(),
+            fork_cuts: FxHashMap::default(),
+            fork_barriers: Vec::new(),
             queued: 0,
             stats: MergeStats::default(),
             stacks: Default::default(),
@@ -244,6 +271,7 @@ impl Merger {
             internal: false,
         });
         self.after_waiters.push(Vec::new());
+        self.drain_waiters.push(Vec::new());
         self.by_id.insert(id, i);
         i
     }
@@ -266,6 +294,7 @@ impl Merger {
         s.max_seq = s.max_seq.max(seq);
         let base_word = c.offset / 8;
         let was_empty = s.head.is_none();
+        let mut forks = Vec::new();
         let mut batch = Batch {
             words: Vec::new(),
             seq,
@@ -291,6 +320,12 @@ impl Merger {
                     if let Event::Mallinfo { reason: MallinfoReason::Periodic, .. } = ev {
                         s.internal = true;
                     }
+                    if let Event::Fork { cut, .. } = ev {
+                        if cut > 0 {
+                            let pos = Pos { seq, word: base_word + at as u32 };
+                            forks.push((pos, 2 + cut as u32, mtrace_protocol::event::fork_cut(&c.words[at..]).to_vec()));
+                        }
+                    }
                     batch.events.push((at as u32, (batch.times.len() - 1) as u32));
                     self.queued += 1;
                 }
@@ -307,9 +342,63 @@ impl Merger {
             s.batches.push_back(batch);
             s.load_head();
         }
+        for (pos, len, cut) in forks {
+            let fork_end = Pos { seq: pos.seq, word: pos.word + len };
+            let mut list = Vec::new();
+            for r in cut.into_iter().filter_map(order::decode) {
+                if r.stream == self.streams[i].id {
+                    continue;
+                }
+                let j = self.stream_index(r.stream);
+                let t = &self.streams[j];
+                let at = Pos { seq: order::resolve_seq(r.seq_low, t.max_seq.max(t.frontier.seq)), word: r.word };
+                list.push((j, at));
+                self.fork_barriers.push(ForkBarrier { stream: j, pos: at, fork: i, fork_end });
+            }
+            self.fork_cuts.insert((i, pos), list);
+        }
+        self.wake_drained(i);
         if was_empty {
             self.push_if_ready(i);
         }
+    }
+
+    /// Streams waiting for stream `i` to be drained to a position it has now reached.
+    fn wake_drained(&mut self, i: usize) {
+        if self.drain_waiters[i].is_empty() {
+            return;
+        }
+        let waiters = std::mem::take(&mut self.drain_waiters[i]);
+        let mut keep = Vec::new();
+        for (pos, w) in waiters {
+            if self.streams[i].drained(pos) {
+                if self.streams[w].wait == (Wait::Drained { stream: i, pos }) {
+                    self.streams[w].wait = Wait::None;
+                    self.push_if_ready(w);
+                }
+            } else {
+                keep.push((pos, w));
+            }
+        }
+        self.drain_waiters[i] = keep;
+    }
+
+    /// Stream `i`'s head must wait for a fork: the fork's own cut not drained yet, or the head is
+    /// past a cut of a fork not applied yet.
+    fn fork_wait(&self, i: usize, head: &Pending) -> Option<Wait> {
+        if let Event::Fork { cut, .. } = head.ev {
+            if cut > 0 {
+                for &(j, pos) in self.fork_cuts.get(&(i, head.pos)).into_iter().flatten() {
+                    if !self.streams[j].drained(pos) {
+                        return Some(Wait::Drained { stream: j, pos });
+                    }
+                }
+            }
+        }
+        self.fork_barriers
+            .iter()
+            .find(|b| b.stream == i && head.pos >= b.pos && !self.streams[b.fork].drained(b.fork_end))
+            .map(|b| Wait::Drained { stream: b.fork, pos: b.fork_end })
     }
 
     /// A Sync record for this image (with its pass-start clock): events two syncs old become safe.
@@ -458,6 +547,12 @@ impl Merger {
             return;
         }
         if !head.ignore_after {
+            if let Some(w) = self.fork_wait(i, head) {
+                let Wait::Drained { stream: j, pos } = w else { unreachable!() };
+                self.streams[i].wait = w;
+                self.drain_waiters[j].push((pos, i));
+                return;
+            }
             for v in afters_of(&head.ev).into_iter().flatten() {
                 let Some((j, pos)) = self.after_target(i, v) else { continue };
                 if self.streams[j].frontier <= pos {
@@ -503,6 +598,13 @@ impl Merger {
         let id = self.streams[i].id;
         model.apply(&p.ev, p.time_ns, id);
         on_applied(&p, id, model);
+        if let Event::Fork { cut, .. } = p.ev {
+            if cut > 0 && self.fork_cuts.remove(&(i, p.pos)).is_some() {
+                let end = Pos { seq: p.pos.seq, word: p.pos.word + p.len };
+                self.fork_barriers.retain(|b| !(b.fork == i && b.fork_end == end));
+            }
+        }
+        self.wake_drained(i);
         for a in touched(&p.ev).into_iter().flatten() {
             if let Some(ws) = self.addr_waiters.remove(&a) {
                 for w in ws {
@@ -544,7 +646,7 @@ impl Merger {
     /// forced: it may unblock everything.
     fn may_resolve(&self, i: usize) -> bool {
         match self.streams[i].wait {
-            Wait::After { stream, pos } => {
+            Wait::After { stream, pos } | Wait::Drained { stream, pos } => {
                 let t = &self.streams[stream];
                 match &t.head {
                     None => !self.ended,
@@ -579,8 +681,8 @@ impl Merger {
                 // The named event never came (the image ended without it).
                 Wait::After { stream, pos } if !(self.streams[stream].received(pos) && self.streams[stream].head.is_some()) => 1,
                 Wait::Addr(_) => 2,
-                // A cycle (the named event is there, blocked): a last resort.
-                Wait::After { .. } => 3,
+                // A cycle (the named event is there, blocked; or a fork's cut): a last resort.
+                Wait::After { .. } | Wait::Drained { .. } => 3,
                 Wait::None => continue,
             };
             if best.is_none_or(|b| (rank, h.time_ns, i) < b) {
@@ -598,6 +700,12 @@ impl Merger {
                 } else {
                     self.stats.missing_predecessors += 1;
                 }
+                self.streams[i].head.as_mut().unwrap().ignore_after = true;
+                self.streams[i].wait = Wait::None;
+                self.push_if_ready(i);
+            }
+            Wait::Drained { .. } => {
+                self.stats.broken_cycles += 1;
                 self.streams[i].head.as_mut().unwrap().ignore_after = true;
                 self.streams[i].wait = Wait::None;
                 self.push_if_ready(i);

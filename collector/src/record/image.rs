@@ -37,6 +37,9 @@ pub struct Image {
     pub superseded: AtomicBool,
     /// Bytes of the ring the process has touched (resident in its RSS; subtracted from samples).
     pub touched_bytes: AtomicU64,
+    /// The preload's ordering cells in the process, (address, bytes): their resident pages are
+    /// ours too, left out of the RSS samples (see `record::sampler_loop`).
+    pub order_table: Option<(u64, u64)>,
     pub drain: Mutex<DrainState>,
 }
 
@@ -67,7 +70,7 @@ pub struct Pass {
 }
 
 impl Image {
-    pub fn new(id: u32, pid: u32, geo: Geometry, lossy: bool, memfd: &OwnedFd) -> Result<Image> {
+    pub fn new(id: u32, pid: u32, geo: Geometry, lossy: bool, memfd: &OwnedFd, order_table: Option<(u64, u64)>) -> Result<Image> {
         nix::unistd::ftruncate(memfd, geo.total_size as i64).context("sizing the trace ring")?;
         let file = std::fs::File::from(memfd.try_clone().context("duplicating the ring descriptor")?);
         // SAFETY: a fresh memfd of `total_size` bytes, shared only with the traced process,
@@ -95,6 +98,7 @@ impl Image {
             disconnected: AtomicBool::new(false),
             superseded: AtomicBool::new(false),
             touched_bytes: AtomicU64::new(geo.data_offset),
+            order_table,
             drain: Mutex::new(DrainState {
                 blocks: vec![BlockCursor::default(); geo.nblocks as usize],
                 streams: FxHashMap::default(),

@@ -291,16 +291,31 @@ fn ticker_loop(shared: &Shared) {
     }
 }
 
-/// Sample each traced process's RSS (minus the ring pages it touched, which are ours).
+/// Sample each traced process's RSS, minus what of it is ours: the ring pages it touched and the
+/// resident pages of its ordering cells (read from `/proc/<pid>/pagemap` at most every 100 ms:
+/// the table only grows, so between two reads the RSS is over-stated by at most what it grew).
 fn sampler_loop(shared: &Shared) {
     let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096) as u64;
     let mut next = Instant::now();
     let mut buf = Vec::new();
+    // Per image: when its cells were last read, and their resident bytes then.
+    let mut cells: rustc_hash::FxHashMap<u32, (Instant, u64)> = Default::default();
+    let mut pagemap = Vec::new();
     while !shared.drain_exit.load(Ordering::Acquire) {
         let images: Vec<Arc<Image>> = shared.images.lock().unwrap().clone();
         for img in images.iter().filter(|i| !i.superseded.load(Ordering::Acquire)) {
             if let Some(rss) = read_statm_rss(img.pid, page) {
-                let ours = img.touched_bytes.load(Ordering::Relaxed);
+                let table = match img.order_table {
+                    Some((addr, len)) => {
+                        let e = cells.entry(img.id).or_insert((Instant::now() - Duration::from_secs(1), 0));
+                        if e.0.elapsed() >= Duration::from_millis(100) {
+                            *e = (Instant::now(), resident_bytes(img.pid, addr, len, page, &mut pagemap).unwrap_or(e.1));
+                        }
+                        e.1
+                    }
+                    None => 0,
+                };
+                let ours = img.touched_bytes.load(Ordering::Relaxed) + table;
                 Record::Rss { image: img.id, time_ns: crate::clock::now_ns(), rss_bytes: rss.saturating_sub(ours) }.encode(&mut buf);
             }
         }
@@ -315,6 +330,25 @@ fn sampler_loop(shared: &Shared) {
             next = now;
         }
     }
+}
+
+/// Resident bytes of `[addr, addr + len)` in process `pid`, from `/proc/<pid>/pagemap` (bit 63 of
+/// each page's entry: present).
+fn resident_bytes(pid: u32, addr: u64, len: u64, page: u64, buf: &mut Vec<u8>) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(format!("/proc/{pid}/pagemap")).ok()?;
+    let pages = len.div_ceil(page) as usize;
+    buf.resize(pages * 8, 0);
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], (addr / page) * 8 + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(_) => return None,
+        }
+    }
+    let present = buf[..got - got % 8].chunks_exact(8).filter(|e| u64::from_le_bytes((*e).try_into().unwrap()) >> 63 == 1).count() as u64;
+    Some(present * page)
 }
 
 fn read_statm_rss(pid: u32, page: u64) -> Option<u64> {

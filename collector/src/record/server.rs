@@ -185,7 +185,9 @@ impl Server {
         let geo = Geometry::new(shared.opts.ring_size, shared.opts.block_size).context("ring geometry")?;
         let memfd = nix::sys::memfd::memfd_create(c"mtrace-ring", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).context("creating the ring memfd")?;
         let id = shared.next_image.fetch_add(1, Ordering::Relaxed);
-        let img = Arc::new(Image::new(id, pid, geo, shared.opts.lossy, &memfd)?);
+        // The ordering cells' table: a page-aligned range below the top of user space, or ignored.
+        let order_table = h.order_cells().map(|(a, bits)| (a, 8u64 << bits.min(40))).filter(|&(a, len)| a % 4096 == 0 && a.checked_add(len).is_some_and(|e| e <= 1 << 47));
+        let img = Arc::new(Image::new(id, pid, geo, shared.opts.lossy, &memfd, order_table)?);
         *img.conn.lock().unwrap() = Some(self.conns[ci].fd.try_clone()?);
 
         // Who is the parent? A fork child names it; an exec replaces the image with our pid;

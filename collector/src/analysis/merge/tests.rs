@@ -580,3 +580,36 @@ fn queued_events_of_a_churn_loop_stay_compact() {
     assert_eq!(model.c.unmatched_frees, 0);
 }
 
+
+/// A `Fork` event carries its cut: every event another thread had published before the fork is
+/// applied before it (in the child's heap), every later one after it — whatever the time marks
+/// and the order the chunks arrive in.
+#[test]
+fn a_fork_is_ordered_by_its_cut_not_by_time() {
+    let (a, b) = (1u32, 2u32);
+    let mut m = Merger::new();
+    let mut model = LiveModel::default();
+    // B: two mallocs published before the fork (words 2..8), one after (word 8), all marked late.
+    let b_words = vec![
+        ev::header(EventKind::Time, 2, 0),
+        900,
+        ev::header(EventKind::Malloc, 3, 0),
+        0x100,
+        1,
+        ev::header(EventKind::Malloc, 3, 0),
+        0x200,
+        2,
+        ev::header(EventKind::Malloc, 3, 0),
+        0x300,
+        3,
+    ];
+    // A forks early (time 5), with B's cut at word 8.
+    let a_words = vec![ev::header(EventKind::Time, 2, 0), 5, ev::header(EventKind::Fork, 3, 0), 1, order::position(b, 0, 8)];
+    m.add_chunk(&Chunk { image: 0, stream: b, tid: 2, block_seq: 0, offset: 0, words: b_words });
+    m.add_chunk(&Chunk { image: 0, stream: a, tid: 1, block_seq: 0, offset: 0, words: a_words });
+    m.end();
+    let mut seen = Vec::new();
+    m.run(&mut model, &mut |p, stream, model| seen.push((stream, p.pos.word, model.c.live_blocks)));
+    assert_eq!(seen, vec![(b, 2, 1), (b, 5, 2), (a, 2, 2), (b, 8, 3)]);
+    assert!(clean(&m.stats, &model));
+}
