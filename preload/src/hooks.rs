@@ -125,14 +125,16 @@ unsafe fn record_alloc(kind: EventKind, p: *mut c_void, size: u64, align: u64, s
     let t = tls::state();
     // SAFETY: `t` is this thread's state; the guard is checked before anything else is read.
     unsafe {
-        if kind.base_words() == 3 {
-            let v = tls::guard_and_fast(t);
-            if v == tls::ready(fast::CHUNKS) {
-                return alloc_fast::<true>(Guard::take_ready(t), kind, p, size, sid);
-            }
-            if v == tls::ready(fast::PLAIN) {
-                return alloc_fast::<false>(Guard::take_ready(t), kind, p, size, sid);
-            }
+        let v = tls::guard_and_fast(t);
+        if kind.base_words() == 3 && v == tls::ready(fast::CHUNKS) {
+            return alloc_fast::<true>(Guard::take_ready(t), kind, p, size, sid);
+        }
+        // Not tracing: nothing more to do (a load, no call).
+        if writer::STATE.load(Ordering::Relaxed) == OFF {
+            return p;
+        }
+        if kind.base_words() == 3 && v == tls::ready(fast::PLAIN) {
+            return alloc_fast::<false>(Guard::take_ready(t), kind, p, size, sid);
         }
         alloc_unready(kind, p, size, align, sid)
     }
@@ -182,21 +184,50 @@ unsafe fn alloc_fast<const CHUNKS: bool>(g: Guard, kind: EventKind, p: *mut c_vo
         }
         let Some(w) = writer::reserve_fast(t, 5) else { return alloc_general(g, kind, p, size, sid) };
         let after = order::load(p as u64);
-        let has_after = foreign(after, (*t).pos_base);
+        // Usually the cell is empty or names this thread's own events: nothing to add. Checked
+        // as "not ours, and not empty" so that the common case is one compare.
+        if ((after ^ (*t).pos_base) >> order_shift()) != 0 && after >> order_shift() != 0 {
+            return alloc_fast_after::<CHUNKS>(g, kind, p, size, sid, hdr, w, after);
+        }
         let has_stack = sid != 0;
-        let n = 3 + has_stack as usize + has_after as usize;
-        let aux = (hdr & AUX_CHUNK_MASK) | if has_stack { AUX_HAS_STACK } else { 0 } | if has_after { AUX_HAS_AFTER } else { 0 };
-        // Both optional words are stored unconditionally (no branch): `after` lands on the stack
-        // word's slot when there is no stack, and what lies beyond `n` is never committed.
-        *w = header(kind, n, aux);
+        let n = 3 + has_stack as usize;
+        // The stack word is stored unconditionally (no branch): beyond `n` nothing is committed.
+        *w = header(kind, n, (hdr & AUX_CHUNK_MASK) | if has_stack { AUX_HAS_STACK } else { 0 });
         *w.add(1) = p as u64;
         *w.add(2) = size;
         *w.add(3) = sid;
-        *w.add(3 + has_stack as usize) = after;
         writer::commit_at(t, w, n);
         g.release_fast(if CHUNKS { fast::CHUNKS } else { fast::PLAIN });
     }
     p
+}
+
+/// The bits below a position's stream id (`mtrace_protocol::order`).
+#[inline(always)]
+const fn order_shift() -> u32 {
+    mtrace_protocol::order::SEQ_BITS + mtrace_protocol::order::WORD_BITS
+}
+
+/// [`alloc_fast`] when the block's cell names another thread's event: the event with its `after`
+/// word, at the reserved `w`.
+#[cold]
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn alloc_fast_after<const CHUNKS: bool>(g: Guard, kind: EventKind, p: *mut c_void, size: u64, sid: u64, hdr: u64, w: *mut u64, after: u64) -> *mut c_void {
+    let t = g.thread();
+    let has_stack = sid != 0;
+    let n = 4 + has_stack as usize;
+    // SAFETY: per `alloc_fast`: `w` has room for 5 words.
+    unsafe {
+        *w = header(kind, n, (hdr & AUX_CHUNK_MASK) | AUX_HAS_AFTER | if has_stack { AUX_HAS_STACK } else { 0 });
+        *w.add(1) = p as u64;
+        *w.add(2) = size;
+        *w.add(3) = sid;
+        *w.add(n - 1) = after;
+        writer::commit_at(t, w, n);
+    }
+    g.release_fast(if CHUNKS { fast::CHUNKS } else { fast::PLAIN });
+    opaque(p)
 }
 
 /// The general path of an allocation the fast path did not take: record, release the guard,
@@ -347,6 +378,12 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
         if v == tls::ready(fast::PLAIN) {
             return free_fast::<false>(Guard::take_ready(t), p);
         }
+        // Not tracing: forward (bootstrap blocks never reach the real free).
+        if writer::STATE.load(Ordering::Relaxed) == OFF && !real::is_bootstrap(p) {
+            if let Some(f) = real::free() {
+                return f(p);
+            }
+        }
         free_unready(EventKind::Free, p, 0, 0)
     }
 }
@@ -412,12 +449,30 @@ unsafe fn free_fast<const CHUNKS: bool>(g: Guard, p: *mut c_void) {
         // This event's position goes into the cell before the block goes back to glibc.
         let pos = (*t).pos_base | ((w as usize - (*t).base as usize) / 8) as u64;
         let prev = order::exchange(p as u64, pos);
-        let has_after = foreign(prev, pos);
-        let n = 2 + has_after as usize;
-        *w = header(EventKind::Free, n, (hdr & AUX_CHUNK_MASK) | if has_after { AUX_HAS_AFTER } else { 0 });
+        // As in `alloc_fast`: usually empty or ours.
+        if ((prev ^ pos) >> order_shift()) != 0 && prev >> order_shift() != 0 {
+            return free_fast_after::<CHUNKS>(g, p, hdr, w, prev);
+        }
+        *w = header(EventKind::Free, 2, hdr & AUX_CHUNK_MASK);
+        *w.add(1) = p as u64;
+        writer::commit_at(t, w, 2);
+        g.release_fast(if CHUNKS { fast::CHUNKS } else { fast::PLAIN });
+        free_recorded(p, hdr)
+    }
+}
+
+/// [`free_fast`] when the exchange replaced another thread's position: the event with its
+/// `after` word, at the reserved `w`; then the real free.
+#[cold]
+#[inline(never)]
+unsafe fn free_fast_after<const CHUNKS: bool>(g: Guard, p: *mut c_void, hdr: u64, w: *mut u64, prev: u64) {
+    let t = g.thread();
+    // SAFETY: per `free_fast`: `w` has room for 3 words.
+    unsafe {
+        *w = header(EventKind::Free, 3, (hdr & AUX_CHUNK_MASK) | AUX_HAS_AFTER);
         *w.add(1) = p as u64;
         *w.add(2) = prev;
-        writer::commit_at(t, w, n);
+        writer::commit_at(t, w, 3);
         g.release_fast(if CHUNKS { fast::CHUNKS } else { fast::PLAIN });
         free_recorded(p, hdr)
     }

@@ -211,6 +211,12 @@ impl LiveModel {
         }
     }
 
+    /// The first step of a realloc that moved its block (see `merge`): its old block ends. The
+    /// realloc itself is applied later without it.
+    pub fn end_realloc_source(&mut self, ptr: u64, chunk: u64) {
+        self.end_block(ptr, chunk, None);
+    }
+
     /// Apply one event (in merged order). Non-applicable events (see [`LiveModel::need`]) are
     /// applied as forced: an unmatched free, or a displaced block.
     pub fn apply(&mut self, ev: &Event, time_ns: u64, stream: u32) {

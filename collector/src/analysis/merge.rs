@@ -65,6 +65,8 @@ pub struct Pending {
     pub epoch: u32,
     /// Its `after` positions were forced past (they named events that cannot come).
     ignore_after: bool,
+    /// A realloc that moved its block: its old block is released already (see [`Merger::step`]).
+    released: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +123,7 @@ impl Batch {
             time_ns: self.times[t as usize],
             epoch: self.epoch,
             ignore_after: false,
+            released: false,
         }
     }
 }
@@ -541,35 +544,109 @@ impl Merger {
     }
 
     /// Try to apply the head of stream `i`; block it if it must wait.
+    ///
+    /// A realloc that moved its block is applied in two steps, as it happened: its old block was
+    /// released inside the call — another thread may have got it back, and named this realloc's
+    /// exchange, before the call returned — and its new block was obtained inside the call too,
+    /// possibly after a free that named this same exchange (addresses sharing a cell). So the
+    /// release goes first, once the old block's predecessors are applied (`after_old`), and moves
+    /// the call frontier to the event; the new block follows once its own (`after`, and the end
+    /// of the block before it at that address) are. As one step the two would wait for each other.
     fn step(&mut self, i: usize, model: &mut LiveModel, on_applied: &mut impl FnMut(&Pending, u32, &LiveModel)) {
         let head = self.streams[i].head.as_ref().expect("step on an empty stream");
         if !self.safe(head, 2) {
             return;
         }
-        if !head.ignore_after {
+        let ignore = head.ignore_after;
+        if !ignore {
             if let Some(w) = self.fork_wait(i, head) {
                 let Wait::Drained { stream: j, pos } = w else { unreachable!() };
                 self.streams[i].wait = w;
                 self.drain_waiters[j].push((pos, i));
                 return;
             }
-            for v in afters_of(&head.ev).into_iter().flatten() {
-                let Some((j, pos)) = self.after_target(i, v) else { continue };
-                if self.streams[j].frontier <= pos {
-                    self.streams[i].wait = Wait::After { stream: j, pos };
-                    self.after_waiters[j].push((pos, i));
+        }
+        let moved = moved_realloc(&head.ev);
+        if let Some((old, old_chunk)) = moved.filter(|_| !head.released) {
+            let after_old = afters_of(&head.ev)[0];
+            if !ignore && self.wait_after(i, after_old) {
+                return;
+            }
+            let release = Event::Free { kind: mtrace_protocol::event::EventKind::Free, ptr: old, chunk: old_chunk, after: None };
+            if let Need::Live(a) | Need::Dead(a) | Need::Other(a) = model.need(&release) {
+                self.streams[i].wait = Wait::Addr(a);
+                self.addr_waiters.entry(a).or_default().push(i);
+                return;
+            }
+            model.end_realloc_source(old, old_chunk);
+            let h = self.streams[i].head.as_mut().unwrap();
+            h.released = true;
+            let at = Pos { seq: h.pos.seq, word: h.pos.word + 1 };
+            self.wake_address(old);
+            self.advance_frontier(i, at);
+        }
+        let head = self.streams[i].head.as_ref().expect("step on an empty stream");
+        let afters = if moved.is_some() { [afters_of(&head.ev)[1], None] } else { afters_of(&head.ev) };
+        if !ignore {
+            for v in afters {
+                if self.wait_after(i, v) {
                     return;
                 }
             }
         }
         let head = self.streams[i].head.as_ref().expect("step on an empty stream");
-        match model.need(&head.ev) {
+        match model.need(&for_model(head)) {
             Need::Ok => self.apply_head(i, model, on_applied),
             Need::Live(a) | Need::Dead(a) | Need::Other(a) => {
                 self.streams[i].wait = Wait::Addr(a);
                 self.addr_waiters.entry(a).or_default().push(i);
             }
         }
+    }
+
+    /// Make stream `i` wait for the event the `after` word `v` names, if it is not applied yet.
+    fn wait_after(&mut self, i: usize, v: Option<u64>) -> bool {
+        let Some((j, pos)) = v.and_then(|v| self.after_target(i, v)) else { return false };
+        if self.streams[j].frontier > pos {
+            return false;
+        }
+        self.streams[i].wait = Wait::After { stream: j, pos };
+        self.after_waiters[j].push((pos, i));
+        true
+    }
+
+    /// Streams waiting for `a`'s liveness to change may go.
+    fn wake_address(&mut self, a: u64) {
+        if let Some(ws) = self.addr_waiters.remove(&a) {
+            for w in ws {
+                if self.streams[w].wait == Wait::Addr(a) {
+                    self.streams[w].wait = Wait::None;
+                    self.push_if_ready(w);
+                }
+            }
+        }
+    }
+
+    /// Stream `i`'s calls are applied up to `frontier`: wake what waited for them.
+    fn advance_frontier(&mut self, i: usize, frontier: Pos) {
+        self.streams[i].frontier = self.streams[i].frontier.max(frontier);
+        if self.after_waiters[i].is_empty() {
+            return;
+        }
+        let frontier = self.streams[i].frontier;
+        let waiters = std::mem::take(&mut self.after_waiters[i]);
+        let mut keep = Vec::new();
+        for (pos, w) in waiters {
+            if pos < frontier {
+                if self.streams[w].wait == (Wait::After { stream: i, pos }) {
+                    self.streams[w].wait = Wait::None;
+                    self.push_if_ready(w);
+                }
+            } else {
+                keep.push((pos, w));
+            }
+        }
+        self.after_waiters[i] = keep;
     }
 
     /// Bytes held for queued events (their words, per-event entries, time marks): what a test can
@@ -596,7 +673,7 @@ impl Merger {
         let p = self.streams[i].pop_head();
         self.queued -= 1;
         let id = self.streams[i].id;
-        model.apply(&p.ev, p.time_ns, id);
+        model.apply(&for_model(&p), p.time_ns, id);
         on_applied(&p, id, model);
         if let Event::Fork { cut, .. } = p.ev {
             if cut > 0 && self.fork_cuts.remove(&(i, p.pos)).is_some() {
@@ -606,36 +683,11 @@ impl Merger {
         }
         self.wake_drained(i);
         for a in touched(&p.ev).into_iter().flatten() {
-            if let Some(ws) = self.addr_waiters.remove(&a) {
-                for w in ws {
-                    if self.streams[w].wait == Wait::Addr(a) {
-                        self.streams[w].wait = Wait::None;
-                        self.push_if_ready(w);
-                    }
-                }
-            }
+            self.wake_address(a);
         }
         // Positions name calls (see the module docs): only a call moves the frontier.
-        if !is_call(&p.ev) {
-            self.push_if_ready(i);
-            return;
-        }
-        let frontier = Pos { seq: p.pos.seq, word: p.pos.word + p.len };
-        self.streams[i].frontier = frontier;
-        if !self.after_waiters[i].is_empty() {
-            let waiters = std::mem::take(&mut self.after_waiters[i]);
-            let mut keep = Vec::new();
-            for (pos, w) in waiters {
-                if pos < frontier {
-                    if self.streams[w].wait == (Wait::After { stream: i, pos }) {
-                        self.streams[w].wait = Wait::None;
-                        self.push_if_ready(w);
-                    }
-                } else {
-                    keep.push((pos, w));
-                }
-            }
-            self.after_waiters[i] = keep;
+        if is_call(&p.ev) {
+            self.advance_frontier(i, Pos { seq: p.pos.seq, word: p.pos.word + p.len });
         }
         self.push_if_ready(i);
     }
@@ -760,6 +812,29 @@ impl Merger {
                 s.head.as_ref().map(|p| (p.ev, p.pos, p.epoch, p.time_ns))
             );
         }
+    }
+}
+
+/// A realloc that moved its block (its old block and chunk header), applied in two steps.
+fn moved_realloc(ev: &Event) -> Option<(u64, u64)> {
+    match *ev {
+        Event::Realloc { old_ptr, new_ptr, old_chunk, .. } if old_ptr != 0 && new_ptr != 0 && new_ptr != old_ptr => Some((old_ptr, old_chunk)),
+        _ => None,
+    }
+}
+
+/// The event as the live model applies it: a moved realloc whose old block was released already
+/// only begins its new block (as `realloc(NULL, n)` does).
+fn for_model(p: &Pending) -> Event {
+    match p.ev {
+        Event::Realloc { .. } if p.released => {
+            let mut ev = p.ev;
+            if let Event::Realloc { old_ptr, .. } = &mut ev {
+                *old_ptr = 0;
+            }
+            ev
+        }
+        ev => ev,
     }
 }
 

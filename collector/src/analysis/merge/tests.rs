@@ -129,6 +129,39 @@ impl Cells {
     }
 }
 
+/// A call preempted between the exchange of its cell and its event.
+enum Late {
+    /// The free's event, at the position it reserved; the block goes back to the allocator after.
+    Free { words: Vec<u64>, p: u64 },
+    /// A realloc returning: the load of the new block's cell (`new`, 0: none) and the event,
+    /// placed anew (with the clock of then).
+    /// The program gets the new block (`block`: address, size) only then.
+    Realloc { words: Vec<u64>, new: u64, own: u64, block: Option<(u64, u64)> },
+}
+
+impl Late {
+    fn complete(self, th: &mut SimThread, clock: u64, cells: &mut Cells, free_list: &mut Vec<u64>, live: &mut BTreeMap<u64, u64>) {
+        match self {
+            Late::Free { words, p } => {
+                th.write(&words);
+                free_list.push(p);
+            }
+            Late::Realloc { mut words, new, own, block } => {
+                if let Some((p, size)) = block {
+                    live.insert(p, size);
+                }
+                if let Some(a) = (new != 0).then(|| cells.load(new, own)).flatten() {
+                    words.push(a);
+                    let (_, _, aux) = ev::split_header(words[0]);
+                    words[0] = ev::header(EventKind::Realloc, words.len(), aux | AUX_HAS_AFTER);
+                }
+                th.place(clock, words.len());
+                th.write(&words);
+            }
+        }
+    }
+}
+
 /// Run a simulated execution; returns the true final live set and the merged model. `cells`:
 /// the program has ordering cells (else its events carry no `after` words).
 fn simulate(threads: usize, ops: &[Op], cells: bool) -> (BTreeMap<u64, u64>, LiveModel, MergeStats) {
@@ -138,10 +171,8 @@ fn simulate(threads: usize, ops: &[Op], cells: bool) -> (BTreeMap<u64, u64>, Liv
     let mut next_addr = 0x1000u64;
     let mut live: BTreeMap<u64, u64> = BTreeMap::new();
     let mut cells = Cells { v: vec![0; 4], on: cells };
-    // Per thread, a call whose cell was exchanged but whose event is not written yet: its words,
-    // the block to give back to the allocator then (FreeLate), or whether to place the event
-    // anew (ReallocLate: with the clock of then).
-    let mut late: Vec<Option<(Vec<u64>, Option<u64>)>> = vec![None; threads];
+    // Per thread, a call whose cell was exchanged but whose event is not written yet.
+    let mut late: Vec<Option<Late>> = (0..threads).map(|_| None).collect();
     let mut clock = 1u64;
     let mut pass_start = 1u64;
     let mut merger = Merger::new();
@@ -172,16 +203,8 @@ fn simulate(threads: usize, ops: &[Op], cells: bool) -> (BTreeMap<u64, u64>, Liv
         };
         // A preempted free completes before its thread does anything else.
         if let Some(t) = t {
-            match late[t].take() {
-                Some((words, Some(p))) => {
-                    th[t].write(&words);
-                    free_list.push(p);
-                }
-                Some((words, None)) => {
-                    th[t].place(clock, words.len());
-                    th[t].write(&words);
-                }
-                None => {}
+            if let Some(l) = late[t].take() {
+                l.complete(&mut th[t], clock, &mut cells, &mut free_list, &mut live);
             }
         }
         match *o {
@@ -203,7 +226,7 @@ fn simulate(threads: usize, ops: &[Op], cells: bool) -> (BTreeMap<u64, u64>, Liv
                 let after = cells.exchange(p, th[t].position(pos));
                 let words = with_after(vec![ev::header(EventKind::Free, 2, 0), p], AUX_HAS_AFTER, after);
                 if matches!(o, Op::FreeLate { .. }) {
-                    late[t] = Some((words, Some(p)));
+                    late[t] = Some(Late::Free { words, p });
                 } else {
                     th[t].write(&words);
                     free_list.push(p);
@@ -219,18 +242,24 @@ fn simulate(threads: usize, ops: &[Op], cells: bool) -> (BTreeMap<u64, u64>, Liv
                 let own = th[t].position(pos);
                 let after_old = cells.exchange(old, own);
                 live.remove(&old);
-                free_list.push(old);
-                let new = if size == 0 { 0 } else { get_addr(&mut free_list) };
-                let after = if new != 0 && new != old { cells.load(new, own) } else { None };
-                let words = with_after(vec![ev::header(EventKind::Realloc, 5, 0), old, new, size, 0], AUX_HAS_AFTER_OLD, after_old);
-                let words = with_after(words, AUX_HAS_AFTER, after);
-                if matches!(o, Op::ReallocLate { .. }) {
-                    late[t] = Some((words, None));
+                // As glibc: in place (one in three here), or a new block first, then the old one
+                // back to the allocator (other threads may get it before this call returns).
+                let new = if size == 0 {
+                    0
+                } else if size % 3 == 0 {
+                    old
                 } else {
-                    th[t].write(&words);
+                    get_addr(&mut free_list)
+                };
+                if new != old {
+                    free_list.push(old);
                 }
-                if new != 0 {
-                    live.insert(new, size);
+                let words = with_after(vec![ev::header(EventKind::Realloc, 5, 0), old, new, size, 0], AUX_HAS_AFTER_OLD, after_old);
+                let l = Late::Realloc { words, new: if new != old { new } else { 0 }, own, block: (new != 0).then_some((new, size)) };
+                if matches!(o, Op::ReallocLate { .. }) {
+                    late[t] = Some(l);
+                } else {
+                    l.complete(&mut th[t], clock, &mut cells, &mut free_list, &mut live);
                 }
             }
             Op::DrainThread { t } => {
@@ -255,11 +284,8 @@ fn simulate(threads: usize, ops: &[Op], cells: bool) -> (BTreeMap<u64, u64>, Liv
         }
     }
     for (t, l) in late.iter_mut().enumerate() {
-        if let Some((words, p)) = l.take() {
-            if p.is_none() {
-                th[t].place(clock, words.len());
-            }
-            th[t].write(&words);
+        if let Some(l) = l.take() {
+            l.complete(&mut th[t], clock, &mut cells, &mut free_list, &mut live);
         }
     }
     for c in chunks_since_sync.drain(..) {
