@@ -45,6 +45,12 @@
 //!   `a` is live again, and the only allocation that can make it live is `allocₖ₊₁(a)` (a later
 //!   one waits for `freeₖ₊₁(a)` itself).
 //!
+//! A realloc that moves its block is two calls in one: glibc takes the new block and releases
+//! the old one inside it, so another thread can get the old block back (and read the realloc's
+//! exchange) before the realloc returns, and the realloc's load of its new block's cell can read
+//! a free that itself came after its exchange. The merger therefore applies a moved realloc in two
+//! steps: the old block's release after `after_old`, the new block after `after`.
+//!
 //! Collisions (two addresses sharing a cell) only add true edges: the merger waits a little more,
 //! never guesses. The atomic exchange is what makes them harmless — a plain load and store would
 //! let two frees of colliding addresses both name the same predecessor and lose one of them

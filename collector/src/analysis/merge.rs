@@ -11,7 +11,11 @@
 //!   observation or a `Time` may come in between), so each stream keeps a *call frontier*: the
 //!   end of the last call applied;
 //! * a free (or realloc source) of an address that is not live waits for its allocation;
-//! * an allocation of an address that is still live waits for the free of the old block.
+//! * an allocation of an address that is still live waits for the free of the old block;
+//! * a realloc that moved its block is applied in two steps (see [`Merger::step`]);
+//! * a `Fork` event waits until every other stream has been applied up to its cut (what that
+//!   thread had published when the fork happened: what the child's heap holds), and their events
+//!   after the cut wait for the fork — so that the child starts from the parent's heap at the fork.
 //!
 //! With the ordering cells these waits are exact by construction: every allocation of an
 //! address comes after the free of the block before it, and every free after the allocation of

@@ -40,6 +40,8 @@ pub struct Image {
     /// The preload's ordering cells in the process, (address, bytes): their resident pages are
     /// ours too, left out of the RSS samples (see `record::sampler_loop`).
     pub order_table: Option<(u64, u64)>,
+    /// Their resident bytes when the sampler last read them.
+    pub order_resident: AtomicU64,
     pub drain: Mutex<DrainState>,
 }
 
@@ -99,6 +101,7 @@ impl Image {
             superseded: AtomicBool::new(false),
             touched_bytes: AtomicU64::new(geo.data_offset),
             order_table,
+            order_resident: AtomicU64::new(0),
             drain: Mutex::new(DrainState {
                 blocks: vec![BlockCursor::default(); geo.nblocks as usize],
                 streams: FxHashMap::default(),

@@ -266,7 +266,9 @@ fn finish_image(shared: &Shared, img: &Arc<Image>, gone: bool, buf: &mut Vec<u8>
         image: img.id,
         reason,
         time_ns: crate::clock::now_ns(),
-        rss_bytes: bye.map_or(0, |b| b.rss_bytes),
+        // What the process measured at exit, minus what of it is ours, as in the samples.
+        // (0, "unknown", if that leaves nothing: the report then takes the last sample.)
+        rss_bytes: bye.map_or(0, |b| b.rss_bytes.saturating_sub(img.touched_bytes.load(Ordering::Relaxed) + img.order_resident.load(Ordering::Relaxed))),
         hwm_bytes: bye.map_or(0, |b| b.hwm_bytes),
         dropped_events,
         dropped_blocks,
@@ -310,6 +312,7 @@ fn sampler_loop(shared: &Shared) {
                         let e = cells.entry(img.id).or_insert((Instant::now() - Duration::from_secs(1), 0));
                         if e.0.elapsed() >= Duration::from_millis(100) {
                             *e = (Instant::now(), resident_bytes(img.pid, addr, len, page, &mut pagemap).unwrap_or(e.1));
+                            img.order_resident.store(e.1, Ordering::Relaxed);
                         }
                         e.1
                     }
