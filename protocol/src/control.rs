@@ -63,7 +63,7 @@ pub const HELLO_FIXED_LEN: usize = 48;
 impl HelloFixed {
     /// The ordering cell table: (address, log2 of its cells), if the image has one.
     pub fn order_cells(&self) -> Option<(u64, u32)> {
-        (self.order_table != 0).then(|| (self.order_table & !0xfff, (self.order_table & 0xfff) as u32))
+        (self.order_table != 0).then_some((self.order_table & !0xfff, (self.order_table & 0xfff) as u32))
     }
 }
 

@@ -89,14 +89,20 @@ fn perl() {
     same_behaviour("perl", &["perl", "-e", "my %h; $h{$_} = [1..($_ % 9)] for 1..20000; my $n = 0; $n += @$_ for values %h; print \"$n\\n\";"], dir.path());
 }
 
+/// A fresh git repository in `d` with a committer set; returns a runner of git commands there.
+fn git_repo(d: &Path) -> impl Fn(&[&str]) + '_ {
+    let git = move |args: &[&str]| assert!(Command::new("git").args(args).current_dir(d).output().unwrap().status.success(), "git {args:?}");
+    git(&["init", "-q"]);
+    git(&["config", "user.email", "t@example.com"]);
+    git(&["config", "user.name", "t"]);
+    git
+}
+
 #[test]
 fn git() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let git = |args: &[&str]| assert!(Command::new("git").args(args).current_dir(d).output().unwrap().status.success(), "git {args:?}");
-    git(&["init", "-q"]);
-    git(&["config", "user.email", "t@example.com"]);
-    git(&["config", "user.name", "t"]);
+    let git = git_repo(d);
     std::fs::write(d.join("a.txt"), "hello\n").unwrap();
     git(&["add", "a.txt"]);
     git(&["commit", "-q", "-m", "first"]);
@@ -170,10 +176,7 @@ fn gxx_with_parallel_lto() {
 fn git_gc() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let git = |args: &[&str]| assert!(Command::new("git").args(args).current_dir(d).output().unwrap().status.success(), "git {args:?}");
-    git(&["init", "-q"]);
-    git(&["config", "user.email", "t@example.com"]);
-    git(&["config", "user.name", "t"]);
+    let git = git_repo(d);
     git(&["config", "pack.threads", "2"]);
     for i in 0..40 {
         std::fs::write(d.join(format!("f{}", i % 7)), text(200 + i * 10)).unwrap();

@@ -217,6 +217,7 @@ pub struct MergeStats {
     pub forced: u64,
 }
 
+#[derive(Default)]
 pub struct Merger {
     streams: Vec<Stream>,
     by_id: FxHashMap<u32, usize>,
@@ -242,22 +243,7 @@ pub struct Merger {
 
 impl Merger {
     pub fn new() -> Merger {
-        Merger {
-            streams: Vec::new(),
-            by_id: FxHashMap::default(),
-            syncs: 0,
-            pass_starts: Vec::new(),
-            ended: false,
-            ready: BinaryHeap::new(),
-            addr_waiters: FxHashMap::default(),
-            after_waiters: Vec::new(),
-            drain_waiters: Vec::new(),
-            fork_cuts: FxHashMap::default(),
-            fork_barriers: Vec::new(),
-            queued: 0,
-            stats: MergeStats::default(),
-            stacks: Default::default(),
-        }
+        Merger::default()
     }
 
     fn stream_index(&mut self, id: u32) -> usize {
@@ -327,11 +313,11 @@ impl Merger {
                     if let Event::Mallinfo { reason: MallinfoReason::Periodic, .. } = ev {
                         s.internal = true;
                     }
-                    if let Event::Fork { cut, .. } = ev {
-                        if cut > 0 {
-                            let pos = Pos { seq, word: base_word + at as u32 };
-                            forks.push((pos, 2 + cut as u32, mtrace_protocol::event::fork_cut(&c.words[at..]).to_vec()));
-                        }
+                    if let Event::Fork { cut, .. } = ev
+                        && cut > 0
+                    {
+                        let pos = Pos { seq, word: base_word + at as u32 };
+                        forks.push((pos, 2 + cut as u32, mtrace_protocol::event::fork_cut(&c.words[at..]).to_vec()));
                     }
                     batch.events.push((at as u32, (batch.times.len() - 1) as u32));
                     self.queued += 1;
@@ -376,29 +362,33 @@ impl Merger {
             return;
         }
         let waiters = std::mem::take(&mut self.drain_waiters[i]);
+        self.drain_waiters[i] = self.release(waiters, |m, pos| m.streams[i].drained(pos), |pos| Wait::Drained { stream: i, pos });
+    }
+
+    /// Of `waiters` (position, waiting stream), let go those whose position is `done` and that
+    /// still wait for it (`wait`); return the others.
+    fn release(&mut self, waiters: Vec<(Pos, usize)>, done: impl Fn(&Merger, Pos) -> bool, wait: impl Fn(Pos) -> Wait) -> Vec<(Pos, usize)> {
         let mut keep = Vec::new();
         for (pos, w) in waiters {
-            if self.streams[i].drained(pos) {
-                if self.streams[w].wait == (Wait::Drained { stream: i, pos }) {
-                    self.streams[w].wait = Wait::None;
-                    self.push_if_ready(w);
-                }
-            } else {
+            if !done(self, pos) {
                 keep.push((pos, w));
+            } else if self.streams[w].wait == wait(pos) {
+                self.streams[w].wait = Wait::None;
+                self.push_if_ready(w);
             }
         }
-        self.drain_waiters[i] = keep;
+        keep
     }
 
     /// Stream `i`'s head must wait for a fork: the fork's own cut not drained yet, or the head is
     /// past a cut of a fork not applied yet.
     fn fork_wait(&self, i: usize, head: &Pending) -> Option<Wait> {
-        if let Event::Fork { cut, .. } = head.ev {
-            if cut > 0 {
-                for &(j, pos) in self.fork_cuts.get(&(i, head.pos)).into_iter().flatten() {
-                    if !self.streams[j].drained(pos) {
-                        return Some(Wait::Drained { stream: j, pos });
-                    }
+        if let Event::Fork { cut, .. } = head.ev
+            && cut > 0
+        {
+            for &(j, pos) in self.fork_cuts.get(&(i, head.pos)).into_iter().flatten() {
+                if !self.streams[j].drained(pos) {
+                    return Some(Wait::Drained { stream: j, pos });
                 }
             }
         }
@@ -562,13 +552,11 @@ impl Merger {
             return;
         }
         let ignore = head.ignore_after;
-        if !ignore {
-            if let Some(w) = self.fork_wait(i, head) {
-                let Wait::Drained { stream: j, pos } = w else { unreachable!() };
-                self.streams[i].wait = w;
-                self.drain_waiters[j].push((pos, i));
-                return;
-            }
+        if !ignore && let Some(w) = self.fork_wait(i, head) {
+            let Wait::Drained { stream: j, pos } = w else { unreachable!() };
+            self.streams[i].wait = w;
+            self.drain_waiters[j].push((pos, i));
+            return;
         }
         let moved = moved_realloc(&head.ev);
         if let Some((old, old_chunk)) = moved.filter(|_| !head.released) {
@@ -639,18 +627,7 @@ impl Merger {
         }
         let frontier = self.streams[i].frontier;
         let waiters = std::mem::take(&mut self.after_waiters[i]);
-        let mut keep = Vec::new();
-        for (pos, w) in waiters {
-            if pos < frontier {
-                if self.streams[w].wait == (Wait::After { stream: i, pos }) {
-                    self.streams[w].wait = Wait::None;
-                    self.push_if_ready(w);
-                }
-            } else {
-                keep.push((pos, w));
-            }
-        }
-        self.after_waiters[i] = keep;
+        self.after_waiters[i] = self.release(waiters, |_, pos| pos < frontier, |pos| Wait::After { stream: i, pos });
     }
 
     /// Bytes held for queued events (their words, per-event entries, time marks): what a test can
@@ -679,11 +656,12 @@ impl Merger {
         let id = self.streams[i].id;
         model.apply(&for_model(&p), p.time_ns, id);
         on_applied(&p, id, model);
-        if let Event::Fork { cut, .. } = p.ev {
-            if cut > 0 && self.fork_cuts.remove(&(i, p.pos)).is_some() {
-                let end = Pos { seq: p.pos.seq, word: p.pos.word + p.len };
-                self.fork_barriers.retain(|b| !(b.fork == i && b.fork_end == end));
-            }
+        if let Event::Fork { cut, .. } = p.ev
+            && cut > 0
+            && self.fork_cuts.remove(&(i, p.pos)).is_some()
+        {
+            let end = Pos { seq: p.pos.seq, word: p.pos.word + p.len };
+            self.fork_barriers.retain(|b| !(b.fork == i && b.fork_end == end));
         }
         self.wake_drained(i);
         for a in touched(&p.ev).into_iter().flatten() {
