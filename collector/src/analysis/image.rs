@@ -335,10 +335,10 @@ impl ImageAnalysis {
                     samples.before_trims.push(super::glibc::explain::causes(glibc, model, &b, samples.start_ns));
                 }
             }
-            glibc.apply(&p.ev, p.time_ns, stream);
+            glibc.apply_part(&p.ev, p.part, p.time_ns, stream);
             match p.ev {
                 Event::Alloc { ptr, size, .. } if ptr != 0 => sizes.record(size),
-                Event::Realloc { new_ptr, size, .. } if new_ptr != 0 => sizes.record(size),
+                Event::Realloc { new_ptr, size, .. } if new_ptr != 0 && p.part != super::glibc::Part::OldBlock => sizes.record(size),
                 _ => {}
             }
             if let Event::Fork { seq, .. } = p.ev {

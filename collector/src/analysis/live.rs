@@ -83,6 +83,11 @@ pub struct LiveModel {
     pub live: FxHashMap<u64, Block>,
     /// Further blocks at an address that `live` already holds (rare: see `Counters::reordered`).
     pub extra: FxHashMap<u64, Vec<Block>>,
+    /// The heap chunks of the live blocks (glibc's headers known, not mmapped): chunk start →
+    /// (chunk end, user pointer), for [`LiveModel::overlapped`]. Kept only once a second thread
+    /// allocates or frees ([`LiveModel::index_chunks`]): one thread's events need no such order.
+    pub chunks: std::collections::BTreeMap<u64, (u64, u64)>,
+    pub chunks_indexed: bool,
     pub c: Counters,
     /// Where the brk heap starts.
     pub heap_start: u64,
@@ -106,6 +111,12 @@ pub enum Need {
     /// The block live at `addr` is not the one this event ends (its chunk differs): waits for
     /// that block to end and the event's own block to begin.
     Other(u64),
+}
+
+/// The heap chunk `[start, end)` of the block at `ptr` with header `chunk` (`None`: unknown
+/// header, or an mmapped chunk).
+fn heap_chunk(ptr: u64, chunk: u64) -> Option<(u64, u64)> {
+    (chunk != 0 && !chunk::is_mmapped(chunk) && ptr >= 16).then(|| (ptr - 16, (ptr - 16).saturating_add(chunk::size(chunk))))
 }
 
 /// Could chunk header words `a` and `b` describe the same block? (Unknown headers match
@@ -151,15 +162,63 @@ impl LiveModel {
         }
     }
 
+    /// A live block whose heap chunk overlaps the one `ev` allocates (an allocation, or a realloc's
+    /// new or grown block), other than the block `ev` itself ends. Chunks live at the same time
+    /// never overlap, so such an allocation happened after that block ended — glibc merged, split
+    /// or took back its memory at another address — though nothing in the trace says so for
+    /// certain: the merger takes it as a preference (see `merge`).
+    pub fn overlapped(&self, ev: &Event) -> Option<u64> {
+        let (ptr, chunk, except) = match *ev {
+            Event::Alloc { ptr, chunk, .. } => (ptr, chunk, ptr),
+            Event::Realloc { old_ptr, new_ptr, chunk, .. } => (new_ptr, chunk, old_ptr),
+            _ => return None,
+        };
+        if !self.chunks_indexed {
+            return None;
+        }
+        let (start, end) = heap_chunk(ptr, chunk)?;
+        // Live chunks do not overlap one another: the one starting last before `end` is the only
+        // one that can reach into the range.
+        let (_, &(e, q)) = self.chunks.range(..end).next_back()?;
+        (e > start && q != ptr && q != except).then_some(q)
+    }
+
+    /// Start keeping `chunks` (from the blocks live now).
+    pub fn index_chunks(&mut self) {
+        if self.chunks_indexed {
+            return;
+        }
+        self.chunks_indexed = true;
+        self.chunks = self.live.iter().filter_map(|(&p, b)| heap_chunk(p, b.chunk).map(|(s, e)| (s, (e, p)))).collect();
+    }
+
+    /// Keep `chunks` in step with the block now live at `ptr` (if any); `old`: the header of the
+    /// block that was.
+    fn index_chunk(&mut self, ptr: u64, old: Option<u64>) {
+        if !self.chunks_indexed {
+            return;
+        }
+        if let Some((start, _)) = old.and_then(|c| heap_chunk(ptr, c)) {
+            if self.chunks.get(&start).is_some_and(|&(_, q)| q == ptr) {
+                self.chunks.remove(&start);
+            }
+        }
+        if let Some((start, end)) = self.live.get(&ptr).and_then(|b| heap_chunk(ptr, b.chunk)) {
+            self.chunks.insert(start, (end, ptr));
+        }
+    }
+
     fn add_block(&mut self, ptr: u64, mut b: Block) {
         b.nth = self.sites.on_alloc(ptr, b.stack, b.size, b.overhead(), b.stream, b.time_ns, self.c.live_bytes);
         self.c.alloc_count += 1;
         self.c.bytes_allocated_total = self.c.bytes_allocated_total.saturating_add(b.size);
-        if let Some(old) = self.live.insert(ptr, b) {
+        let replaced = self.live.insert(ptr, b);
+        if let Some(old) = replaced {
             // Forced: the address is still live. Keep both; frees tell them apart by chunk.
             self.c.reordered += 1;
             self.extra.entry(ptr).or_default().push(old);
         }
+        self.index_chunk(ptr, replaced.map(|o| o.chunk));
         self.c.live_bytes += b.size;
         self.c.live_blocks += 1;
         self.c.mmapped_bytes += b.mmapped_bytes();
@@ -195,6 +254,9 @@ impl LiveModel {
                 r
             }
         };
+        if let Some(b) = &removed {
+            self.index_chunk(ptr, Some(b.chunk));
+        }
         match removed {
             Some(b) => {
                 self.sites.on_free(ptr, b.info(), freed_by, self.now_ns, self.c.live_bytes);

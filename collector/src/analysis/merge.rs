@@ -49,6 +49,7 @@ use mtrace_protocol::order;
 use crate::trace::Chunk;
 use rustc_hash::FxHashMap;
 
+use super::glibc::Part;
 use super::live::{LiveModel, Need};
 
 /// Position of an event in its stream: block sequence number and word offset in the block.
@@ -71,6 +72,10 @@ pub struct Pending {
     ignore_after: bool,
     /// A realloc that moved its block: its old block is released already (see [`Merger::step`]).
     released: bool,
+    /// What of it `on_applied` is shown now.
+    pub part: Part,
+    /// A preference for the end of an overlapped block was let go.
+    ignore_overlap: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +87,10 @@ enum Wait {
     After { stream: usize, pos: Pos },
     /// Until every event of `stream` before `pos` has arrived and been applied (a fork's cut).
     Drained { stream: usize, pos: Pos },
+    /// A preference, not a precondition: until the live block at this address, whose chunk the
+    /// head's allocation overlaps, has ended (see [`LiveModel::overlapped`]). Let go, uncounted,
+    /// whenever the merger would otherwise be stuck.
+    Prefer(u64),
 }
 
 /// Events of `stream` at or after `pos` happened after the fork whose event ends at `fork_end`
@@ -128,6 +137,8 @@ impl Batch {
             epoch: self.epoch,
             ignore_after: false,
             released: false,
+            part: Part::Whole,
+            ignore_overlap: false,
         }
     }
 }
@@ -235,6 +246,9 @@ pub struct Merger {
     fork_cuts: FxHashMap<(usize, Pos), Vec<(usize, Pos)>>,
     /// … and what waits for them.
     fork_barriers: Vec<ForkBarrier>,
+    /// The first stream that allocated or freed (until a second one does, no overlap can be out
+    /// of order: see `LiveModel::index_chunks`).
+    heap_stream: Option<usize>,
     queued: usize,
     pub stats: MergeStats,
     /// Stack and module definitions, collected as chunks are decoded (they need no ordering).
@@ -573,6 +587,10 @@ impl Merger {
             model.end_realloc_source(old, old_chunk);
             let h = self.streams[i].head.as_mut().unwrap();
             h.released = true;
+            let mut shown = h.clone();
+            shown.part = Part::OldBlock;
+            on_applied(&shown, self.streams[i].id, model);
+            let h = self.streams[i].head.as_mut().unwrap();
             let at = Pos { seq: h.pos.seq, word: h.pos.word + 1 };
             self.wake_address(old);
             self.advance_frontier(i, at);
@@ -587,8 +605,18 @@ impl Merger {
             }
         }
         let head = self.streams[i].head.as_ref().expect("step on an empty stream");
-        match model.need(&for_model(head)) {
-            Need::Ok => self.apply_head(i, model, on_applied),
+        let ev = for_model(head);
+        match model.need(&ev) {
+            Need::Ok => {
+                // Memory another block of another address still holds: that block's end goes
+                // first, if it can (see `Wait::Prefer`).
+                if !head.ignore_overlap && let Some(q) = model.overlapped(&ev) {
+                    self.streams[i].wait = Wait::Prefer(q);
+                    self.addr_waiters.entry(q).or_default().push(i);
+                    return;
+                }
+                self.apply_head(i, model, on_applied)
+            }
             Need::Live(a) | Need::Dead(a) | Need::Other(a) => {
                 self.streams[i].wait = Wait::Addr(a);
                 self.addr_waiters.entry(a).or_default().push(i);
@@ -611,7 +639,7 @@ impl Merger {
     fn wake_address(&mut self, a: u64) {
         if let Some(ws) = self.addr_waiters.remove(&a) {
             for w in ws {
-                if self.streams[w].wait == Wait::Addr(a) {
+                if self.streams[w].wait == Wait::Addr(a) || self.streams[w].wait == Wait::Prefer(a) {
                     self.streams[w].wait = Wait::None;
                     self.push_if_ready(w);
                 }
@@ -651,7 +679,13 @@ impl Merger {
     }
 
     fn apply_head(&mut self, i: usize, model: &mut LiveModel, on_applied: &mut impl FnMut(&Pending, u32, &LiveModel)) {
-        let p = self.streams[i].pop_head();
+        let mut p = self.streams[i].pop_head();
+        if p.released {
+            p.part = Part::NewBlock;
+        }
+        if !model.chunks_indexed && touched(&p.ev).iter().any(Option::is_some) && *self.heap_stream.get_or_insert(i) != i {
+            model.index_chunks();
+        }
         self.queued -= 1;
         let id = self.streams[i].id;
         model.apply(&for_model(&p), p.time_ns, id);
@@ -700,6 +734,19 @@ impl Merger {
         if !(0..self.streams.len()).filter(|&i| self.streams[i].wait != Wait::None).all(|i| settled(self, i)) {
             return false;
         }
+        // Preferences are let go first, without a count: they are no preconditions.
+        let mut let_go = false;
+        for i in 0..self.streams.len() {
+            if let Wait::Prefer(_) = self.streams[i].wait {
+                self.streams[i].head.as_mut().unwrap().ignore_overlap = true;
+                self.streams[i].wait = Wait::None;
+                self.push_if_ready(i);
+                let_go = true;
+            }
+        }
+        if let_go {
+            return true;
+        }
         // Break the stall where it can be repaired: first admit a blocked allocation beside the
         // block still live at its address (its free was lost; a later free tells the two apart by
         // chunk header); then release an ordering position whose event never came; then give up
@@ -711,13 +758,13 @@ impl Merger {
             }
             let Some(h) = s.head.as_ref() else { continue };
             let rank = match s.wait {
-                Wait::Addr(_) if matches!(model.need(&h.ev), Need::Dead(_)) => 0,
+                Wait::Addr(_) if matches!(model.need(&for_model(h)), Need::Dead(_)) => 0,
                 // The named event never came (the image ended without it).
                 Wait::After { stream, pos } if !(self.streams[stream].received(pos) && self.streams[stream].head.is_some()) => 1,
                 Wait::Addr(_) => 2,
                 // A cycle (the named event is there, blocked; or a fork's cut): a last resort.
                 Wait::After { .. } | Wait::Drained { .. } => 3,
-                Wait::None => continue,
+                Wait::None | Wait::Prefer(_) => continue,
             };
             if best.is_none_or(|b| (rank, h.time_ns, i) < b) {
                 best = Some((rank, h.time_ns, i));
@@ -726,6 +773,31 @@ impl Merger {
         let Some((_, _, i)) = best else { return false };
         if std::env::var_os("MTRACE_DEBUG_MERGE").is_some() {
             self.debug_stall(i);
+            for (k, st) in self.streams.iter().enumerate() {
+                let w = match st.wait {
+                    Wait::Addr(a) => {
+                        let mut who = Vec::new();
+                        for (kk, t) in self.streams.iter().enumerate() {
+                            for b in &t.batches {
+                                for e in b.next..b.events.len() {
+                                    let p = b.pending(e);
+                                    if touched(&p.ev).contains(&Some(a)) {
+                                        who.push((t.id, p.pos.seq, p.pos.word, kk));
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        format!("addr {a:#x} live {:?} touched next by {:?}", model.live.get(&a).map(|b| (b.chunk, b.stream)), who.iter().take(3).collect::<Vec<_>>())
+                    }
+                    Wait::After { stream, pos } => format!("after stream {} {:?}", self.streams[stream].id, pos),
+                    Wait::Drained { stream, pos } => format!("drained stream {} {:?}", self.streams[stream].id, pos),
+                    Wait::Prefer(a) => format!("prefer the end of {a:#x}"),
+                    Wait::None => "none".into(),
+                };
+                let _ = k;
+                eprintln!("   W stream {} at {:?}: {w}", st.id, st.head.as_ref().map(|h| h.pos));
+            }
         }
         match self.streams[i].wait {
             Wait::After { stream, pos } => {
@@ -747,14 +819,14 @@ impl Merger {
             Wait::Addr(_) => {
                 // An allocation of a still-live address is admitted beside the live block (the
                 // model counts it as reordered); a free whose block never appeared is forced.
-                let head = &self.streams[i].head.as_ref().unwrap().ev;
-                if !matches!(model.need(head), Need::Dead(_)) {
+                let head = for_model(self.streams[i].head.as_ref().unwrap());
+                if !matches!(model.need(&head), Need::Dead(_)) {
                     self.stats.forced += 1;
                 }
                 self.streams[i].wait = Wait::None;
                 self.apply_head(i, model, on_applied);
             }
-            Wait::None => unreachable!(),
+            Wait::None | Wait::Prefer(_) => unreachable!(),
         }
         true
     }

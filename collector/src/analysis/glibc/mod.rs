@@ -131,6 +131,18 @@ pub struct GlibcModel {
     pub uncertain: Vec<String>,
     /// Stream → thread id, filled by the image analysis.
     pub tids: FxHashMap<u32, u32>,
+    /// Which part of a moved realloc [`GlibcModel::apply_part`] is applying.
+    part: Part,
+}
+
+/// The part of an event being applied: a realloc that moved its block is applied in two steps
+/// in merged order (see `merge::Merger::step`): its old block's release, then its new block.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Part {
+    #[default]
+    Whole,
+    OldBlock,
+    NewBlock,
 }
 
 impl GlibcModel {
@@ -186,6 +198,7 @@ impl GlibcModel {
             peak_os_held_ns: 0,
             uncertain,
             tids: FxHashMap::default(),
+            part: Part::Whole,
         }
     }
 
@@ -469,6 +482,13 @@ impl GlibcModel {
         }
     }
 
+    /// Apply `part` of one event in merged order (see [`Part`]).
+    pub fn apply_part(&mut self, ev: &Event, part: Part, time_ns: u64, stream: u32) {
+        self.part = part;
+        self.apply(ev, time_ns, stream);
+        self.part = Part::Whole;
+    }
+
     /// Apply one event in merged order. Values no glibc would produce (a misaligned block, a
     /// chunk or heap larger than the address space) are counted as contradictions and ignored.
     pub fn apply(&mut self, ev: &Event, time_ns: u64, stream: u32) {
@@ -711,9 +731,20 @@ impl GlibcModel {
     fn realloc(&mut self, old_ptr: u64, new_ptr: u64, req: u64, old_hdr: u64, hdr: u64, prev_size: u64, stream: u32) {
         let old_mm = chunk::is_mmapped(old_hdr);
         let new_mm = chunk::is_mmapped(hdr);
+        // A moved block may come in two parts (see `Part`).
+        let (release, acquire) = match self.part {
+            Part::Whole => (true, true),
+            Part::OldBlock => (true, false),
+            Part::NewBlock => (false, true),
+        };
         if old_mm {
             // mremap_chunk, or malloc + copy + munmap_chunk: no threshold update either way.
-            self.mmapped_free(old_ptr);
+            if release {
+                self.mmapped_free(old_ptr);
+            }
+            if !acquire {
+                return;
+            }
             if new_mm {
                 self.mmapped_alloc(new_ptr, req, hdr, prev_size);
             } else {
@@ -722,13 +753,17 @@ impl GlibcModel {
             return;
         }
         if new_ptr != old_ptr {
-            if new_mm {
-                self.consolidate_for_large(stream);
-                self.mmapped_alloc(new_ptr, req, hdr, prev_size);
-            } else {
-                self.heap_alloc(EventKind::Realloc, new_ptr, req, 0, hdr, stream, false);
+            if acquire {
+                if new_mm {
+                    self.consolidate_for_large(stream);
+                    self.mmapped_alloc(new_ptr, req, hdr, prev_size);
+                } else {
+                    self.heap_alloc(EventKind::Realloc, new_ptr, req, 0, hdr, stream, false);
+                }
             }
-            self.heap_free(old_ptr, old_hdr, stream, false);
+            if release {
+                self.heap_free(old_ptr, old_hdr, stream, false);
+            }
             return;
         }
         // In place.

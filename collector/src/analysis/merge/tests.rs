@@ -451,8 +451,9 @@ fn a_position_names_the_first_call_at_or_after_it() {
     m.add_chunk(&Chunk { image: 0, stream: a, tid: 1, block_seq: 0, offset: 0, words: a_words });
     m.end();
     let mut order = Vec::new();
-    m.run(&mut model, &mut |p, stream, _| order.push((stream, p.pos.word)));
-    assert_eq!(order, vec![(a, 2), (a, 5), (a, 8), (b, 2)]);
+    m.run(&mut model, &mut |p, stream, _| order.push((stream, p.pos.word, p.part)));
+    // The moved realloc is shown in its two parts, its old block's release first.
+    assert_eq!(order, vec![(a, 2, Part::Whole), (a, 5, Part::Whole), (a, 8, Part::OldBlock), (a, 8, Part::NewBlock), (b, 2, Part::Whole)]);
     assert!(clean(&m.stats, &model));
     assert_eq!(live_of(&model), BTreeMap::from([(0x100, 20), (0x200, 30)]));
 }
