@@ -725,11 +725,19 @@ unsafe fn realloc_common(kind: EventKind, old: *mut c_void, size: u64, call: imp
     let Some(g) = Guard::take() else { return call() };
     let t = g.thread();
     // SAFETY: guard held; `old` is live until the real call.
-    let after_old = unsafe {
-        let pos = if old.is_null() { 0 } else { writer::next_position(t) };
-        if pos == 0 { 0 } else { Some(order::exchange(old as u64, pos)).filter(|&v| foreign(v, pos)).unwrap_or(0) }
+    let (after_old, dropped) = unsafe {
+        match if old.is_null() { Some(0) } else { writer::next_position(t) } {
+            None => (0, true),
+            Some(0) => (0, false),
+            Some(pos) => (Some(order::exchange(old as u64, pos)).filter(|&v| foreign(v, pos)).unwrap_or(0), false),
+        }
     };
     let p = call();
+    if dropped {
+        // Lossy mode, no room: this event is counted lost already (by the reserve that failed);
+        // written without its exchange it would leave the old block's next user unordered.
+        return p;
+    }
     // SAFETY: `p` is null or the live block the real realloc returned; guard held.
     unsafe {
         let (aux, prev_size) = if p.is_null() {

@@ -370,14 +370,27 @@ pub unsafe fn fork_cut(out: &mut [u64]) -> usize {
     let (mut n, cap) = (0, out.len());
     for i in 0..ring.used_blocks() {
         let d = ring.desc(i);
-        let (stream, seq, len) = (d.stream.load(Ordering::Acquire), d.seq.load(Ordering::Relaxed), d.len.load(Ordering::Acquire));
+        // A descriptor changes owner when a writer takes the block: read it twice around its
+        // fields and keep it only if nothing moved (a block changing hands now holds nothing
+        // published yet by its new owner).
+        let read = || (d.state.load(Ordering::Acquire), d.stream.load(Ordering::Acquire), d.seq.load(Ordering::Acquire), d.len.load(Ordering::Acquire));
+        let (state, stream, seq, len) = read();
+        if (state, stream, seq) != { let (s2, st2, q2, _) = read(); (s2, st2, q2) } {
+            continue;
+        }
         if stream == 0 || stream >= order::MAX_STREAMS {
             continue;
         }
-        let pos = order::position(stream, seq, len / 8);
-        // The latest block of each stream (sequence numbers grow; a recycled descriptor still
-        // names its last owner's block).
-        // Within one stream, positions order as (block, word).
+        // An owned block up to what is published; a full or recycled one whole (its last owner
+        // published all of it: the next block's start). A word offset that does not fit a
+        // position (a full 128 KiB block) is the next block's start too.
+        let word = len / 8;
+        let pos = if state == ring::BLOCK_OWNED && word < 1 << order::WORD_BITS {
+            order::position(stream, seq, word)
+        } else {
+            order::position(stream, seq.wrapping_add(1), 0)
+        };
+        // The latest block of each stream: within one stream, positions order as (block, word).
         match out[..n].iter_mut().find(|v| **v >> 40 == pos >> 40) {
             Some(v) => *v = (*v).max(pos),
             None if n < cap => {
@@ -525,25 +538,31 @@ pub unsafe fn emit_ordered(t: *mut ThreadState, max: usize, fill: impl FnOnce(*m
 
 /// The position the next event of this thread will be written at, for a call whose ordering
 /// cell must be exchanged before its event can be written (a realloc exchanges its old block's
-/// cell before the real call and writes its event after): 0 if it has none (not registered, the
-/// event would be dropped, no ordering cells). The collector resolves a position to the first
-/// *call* event at or after it (see `mtrace_protocol::order`), so observations written in
-/// between (a `Time`, a heap's size) and a move to the next block keep it right — as long as the
-/// guard is held from here to the event.
+/// cell before the real call and writes its event after): `Some(0)` if it has none (not
+/// registered, no ordering cells, a stream id beyond positions), `None` if the event would be
+/// dropped now (lossy mode, no block): the caller then drops it too, so that no event is recorded
+/// whose exchange was not made. The collector resolves a position to the first *call* event at
+/// or after it (see `mtrace_protocol::order`), so observations written in between (a `Time`, a
+/// heap's size) keep it right — as long as the guard is held from here to the event. Room is
+/// made for the event and such observations, so that the event lands in this block.
 ///
 /// # Safety
 /// `t` is this thread's state with the guard held.
 #[inline(always)]
-pub unsafe fn next_position(t: *mut ThreadState) -> u64 {
+pub unsafe fn next_position(t: *mut ThreadState) -> Option<u64> {
     // SAFETY: per the contract; `reserve` only makes room (and may write a `Time` event).
     unsafe {
         if STATE.load(Ordering::Acquire) != ACTIVE || !crate::order::enabled() {
-            return 0;
+            return Some(0);
         }
-        let p = reserve(t, 1);
-        if p.is_null() { 0 } else { position(t, p) }
+        let p = reserve(t, NEXT_EVENT_ROOM);
+        if p.is_null() { None } else { Some(position(t, p)) }
     }
 }
+
+/// Words [`next_position`] makes room for: the longest realloc event (9), the heap observations
+/// the call may add before it (`ArenaHeap` and `HeapSize`, 8) and time marks (2 each).
+const NEXT_EVENT_ROOM: usize = 24;
 
 /// Write one event of `n` words, built by `fill`, to the ring or the pre-init buffer.
 ///

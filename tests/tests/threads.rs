@@ -173,3 +173,34 @@ fn a_fork_child_of_a_threaded_parent_is_exact() {
         assert_eq!(ps[1]["relation"], "fork", "{}", ps[1]);
     }
 }
+
+/// A fork taken while the parent's threads are alive, each with its ring block and events not
+/// yet read: worker 0 forks while the other workers wait at a barrier. The child's heap is the
+/// parent's at that instant, by the fork's cut (each thread's published position), not by time.
+/// Besides the fixture's blocks, the child holds the DTV glibc `calloc`ed for each worker thread
+/// of the parent (threads that do not exist in the child).
+#[test]
+fn a_fork_while_threads_run_starts_the_child_from_the_parents_heap() {
+    let _turn = heavy();
+    let fx = fixture("handoff");
+    let workers = 6;
+    let r = record(&[], &[fx.to_str().unwrap(), "rounds", &workers.to_string(), "40"], &[("HANDOFF_FORK", "mid"), ("GLIBC_TUNABLES", "glibc.pthread.stack_cache_size=0")]);
+    assert_eq!(r.code(), Some(0), "{}", r.stderr());
+    let rep = r.report();
+    let t = truth(&r.stdout());
+    let ps = rep["processes"].as_array().unwrap();
+    assert_eq!(ps.len(), 2, "parent and fork child");
+    assert_eq!(ps[1]["relation"], "fork");
+    for (p, prefix) in [(&ps[0], ""), (&ps[1], "child.")] {
+        let what = if prefix.is_empty() { "parent" } else { "child" };
+        assert_clean(p, what);
+        for call in ["malloc", "realloc"] {
+            assert_eq!(p["final_live_by_call"][call].as_u64().unwrap_or(0), t[&format!("{prefix}live.{call}")], "{what}: {call}");
+        }
+    }
+    let child = &ps[1];
+    assert_eq!(num(child, "final_live_blocks"), t["child.final_live_blocks"] + workers, "the child's blocks and one DTV per worker");
+    let dtvs = child["final_live_by_call"]["calloc"].as_u64().unwrap() - t["child.live.calloc"];
+    assert!(dtvs > 0 && dtvs % workers == 0, "{dtvs} bytes of DTVs for {workers} threads");
+    assert_eq!(num(&ps[0], "final_live_blocks"), t["final_live_blocks"]);
+}

@@ -76,6 +76,8 @@ pub struct Pending {
     pub part: Part,
     /// A preference for the end of an overlapped block was let go.
     ignore_overlap: bool,
+    /// Past a fork's cut, but happened before the fork (see [`Merger::fork_wait`]).
+    before_fork: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,6 +141,7 @@ impl Batch {
             released: false,
             part: Part::Whole,
             ignore_overlap: false,
+            before_fork: false,
         }
     }
 }
@@ -205,9 +208,13 @@ impl Stream {
         self.expect.is_some_and(|(seq, off)| Pos { seq, word: off / 8 } > pos)
     }
 
-    /// Has every event before `pos` arrived and been applied?
+    /// Has every event before `pos` arrived and been applied? A position at the start of a block
+    /// (a fork's cut of a thread whose block was full) is reached once the block before it is
+    /// being read: it was complete when the cut was taken, and the fork's own event — applied only
+    /// two `Sync`s after it arrived — was published after it.
     fn drained(&self, pos: Pos) -> bool {
-        self.expect.is_some_and(|(seq, off)| Pos { seq, word: off / 8 } >= pos) && self.head.as_ref().is_none_or(|h| h.pos >= pos)
+        let received = self.expect.is_some_and(|(seq, off)| Pos { seq, word: off / 8 } >= pos || (pos.word == 0 && seq + 1 == pos.seq));
+        received && self.head.as_ref().is_none_or(|h| h.pos >= pos)
     }
 }
 
@@ -395,21 +402,45 @@ impl Merger {
     }
 
     /// Stream `i`'s head must wait for a fork: the fork's own cut not drained yet, or the head is
-    /// past a cut of a fork not applied yet.
-    fn fork_wait(&self, i: usize, head: &Pending) -> Option<Wait> {
+    /// past a cut of a fork not applied yet. `Err(())`: it is past a cut, but an event from
+    /// before that fork waits for it — it happened before the fork too (the cut is what each
+    /// thread had *published*: a realloc whose old block went to another thread inside the call,
+    /// or a free another thread read, can be published after the cut), and goes first.
+    fn fork_wait(&self, i: usize, head: &Pending) -> Result<Option<Wait>, ()> {
         if let Event::Fork { cut, .. } = head.ev
             && cut > 0
         {
             for &(j, pos) in self.fork_cuts.get(&(i, head.pos)).into_iter().flatten() {
                 if !self.streams[j].drained(pos) {
-                    return Some(Wait::Drained { stream: j, pos });
+                    return Ok(Some(Wait::Drained { stream: j, pos }));
                 }
             }
         }
-        self.fork_barriers
-            .iter()
-            .find(|b| b.stream == i && head.pos >= b.pos && !self.streams[b.fork].drained(b.fork_end))
-            .map(|b| Wait::Drained { stream: b.fork, pos: b.fork_end })
+        if head.before_fork {
+            return Ok(None);
+        }
+        for b in self.fork_barriers.iter().filter(|b| b.stream == i && head.pos >= b.pos && !self.streams[b.fork].drained(b.fork_end)) {
+            let needed = self.after_waiters[i]
+                .iter()
+                .any(|&(pos, w)| pos <= head.pos && self.streams[w].wait == (Wait::After { stream: i, pos }) && self.before_fork(w, b));
+            if !needed {
+                return Ok(Some(Wait::Drained { stream: b.fork, pos: b.fork_end }));
+            }
+            return Err(());
+        }
+        Ok(None)
+    }
+
+    /// Did stream `w`'s head happen before the fork of barrier `b`?
+    fn before_fork(&self, w: usize, b: &ForkBarrier) -> bool {
+        let Some(h) = self.streams[w].head.as_ref() else { return false };
+        if h.before_fork {
+            return true;
+        }
+        if w == b.fork {
+            return h.pos < b.fork_end;
+        }
+        self.fork_barriers.iter().any(|c| c.stream == w && c.fork == b.fork && c.fork_end == b.fork_end && h.pos < c.pos)
     }
 
     /// A Sync record for this image (with its pass-start clock): events two syncs old become safe.
@@ -566,12 +597,19 @@ impl Merger {
             return;
         }
         let ignore = head.ignore_after;
-        if !ignore && let Some(w) = self.fork_wait(i, head) {
-            let Wait::Drained { stream: j, pos } = w else { unreachable!() };
-            self.streams[i].wait = w;
-            self.drain_waiters[j].push((pos, i));
-            return;
+        if !ignore {
+            match self.fork_wait(i, head) {
+                Ok(Some(w)) => {
+                    let Wait::Drained { stream: j, pos } = w else { unreachable!() };
+                    self.streams[i].wait = w;
+                    self.drain_waiters[j].push((pos, i));
+                    return;
+                }
+                Ok(None) => {}
+                Err(()) => self.streams[i].head.as_mut().unwrap().before_fork = true,
+            }
         }
+        let head = self.streams[i].head.as_ref().expect("step on an empty stream");
         let moved = moved_realloc(&head.ev);
         if let Some((old, old_chunk)) = moved.filter(|_| !head.released) {
             let after_old = afters_of(&head.ev)[0];
@@ -632,6 +670,13 @@ impl Merger {
         }
         self.streams[i].wait = Wait::After { stream: j, pos };
         self.after_waiters[j].push((pos, i));
+        // If that stream is held at a fork's cut, this wait may be what lets it through.
+        if let Wait::Drained { .. } = self.streams[j].wait
+            && !self.fork_barriers.is_empty()
+        {
+            self.streams[j].wait = Wait::None;
+            self.push_if_ready(j);
+        }
         true
     }
 

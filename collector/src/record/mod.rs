@@ -335,8 +335,9 @@ fn sampler_loop(shared: &Shared) {
     }
 }
 
-/// Resident bytes of `[addr, addr + len)` in process `pid`, from `/proc/<pid>/pagemap` (bit 63 of
-/// each page's entry: present).
+/// Resident bytes of `[addr, addr + len)` in process `pid`, from `/proc/<pid>/pagemap`: pages
+/// present (bit 63 of each page's entry) and mapped by this process alone (bit 56) — a page only
+/// ever read maps the kernel's shared zero page, which is present but counts in no RSS.
 fn resident_bytes(pid: u32, addr: u64, len: u64, page: u64, buf: &mut Vec<u8>) -> Option<u64> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(format!("/proc/{pid}/pagemap")).ok()?;
@@ -350,7 +351,9 @@ fn resident_bytes(pid: u32, addr: u64, len: u64, page: u64, buf: &mut Vec<u8>) -
             Err(_) => return None,
         }
     }
-    let present = buf[..got - got % 8].chunks_exact(8).filter(|e| u64::from_le_bytes((*e).try_into().unwrap()) >> 63 == 1).count() as u64;
+    const PRESENT: u64 = 1 << 63;
+    const EXCLUSIVE: u64 = 1 << 56;
+    let present = buf[..got - got % 8].chunks_exact(8).filter(|e| u64::from_le_bytes((*e).try_into().unwrap()) & (PRESENT | EXCLUSIVE) == PRESENT | EXCLUSIVE).count() as u64;
     Some(present * page)
 }
 

@@ -640,3 +640,32 @@ fn a_fork_is_ordered_by_its_cut_not_by_time() {
     assert_eq!(seen, vec![(b, 2, 1), (b, 5, 2), (a, 2, 2), (b, 8, 3)]);
     assert!(clean(&m.stats, &model));
 }
+
+/// A realloc published after a fork's cut whose old block another thread got back — and
+/// published — before the cut: the realloc happened before the fork too, and goes first (no cycle
+/// between the fork, its cut and the realloc).
+#[test]
+fn an_event_a_pre_fork_event_needs_passes_the_cut() {
+    let (f, k, j) = (1u32, 2u32, 3u32);
+    let mut m = Merger::new();
+    let mut model = LiveModel::default();
+    let t = |c: u64| [ev::header(EventKind::Time, 2, 0), c];
+    let mut kw = t(5).to_vec();
+    kw.extend_from_slice(&[ev::header(EventKind::Malloc, 3, 0), 0x100, 8]);
+    kw.extend_from_slice(&[ev::header(EventKind::Realloc, 5, 0), 0x100, 0x300, 40, 0]);
+    let mut jw = t(6).to_vec();
+    jw.extend_from_slice(&[ev::header(EventKind::Malloc, 4, AUX_HAS_AFTER), 0x100, 16, order::position(k, 0, 5)]);
+    let mut fw = t(7).to_vec();
+    fw.extend_from_slice(&[ev::header(EventKind::Fork, 4, 0), 1, order::position(k, 0, 5), order::position(j, 0, 6)]);
+    m.add_chunk(&Chunk { image: 0, stream: f, tid: 1, block_seq: 0, offset: 0, words: fw });
+    m.add_chunk(&Chunk { image: 0, stream: j, tid: 3, block_seq: 0, offset: 0, words: jw });
+    m.add_chunk(&Chunk { image: 0, stream: k, tid: 2, block_seq: 0, offset: 0, words: kw });
+    m.end();
+    let mut seen = Vec::new();
+    m.run(&mut model, &mut |p, stream, _| seen.push((stream, p.pos.word, p.part)));
+    assert!(clean(&m.stats, &model), "{:?}", m.stats);
+    let fork_at = seen.iter().position(|&(s, ..)| s == f).unwrap();
+    assert!(seen[..fork_at].contains(&(j, 2, Part::Whole)), "{seen:?}");
+    assert!(seen[..fork_at].iter().any(|&(s, w, _)| s == k && w == 5), "{seen:?}");
+    assert_eq!(live_of(&model), BTreeMap::from([(0x100, 16), (0x300, 40)]));
+}
