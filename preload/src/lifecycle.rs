@@ -141,8 +141,12 @@ fn order_cells() -> Option<u32> {
     }
     // SAFETY: NUL-terminated environment string.
     let digits = unsafe { sys::cstr_bytes(v as *const u8) };
-    let n = digits.iter().take_while(|c| c.is_ascii_digit()).take(3).fold(0u32, |a, c| a * 10 + (c - b'0') as u32);
-    Some(if digits.is_empty() { mtrace_protocol::order::DEFAULT_CELL_BITS } else { n })
+    // A number of 1–3 digits (clamped by `order::init`); anything else: the default, said so.
+    if digits.is_empty() || digits.len() > 3 || !digits.iter().all(u8::is_ascii_digit) {
+        sys::warn(&[b"MTRACE_ORDER_CELLS is not a number of bits (10..=28): the default is used"]);
+        return Some(mtrace_protocol::order::DEFAULT_CELL_BITS);
+    }
+    Some(digits.iter().fold(0u32, |a, c| a * 10 + (c - b'0') as u32))
 }
 
 fn glibc_version() -> (u32, u32) {

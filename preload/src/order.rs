@@ -4,8 +4,9 @@
 //! `mtrace_protocol::order`. Here:
 //!
 //! * **The table** is `2^bits` 64-bit cells (default 2^18: 2 MiB) of private anonymous memory,
-//!   reserved without swap (`MAP_NORESERVE`) and touched only where blocks are freed: one page of
-//!   cells covers 128 KiB of heap, the whole table 8 MiB (farther blocks share cells). It is made in the constructor, before the
+//!   reserved without swap (`MAP_NORESERVE`) and resident only where blocks are freed (a load of
+//!   a cell never written maps the shared zero page): one page of cells covers 128 KiB of heap,
+//!   the whole table 8 MiB (farther blocks share cells). It is made in the constructor, before the
 //!   image registers (events written before that carry no position and touch no cell), named
 //!   `[anon:mtrace]`, and its address goes to the collector in the Hello so that the recorder can
 //!   leave its resident pages out of the program's RSS. `MADV_WIPEONFORK` gives a fork child a
@@ -30,34 +31,29 @@
 //! ordering (index, exchange or load, the check for another stream) costs 11 instructions per
 //! pair over the free stamps it replaced (README, Performance).
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use mtrace_protocol::order;
 
 use crate::sys;
 
-struct Table {
-    cells: *mut AtomicU64,
-    /// `2^bits - 1`.
-    mask: u64,
-    bits: u32,
-    /// The kernel wipes the table in a fork child by itself (`MADV_WIPEONFORK`).
-    wiped_on_fork: bool,
-}
-
-static mut TABLE: Table = Table { cells: core::ptr::null_mut(), mask: 0, bits: 0, wiped_on_fork: false };
-
-#[inline(always)]
-fn table() -> &'static Table {
-    // SAFETY: written only in the constructor, before any hook uses the cells (the image is not
-    // registered yet, so no event has a position).
-    unsafe { &*core::ptr::addr_of!(TABLE) }
-}
+/// The table. Written once, in the constructor, before the image registers (so before any event
+/// carries a position and any hook touches a cell); read by every hook after. Atomics (relaxed
+/// loads are plain loads on x86_64), so that even a thread another library's constructor started
+/// earlier reads no torn value: `CELLS` is stored last, and a reader that saw it but not yet the
+/// new `MASK` (0) would use cell 0 — in the table still.
+static CELLS: AtomicPtr<AtomicU64> = AtomicPtr::new(core::ptr::null_mut());
+/// `2^bits - 1`.
+static MASK: AtomicU64 = AtomicU64::new(0);
+static BITS: AtomicU32 = AtomicU32::new(0);
+/// The kernel wipes the table in a fork child by itself (`MADV_WIPEONFORK`).
+static WIPED_ON_FORK: AtomicBool = AtomicBool::new(false);
 
 /// Make the table (the constructor, single-threaded, before registration). `bits`: log2 of the
-/// number of cells, `None`: no ordering cells.
+/// number of cells, `None`: no ordering cells. Leaves the program's `errno` as it was.
 pub fn init(bits: Option<u32>) {
     let Some(bits) = bits else { return };
+    let errno = sys::errno();
     let bits = bits.clamp(order::MIN_CELL_BITS, order::MAX_CELL_BITS);
     let len = 8usize << bits;
     // SAFETY: a fresh private anonymous mapping of our own.
@@ -66,35 +62,37 @@ pub fn init(bits: Option<u32>) {
     };
     if p == libc::MAP_FAILED || p.is_null() {
         sys::warn(&[b"no memory for the ordering cells: threads are ordered by time alone"]);
+        sys::set_errno(errno);
         return;
     }
     sys::name_mapping(p, len);
     // SAFETY: madvise on our own mapping.
     let wiped = unsafe { libc::syscall(libc::SYS_madvise, p, len, libc::MADV_WIPEONFORK) } == 0;
-    // SAFETY: single-threaded initialisation (see `table`).
-    unsafe {
-        *core::ptr::addr_of_mut!(TABLE) = Table { cells: p as *mut AtomicU64, mask: (1u64 << bits) - 1, bits, wiped_on_fork: wiped };
-    }
+    MASK.store((1u64 << bits) - 1, Ordering::Relaxed);
+    BITS.store(bits, Ordering::Relaxed);
+    WIPED_ON_FORK.store(wiped, Ordering::Relaxed);
+    CELLS.store(p as *mut AtomicU64, Ordering::Release);
+    sys::set_errno(errno);
 }
 
 /// The cells exist (fast paths are allowed only then; see `writer::switch_block`).
 #[inline(always)]
 pub fn enabled() -> bool {
-    !table().cells.is_null()
+    !CELLS.load(Ordering::Relaxed).is_null()
 }
 
 /// The Hello's `order_table` word: the table's address with `bits` in the low 12 bits (0: none).
 pub fn hello_word() -> u64 {
-    let t = table();
-    if t.cells.is_null() { 0 } else { t.cells as u64 | t.bits as u64 }
+    let cells = CELLS.load(Ordering::Acquire);
+    if cells.is_null() { 0 } else { cells as u64 | BITS.load(Ordering::Relaxed) as u64 }
 }
 
 /// A fork child: its streams start afresh, so the parent's positions must go.
 pub fn fork_child() {
-    let t = table();
-    if !t.cells.is_null() && !t.wiped_on_fork {
+    let cells = CELLS.load(Ordering::Acquire);
+    if !cells.is_null() && !WIPED_ON_FORK.load(Ordering::Relaxed) {
         // SAFETY: madvise on our own private anonymous mapping: its pages read as zero again.
-        unsafe { libc::syscall(libc::SYS_madvise, t.cells, 8usize << t.bits, libc::MADV_DONTNEED) };
+        unsafe { libc::syscall(libc::SYS_madvise, cells, 8usize << BITS.load(Ordering::Relaxed), libc::MADV_DONTNEED) };
     }
 }
 
@@ -104,9 +102,11 @@ pub fn fork_child() {
 /// [`enabled`].
 #[inline(always)]
 unsafe fn cell(p: u64) -> &'static AtomicU64 {
-    let t = table();
+    // Relaxed: a hook gets here only with a position, from the registration that followed
+    // `init`; and any mask read indexes inside the table (see `CELLS`).
+    let cells = CELLS.load(Ordering::Relaxed);
     // SAFETY: the index is masked to the table, which lives as long as the process.
-    unsafe { &*t.cells.add(order::cell_index_masked(p, t.mask)) }
+    unsafe { &*cells.add(order::cell_index_masked(p, MASK.load(Ordering::Relaxed))) }
 }
 
 /// A free (or a realloc's old block): put the position of its event into the block's cell and

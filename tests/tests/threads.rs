@@ -47,8 +47,12 @@ fn assert_clean(p: &Value, what: &str) {
 
 /// The `handoff` fixture: calls and final live bytes and blocks, by call, exactly.
 fn handoff(args: &[&str], setup: &(&str, Option<&str>, &str)) {
-    let (p, t) = run("handoff", args, setup, &[]);
-    let what = format!("handoff {args:?} ({})", setup.0);
+    handoff_with(args, setup, &[]);
+}
+
+fn handoff_with(args: &[&str], setup: &(&str, Option<&str>, &str), env: &[(&str, &str)]) -> Value {
+    let (p, t) = run("handoff", args, setup, env);
+    let what = format!("handoff {args:?} ({}, {env:?})", setup.0);
     assert_clean(&p, &what);
     for call in ["malloc", "calloc", "realloc"] {
         assert_eq!(p["final_live_by_call"][call].as_u64().unwrap_or(0), t[&format!("live.{call}")], "{what}: {call} bytes");
@@ -62,6 +66,7 @@ fn handoff(args: &[&str], setup: &(&str, Option<&str>, &str)) {
     assert_eq!(p["calls"]["calloc"].as_u64().unwrap_or(0), t["calls.calloc"] + threads, "{what}");
     // ... and frees it at join, among other things of its own (`free(NULL)` included).
     assert!(p["calls"]["free"].as_u64().unwrap_or(0) >= t["calls.free"] + threads, "{what}");
+    p
 }
 
 #[test]
@@ -139,12 +144,28 @@ fn a_cxx_shared_ptr_pool_is_exact_in_every_arena_setup() {
 
 /// `MTRACE_ORDER=0` turns the ordering cells off: still recorded and analysed, and the report
 /// says that threads are ordered by time alone.
+/// The smallest table (2^10 cells, wrapping every 32 KiB of heap): nearly every cell is shared
+/// by many live addresses, and the history is exact all the same — a shared cell only adds true
+/// edges (see `mtrace_protocol::order`).
+#[test]
+fn a_table_whose_every_cell_is_shared_is_exact_all_the_same() {
+    for (args, s) in [(&["rounds", "8", "40"][..], &SETUPS[0]), (&["realloc", "8", "10000"][..], &SETUPS[0]), (&["queue", "8", "5000"][..], &SETUPS[1])] {
+        let p = handoff_with(args, s, &[("MTRACE_ORDER_CELLS", "10")]);
+        assert_eq!(num(&p, "order_table_bytes"), 8 << 10, "{args:?}");
+    }
+}
+
 #[test]
 fn without_ordering_cells_the_report_says_so() {
     let (p, _) = run("handoff", &["queue", "4", "200"], &SETUPS[0], &[("MTRACE_ORDER", "0")]);
     assert_eq!(p["order_cells"], false, "{p}");
+    assert_eq!(num(&p, "order_table_bytes"), 0, "{p}");
     let (p, _) = run("handoff", &["queue", "4", "200"], &SETUPS[0], &[]);
     assert_eq!(p["order_cells"], true);
+    assert_eq!(num(&p, "order_table_bytes"), 2 << 20, "the default table: 2^18 cells");
+    // Not a number of bits: the default, with a warning.
+    let (p, _) = run("handoff", &["queue", "4", "200"], &SETUPS[0], &[("MTRACE_ORDER_CELLS", "lots")]);
+    assert_eq!(num(&p, "order_table_bytes"), 2 << 20);
 }
 
 /// A fork child of a threaded parent: its ordering cells start empty (the parent's positions

@@ -62,6 +62,8 @@ pub struct ProcessReport {
     /// Without them (`MTRACE_ORDER=0`, or no memory for the table) threads are ordered by liveness
     /// and time marks alone.
     pub order_cells: bool,
+    /// Size of the table of ordering cells (8 bytes a cell; 0 without), from the image's Hello.
+    pub order_table_bytes: u64,
     /// Calls per hooked function, failed calls and `free(NULL)` included.
     pub calls: BTreeMap<String, u64>,
     pub alloc_count: u64,
@@ -222,6 +224,7 @@ fn process(img: &ImageAnalysis, opts: ReportOptions, symbolizer: &std::rc::Rc<bl
         duration_s: secs(end_ns - img.start_ns),
         threads: img.threads(),
         order_cells: img.meta.order_cells,
+        order_table_bytes: img.meta.order_table.map_or(0, |t| t.1),
         calls: c.calls.iter().map(|(k, v)| (k.label().to_string(), *v)).collect(),
         alloc_count: c.alloc_count,
         free_count: c.free_count,
