@@ -16,13 +16,23 @@ pub enum TraceError {
     #[error("trace format version {found} is not supported (this mtracer reads versions {MIN_FORMAT_VERSION} to {supported})")]
     UnsupportedVersion { found: u32, supported: u32 },
     #[error(
-        "trace format version {found} was written by an earlier mtrace, whose cross-thread ordering (free stamps) this one no longer reads (it reads version {MIN_FORMAT_VERSION} on): record the program again"
+        "trace format version {found} was written by an earlier mtrace, {} (this one reads version {MIN_FORMAT_VERSION} on): record the program again",
+        old_version_why(*found)
     )]
     OldVersion { found: u32 },
     #[error("trace truncated at byte offset {offset}: {what}")]
     Truncated { offset: u64, what: String },
     #[error("trace corrupt at byte offset {offset}: {what}")]
     Corrupt { offset: u64, what: String },
+}
+
+/// What an old format lacks, for [`TraceError::OldVersion`].
+fn old_version_why(version: u32) -> &'static str {
+    if version < LAST_UNSEQUENCED_VERSION {
+        "whose cross-thread ordering (free stamps) this one no longer reads"
+    } else {
+        "whose frames carry no sequence numbers (a duplicated or missing frame would go unnoticed)"
+    }
 }
 
 impl TraceError {
@@ -159,7 +169,17 @@ fn words_of(data: &[u8]) -> Result<Vec<u64>, String> {
     if !data.len().is_multiple_of(8) {
         return Err(format!("chunk data of {} bytes is not whole words", data.len()));
     }
-    Ok(data.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
+    Ok(data.chunks_exact(8).map(le64).collect())
+}
+
+/// The little-endian u64 that `b` starts with (0 if `b` is shorter: callers pass whole words).
+fn le64(b: &[u8]) -> u64 {
+    b.get(..8).and_then(|w| w.try_into().ok()).map_or(0, u64::from_le_bytes)
+}
+
+/// The little-endian u32 that `b` starts with (0 if `b` is shorter: callers pass whole fields).
+fn le32(b: &[u8]) -> u32 {
+    b.get(..4).and_then(|w| w.try_into().ok()).map_or(0, u32::from_le_bytes)
 }
 
 fn put_u32(v: &mut Vec<u8>, x: u32) {
@@ -313,7 +333,7 @@ impl Record {
     pub fn decode(raw: &[u8], at: usize) -> Result<(Record, usize), (usize, String)> {
         let hdr = raw.get(at..at + 8).ok_or((at, "record header cut short".to_string()))?;
         let ty = hdr[0];
-        let len = u32::from_le_bytes(hdr[4..8].try_into().unwrap()) as usize;
+        let len = le32(&hdr[4..]) as usize;
         let body = raw.get(at + 8..at + 8 + len).ok_or((at, format!("record body of {len} bytes runs past the frame")))?;
         let next = (at + 8 + len).div_ceil(8) * 8;
         let mut r = mtrace_protocol::control::Reader::new(body);
@@ -400,7 +420,7 @@ impl Record {
                 if Some(data.len()) != count.checked_mul(SMAPS_ENTRY_LEN) {
                     return Err((at, format!("smaps record announces {count} mappings but carries {} bytes of them", data.len())));
                 }
-                let word = |i: usize| u64::from_le_bytes(data[i * 8..i * 8 + 8].try_into().unwrap());
+                let word = |i: usize| le64(&data[i * 8..]);
                 let mut maps = Vec::with_capacity(count);
                 for i in 0..count {
                     let (first, end, rss) = (word(3 * i), word(3 * i + 1), word(3 * i + 2));
@@ -483,17 +503,18 @@ impl<W: Write> TraceWriter<W> {
         self.stored.resize(lz4_flex::block::get_maximum_output_size(raw.len()), 0);
         let n = lz4_flex::block::compress_into(raw, &mut self.stored).map_err(io::Error::other)?;
         let stored = &self.stored[..n];
-        let mut h = [0u8; FRAME_HEADER_LEN];
-        h[..4].copy_from_slice(&FRAME_MAGIC);
-        h[4..8].copy_from_slice(&(raw.len() as u32).to_le_bytes());
-        h[8..12].copy_from_slice(&(stored.len() as u32).to_le_bytes());
-        h[12..16].copy_from_slice(&crc32fast::hash(stored).to_le_bytes());
+        let h = frame_header(self.frames, raw.len(), stored);
         self.out.write_all(&h)?;
         self.out.write_all(stored)?;
         self.out.flush()?;
         self.bytes_written += (FRAME_HEADER_LEN + stored.len()) as u64;
         self.frames += 1;
         Ok(())
+    }
+
+    /// Frames written so far (the next frame's `seq`).
+    pub fn frames(&self) -> u64 {
+        self.frames
     }
 
     pub fn buffered(&self) -> usize {
@@ -509,10 +530,42 @@ impl<W: Write> TraceWriter<W> {
     }
 }
 
+/// The header of the frame number `seq` whose payload is `stored` (lz4 of `raw_len` bytes).
+pub fn frame_header(seq: u64, raw_len: usize, stored: &[u8]) -> [u8; FRAME_HEADER_LEN] {
+    let mut h = [0u8; FRAME_HEADER_LEN];
+    h[..4].copy_from_slice(&FRAME_MAGIC);
+    h[4..8].copy_from_slice(&(raw_len as u32).to_le_bytes());
+    h[8..12].copy_from_slice(&(stored.len() as u32).to_le_bytes());
+    h[16..24].copy_from_slice(&seq.to_le_bytes());
+    let crc = frame_crc(&h, stored);
+    h[12..16].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// The checksum a frame header `h` should hold for its payload `stored` (see the format).
+fn frame_crc(h: &[u8; FRAME_HEADER_LEN], stored: &[u8]) -> u32 {
+    let mut c = crc32fast::Hasher::new();
+    c.update(&h[4..12]);
+    c.update(&h[16..24]);
+    c.update(stored);
+    c.finalize()
+}
+
+/// One whole frame as the file holds it: `raw` (whole encoded records) compressed, with the
+/// header of frame number `seq` (for tools and tests that build or repair traces).
+pub fn encode_frame(seq: u64, raw: &[u8]) -> Vec<u8> {
+    let stored = lz4_flex::block::compress(raw);
+    let mut v = frame_header(seq, raw.len(), &stored).to_vec();
+    v.extend_from_slice(&stored);
+    v
+}
+
 /// One decompressed frame.
 pub struct Frame {
     /// File offset of the frame header.
     pub offset: u64,
+    /// Its sequence number (its position among the file's frames).
+    pub seq: u64,
     pub raw: Vec<u8>,
 }
 
@@ -553,7 +606,7 @@ pub fn dump(path: &std::path::Path, out: &mut impl Write) -> Result<(), TraceErr
         _ => [None, None],
     };
     while let Some(frame) = r.next_frame()? {
-        writeln!(out, "frame @{} ({} bytes)", frame.offset, frame.raw.len())?;
+        writeln!(out, "frame {} @{} ({} bytes)", frame.seq, frame.offset, frame.raw.len())?;
         for rec in frame.records() {
             match rec? {
                 Record::Chunk(c) => {
@@ -599,6 +652,8 @@ pub struct TraceReader<R: Read> {
     inp: R,
     offset: u64,
     stored: Vec<u8>,
+    /// The sequence number the next frame must carry.
+    next_seq: u64,
 }
 
 impl<R: Read> TraceReader<R> {
@@ -611,14 +666,14 @@ impl<R: Read> TraceReader<R> {
         if n < FILE_HEADER_LEN {
             return Err(TraceError::Truncated { offset: n as u64, what: "file header cut short".into() });
         }
-        let version = u32::from_le_bytes(h[8..12].try_into().unwrap());
+        let version = le32(&h[8..]);
         if (1..MIN_FORMAT_VERSION).contains(&version) {
             return Err(TraceError::OldVersion { found: version });
         }
         if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(TraceError::UnsupportedVersion { found: version, supported: FORMAT_VERSION });
         }
-        let hlen = u32::from_le_bytes(h[12..16].try_into().unwrap()) as usize;
+        let hlen = le32(&h[12..]) as usize;
         if hlen < FILE_HEADER_LEN || hlen > 4096 {
             return Err(TraceError::Corrupt { offset: 12, what: format!("file header length {hlen}") });
         }
@@ -627,7 +682,7 @@ impl<R: Read> TraceReader<R> {
         if got < rest.len() {
             return Err(TraceError::Truncated { offset: (FILE_HEADER_LEN + got) as u64, what: "file header cut short".into() });
         }
-        Ok(TraceReader { inp, offset: hlen as u64, stored: Vec::new() })
+        Ok(TraceReader { inp, offset: hlen as u64, stored: Vec::new(), next_seq: 0 })
     }
 
     /// Current file offset (the next frame's header).
@@ -635,7 +690,8 @@ impl<R: Read> TraceReader<R> {
         self.offset
     }
 
-    /// The next frame, `Ok(None)` at a clean end of file.
+    /// The next frame, `Ok(None)` at a clean end of file. A frame cut short, damaged (its
+    /// checksum) or out of place (its sequence number) is an error naming its offset.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, TraceError> {
         let at = self.offset;
         let mut h = [0u8; FRAME_HEADER_LEN];
@@ -649,30 +705,47 @@ impl<R: Read> TraceReader<R> {
         if h[..4] != FRAME_MAGIC {
             return Err(TraceError::Corrupt { offset: at, what: "bad frame magic".into() });
         }
-        let raw_len = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
-        let stored_len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
-        let crc = u32::from_le_bytes(h[12..16].try_into().unwrap());
+        let (raw_len, stored_len, crc) = (le32(&h[4..]) as usize, le32(&h[8..]) as usize, le32(&h[12..]));
         if raw_len > MAX_FRAME_RAW || stored_len > lz4_flex::block::get_maximum_output_size(raw_len) {
             return Err(TraceError::Corrupt { offset: at, what: format!("implausible frame sizes (raw {raw_len}, stored {stored_len})") });
         }
-        self.stored.resize(stored_len, 0);
-        let got = read_full(&mut self.inp, &mut self.stored)?;
+        // Read what the file has, not what the header claims (a damaged length must not make
+        // us allocate more than the file holds).
+        self.stored.clear();
+        let got = (&mut self.inp).take(stored_len as u64).read_to_end(&mut self.stored)?;
         if got < stored_len {
             return Err(TraceError::Truncated {
                 offset: at,
                 what: format!("frame needs {stored_len} bytes after its header, the file has {got}"),
             });
         }
-        if crc32fast::hash(&self.stored) != crc {
+        if frame_crc(&h, &self.stored) != crc {
             return Err(TraceError::Corrupt { offset: at, what: "frame checksum mismatch".into() });
         }
+        let seq = le64(&h[16..]);
+        self.check_seq(at, seq)?;
         let raw = lz4_flex::block::decompress(&self.stored, raw_len)
             .map_err(|e| TraceError::Corrupt { offset: at, what: format!("frame does not decompress: {e}") })?;
         if raw.len() != raw_len {
             return Err(TraceError::Corrupt { offset: at, what: "frame decompressed to the wrong size".into() });
         }
         self.offset += (FRAME_HEADER_LEN + stored_len) as u64;
-        Ok(Some(Frame { offset: at, raw }))
+        self.next_seq += 1;
+        Ok(Some(Frame { offset: at, seq, raw }))
+    }
+
+    /// A frame whose (checksummed) sequence number is not the next one was duplicated, moved or
+    /// lost on its way into this file.
+    fn check_seq(&self, at: u64, seq: u64) -> Result<(), TraceError> {
+        let want = self.next_seq;
+        let what = if seq == want {
+            return Ok(());
+        } else if seq < want {
+            format!("frame {seq} again where frame {want} should be (a duplicated or reordered frame)")
+        } else {
+            format!("frame {seq} where frame {want} should be ({} frames missing or reordered)", seq - want)
+        };
+        Err(TraceError::Corrupt { offset: at, what })
     }
 }
 
@@ -786,23 +859,97 @@ mod tests {
         assert!(err.to_string().contains("checksum"), "{err}");
     }
 
+    /// The frames of a trace: (offset, length) of each, header included.
+    fn frame_spans(bytes: &[u8]) -> Vec<(usize, usize)> {
+        let mut r = TraceReader::new(bytes).unwrap();
+        let mut v = Vec::new();
+        let mut at = r.offset() as usize;
+        while r.next_frame().unwrap().is_some() {
+            v.push((at, r.offset() as usize - at));
+            at = r.offset() as usize;
+        }
+        v
+    }
+
+    /// The trace `bytes` with its frames in the order `order` (indices into its frames).
+    fn reframed(bytes: &[u8], order: &[usize]) -> Vec<u8> {
+        let spans = frame_spans(bytes);
+        let mut out = bytes[..FILE_HEADER_LEN].to_vec();
+        for &i in order {
+            let (at, len) = spans[i];
+            out.extend_from_slice(&bytes[at..at + len]);
+        }
+        out
+    }
+
+    #[test]
+    fn frames_carry_their_sequence_number() {
+        let bytes = write(&sample(), 1);
+        let spans = frame_spans(&bytes);
+        assert_eq!(spans.len(), sample().len());
+        let mut r = TraceReader::new(&bytes[..]).unwrap();
+        for i in 0..spans.len() as u64 {
+            assert_eq!(r.next_frame().unwrap().unwrap().seq, i);
+        }
+        let n = spans.len();
+        // Duplicated, swapped, missing: an error at the first frame out of place.
+        let cases: [(Vec<usize>, usize, &str); 4] = [
+            ((0..n).flat_map(|i| if i == 3 { vec![i, i] } else { vec![i] }).collect(), 4, "frame 3 again where frame 4 should be"),
+            ((0..n).map(|i| if i == 2 { 5 } else if i == 5 { 2 } else { i }).collect(), 2, "frame 5 where frame 2 should be (3 frames missing or reordered)"),
+            ((0..n).filter(|&i| i != 1).collect(), 1, "frame 2 where frame 1 should be (1 frames missing"),
+            ((0..n).chain([0]).collect(), n, "frame 0 again where frame 10 should be"),
+        ];
+        for (order, bad, what) in cases {
+            let b = reframed(&bytes, &order);
+            let err = read_all(&b).unwrap_err();
+            let offset: usize = FILE_HEADER_LEN + order[..bad].iter().map(|&i| spans[i].1).sum::<usize>();
+            assert_eq!(err.offset(), Some(offset as u64), "{err}");
+            assert!(err.to_string().contains(what), "{err}");
+        }
+        // A damaged sequence number is a checksum error, not a reordering.
+        let mut b = bytes.clone();
+        b[spans[1].0 + 16] ^= 4;
+        assert!(read_all(&b).unwrap_err().to_string().contains("checksum"));
+        // A frame built by `encode_frame` reads back.
+        let mut raw = Vec::new();
+        Record::Sync { image: 0, time_ns: 7 }.encode(&mut raw);
+        let mut b = write(&[], 1);
+        b.extend_from_slice(&encode_frame(0, &raw));
+        assert_eq!(read_all(&b).unwrap(), vec![Record::Sync { image: 0, time_ns: 7 }]);
+    }
+
+    #[test]
+    fn a_frame_length_longer_than_the_file_is_truncation_without_a_huge_allocation() {
+        let mut b = write(&sample(), 1 << 20);
+        let max = lz4_flex::block::get_maximum_output_size(MAX_FRAME_RAW) as u32;
+        b[FILE_HEADER_LEN + 4..FILE_HEADER_LEN + 8].copy_from_slice(&(MAX_FRAME_RAW as u32).to_le_bytes());
+        b[FILE_HEADER_LEN + 8..FILE_HEADER_LEN + 12].copy_from_slice(&max.to_le_bytes());
+        let err = read_all(&b).unwrap_err();
+        assert!(matches!(err, TraceError::Truncated { offset, .. } if offset == FILE_HEADER_LEN as u64), "{err}");
+        b[FILE_HEADER_LEN + 8..FILE_HEADER_LEN + 12].copy_from_slice(&(max + 1).to_le_bytes());
+        assert!(read_all(&b).unwrap_err().to_string().contains("implausible frame sizes"));
+    }
+
     #[test]
     fn wrong_version_and_magic() {
         let mut bytes = write(&sample(), 1 << 20);
         bytes[8] = 99;
         let err = read_all(&bytes).unwrap_err();
         assert!(matches!(err, TraceError::UnsupportedVersion { found: 99, supported: FORMAT_VERSION }), "{err}");
-        assert_eq!(err.to_string(), "trace format version 99 is not supported (this mtracer reads versions 3 to 3)");
+        assert_eq!(err.to_string(), "trace format version 99 is not supported (this mtracer reads versions 4 to 4)");
         bytes[8] = 0;
         assert!(matches!(read_all(&bytes), Err(TraceError::UnsupportedVersion { found: 0, .. })));
-        // Versions 1 and 2 (free stamps) are named as an earlier mtrace's.
-        for v in [1, 2] {
+        // Versions 1 and 2 (free stamps) and 3 (frames without sequence numbers) are named as an
+        // earlier mtrace's.
+        for (v, why) in [(1, "free stamps"), (2, "free stamps"), (3, "no sequence numbers")] {
             bytes[8] = v;
             let err = read_all(&bytes).unwrap_err();
             assert!(matches!(err, TraceError::OldVersion { found } if found == v as u32), "{err}");
-            assert!(err.to_string().contains(&format!("version {v} was written by an earlier mtrace")), "{err}");
+            let msg = err.to_string();
+            assert!(msg.contains(&format!("version {v} was written by an earlier mtrace")) && msg.contains(why), "{err}");
+            assert!(msg.contains("reads version 4 on") && msg.contains("record the program again"), "{err}");
         }
-        bytes[8] = 3;
+        bytes[8] = 4;
         assert_eq!(read_all(&bytes).unwrap(), sample());
         assert!(matches!(read_all(b"hello world, not a trace"), Err(TraceError::NotATrace)));
         assert!(matches!(read_all(b""), Err(TraceError::NotATrace)));
@@ -905,11 +1052,9 @@ mod tests {
         // In a file: the error names the frame's offset.
         let mut file = write(&[Record::Sync { image: 0, time_ns: 1 }], 1);
         let frame_at = file.len() as u64;
-        let mut w = TraceWriter::new(Vec::new(), 1 << 20).unwrap();
         let mut damaged = bytes.clone();
         damaged[12..16].copy_from_slice(&9u32.to_le_bytes());
-        w.push_encoded(&damaged).unwrap();
-        file.extend_from_slice(&w.finish().unwrap()[FILE_HEADER_LEN..]);
+        file.extend_from_slice(&encode_frame(1, &damaged));
         let err = read_all(&file).unwrap_err();
         assert_eq!(err.offset(), Some(frame_at), "{err}");
         assert!(err.to_string().contains("smaps record announces 9 mappings"), "{err}");

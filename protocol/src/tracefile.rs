@@ -5,17 +5,25 @@
 //!
 //! ```text
 //! file    := file_header frame*
-//! file_header (16 B) := magic "\x89MTRACE\n" | version u32 (= 3) | header_len u32 (= 16)
+//! file_header (16 B) := magic "\x89MTRACE\n" | version u32 (= 4) | header_len u32 (= 16)
 //! frame   := frame_header payload
-//! frame_header (16 B) := "MTFR" | raw_len u32 | stored_len u32 | crc32 u32 (of the stored payload)
+//! frame_header (24 B) := "MTFR" | raw_len u32 | stored_len u32 | crc32 u32 | seq u64
+//! crc32   := CRC-32 (IEEE) of raw_len, stored_len and seq as the header holds them (header
+//!            bytes 4..12 and 16..24), then of the stored payload
 //! payload := lz4 block (lz4_flex `block` format) of raw_len bytes, stored_len bytes long
 //! raw     := record*
 //! record  := type u8 | 0 u8 | 0 u16 | body_len u32 | body | zero padding to 8 bytes
 //! ```
 //!
-//! Frames are self-contained (each decompresses alone) and appended as the recording goes, so a
-//! file whose writer was killed is readable up to its last whole frame. Readers report a
-//! truncated or corrupt frame with its byte offset and never panic.
+//! Frames are self-contained (each decompresses alone) and appended (and flushed) as the
+//! recording goes, so a file whose writer was killed is readable up to its last whole frame.
+//! `seq` is the frame's position in the file: 0 for the first frame, then one more for each. A
+//! reader checks it, so a frame duplicated, moved or missing (a file spliced or copied wrong) is
+//! an error at that frame's offset, not a silently different history; the checksum covers it, so
+//! a damaged `seq` is a checksum error. Frames cannot be told from a complete file's end: a file
+//! cut at a frame boundary reads as a recording that stopped there (it has no `SessionEnd`).
+//! Readers report a truncated or corrupt frame with its byte offset and never panic, and never
+//! hold more than one frame (at most [`MAX_FRAME_RAW`] bytes) in memory for it.
 //!
 //! Record bodies (little-endian):
 //!
@@ -57,15 +65,19 @@
 
 pub const FILE_MAGIC: [u8; 8] = *b"\x89MTRACE\n";
 /// The version written.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest version readers accept. Version 3 replaced the free stamps of versions 1 and 2
 /// (words the preload left inside freed chunks) with ordering cells (`after` words, see
 /// [`crate::order`]): the events' flag bits and words changed meaning, and the analysis no longer
-/// has the search that ordered threads from stamps. Older files are named, not misread.
-pub const MIN_FORMAT_VERSION: u32 = 3;
+/// has the search that ordered threads from stamps. Version 4 gave frames their sequence number
+/// (`seq`, covered by the checksum) and grew the frame header from 16 to 24 bytes. Older files
+/// are named, not misread.
+pub const MIN_FORMAT_VERSION: u32 = 4;
+/// The last version without frame sequence numbers (16-byte frame headers).
+pub const LAST_UNSEQUENCED_VERSION: u32 = 3;
 pub const FILE_HEADER_LEN: usize = 16;
 pub const FRAME_MAGIC: [u8; 4] = *b"MTFR";
-pub const FRAME_HEADER_LEN: usize = 16;
+pub const FRAME_HEADER_LEN: usize = 24;
 /// Upper bound on a frame's raw size; larger claims are corruption.
 pub const MAX_FRAME_RAW: usize = 64 << 20;
 /// `image` value meaning "no process image" (session-level notes, roots without parent).

@@ -4,6 +4,7 @@
 
 use std::process::Command;
 
+use mtrace_protocol::tracefile::{FILE_HEADER_LEN, FRAME_HEADER_LEN};
 use mtrace_tests::*;
 
 fn mtracer(args: &[&str]) -> (Option<i32>, String, String) {
@@ -59,16 +60,16 @@ fn big_trace() -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
     (dir, path, bytes)
 }
 
-/// Offsets and stored lengths of the frames (the format: 16-byte file header, then `MTFR` frames
-/// of a 16-byte header and the stored bytes).
+/// Offsets and stored lengths of the frames (the format: a 16-byte file header, then `MTFR`
+/// frames of a 24-byte header and the stored bytes).
 fn frames_of(bytes: &[u8]) -> Vec<(usize, usize)> {
     let mut v = Vec::new();
-    let mut at = 16;
-    while at + 16 <= bytes.len() {
+    let mut at = FILE_HEADER_LEN;
+    while at + FRAME_HEADER_LEN <= bytes.len() {
         assert_eq!(&bytes[at..at + 4], b"MTFR");
         let stored = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap()) as usize;
         v.push((at, stored));
-        at += 16 + stored;
+        at += FRAME_HEADER_LEN + stored;
     }
     v
 }
@@ -97,7 +98,7 @@ fn a_corrupt_frame_is_caught_by_its_checksum() {
     let (dir, _, mut bytes) = big_trace();
     let frames = frames_of(&bytes);
     let (victim, stored) = frames[1];
-    bytes[victim + 16 + stored / 2] ^= 0x5a;
+    bytes[victim + FRAME_HEADER_LEN + stored / 2] ^= 0x5a;
     let bad = dir.path().join("bad.mtr");
     std::fs::write(&bad, &bytes).unwrap();
     let (code, _, err) = mtracer(&["report", bad.to_str().unwrap()]);
