@@ -33,6 +33,10 @@ struct RecordArgs {
     /// Size of each process's shared-memory ring, in MiB
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     ring_mb: u64,
+    /// Most process images traced at once (each holds a ring of --ring-mb): one more waits for
+    /// none and runs untraced, with a note in the trace
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    max_rings: u32,
     /// Size of one ring block, in KiB (power of two, 4..=128)
     #[arg(long, default_value_t = 64)]
     block_kb: u32,
@@ -66,6 +70,7 @@ impl RecordArgs {
             smaps_period: Duration::from_millis(self.smaps_interval_ms),
             lossy: self.lossy,
             ring_size: self.ring_mb << 20,
+            max_rings: self.max_rings,
             block_size: block,
             drain_interval: Duration::from_micros(self.drain_interval_us),
             child_env: [
@@ -292,14 +297,14 @@ fn run_live(args: &RecordArgs, command: &[String]) -> i32 {
         }
     };
     // Until the trace's name is known (by default it has the command's pid), the log has ours.
-    let first_log = match &args.output {
-        Some(o) => log_path(o),
-        None => PathBuf::from(format!("mtrace.{}.log", std::process::id())),
+    let (first_log, how) = match &args.output {
+        Some(o) => (log_path(o), crate::files::Create::Replace),
+        None => (PathBuf::from(format!("mtrace.{}.log", std::process::id())), crate::files::Create::New),
     };
-    let log = match std::fs::File::create(&first_log) {
+    let log = match crate::files::create_private(&first_log, how) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("mtracer: cannot create {}: {e}", first_log.display());
+            eprintln!("mtracer: cannot create the log: {e}");
             return 2;
         }
     };
@@ -602,10 +607,10 @@ fn export_cmd(file: &std::path::Path, opts: crate::export::Options, output: Opti
         return 2;
     }
     match output {
-        Some(p) => match std::fs::write(p, &buf) {
+        Some(p) => match crate::files::write_private(p, &buf) {
             Ok(()) => 0,
             Err(e) => {
-                eprintln!("mtracer: cannot write {}: {e}", p.display());
+                eprintln!("mtracer: cannot write the export: {e}");
                 2
             }
         },

@@ -8,6 +8,7 @@
 //! * [`dashboard`] — `mtracer view`: the terminal dashboard on the report's numbers.
 //! * [`symbols`] — symbolisation of allocation stacks (blazesym), once per distinct address.
 //! * [`export`] — massif, folded stacks, flamegraph SVG and CSV exports.
+//! * [`files`] — creating the files mtracer writes: `0600`, never through a symbolic link.
 //! * [`cli`] — command-line parsing and dispatch.
 
 pub mod analysis;
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod clock;
 pub mod dashboard;
 pub mod export;
+pub mod files;
 pub mod record;
 pub mod report;
 pub mod symbols;

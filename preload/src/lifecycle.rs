@@ -1,7 +1,9 @@
 //! The life of a traced image: constructor, fork, thread exit, process exit.
 //!
 //! * Constructor (`.init_array`, receives argc/argv/envp): resolve real functions, decide what
-//!   may be read from glibc, register with the collector, copy the pre-init buffer.
+//!   may be read from glibc, register with the collector, copy the pre-init buffer. In an
+//!   `AT_SECURE` process (setuid, setgid, file capabilities) nothing is traced and no `MTRACE_*`
+//!   variable is read.
 //! * `pthread_atfork`: the parent writes a `Fork` event; the child drops the parent's ring and
 //!   registers as a fork child of the parent's image.
 //! * A `pthread_key` destructor releases a thread's block when the thread exits.
@@ -37,7 +39,12 @@ extern "C" fn init(_argc: c_int, argv: *const *const c_char, envp: *const *const
         session::ENVP = envp;
     }
     real::ensure_resolved();
-    if env_is(c"MTRACE_DISABLE", b"1") {
+    // A setuid or setgid program (or one with file capabilities), started by a user who may
+    // have set our environment: every MTRACE_* variable is that user's (a collector to exec, a
+    // file to write), so nothing of it is read, and the program is not traced at all. Quietly:
+    // its stderr is that user's too.
+    // SAFETY: getauxval only reads the auxiliary vector.
+    if unsafe { libc::getauxval(libc::AT_SECURE) } != 0 || env_is(c"MTRACE_DISABLE", b"1") {
         writer::STATE.store(OFF, Ordering::Release);
         writer::discard_preinit();
         // SAFETY: as above.

@@ -115,6 +115,18 @@ fn connect() -> Option<c_int> {
             libc::close(fd);
             return None;
         }
+        // Before a single byte goes out (the Hello holds argv and the environment): the server
+        // must be this user's, or root's. An abstract name can be taken by anyone first.
+        let mut cred: libc::ucred = core::mem::zeroed();
+        let mut cred_len = core::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        let ok = libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, &mut cred as *mut _ as *mut c_void, &mut cred_len) == 0;
+        if !ok || !server_trusted(cred.uid) {
+            libc::close(fd);
+            let mut uid = FixedBuf::<24>::new();
+            uid.push_u64(cred.uid as u64);
+            sys::warn(&[b"ignoring ", a, b": it belongs to uid ", uid.as_bytes(), b", not to this user"]);
+            return None;
+        }
         // Move out of the low descriptor numbers programs assume are theirs.
         let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 800);
         let fd = if high >= 0 {
@@ -127,6 +139,13 @@ fn connect() -> Option<c_int> {
         libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const c_void, core::mem::size_of::<libc::timeval>() as u32);
         Some(fd)
     }
+}
+
+/// A collector this process may talk to: one of its own user, or root's (`mtracer record` run
+/// as root traces the programs it starts even after they dropped privileges).
+fn server_trusted(uid: libc::uid_t) -> bool {
+    // SAFETY: geteuid cannot fail.
+    uid == 0 || uid == unsafe { libc::geteuid() }
 }
 
 fn register(origin: control::Origin, parent_image: u64, fork_seq: u64) -> Registered {
@@ -395,6 +414,8 @@ fn spawn_agent() -> Option<()> {
         let len = core::mem::size_of::<libc::sa_family_t>() + 1 + name.len();
         if libc::bind(lfd, &sa as *const _ as *const libc::sockaddr, len as libc::socklen_t) != 0 || libc::listen(lfd, 128) != 0 {
             libc::close(lfd);
+            // Someone took the name first (see `connect`): no agent of ours can be found there.
+            sys::warn(&[b"cannot listen as ", addr.as_bytes(), b" (the name is taken); running untraced"]);
             return None;
         }
         // argv: mtracer agent --listen-fd N --pid P --output PATH

@@ -245,14 +245,16 @@ impl Ring {
         self.header().clock.0.clock_ns.load(Ordering::Relaxed)
     }
 
-    /// Push a block on the free stack (collector side). `false` if `v` is out of range.
+    /// Push a block on the free stack (collector side). `false` if `v` is out of range, or if
+    /// the top kept changing for 4096 tries (writers take blocks rarely: only a process
+    /// scribbling on its ring can do that, and the collector must not spin for it).
     pub fn push_free(&self, v: u32) -> bool {
         if v >= self.geo.nblocks {
             return false;
         }
         let top = &self.header().free_top.0;
         let mut old = top.load(Ordering::Acquire);
-        loop {
+        for _ in 0..4096 {
             self.desc(v).next_free.store((old & 0xffff_ffff) as u32, Ordering::Relaxed);
             let new = ((old >> 32).wrapping_add(1) << 32) | (v as u64 + 1);
             match top.compare_exchange_weak(old, new, Ordering::AcqRel, Ordering::Acquire) {
@@ -260,6 +262,7 @@ impl Ring {
                 Err(cur) => old = cur,
             }
         }
+        false
     }
 
     /// Pop a free block (writer side; many threads).

@@ -74,10 +74,16 @@ pub struct Pass {
 impl Image {
     pub fn new(id: u32, pid: u32, geo: Geometry, lossy: bool, memfd: &OwnedFd, order_table: Option<(u64, u64)>) -> Result<Image> {
         nix::unistd::ftruncate(memfd, geo.total_size as i64).context("sizing the trace ring")?;
+        // Sealed at its size before the process gets it: nobody can shrink it under our mapping
+        // (a read past its end would be a SIGBUS) or grow it, or remove the seals.
+        // SAFETY: fcntl on a memfd of our own, created with MFD_ALLOW_SEALING.
+        if unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("sealing the trace ring");
+        }
         let file = std::fs::File::from(memfd.try_clone().context("duplicating the ring descriptor")?);
-        // SAFETY: a fresh memfd of `total_size` bytes, shared only with the traced process,
-        // which never shrinks it (it cannot: it only receives a mapping-capable descriptor we
-        // close after it mapped, and we keep our own mapping).
+        // SAFETY: a memfd of `total_size` bytes, sealed against shrinking (above): the mapping
+        // stays backed whatever the traced process does. Its contents are untrusted: the drain
+        // validates what it reads.
         let mut map = unsafe { memmap2::MmapOptions::new().len(geo.total_size as usize).map_mut(&file) }.context("mapping the trace ring")?;
         // SAFETY: the mapping is page aligned, `total_size` long and not used by anyone yet.
         let ring = unsafe { Ring::init(map.as_mut_ptr(), geo, if lossy { ring::RING_FLAG_LOSSY } else { 0 }) };

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use crate::files::{create_private, Create};
 use crate::trace::Record;
 
 use super::server::{self, Server};
@@ -99,8 +100,14 @@ pub fn find_preload() -> Result<PathBuf> {
     bail!("cannot find libmtrace.so next to {} (build it with `cargo build --release`, or set MTRACE_PRELOAD)", exe.display())
 }
 
+/// The control socket's abstract name: ours by pid, and 64 random bits nobody can guess to take
+/// it first (the preload also checks whose it is: see `preload/src/session.rs`).
 fn socket_name() -> String {
-    format!("mtrace-{}-{:x}", std::process::id(), crate::clock::now_ns() & 0xffff_ffff)
+    let mut r = [0u8; 8];
+    // SAFETY: getrandom fills the 8 bytes of `r`.
+    let got = unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), 0) };
+    let random = if got == 8 { u64::from_ne_bytes(r) } else { crate::clock::now_ns() };
+    format!("mtrace-{}-{random:016x}", std::process::id())
 }
 
 /// `mtracer record`: run `command` traced, write the trace, return the command's status.
@@ -156,14 +163,15 @@ pub fn record_live(mut opts: Options, command: &[String], output: Option<PathBuf
         }
     };
     CHILD.store(child.id() as i32, Ordering::Release);
+    let how = if output.is_some() { Create::Replace } else { Create::New };
     opts.output = output.unwrap_or_else(|| PathBuf::from(format!("mtrace.{}.mtr", child.id())));
-    let file = match File::create(&opts.output) {
+    let file = match create_private(&opts.output, how) {
         Ok(f) => f,
         Err(e) => {
             // The command already started; it is traced by nobody. Stop it rather than leave it.
             let _ = child.kill();
             let _ = child.wait();
-            bail!("cannot create {}: {e}", opts.output.display());
+            bail!("cannot create the trace: {e}");
         }
     };
     lock_while_recording(&file);
@@ -180,7 +188,7 @@ pub fn record_live(mut opts: Options, command: &[String], output: Option<PathBuf
         *l.progress.backlog.lock().unwrap_or_else(|e| e.into_inner()) = Some(shared.backlog.clone());
     }
     let workers = Workers::start(&shared)?;
-    let mut server = Server::new(listener);
+    let mut server = Server::new(listener, server::Trust::of(vec![child.id()]));
 
     let mut status = None;
     let mut waiting_note = None::<Instant>;
@@ -323,13 +331,15 @@ pub fn agent(mut opts: Options, listen_fd: i32, pid: u32, output: PathBuf) -> Re
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
-    let file = File::create(&opts.output).with_context(|| format!("cannot create {}", opts.output.display()))?;
+    // The preload names the file `mtrace.<pid>.mtr` unless MTRACE_OUTPUT says otherwise.
+    let default_name = opts.output.file_name().is_some_and(|n| *n == *format!("mtrace.{pid}.mtr"));
+    let file = create_private(&opts.output, if default_name { Create::New } else { Create::Replace }).context("cannot create the trace")?;
     lock_while_recording(&file);
     let sink = SinkThread::start(file, Duration::from_millis(100))?;
     let shared = Arc::new(Shared::new(opts.clone(), sink.sink.clone()));
     shared.sink.send(&session_record(&opts, &[format!("(pid {pid}, LD_PRELOAD)")]));
     let workers = Workers::start(&shared)?;
-    let mut server = Server::new(listener);
+    let mut server = Server::new(listener, server::Trust::of(vec![pid]));
     let started = Instant::now();
     let mut idle_since = None::<Instant>;
     loop {

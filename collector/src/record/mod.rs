@@ -42,6 +42,9 @@ pub struct Options {
     pub drain_interval: Duration,
     pub lossy: bool,
     pub ring_size: u64,
+    /// Most images registered at once (a ring each): the limit on the shared memory the traced
+    /// processes can make the recorder hold.
+    pub max_rings: u32,
     pub block_size: u32,
     /// Standalone agent: acknowledge Bye only once the image's events are on disk.
     pub wait_on_exit: bool,
@@ -62,6 +65,7 @@ impl Default for Options {
             drain_interval: Duration::from_micros(200),
             lossy: false,
             ring_size: mtrace_protocol::ring::DEFAULT_RING_SIZE,
+            max_rings: 512,
             block_size: mtrace_protocol::ring::DEFAULT_BLOCK_SIZE,
             wait_on_exit: false,
             pid_aliases: false,

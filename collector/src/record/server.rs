@@ -43,11 +43,63 @@ pub struct Server {
     aliased: std::collections::HashSet<u32>,
     conns: Vec<Conn>,
     buf: Vec<u8>,
+    trust: Trust,
+    /// Connections refused so far (see [`Trust`]).
+    refused: u64,
+}
+
+/// Who may register (checked on `SO_PEERCRED` as a connection is accepted, before anything is
+/// read from it): a process of the recorder's own user; and, when the recorder runs as root, a
+/// process of another user that descends from the command it traces (a service dropping its
+/// privileges). Nobody else: a refused peer gets no ring, and nothing it sends is read.
+///
+/// A process of our own user is not required to descend from the command: it could read our
+/// memory with ptrace anyway, so the check would protect nothing, and it would lose daemons that
+/// re-parent themselves to init.
+pub struct Trust {
+    pub uid: u32,
+    /// The traced command (`record`) or the process that started the agent; descendants of
+    /// these, or of the recorder itself (the subreaper of the command's orphans), may register.
+    pub anchors: Vec<u32>,
+}
+
+impl Trust {
+    pub fn of(anchors: Vec<u32>) -> Trust {
+        // SAFETY: geteuid cannot fail.
+        Trust { uid: unsafe { libc::geteuid() }, anchors }
+    }
+
+    fn admits(&self, uid: u32, pid: u32) -> bool {
+        uid == self.uid || (self.uid == 0 && descends_from(pid, &self.anchors))
+    }
+}
+
+/// Does `pid` descend from one of `anchors` or from this process (by `/proc/<pid>/stat`'s parent
+/// links, at most 256 up)?
+fn descends_from(pid: u32, anchors: &[u32]) -> bool {
+    let me = std::process::id();
+    let mut p = pid;
+    for _ in 0..256 {
+        if anchors.contains(&p) || p == me {
+            return true;
+        }
+        match parent_of(p) {
+            Some(pp) if pp > 1 => p = pp,
+            _ => return false,
+        }
+    }
+    false
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid ...`: comm may hold spaces and parentheses; it ends at the last ')'.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
 }
 
 impl Server {
     /// Serve `listener` (made non-blocking and close-on-exec here).
-    pub fn new(listener: OwnedFd) -> Server {
+    pub fn new(listener: OwnedFd, trust: Trust) -> Server {
         // SAFETY: fcntl on a descriptor we own.
         unsafe {
             let fd = listener.as_raw_fd();
@@ -55,7 +107,7 @@ impl Server {
             libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
             libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
         }
-        Server { listeners: vec![listener], aliased: Default::default(), conns: Vec::new(), buf: vec![0u8; 256 << 10] }
+        Server { listeners: vec![listener], aliased: Default::default(), conns: Vec::new(), buf: vec![0u8; 256 << 10], trust, refused: 0 }
     }
 
     /// Also listen as `@mtrace-agent-<pid>` (once per pid; a name already taken is skipped).
@@ -94,7 +146,21 @@ impl Server {
             while let Ok(fd) = socket::accept4(self.listeners[li].as_raw_fd(), SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
                 // SAFETY: accept4 returned a new descriptor that nobody else owns.
                 let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-                self.conns.push(Conn { fd, state: ConnState::AwaitingHello });
+                let why = match socket::getsockopt(&fd, socket::sockopt::PeerCredentials) {
+                    Ok(c) if self.trust.admits(c.uid(), c.pid() as u32) => {
+                        self.conns.push(Conn { fd, state: ConnState::AwaitingHello });
+                        continue;
+                    }
+                    Ok(c) => format!("pid {} of uid {}: not this user's, nor a process of the traced command", c.pid(), c.uid()),
+                    Err(e) => format!("a peer whose credentials cannot be read ({e})"),
+                };
+                // Closed unread: whatever it sent, or would, never reaches the trace. The first
+                // few are noted (in the trace and on stderr), the rest only counted.
+                self.refused += 1;
+                if self.refused <= 8 {
+                    eprintln!("mtracer: refused a connection from {why}");
+                    shared.note(None, &format!("refused a connection from {why}"));
+                }
             }
         }
         let mut closed = Vec::new();
@@ -182,8 +248,19 @@ impl Server {
             refuse(fd, "the recording is stopping");
             return Ok(None);
         }
+        let held = shared.images.lock().unwrap().len();
+        if held >= shared.opts.max_rings as usize {
+            let why = format!(
+                "the recorder holds its limit of {held} rings ({} MiB of shared memory; raise it with --max-rings): pid {pid} runs untraced",
+                (held as u64 * shared.opts.ring_size) >> 20
+            );
+            eprintln!("mtracer: {why}");
+            shared.note(None, &why);
+            refuse(fd, &why);
+            return Ok(None);
+        }
         let geo = Geometry::new(shared.opts.ring_size, shared.opts.block_size).context("ring geometry")?;
-        let memfd = nix::sys::memfd::memfd_create(c"mtrace-ring", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).context("creating the ring memfd")?;
+        let memfd = nix::sys::memfd::memfd_create(c"mtrace-ring", nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING).context("creating the ring memfd")?;
         let id = shared.next_image.fetch_add(1, Ordering::Relaxed);
         // The ordering cells' table: a page-aligned range below the top of user space, or ignored.
         let order_table = h.order_cells().map(|(a, bits)| (a, 8u64 << bits.min(40))).filter(|&(a, len)| a % 4096 == 0 && a.checked_add(len).is_some_and(|e| e <= 1 << 47));

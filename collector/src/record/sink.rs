@@ -69,7 +69,10 @@ impl SinkThread {
     pub fn start(file: File, flush_every: Duration) -> Result<SinkThread> {
         let (tx, rx) = crossbeam_channel::bounded::<SinkMsg>(256);
         let (spare_tx, spare) = crossbeam_channel::bounded::<Vec<u8>>(SPARE_BUFFERS);
-        let writer = TraceWriter::new(BufWriter::with_capacity(1 << 20, file), 1 << 20).context("writing the trace header")?;
+        let mut writer = TraceWriter::new(BufWriter::with_capacity(1 << 20, file), 1 << 20).context("writing the trace header")?;
+        // The header reaches the file now, as every frame does once made: a recorder killed at
+        // any moment leaves a file that reads as an mtrace trace, up to its last whole frame.
+        writer.flush_frame().context("writing the trace header")?;
         let handle = std::thread::Builder::new().name("mtrace-sink".into()).spawn(move || run(writer, rx, spare_tx, flush_every))?;
         Ok(SinkThread { sink: Sink { tx, spare }, handle })
     }
