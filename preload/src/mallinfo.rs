@@ -9,7 +9,8 @@
 //!   from `main`, not `_exit`/`_Exit`, which signal handlers and vfork children call), on the
 //!   exiting thread, once per process image, before the Bye;
 //! * periodically (`Periodic`), from a sampler thread of ours, every `MTRACE_MALLINFO_MS`
-//!   milliseconds (default 1000; `0`: no sampler thread at all). It starts when the image
+//!   milliseconds when that is set (default `0`: no sampler thread at all, see
+//!   [`DEFAULT_PERIOD_MS`] for why). It starts when the image
 //!   registers with the collector and again in every fork child (in the atfork child handler,
 //!   since threads do not survive fork).
 //!
@@ -34,7 +35,10 @@
 //!   its own: the collector does not count a stream carrying a `Periodic` checkpoint as an
 //!   application thread (`analysis::merge::Merger::stream_count`).
 //!
-//! Side effects of the sampler thread (set `MTRACE_MALLINFO_MS=0` when they matter):
+//! Side effects of the sampler thread (why it is off unless `MTRACE_MALLINFO_MS` asks for it):
+//! * A credential change that succeeds in the program's thread but fails in ours aborts the
+//!   program (glibc's `setxid` broadcast): dropping privileges in steps with capabilities kept
+//!   in the calling thread only does that.
 //! * `pthread_create` allocates the thread's DTV with `calloc` in the creating thread; that
 //!   block (a few hundred bytes in the main arena) is not recorded, so glibc's books count it and
 //!   the live set does not. Its 64 KiB stack (plus a guard page) is an anonymous mapping.
@@ -86,7 +90,13 @@ static PERIOD_MS: AtomicU64 = AtomicU64::new(DEFAULT_PERIOD_MS);
 /// The process is exiting: the sampler writes nothing more.
 static STOP: AtomicBool = AtomicBool::new(false);
 
-const DEFAULT_PERIOD_MS: u64 = 1000;
+/// No sampler unless asked for: a thread of ours changes what the program may do. glibc applies a
+/// credential change (`setresuid`, `setresgid`, …) to every thread of the process and aborts when
+/// one of them fails; capabilities are per thread, so a program that keeps capabilities in its
+/// own thread to drop privileges in steps (`setpriv --reuid … --regid …`, services using
+/// libcap) was measured to abort (134) as soon as our thread, without them, failed the second
+/// step. And `unshare(CLONE_NEWUSER)` and `setns` refuse a multi-threaded process.
+const DEFAULT_PERIOD_MS: u64 = 0;
 /// The sampler's stack (glibc adds the static TLS, the thread descriptor and a guard page).
 const SAMPLER_STACK: usize = 64 << 10;
 
@@ -131,7 +141,7 @@ pub fn resolve() {
         let s = unsafe { sys::cstr_bytes(v as *const u8) };
         match parse_ms(s) {
             Some(ms) => PERIOD_MS.store(ms, Ordering::Relaxed),
-            None => sys::warn(&[b"MTRACE_MALLINFO_MS=", s, b" is not a number of milliseconds; sampling mallinfo2 every 1000 ms"]),
+            None => sys::warn(&[b"MTRACE_MALLINFO_MS=", s, b" is not a number of milliseconds; no periodic mallinfo2 checkpoints"]),
         }
     }
     if PERIOD_MS.load(Ordering::Relaxed) == 0 {

@@ -22,6 +22,7 @@ pub const SEND_AT: usize = 256 << 10;
 pub struct Image {
     pub id: u32,
     pub pid: u32,
+    lossy: bool,
     ring: Ring,
     _map: MmapMut,
     /// A pidfd for the process (None if the kernel has none): readable once it exited.
@@ -97,6 +98,7 @@ impl Image {
         Ok(Image {
             id,
             pid,
+            lossy,
             ring,
             _map: map,
             pidfd,
@@ -221,10 +223,13 @@ impl Image {
         pass
     }
 
-    /// Events the process dropped in lossy mode, and blocks it could not get.
-    pub fn dropped(&self) -> (u64, u64) {
+    /// Events the process dropped in lossy mode, and blocks it could not get. A lossless ring
+    /// drops nothing: counters there mean the process wrote over its ring, and are `Err` (the
+    /// values read, for a note).
+    pub fn dropped(&self) -> Result<(u64, u64), (u64, u64)> {
         let a = &self.ring.header().alloc.0;
-        (a.dropped_events.load(Ordering::Relaxed), a.dropped_blocks.load(Ordering::Relaxed))
+        let counts = (a.dropped_events.load(Ordering::Relaxed), a.dropped_blocks.load(Ordering::Relaxed));
+        if self.lossy || counts == (0, 0) { Ok(counts) } else { Err(counts) }
     }
 
     /// Tell writers that nobody will read this ring any more.

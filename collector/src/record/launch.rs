@@ -119,6 +119,13 @@ pub fn record(opts: Options, command: &[String], output: Option<PathBuf>, quiet:
 pub fn record_live(mut opts: Options, command: &[String], output: Option<PathBuf>, quiet: bool, live: Option<Live>) -> Result<Outcome> {
     let Some(program) = command.first() else { bail!("no command given (usage: mtracer record -- CMD ARGS...)") };
     let preload = find_preload()?;
+    // A trace the user named is created before the command starts: a refused name (a symbolic
+    // link, another user's file) stops here, with nothing run. A default name needs the
+    // command's pid.
+    let early = match &output {
+        Some(o) => Some(create_private(o, Create::Replace).context("cannot create the trace")?),
+        None => None,
+    };
     let name = socket_name();
     let listener = server::listen_abstract(&name)?;
 
@@ -159,13 +166,16 @@ pub fn record_live(mut opts: Options, command: &[String], output: Option<PathBuf
         Err(e) => {
             let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
             eprintln!("mtracer: cannot run `{program}`: {e}");
+            if let (Some(o), Some(_)) = (&output, early) {
+                // Nothing was recorded: leave no empty trace behind.
+                let _ = std::fs::remove_file(o);
+            }
             return Ok(Outcome { exit_code: code, trace_bytes: 0, images: 0, trace: PathBuf::new() });
         }
     };
     CHILD.store(child.id() as i32, Ordering::Release);
-    let how = if output.is_some() { Create::Replace } else { Create::New };
     opts.output = output.unwrap_or_else(|| PathBuf::from(format!("mtrace.{}.mtr", child.id())));
-    let file = match create_private(&opts.output, how) {
+    let file = match early.map_or_else(|| create_private(&opts.output, Create::New), Ok) {
         Ok(f) => f,
         Err(e) => {
             // The command already started; it is traced by nobody. Stop it rather than leave it.

@@ -256,7 +256,10 @@ fn drain_loop(shared: &Shared) {
 fn finish_image(shared: &Shared, img: &Arc<Image>, gone: bool, buf: &mut Vec<u8>) {
     img.close_ring();
     let bye = *img.bye.lock().unwrap();
-    let (dropped_events, dropped_blocks) = img.dropped();
+    let (dropped_events, dropped_blocks) = img.dropped().unwrap_or_else(|(e, b)| {
+        shared.note(Some(img.id), &format!("the ring's drop counters read {e} events and {b} blocks, though this recording is lossless: the process wrote over its ring (counters ignored)"));
+        (0, 0)
+    });
     let reason = if img.superseded.load(Ordering::Acquire) {
         end_reason::EXECED
     } else {
