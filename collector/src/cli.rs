@@ -33,6 +33,10 @@ struct RecordArgs {
     /// Size of each process's shared-memory ring, in MiB
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     ring_mb: u64,
+    /// How long a traced process waits for a recorder that stopped answering (its ring full,
+    /// the recorder's clock standing still) before it stops tracing and runs on untraced, in ms
+    #[arg(long, default_value_t = mtrace_protocol::ring::DEFAULT_DETACH_TIMEOUT_MS, value_parser = clap::value_parser!(u32).range(1..=86_400_000))]
+    detach_timeout_ms: u32,
     /// Most process images traced at once (each holds a ring of --ring-mb): one more waits for
     /// none and runs untraced, with a note in the trace
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=65536))]
@@ -71,6 +75,7 @@ impl RecordArgs {
             lossy: self.lossy,
             ring_size: self.ring_mb << 20,
             max_rings: self.max_rings,
+            detach_timeout_ms: self.detach_timeout_ms,
             block_size: block,
             drain_interval: Duration::from_micros(self.drain_interval_us),
             child_env: [

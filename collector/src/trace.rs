@@ -156,6 +156,10 @@ pub enum Record {
     /// Resident bytes per mapping (`/proc/<pid>/smaps`), sampled by the recorder: mappings with
     /// resident bytes, and every `Heap`/`Anon` mapping even when nothing of it is resident.
     Smaps { image: u32, time_ns: u64, maps: Vec<Mapping> },
+    /// The process stopped tracing on its own at `time_ns` (its clock), for `reason` (see
+    /// `mtrace_protocol::ring::detach_reason`), and counted at least `untraced_calls` calls
+    /// after that (its detach timeout was `timeout_ms`): the image's events end there.
+    TracingStopped { image: u32, reason: u32, time_ns: u64, untraced_calls: u64, timeout_ms: u32 },
     /// A record type this reader does not know (skipped by length).
     Unknown(u8),
 }
@@ -249,6 +253,15 @@ impl Record {
                 put_u32(out, 0);
                 put_u64(out, *time_ns);
                 record_type::SYNC
+            }
+            Record::TracingStopped { image, reason, time_ns, untraced_calls, timeout_ms } => {
+                put_u32(out, *image);
+                put_u32(out, *reason);
+                put_u64(out, *time_ns);
+                put_u64(out, *untraced_calls);
+                put_u32(out, *timeout_ms);
+                put_u32(out, 0);
+                record_type::TRACING_STOPPED
             }
             Record::Smaps { image, time_ns, maps } => {
                 put_u32(out, *image);
@@ -412,6 +425,13 @@ impl Record {
                 r.u32().ok_or_else(short)?;
                 Record::Sync { image, time_ns: r.u64().ok_or_else(short)? }
             }
+            record_type::TRACING_STOPPED => Record::TracingStopped {
+                image: r.u32().ok_or_else(short)?,
+                reason: r.u32().ok_or_else(short)?,
+                time_ns: r.u64().ok_or_else(short)?,
+                untraced_calls: r.u64().ok_or_else(short)?,
+                timeout_ms: r.u32().ok_or_else(short)?,
+            },
             record_type::SMAPS => {
                 let image = r.u32().ok_or_else(short)?;
                 let count = r.u32().ok_or_else(short)? as usize;
@@ -543,7 +563,7 @@ pub fn frame_header(seq: u64, raw_len: usize, stored: &[u8]) -> [u8; FRAME_HEADE
 }
 
 /// The checksum a frame header `h` should hold for its payload `stored` (see the format).
-fn frame_crc(h: &[u8; FRAME_HEADER_LEN], stored: &[u8]) -> u32 {
+pub fn frame_crc(h: &[u8; FRAME_HEADER_LEN], stored: &[u8]) -> u32 {
     let mut c = crc32fast::Hasher::new();
     c.update(&h[4..12]);
     c.update(&h[16..24]);

@@ -47,7 +47,11 @@ impl Guard {
         let t = tls::state();
         // SAFETY: `t` is this thread's TLS block.
         unsafe {
-            if (*t).busy != 0 || writer::STATE.load(Ordering::Acquire) == OFF {
+            if (*t).busy != 0 {
+                return None;
+            }
+            if writer::STATE.load(Ordering::Acquire) == OFF {
+                writer::count_untraced(t);
                 return None;
             }
             (*t).busy = 1;
@@ -129,8 +133,11 @@ unsafe fn record_alloc(kind: EventKind, p: *mut c_void, size: u64, align: u64, s
         if kind.base_words() == 3 && v == tls::ready(fast::CHUNKS) {
             return alloc_fast::<true>(Guard::take_ready(t), kind, p, size, sid);
         }
-        // Not tracing: nothing more to do (a load, no call).
+        // Not tracing: nothing more to do (a load and a count, no call).
         if writer::STATE.load(Ordering::Relaxed) == OFF {
+            if v == tls::ready(fast::NONE) {
+                writer::count_untraced(t);
+            }
             return p;
         }
         if kind.base_words() == 3 && v == tls::ready(fast::PLAIN) {
@@ -380,6 +387,9 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
         }
         // Not tracing: forward (bootstrap blocks never reach the real free).
         if writer::STATE.load(Ordering::Relaxed) == OFF && !real::is_bootstrap(p) {
+            if v == tls::ready(fast::NONE) {
+                writer::count_untraced(t);
+            }
             if let Some(f) = real::free() {
                 return f(p);
             }

@@ -189,6 +189,7 @@ unsafe extern "C" fn thread_exit(_: *mut c_void) {
         }
         (*t).busy = 1;
         crate::stacks::thread_exit(t);
+        writer::flush_untraced(t);
         writer::release_block(t);
         (*t).key_set = 0;
         (*t).busy = 0;
@@ -263,7 +264,18 @@ unsafe extern "C" fn fork_child() {
 /// Leaving (destructor or `_exit`): the `Exit` checkpoint, then tell the collector. Only once per
 /// image.
 pub fn on_exit(status: i64) {
-    if writer::STATE.load(Ordering::Acquire) != ACTIVE || SAID_BYE.swap(true, Ordering::AcqRel) {
+    if writer::STATE.load(Ordering::Acquire) != ACTIVE {
+        // Tracing stopped early (`writer::detach`): no events, but the count of calls made since
+        // and a Bye without waiting for its answer, so that a collector that comes back knows
+        // the process exited, with what status, and what it missed.
+        if writer::DETACHED.load(Ordering::Acquire) && !SAID_BYE.swap(true, Ordering::AcqRel) {
+            // SAFETY: `t` is this thread's TLS block.
+            unsafe { writer::flush_untraced(tls::state()) };
+            session::bye_no_wait(status);
+        }
+        return;
+    }
+    if SAID_BYE.swap(true, Ordering::AcqRel) {
         return;
     }
     let t = tls::state();

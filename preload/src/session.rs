@@ -292,6 +292,16 @@ fn socket_still_ours() -> bool {
 
 /// Say goodbye at exit; in standalone mode wait until the collector has saved our events.
 pub fn bye(status: i64) {
+    send_bye(status, true);
+}
+
+/// [`bye`] without waiting for the answer (the collector stopped answering: see
+/// `writer::detach`), and without blocking on a full socket.
+pub fn bye_no_wait(status: i64) {
+    send_bye(status, false);
+}
+
+fn send_bye(status: i64, wait: bool) {
     if !socket_still_ours() {
         return;
     }
@@ -300,10 +310,11 @@ pub fn bye(status: i64) {
     let n = Bye { rss_bytes: rss, hwm_bytes: hwm, status }.encode(&mut buf);
     // SAFETY: `SOCK_FD` is our socket (checked above).
     unsafe {
-        if libc::send(SOCK_FD, buf.as_ptr() as *const c_void, n, libc::MSG_NOSIGNAL) < 0 {
+        let flags = libc::MSG_NOSIGNAL | if wait { 0 } else { libc::MSG_DONTWAIT };
+        if libc::send(SOCK_FD, buf.as_ptr() as *const c_void, n, flags) < 0 {
             return;
         }
-        if WELCOME_FLAGS & control::WELCOME_WAIT_ON_EXIT != 0 {
+        if wait && WELCOME_FLAGS & control::WELCOME_WAIT_ON_EXIT != 0 {
             let mut ack = [0u8; 16];
             loop {
                 let r = libc::recv(SOCK_FD, ack.as_mut_ptr() as *mut c_void, ack.len(), 0);

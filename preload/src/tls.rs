@@ -87,8 +87,11 @@ pub struct ThreadState {
     pub heap_size: u64,
     pub stream: u32,
     pub block_seq: u32,
-    /// Events dropped since the last block (lossy mode).
-    pub dropped: u64,
+    /// Events dropped since the last block (lossy mode; flushed to the ring at 256).
+    pub dropped: u32,
+    /// Calls made after tracing stopped (`writer::detach`), not yet added to the ring's count
+    /// (`writer::flush_untraced`).
+    pub untraced: u32,
     pub tid: u32,
     /// The thread-exit key has been set for this thread.
     pub key_set: u8,

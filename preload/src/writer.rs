@@ -237,7 +237,7 @@ unsafe fn switch_block(t: *mut ThreadState) -> bool {
                 if (*t).dropped != 0 {
                     let p = (*t).cur;
                     *p = event::header(EventKind::Lost, 3, 0);
-                    *p.add(1) = (*t).dropped;
+                    *p.add(1) = (*t).dropped as u64;
                     *p.add(2) = 1;
                     commit(t, 3);
                     flush_dropped(t);
@@ -245,7 +245,7 @@ unsafe fn switch_block(t: *mut ThreadState) -> bool {
                 return true;
             }
             if clock.collector_state.load(Ordering::Acquire) == ring::COLLECTOR_CLOSED {
-                detach(b"the collector has stopped");
+                detach(ring::detach_reason::COLLECTOR_CLOSED, b"the collector has stopped");
                 return false;
             }
             if hot().lossy {
@@ -262,14 +262,21 @@ unsafe fn switch_block(t: *mut ThreadState) -> bool {
                 return false;
             }
             // Lossless: wait for the collector to recycle a block. A collector whose clock
-            // stops for 3 s is gone; stop tracing rather than hang the application.
+            // stops for the detach timeout (3 s unless it asked otherwise) is gone or stuck;
+            // stop tracing rather than hang the application.
             let now = sys::clock_ns(libc::CLOCK_MONOTONIC);
             let c = clock.clock_ns.load(Ordering::Relaxed);
+            let timeout_ms = match ring.header().detach.0.timeout_ms.load(Ordering::Relaxed) {
+                0 => ring::DEFAULT_DETACH_TIMEOUT_MS,
+                ms => ms,
+            };
             if c != clock_seen || waited_since == 0 {
                 clock_seen = c;
                 waited_since = now;
-            } else if now - waited_since > 3_000_000_000 {
-                detach(b"the collector stopped responding (no heartbeat for 3 s)");
+            } else if now - waited_since > timeout_ms as u64 * 1_000_000 {
+                let mut why = sys::FixedBuf::<96>::new();
+                why.push(b"the collector stopped responding (no heartbeat for ").push_u64(timeout_ms as u64).push(b" ms)");
+                detach(ring::detach_reason::NO_HEARTBEAT, why.as_bytes());
                 return false;
             }
             let a = &ring.header().alloc.0;
@@ -292,22 +299,63 @@ pub unsafe fn flush_dropped(t: *mut ThreadState) {
             return;
         }
         if let Some(ring) = hot().ring {
-            ring.header().alloc.0.dropped_events.fetch_add((*t).dropped, Ordering::Relaxed);
+            ring.header().alloc.0.dropped_events.fetch_add((*t).dropped as u64, Ordering::Relaxed);
         }
         (*t).dropped = 0;
     }
 }
 
-/// Stop tracing this image (the application keeps running untraced).
-pub fn detach(why: &[u8]) {
+/// Stop tracing this image (the application keeps running untraced). `reason` is one of
+/// `ring::detach_reason`: with the time, it goes into the ring's detach line, where a collector
+/// that comes back (a stopped one) reads when and why the trace ends early.
+pub fn detach(reason: u32, why: &[u8]) {
     if STATE.swap(OFF, Ordering::AcqRel) == ACTIVE {
+        DETACHED.store(true, Ordering::Release);
         // The fast paths read no `STATE`: a clock that can never equal a thread's last one sends
         // every thread to the general path, which sees `OFF` (see `tls::fast::CHUNKS`). Nobody
         // reads this ring any more, or ever will in earnest: the collector is gone or stuck.
         if let Some(ring) = hot().ring {
+            let d = &ring.header().detach.0;
+            d.at_ns.store(sys::clock_ns(libc::CLOCK_MONOTONIC), Ordering::Relaxed);
+            d.reason.store(reason, Ordering::Release);
             ring.header().clock.0.clock_ns.store(POISONED_CLOCK, Ordering::Release);
         }
         sys::warn(&[b"tracing stopped: ", why]);
+    }
+}
+
+/// Count one call made while tracing is off (it goes to the ring only if the image [`detach`]ed).
+///
+/// # Safety
+/// `t` is this thread's state.
+#[inline(always)]
+pub unsafe fn count_untraced(t: *mut ThreadState) {
+    // SAFETY: per the contract.
+    unsafe {
+        (*t).untraced = (*t).untraced.wrapping_add(1);
+        if (*t).untraced >= 1 << 31 {
+            flush_untraced(t);
+        }
+    }
+}
+
+/// This image was traced and stopped ([`detach`]): its calls since are counted, not recorded.
+pub static DETACHED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Add this thread's count of calls made untraced after [`detach`] to the ring's detach line
+/// (thread exit, process exit, and whenever it reaches 2^31).
+///
+/// # Safety
+/// `t` is this thread's state.
+pub unsafe fn flush_untraced(t: *mut ThreadState) {
+    // SAFETY: per the contract.
+    unsafe {
+        let n = core::mem::take(&mut (*t).untraced);
+        if n != 0 && DETACHED.load(Ordering::Acquire) {
+            if let Some(ring) = hot().ring {
+                ring.header().detach.0.untraced_calls.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
     }
 }
 

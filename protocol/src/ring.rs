@@ -33,7 +33,7 @@
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"MTRING01");
-pub const RING_VERSION: u32 = 1;
+pub const RING_VERSION: u32 = 2;
 
 /// Default block size (bytes). Stamps address words inside a block with 14 bits: ≤ 128 KiB.
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 << 10;
@@ -72,7 +72,9 @@ pub struct RingHeader {
     pub alloc: CacheLine<AllocLine>,
     /// Free stack top: `tag << 32 | (index + 1)`, 0 index = empty; the tag defeats ABA.
     pub free_top: CacheLine<AtomicU64>,
-    pub _reserved: CacheLine<AtomicU64>,
+    /// How long writers wait for a stalled collector (written by the collector), and when and
+    /// why the process stopped tracing (written by the process, read by the collector).
+    pub detach: CacheLine<DetachLine>,
     pub _pad1: [u64; 24],
 }
 
@@ -98,6 +100,33 @@ pub struct AllocLine {
     pub dropped_events: AtomicU64,
     pub dropped_blocks: AtomicU64,
 }
+
+/// Why a process stopped tracing ([`DetachLine::reason`]).
+pub mod detach_reason {
+    /// The collector closed the ring (it is shutting down or detached this image).
+    pub const COLLECTOR_CLOSED: u32 = 1;
+    /// A writer waited for a free block and the collector's clock did not move for the timeout.
+    pub const NO_HEARTBEAT: u32 = 2;
+}
+
+#[repr(C)]
+pub struct DetachLine {
+    /// Milliseconds a writer waits for a free block while the collector's clock stands still
+    /// before the process stops tracing (0: the default, [`DEFAULT_DETACH_TIMEOUT_MS`]). Set by the
+    /// collector before the process maps the ring.
+    pub timeout_ms: AtomicU32,
+    /// [`detach_reason`], 0 while tracing.
+    pub reason: AtomicU32,
+    /// CLOCK_MONOTONIC of the process when it stopped tracing, in ns (the events' time base).
+    pub at_ns: AtomicU64,
+    /// Calls the process made after it stopped tracing, as counted by its threads that have
+    /// exited since and by the thread that called `exit` (threads still running then are not in
+    /// it, nor each thread's call in flight as tracing stopped: a lower bound).
+    pub untraced_calls: AtomicU64,
+}
+
+/// How long writers wait for a stalled collector by default.
+pub const DEFAULT_DETACH_TIMEOUT_MS: u32 = 3000;
 
 /// Per-block descriptor. `stream`, `seq`, `tid` are written by the owner before it publishes
 /// `state = OWNED` (release).

@@ -38,6 +38,7 @@
 //! | 7 | `Note` | image u32 (`u32::MAX`: session), 0 u32, UTF-8 text |
 //! | 8 | `Sync` | image u32, 0 u32, pass_start_ns u64 |
 //! | 9 | `Smaps` | image u32, count u32, time_ns u64, then `count` mappings of 3 × u64: start \| kind (in the 12 low bits, see [`map_kind`]), end, rss_bytes |
+//! | 10 | `TracingStopped` | image u32, reason u32 (see [`crate::ring::detach_reason`]), time_ns u64, untraced_calls u64, timeout_ms u32, 0 u32 |
 //!
 //! A `Chunk`'s payload is the event words themselves ([`chunk_encoding::WORDS`]), or raw_len u32
 //! followed by an lz4 block that decompresses to those `raw_len` bytes ([`chunk_encoding::LZ4`]):
@@ -50,6 +51,11 @@
 //! pass, so the analysis treats an event as complete-in-context two `Sync`s after it.
 //! `pass_start_ns` is the clock the collector wrote into the ring as that pass began: an event
 //! time-marked with it or later was written after every event read in earlier passes.
+//!
+//! `TracingStopped` says that the process stopped tracing on its own before it ended — the
+//! recorder did not answer (its ring full, its clock still) for the detach timeout — when (the
+//! process's clock), why, and how many calls it counted after that (a lower bound: threads still
+//! running at exit are not counted). The image's events end there; its `ProcessEnd` follows.
 //!
 //! `Smaps` is a sample of `/proc/<pid>/smaps` taken by the recorder (the resident bytes of each
 //! mapping, `Rss:`), at the time its reading began: every mapping with resident bytes, and every
@@ -129,6 +135,7 @@ pub mod record_type {
     pub const NOTE: u8 = 7;
     pub const SYNC: u8 = 8;
     pub const SMAPS: u8 = 9;
+    pub const TRACING_STOPPED: u8 = 10;
 }
 
 /// Bytes per mapping in a `Smaps` record.

@@ -67,6 +67,18 @@ enum Phase {
     Running,
 }
 
+/// When and why a process stopped tracing on its own, and what it missed (see
+/// `Record::TracingStopped`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TracingStopped {
+    /// `mtrace_protocol::ring::detach_reason`.
+    pub reason: u32,
+    pub time_ns: u64,
+    /// At least this many calls after that are not in the trace.
+    pub untraced_calls: u64,
+    pub timeout_ms: u32,
+}
+
 pub struct ImageAnalysis {
     pub id: u32,
     pub pid: u32,
@@ -77,6 +89,8 @@ pub struct ImageAnalysis {
     /// Monotonic time the image started (its constructor ran).
     pub start_ns: u64,
     pub end: Option<ProcessEnd>,
+    /// The process stopped tracing before it ended (a `TracingStopped` record).
+    pub tracing_stopped: Option<TracingStopped>,
     pub model: LiveModel,
     /// glibc's arenas, bins and thresholds, fed the same merged events.
     pub glibc: GlibcModel,
@@ -222,6 +236,7 @@ impl ImageAnalysis {
             meta,
             start_ns,
             end: None,
+            tracing_stopped: None,
             model,
             glibc,
             merger: Merger::new(),
@@ -306,6 +321,10 @@ impl ImageAnalysis {
 
     pub fn add_smaps(&mut self, time_ns: u64, maps: Vec<crate::trace::Mapping>) {
         self.samples.pending_smaps.push_back((time_ns, maps));
+    }
+
+    pub fn set_tracing_stopped(&mut self, t: TracingStopped) {
+        self.tracing_stopped = Some(t);
     }
 
     pub fn set_end(&mut self, e: ProcessEnd) {

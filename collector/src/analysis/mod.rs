@@ -109,6 +109,11 @@ impl Analyzer {
                 self.exit_status = (exit_status >= 0).then_some(exit_status);
             }
             Record::Note { text, .. } => self.notes.push(text),
+            Record::TracingStopped { image, reason, time_ns, untraced_calls, timeout_ms } => {
+                if let Some(&i) = self.index.get(&image) {
+                    self.images[i].set_tracing_stopped(image::TracingStopped { reason, time_ns, untraced_calls, timeout_ms });
+                }
+            }
             Record::Unknown(_) => {}
         }
     }

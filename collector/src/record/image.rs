@@ -73,7 +73,7 @@ pub struct Pass {
 }
 
 impl Image {
-    pub fn new(id: u32, pid: u32, geo: Geometry, lossy: bool, memfd: &OwnedFd, order_table: Option<(u64, u64)>) -> Result<Image> {
+    pub fn new(id: u32, pid: u32, geo: Geometry, lossy: bool, detach_timeout_ms: u32, memfd: &OwnedFd, order_table: Option<(u64, u64)>) -> Result<Image> {
         nix::unistd::ftruncate(memfd, geo.total_size as i64).context("sizing the trace ring")?;
         // Sealed at its size before the process gets it: nobody can shrink it under our mapping
         // (a read past its end would be a SIGBUS) or grow it, or remove the seals.
@@ -89,6 +89,7 @@ impl Image {
         // SAFETY: the mapping is page aligned, `total_size` long and not used by anyone yet.
         let ring = unsafe { Ring::init(map.as_mut_ptr(), geo, if lossy { ring::RING_FLAG_LOSSY } else { 0 }) };
         ring.header().clock.0.clock_ns.store(crate::clock::now_ns(), Ordering::Relaxed);
+        ring.header().detach.0.timeout_ms.store(detach_timeout_ms, Ordering::Relaxed);
         // SAFETY: pidfd_open takes a pid and flags; it returns a new descriptor or -1.
         let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
         let pidfd = (pidfd >= 0).then(|| {
@@ -230,6 +231,14 @@ impl Image {
         let a = &self.ring.header().alloc.0;
         let counts = (a.dropped_events.load(Ordering::Relaxed), a.dropped_blocks.load(Ordering::Relaxed));
         if self.lossy || counts == (0, 0) { Ok(counts) } else { Err(counts) }
+    }
+
+    /// When and why the process stopped tracing on its own (`writer::detach` in the preload),
+    /// and the calls it counted since; `None` while it traces. Untrusted, like the whole ring.
+    pub fn detached(&self) -> Option<(u32, u64, u64)> {
+        let d = &self.ring.header().detach.0;
+        let reason = d.reason.load(Ordering::Acquire);
+        (reason != 0).then(|| (reason, d.at_ns.load(Ordering::Relaxed), d.untraced_calls.load(Ordering::Relaxed)))
     }
 
     /// Tell writers that nobody will read this ring any more.

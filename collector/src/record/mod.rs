@@ -45,6 +45,9 @@ pub struct Options {
     /// Most images registered at once (a ring each): the limit on the shared memory the traced
     /// processes can make the recorder hold.
     pub max_rings: u32,
+    /// What a traced process waits for a stalled recorder before it stops tracing (written
+    /// into each ring: `mtrace_protocol::ring::DetachLine`).
+    pub detach_timeout_ms: u32,
     pub block_size: u32,
     /// Standalone agent: acknowledge Bye only once the image's events are on disk.
     pub wait_on_exit: bool,
@@ -66,6 +69,7 @@ impl Default for Options {
             lossy: false,
             ring_size: mtrace_protocol::ring::DEFAULT_RING_SIZE,
             max_rings: 512,
+            detach_timeout_ms: mtrace_protocol::ring::DEFAULT_DETACH_TIMEOUT_MS,
             block_size: mtrace_protocol::ring::DEFAULT_BLOCK_SIZE,
             wait_on_exit: false,
             pid_aliases: false,
@@ -269,6 +273,13 @@ fn finish_image(shared: &Shared, img: &Arc<Image>, gone: bool, buf: &mut Vec<u8>
             (false, _) => end_reason::DETACHED,
         }
     };
+    // A process that stopped tracing while we did not answer (stopped, starved): say when, why
+    // and what it missed, before its end. (When we closed its ring ourselves, `reason` says so.)
+    if let Some((reason, at_ns, untraced_calls)) = img.detached() {
+        if reason == mtrace_protocol::ring::detach_reason::NO_HEARTBEAT {
+            Record::TracingStopped { image: img.id, reason, time_ns: at_ns, untraced_calls, timeout_ms: shared.opts.detach_timeout_ms }.encode(buf);
+        }
+    }
     Record::ProcessEnd(ProcessEnd {
         image: img.id,
         reason,

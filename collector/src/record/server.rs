@@ -264,7 +264,7 @@ impl Server {
         let id = shared.next_image.fetch_add(1, Ordering::Relaxed);
         // The ordering cells' table: a page-aligned range below the top of user space, or ignored.
         let order_table = h.order_cells().map(|(a, bits)| (a, 8u64 << bits.min(40))).filter(|&(a, len)| a % 4096 == 0 && a.checked_add(len).is_some_and(|e| e <= 1 << 47));
-        let img = Arc::new(Image::new(id, pid, geo, shared.opts.lossy, &memfd, order_table)?);
+        let img = Arc::new(Image::new(id, pid, geo, shared.opts.lossy, shared.opts.detach_timeout_ms, &memfd, order_table)?);
         *img.conn.lock().unwrap() = Some(self.conns[ci].fd.try_clone()?);
 
         // Who is the parent? A fork child names it; an exec replaces the image with our pid;

@@ -18,7 +18,9 @@ use crate::analysis::Analysis;
 pub struct Report {
     pub mtracer_version: String,
     pub command: Vec<String>,
-    /// The recording ended normally (false: the recorder was killed; data up to then is shown).
+    /// Every event of every image is in the trace: the recording ended normally and no image
+    /// stopped tracing early (false: the recorder was killed, or see an image's
+    /// `tracing_stopped`; data up to then is shown).
     pub complete: bool,
     pub exit_status: Option<i64>,
     /// What was wrong with the file, when a damaged trace was analysed with `--partial`.
@@ -42,6 +44,16 @@ pub enum Ending {
     Detached,
     /// The trace ends before the image did (the recorder was killed).
     Unknown,
+}
+
+/// Why an image's events end before it did.
+#[derive(Serialize, Clone, Debug)]
+pub struct TracingStoppedReport {
+    /// Seconds from the image's start.
+    pub at_s: f64,
+    pub why: String,
+    /// At least this many calls after that are not in the trace (null: unknown).
+    pub untraced_calls: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -89,6 +101,9 @@ pub struct ProcessReport {
     pub lost_events: u64,
     pub unmatched_frees: u64,
     pub ending: Ending,
+    /// The image's events end before the image did: when, why, and what is missing (null: every
+    /// event is in the trace).
+    pub tracing_stopped: Option<TracingStoppedReport>,
     /// Status passed to `_exit` when the image left that way.
     pub exit_status: Option<i64>,
     /// Inconsistencies met while rebuilding (all zero in a healthy trace).
@@ -156,7 +171,7 @@ pub fn build(a: &Analysis, opts: ReportOptions) -> Report {
     Report {
         mtracer_version: a.session.mtracer_version.clone(),
         command: a.session.command.clone(),
-        complete: a.complete,
+        complete: a.complete && a.images.iter().all(|i| i.tracing_stopped.is_none()),
         exit_status: a.exit_status,
         damage: a.damage.clone(),
         lossy: a.session.lossy,
@@ -164,7 +179,7 @@ pub fn build(a: &Analysis, opts: ReportOptions) -> Report {
         processes: {
             // One symbolizer for every image: the libraries they share are parsed once.
             let symbolizer = std::rc::Rc::new(crate::symbols::symbolizer());
-            a.images.iter().map(|i| process(i, opts, &symbolizer)).collect()
+            a.images.iter().map(|i| process(i, a.complete, opts, &symbolizer)).collect()
         },
     }
 }
@@ -173,7 +188,25 @@ fn secs(ns: u64) -> f64 {
     (ns as f64 / 1e9 * 1e6).round() / 1e6
 }
 
-fn process(img: &ImageAnalysis, opts: ReportOptions, symbolizer: &std::rc::Rc<blazesym::symbolize::Symbolizer>) -> ProcessReport {
+/// The image's events end early: it stopped tracing itself (the recorder did not answer), or
+/// the trace ends before it did (the recorder was killed: nobody could say more).
+fn tracing_stopped(img: &ImageAnalysis, complete: bool) -> Option<TracingStoppedReport> {
+    if let Some(t) = &img.tracing_stopped {
+        let why = match t.reason {
+            mtrace_protocol::ring::detach_reason::NO_HEARTBEAT => format!("the recorder did not answer for {:.1} s (its ring full, its clock still)", t.timeout_ms as f64 / 1000.0),
+            mtrace_protocol::ring::detach_reason::COLLECTOR_CLOSED => "the recorder closed the ring".to_string(),
+            r => format!("reason {r}"),
+        };
+        return Some(TracingStoppedReport { at_s: secs(t.time_ns.saturating_sub(img.start_ns)), why, untraced_calls: Some(t.untraced_calls) });
+    }
+    (img.end.is_none() && !complete).then(|| TracingStoppedReport {
+        at_s: secs(img.model.now_ns.saturating_sub(img.start_ns)),
+        why: "the trace ends here: the recorder was killed or crashed (a process that ran on did so untraced)".to_string(),
+        untraced_calls: None,
+    })
+}
+
+fn process(img: &ImageAnalysis, complete: bool, opts: ReportOptions, symbolizer: &std::rc::Rc<blazesym::symbolize::Symbolizer>) -> ProcessReport {
     let c = &img.model.c;
     let end_ns = img.end.as_ref().map(|e| e.time_ns).unwrap_or(img.model.now_ns).max(img.start_ns);
     let (ending, exit_status) = match &img.end {
@@ -189,6 +222,7 @@ fn process(img: &ImageAnalysis, opts: ReportOptions, symbolizer: &std::rc::Rc<bl
         ),
         None => (Ending::Unknown, None),
     };
+    let tracing_stopped = tracing_stopped(img, complete);
     let exit_rss = img.end.as_ref().filter(|e| e.rss_bytes > 0).map(|e| e.rss_bytes);
     let hwm = img.end.as_ref().map_or(0, |e| e.hwm_bytes);
     let stats = img.merge_stats();
@@ -252,6 +286,7 @@ fn process(img: &ImageAnalysis, opts: ReportOptions, symbolizer: &std::rc::Rc<bl
         lost_events: img.end.as_ref().map_or(0, |e| e.dropped_events).max(c.lost_events),
         unmatched_frees: c.unmatched_frees,
         ending,
+        tracing_stopped,
         exit_status,
         anomalies: Anomalies {
             stream_gaps: stats.gaps,

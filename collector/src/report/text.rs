@@ -28,7 +28,13 @@ pub fn render(r: &Report) -> String {
     if let Some(d) = &r.damage {
         let _ = writeln!(s, "warning: the trace is damaged; showing what comes before: {d}");
     } else if !r.complete {
-        let _ = writeln!(s, "warning: the recording did not end normally (recorder killed?); showing what was saved");
+        // An image that stopped tracing by itself says so (with when and why) below.
+        let stopped_itself = r.processes.iter().any(|p| p.tracing_stopped.as_ref().is_some_and(|t| t.untraced_calls.is_some()));
+        if stopped_itself && r.exit_status.is_some() {
+            let _ = writeln!(s, "warning: tracing stopped early in some processes (see `tracing stopped` below); showing what was saved");
+        } else {
+            let _ = writeln!(s, "warning: the recording did not end normally (recorder killed?); showing what was saved");
+        }
     }
     for n in &r.notes {
         let _ = writeln!(s, "note: {n}");
@@ -57,6 +63,13 @@ fn process(s: &mut String, p: &ProcessReport, lossy: bool) {
         Ending::Unknown => "unknown (the trace ends first)".to_string(),
     };
     let _ = writeln!(s, "   {:.3} s, {} thread(s), {ending}; glibc {}", p.duration_s, p.threads, p.glibc_version);
+    if let Some(t) = &p.tracing_stopped {
+        let missed = match t.untraced_calls {
+            Some(n) => format!("; at least {n} calls after that are not in the trace"),
+            None => String::new(),
+        };
+        let _ = writeln!(s, "   tracing stopped at {:.2} s: {}{missed}", t.at_s, t.why);
+    }
     if !p.malloc_env.is_empty() {
         let _ = writeln!(s, "   malloc settings: {}", p.malloc_env.join(" "));
     }
