@@ -288,3 +288,19 @@ fn a_setuid_program_run_by_another_user_is_not_traced() {
     assert_eq!(String::from_utf8_lossy(&o.stdout), "preloaded 1 secure 0\n");
     assert!(marker.exists(), "the control run: MTRACE_COLLECTOR is honoured outside the secure mode");
 }
+
+/// The recorder holds at most `--max-rings` rings at once (each is shared memory the traced
+/// processes made it create): one more process is refused with a clear message, in the trace and
+/// on stderr, and runs on untraced; the recording goes on.
+#[test]
+fn the_recorder_holds_no_more_rings_than_its_limit() {
+    let r = record(&["--max-rings", "1"], &["sh", "-c", "sleep 0.2; echo child ran"], &[]);
+    assert_eq!(r.code(), Some(0), "{}", r.stderr());
+    assert_eq!(r.stdout(), "child ran\n");
+    let limit = "the recorder holds its limit of 1 rings (64 MiB of shared memory; raise it with --max-rings)";
+    assert!(r.stderr().contains(limit), "{}", r.stderr());
+    let rep = r.report();
+    let exes: Vec<&str> = rep["processes"].as_array().unwrap().iter().map(|p| p["exe"].as_str().unwrap()).collect();
+    assert_eq!(exes.len(), 1, "the shell only: {exes:?}");
+    assert!(rep["notes"].to_string().contains(limit), "{}", rep["notes"]);
+}
