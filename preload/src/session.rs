@@ -238,6 +238,7 @@ fn register(origin: control::Origin, parent_image: u64, fork_seq: u64) -> Regist
         let hot = &mut *core::ptr::addr_of_mut!(writer::HOT);
         hot.clock = &ring.header().clock.0.clock_ns;
         hot.lossy = w.flags & control::WELCOME_LOSSY != 0;
+        writer::set_detach_timeout(&ring);
         hot.ring = Some(ring);
     }
     Registered::Yes

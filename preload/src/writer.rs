@@ -12,7 +12,7 @@
 //! e.g. in other libraries' constructors), events go to a static pre-init buffer that the
 //! registering thread copies into its own stream.
 
-use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use mtrace_protocol::event::{self, EventKind};
 use mtrace_protocol::ring::{self, Ring};
@@ -266,10 +266,7 @@ unsafe fn switch_block(t: *mut ThreadState) -> bool {
             // stop tracing rather than hang the application.
             let now = sys::clock_ns(libc::CLOCK_MONOTONIC);
             let c = clock.clock_ns.load(Ordering::Relaxed);
-            let timeout_ms = match ring.header().detach.0.timeout_ms.load(Ordering::Relaxed) {
-                0 => ring::DEFAULT_DETACH_TIMEOUT_MS,
-                ms => ms,
-            };
+            let timeout_ms = DETACH_TIMEOUT_MS.load(Ordering::Relaxed);
             if c != clock_seen || waited_since == 0 {
                 clock_seen = c;
                 waited_since = now;
@@ -337,6 +334,19 @@ pub unsafe fn count_untraced(t: *mut ThreadState) {
             flush_untraced(t);
         }
     }
+}
+
+/// The detach timeout, read from the ring once as the image registers ([`set_detach_timeout`]):
+/// a program that later scribbles over its ring cannot make its threads wait for ever.
+pub static DETACH_TIMEOUT_MS: AtomicU32 = AtomicU32::new(ring::DEFAULT_DETACH_TIMEOUT_MS);
+
+/// Take the collector's detach timeout from a freshly mapped ring (0: the default).
+pub fn set_detach_timeout(r: &Ring) {
+    let ms = match r.header().detach.0.timeout_ms.load(Ordering::Relaxed) {
+        0 => ring::DEFAULT_DETACH_TIMEOUT_MS,
+        ms => ms.min(86_400_000),
+    };
+    DETACH_TIMEOUT_MS.store(ms, Ordering::Relaxed);
 }
 
 /// This image was traced and stopped ([`detach`]): its calls since are counted, not recorded.
