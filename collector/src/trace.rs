@@ -1090,6 +1090,30 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// A record of any type with any length and body decodes or is an error at its offset,
+        /// never a panic; a decoded one ends within the payload, 8-byte aligned, and encodes
+        /// back to what decodes the same.
+        #[test]
+        fn any_record_decodes_or_is_an_error(ty in 0u8..12, len in proptest::prop_oneof![0u32..200, proptest::num::u32::ANY], body in proptest::collection::vec(proptest::num::u8::ANY, 0..256), lz4 in proptest::bool::ANY) {
+            let mut raw = vec![ty, 0, 0, 0];
+            raw.extend_from_slice(&len.to_le_bytes());
+            raw.extend_from_slice(&body);
+            if lz4 && ty == record_type::CHUNK && raw.len() >= 8 + 24 {
+                raw[8 + 20..8 + 24].copy_from_slice(&chunk_encoding::LZ4.to_le_bytes());
+            }
+            match Record::decode(&raw, 0) {
+                Ok((rec, next)) => {
+                    proptest::prop_assert!(next % 8 == 0 && next >= 8 && next <= raw.len() + 7);
+                    let mut again = Vec::new();
+                    rec.encode(&mut again);
+                    if !matches!(rec, Record::Unknown(_)) {
+                        proptest::prop_assert_eq!(Record::decode(&again, 0).map(|r| r.0), Ok(rec));
+                    }
+                }
+                Err((at, _)) => proptest::prop_assert_eq!(at, 0),
+            }
+        }
+
         /// Any byte soup after a valid header yields an error or records, never a panic.
         #[test]
         fn garbage_never_panics(tail in proptest::collection::vec(proptest::num::u8::ANY, 0..300), cut in 0usize..400) {

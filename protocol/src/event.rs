@@ -395,9 +395,12 @@ impl core::fmt::Display for DecodeError {
     }
 }
 
-/// Decode the event that starts at `words[0]`; returns it and its length in words.
+/// Decode the event that starts at `words[at]`; returns it and its length in words. Any words
+/// give an event or an error, never a panic (`at` past the end: `Truncated`).
 pub fn decode(words: &[u64], at: usize) -> Result<(Event, usize), DecodeError> {
-    let w0 = words[at];
+    let Some(&w0) = words.get(at) else {
+        return Err(DecodeError::Truncated { word: at, len: 1, available: 0 });
+    };
     let (k, len, aux) = split_header(w0);
     let available = words.len() - at;
     let Some(kind) = EventKind::from_u8(k) else {
@@ -541,18 +544,24 @@ pub fn decode(words: &[u64], at: usize) -> Result<(Event, usize), DecodeError> {
 /// published when the thread forked — what the fork child's heap includes. Streams not listed had
 /// nothing unread in the ring (or did not fit the event).
 pub fn fork_cut(w: &[u64]) -> &[u64] {
-    let (_, len, _) = split_header(w[0]);
-    &w[2..len]
+    event_tail(w)
+}
+
+/// Words 2.. of the event whose words start at `w[0]` (empty if `w` does not hold them).
+fn event_tail(w: &[u64]) -> &[u64] {
+    let len = w.first().map_or(0, |&h| split_header(h).1);
+    w.get(2..len).unwrap_or(&[])
 }
 
 /// The frames of the `Stack` event whose words start at `w[0]` (already decoded successfully).
 pub fn stack_frames(w: &[u64]) -> &[u64] {
-    let (_, len, _) = split_header(w[0]);
-    &w[2..len]
+    event_tail(w)
 }
 
 /// Copy `n` bytes packed little-endian into `words` into `out` (which must hold `n` bytes).
+/// (Bytes past the end of `words` or of `out` are left out: callers pass a decoded event.)
 fn unpack_bytes(words: &[u64], n: usize, out: &mut [u8]) {
+    let n = n.min(out.len()).min(words.len() * 8);
     for (i, b) in out[..n].iter_mut().enumerate() {
         *b = (words[i / 8] >> (8 * (i % 8))) as u8;
     }
@@ -561,18 +570,18 @@ fn unpack_bytes(words: &[u64], n: usize, out: &mut [u8]) {
 /// The build id of the `Module` event whose words start at `w[0]`, copied into `out` (at least
 /// 255 bytes); returns its length.
 pub fn module_build_id(w: &[u64], out: &mut [u8]) -> usize {
-    let (_, _, aux) = split_header(w[0]);
-    let n = ((aux >> 16) & 0xff) as usize;
-    unpack_bytes(&w[4..], n, out);
+    let aux = w.first().map_or(0, |&h| split_header(h).2);
+    let n = (((aux >> 16) & 0xff) as usize).min(out.len());
+    unpack_bytes(w.get(4..).unwrap_or(&[]), n, out);
     n
 }
 
 /// The path of the `Module` event whose words start at `w[0]`, copied into `out` (at least
 /// `path_len` bytes); returns its length.
 pub fn module_path(w: &[u64], out: &mut [u8]) -> usize {
-    let (_, _, aux) = split_header(w[0]);
-    let (n, bid) = ((aux & 0xffff) as usize, ((aux >> 16) & 0xff) as usize);
-    unpack_bytes(&w[4 + bid.div_ceil(8)..], n, out);
+    let aux = w.first().map_or(0, |&h| split_header(h).2);
+    let (n, bid) = (((aux & 0xffff) as usize).min(out.len()), ((aux >> 16) & 0xff) as usize);
+    unpack_bytes(w.get(4 + bid.div_ceil(8)..).unwrap_or(&[]), n, out);
     n
 }
 
@@ -774,5 +783,52 @@ mod tests {
         fn arbitrary_words_never_panic(words in proptest::collection::vec(proptest::num::u64::ANY, 0..64)) {
             for r in Events::new(&words) { let _ = r; }
         }
+
+        /// Headers of real kinds with any length and flags, then any words: every event decodes
+        /// or is an error, decoded lengths tile the words, and the helpers that read a decoded
+        /// event's words stay inside them.
+        #[test]
+        fn structured_words_never_panic(
+            heads in proptest::collection::vec((0usize..EventKind::ALL.len(), 0usize..256, proptest::num::u64::ANY), 1..24),
+            fill in proptest::collection::vec(proptest::num::u64::ANY, 0..300),
+            at in 0usize..400,
+        ) {
+            let mut words = Vec::new();
+            let mut fill = fill.into_iter();
+            for (k, len, aux) in heads {
+                words.push(header(EventKind::ALL[k], len, aux & ((1 << 48) - 1)));
+                words.extend(fill.by_ref().take(len.saturating_sub(1) % 8));
+            }
+            let _ = decode(&words, at);
+            let mut end = 0;
+            let mut buf = [0u8; 255];
+            let mut path = [0u8; 4096];
+            for r in Events::new(&words) {
+                let Ok((i, ev)) = r else { break };
+                proptest::prop_assert_eq!(i, end);
+                let (_, len, _) = split_header(words[i]);
+                end = i + len;
+                proptest::prop_assert!(end <= words.len());
+                let w = &words[i..end];
+                match ev {
+                    Event::Stack { depth, .. } => proptest::prop_assert_eq!(stack_frames(w).len(), depth),
+                    Event::Fork { cut, .. } => proptest::prop_assert_eq!(fork_cut(w).len(), cut),
+                    Event::Module { build_id_len, path_len, .. } => {
+                        proptest::prop_assert_eq!(module_build_id(w, &mut buf), build_id_len);
+                        proptest::prop_assert_eq!(module_path(w, &mut path), path_len);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn helpers_on_short_words_do_not_panic() {
+        assert_eq!(decode(&[], 0), Err(DecodeError::Truncated { word: 0, len: 1, available: 0 }));
+        assert_eq!(decode(&[header(EventKind::Time, 2, 0), 5], 7).unwrap_err(), DecodeError::Truncated { word: 7, len: 1, available: 0 });
+        assert!(stack_frames(&[]).is_empty() && fork_cut(&[header(EventKind::Fork, 9, 0)]).is_empty());
+        let mut out = [0u8; 4];
+        assert_eq!(module_path(&[header(EventKind::Module, 4, 200)], &mut out), 4);
     }
 }

@@ -11,6 +11,9 @@ use std::time::SystemTime;
 
 pub use serde_json::Value;
 
+pub mod fuzz;
+pub mod synth;
+
 pub struct Paths {
     pub workspace: PathBuf,
     /// `target/<profile>`: where `mtracer` and `libmtrace.so` are.

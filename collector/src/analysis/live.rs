@@ -33,7 +33,7 @@ pub struct Block {
 impl Block {
     /// Bytes of address space an mmapped chunk occupies (0 for heap chunks).
     pub fn mmapped_bytes(&self) -> u64 {
-        if chunk::is_mmapped(self.chunk) { chunk::size(self.chunk) + self.prev_size } else { 0 }
+        if chunk::is_mmapped(self.chunk) { chunk::size(self.chunk).saturating_add(self.prev_size) } else { 0 }
     }
 
     /// Bytes beyond the request that the block costs: chunk size − request for heap chunks,
@@ -219,9 +219,10 @@ impl LiveModel {
             self.extra.entry(ptr).or_default().push(old);
         }
         self.index_chunk(ptr, replaced.map(|o| o.chunk));
-        self.c.live_bytes += b.size;
+        // Saturating sums (here and in `end_block`): only a damaged trace comes near 2^64.
+        self.c.live_bytes = self.c.live_bytes.saturating_add(b.size);
         self.c.live_blocks += 1;
-        self.c.mmapped_bytes += b.mmapped_bytes();
+        self.c.mmapped_bytes = self.c.mmapped_bytes.saturating_add(b.mmapped_bytes());
         if self.c.live_bytes > self.c.peak_live_bytes {
             self.c.peak_live_bytes = self.c.live_bytes;
             self.c.peak_live_time_ns = b.time_ns;
@@ -261,9 +262,9 @@ impl LiveModel {
             Some(b) => {
                 self.sites.on_free(ptr, b.info(), freed_by, self.now_ns, self.c.live_bytes);
                 self.c.free_count += 1;
-                self.c.live_bytes -= b.size;
+                self.c.live_bytes = self.c.live_bytes.saturating_sub(b.size);
                 self.c.live_blocks -= 1;
-                self.c.mmapped_bytes -= b.mmapped_bytes();
+                self.c.mmapped_bytes = self.c.mmapped_bytes.saturating_sub(b.mmapped_bytes());
                 Some(b)
             }
             None => {
@@ -329,7 +330,7 @@ impl LiveModel {
             Event::HeapSize { heap, size, .. } => {
                 self.arena_heaps.entry(heap).or_insert((0, 0)).1 = size;
             }
-            Event::Lost { events, .. } => self.c.lost_events += events,
+            Event::Lost { events, .. } => self.c.lost_events = self.c.lost_events.saturating_add(events),
             Event::Time { .. }
             | Event::ThreadExit
             | Event::Fork { .. }

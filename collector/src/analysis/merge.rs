@@ -233,6 +233,8 @@ pub struct MergeStats {
     pub broken_cycles: u64,
     /// Frees applied although their block never appeared (unmatched).
     pub forced: u64,
+    /// Events whose values no real process has (see [`super::sanity`]): left out.
+    pub implausible: u64,
 }
 
 #[derive(Default)]
@@ -330,6 +332,7 @@ impl Merger {
                 Ok((at, Event::Stack { id, .. })) => self.stacks.define_stack(id, &c.words[at..], s.time_ns),
                 Ok((at, Event::Module { bias, lo, hi, .. })) => self.stacks.define_module(bias, lo, hi, &c.words[at..], s.time_ns),
                 Ok((_, Event::ModuleUnload { bias })) => self.stacks.unload_module(bias, s.time_ns),
+                Ok((_, ev)) if !super::sanity::plausible(&ev) => self.stats.implausible += 1,
                 Ok((at, ev)) => {
                     if let Event::Mallinfo { reason: MallinfoReason::Periodic, .. } = ev {
                         s.internal = true;

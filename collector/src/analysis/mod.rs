@@ -7,6 +7,7 @@ pub mod image;
 pub mod live;
 pub mod merge;
 pub mod meta;
+pub mod sanity;
 pub mod sizes;
 pub mod sites;
 pub mod stacks;

@@ -98,11 +98,11 @@ impl Series {
     }
 
     fn push(&mut self, clock: u64, mut p: SnapPoint, detail: impl FnOnce() -> Vec<SiteAmount>) {
-        let slot = clock / self.dt;
+        let slot = clock / self.dt.max(1);
         p.clock = clock;
         p.detail = (slot % Series::DETAIL_EVERY == 0).then(detail);
         self.points.push((slot, p));
-        self.next_slot = slot + 1;
+        self.next_slot = slot.saturating_add(1);
         if self.points.len() >= Series::MAX {
             self.points.retain(|(k, _)| k % 2 == 0);
             for (k, p) in &mut self.points {
@@ -111,7 +111,9 @@ impl Series {
                     p.detail = None;
                 }
             }
-            self.dt *= 2;
+            // (Saturating: a clock near 2^64 — bytes allocated by a damaged trace — must not
+            // wrap the spacing to 0.)
+            self.dt = self.dt.saturating_mul(2);
             self.next_slot = self.next_slot.div_ceil(2);
         }
     }
@@ -207,14 +209,14 @@ impl Sites {
         };
         let st = self.by_stack.entry(stack).or_default();
         Self::touch(self.serial, self.peak_serial, st);
-        st.live_bytes += size;
+        st.live_bytes = st.live_bytes.saturating_add(size);
         st.live_blocks += 1;
-        st.live_overhead += overhead;
+        st.live_overhead = st.live_overhead.saturating_add(overhead);
         st.allocs += 1;
         st.allocated_bytes = st.allocated_bytes.saturating_add(size);
         st.size_classes[size_class(size)] += 1;
         st.max_live_bytes = st.max_live_bytes.max(st.live_bytes);
-        self.live_overhead += overhead;
+        self.live_overhead = self.live_overhead.saturating_add(overhead);
         self.allocated = self.allocated.saturating_add(size);
         nth
     }
@@ -234,7 +236,7 @@ impl Sites {
         st.live_overhead = st.live_overhead.saturating_sub(b.overhead);
         if temporary {
             st.temporary += 1;
-            st.temporary_bytes += b.size;
+            st.temporary_bytes = st.temporary_bytes.saturating_add(b.size);
         }
         self.live_overhead = self.live_overhead.saturating_sub(b.overhead);
         self.freed_stack.insert(ptr, b.stack);

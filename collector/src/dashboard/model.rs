@@ -341,6 +341,7 @@ impl ProcessModel {
             ("broken cycles", a.broken_cycles),
             ("forced events", a.forced_events),
             ("reordered blocks", a.reordered_blocks),
+            ("implausible events", a.implausible_events),
         ]
         .into_iter()
         .filter(|(_, v)| *v > 0)

@@ -135,6 +135,9 @@ pub struct Anomalies {
     pub forced_events: u64,
     /// Allocations admitted while their address was still live (the old block's free was lost).
     pub reordered_blocks: u64,
+    /// Events whose values no real process has (a block of 2^64 bytes, an address range that
+    /// wraps): a damaged or forged trace. They are left out of the analysis.
+    pub implausible_events: u64,
 }
 
 #[derive(Serialize, Clone, Copy)]
@@ -295,6 +298,7 @@ fn process(img: &ImageAnalysis, complete: bool, opts: ReportOptions, symbolizer:
             broken_cycles: stats.broken_cycles,
             forced_events: stats.forced,
             reordered_blocks: c.reordered,
+            implausible_events: stats.implausible,
         },
         retention: retention::build(img),
         retention_unavailable: (!img.glibc.enabled).then(|| img.glibc.uncertain.first().cloned().unwrap_or_else(|| "no glibc model".into())),

@@ -105,11 +105,11 @@ fn process(s: &mut String, p: &ProcessReport, lossy: bool) {
         let _ = writeln!(s, "   threads ordered by time alone (no ordering cells): blocks handed between threads may be misattributed");
     }
     let a = &p.anomalies;
-    if a.stream_gaps + a.undecodable_chunks + a.missing_predecessors + a.broken_cycles + a.forced_events + a.reordered_blocks > 0 {
+    if a.stream_gaps + a.undecodable_chunks + a.missing_predecessors + a.broken_cycles + a.forced_events + a.reordered_blocks + a.implausible_events > 0 {
         let _ = writeln!(
             s,
-            "   anomalies: {} stream gaps, {} undecodable chunks, {} missing predecessors, {} broken cycles, {} forced frees, {} blocks admitted out of order",
-            a.stream_gaps, a.undecodable_chunks, a.missing_predecessors, a.broken_cycles, a.forced_events, a.reordered_blocks
+            "   anomalies: {} stream gaps, {} undecodable chunks, {} missing predecessors, {} broken cycles, {} forced frees, {} blocks admitted out of order, {} implausible events left out",
+            a.stream_gaps, a.undecodable_chunks, a.missing_predecessors, a.broken_cycles, a.forced_events, a.reordered_blocks, a.implausible_events
         );
     }
     if let Some(r) = &p.retention {
