@@ -88,7 +88,7 @@ fn a_recorder_that_stops_answering_is_marked_in_the_trace() {
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("t.mtr");
     let pairs = 3_000_000u64;
-    let mut child = Command::new(paths().mtracer())
+    let child = Command::new(paths().mtracer())
         .args(["record", "-q", "--detach-timeout-ms", "300", "-o"])
         .arg(&trace)
         .args(STARVED)
