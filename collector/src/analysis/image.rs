@@ -211,6 +211,22 @@ fn pins(glibc: &GlibcModel, model: &LiveModel) -> Vec<PinAt> {
         .collect()
 }
 
+/// Fork snapshots kept for children that have not taken theirs yet. A child registers right
+/// after its fork, so only a child that never registers (it exec'd or exited first) leaves one
+/// behind; the bound keeps a trace with many forks (or a forged one) from holding a copy of the
+/// heap per fork.
+pub const MAX_FORK_SNAPSHOTS: usize = 64;
+
+/// Drop the snapshots of the lowest fork sequence numbers (the oldest forks) beyond
+/// [`MAX_FORK_SNAPSHOTS`]: a child that comes for one later starts from an empty heap, as one
+/// whose parent is not in the trace does.
+fn forget_oldest_snapshots<T>(snaps: &mut FxHashMap<u64, T>) {
+    while snaps.len() > MAX_FORK_SNAPSHOTS {
+        let Some(&oldest) = snaps.keys().min() else { return };
+        snaps.remove(&oldest);
+    }
+}
+
 enum Held {
     Chunk(Chunk),
     Sync(u64),
@@ -362,6 +378,7 @@ impl ImageAnalysis {
             }
             if let Event::Fork { seq, .. } = p.ev {
                 snaps.insert(seq, (model.clone(), (glibc.clone(), stream)));
+                forget_oldest_snapshots(snaps);
             }
         });
         self.emit_timeline();

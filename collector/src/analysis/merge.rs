@@ -292,8 +292,14 @@ impl Merger {
         i
     }
 
-    /// Decode a chunk and queue its events.
+    /// Decode a chunk and queue its events. A chunk that cannot lie in a ring block (past its
+    /// end, or not at a word) is damage: counted as undecodable and left out.
     pub fn add_chunk(&mut self, c: &Chunk) {
+        let fits = (c.words.len() as u64 * 8).checked_add(c.offset as u64).is_some_and(|end| end <= mtrace_protocol::ring::MAX_BLOCK_SIZE as u64);
+        if !fits || !c.offset.is_multiple_of(8) {
+            self.stats.decode_errors += 1;
+            return;
+        }
         let i = self.stream_index(c.stream);
         let epoch = self.syncs;
         let s = &mut self.streams[i];

@@ -669,3 +669,22 @@ fn an_event_a_pre_fork_event_needs_passes_the_cut() {
     assert!(seen[..fork_at].iter().any(|&(s, w, _)| s == k && w == 5), "{seen:?}");
     assert_eq!(live_of(&model), BTreeMap::from([(0x100, 16), (0x300, 40)]));
 }
+
+/// Damage the merger meets in a forged or corrupted trace is counted and left out: a chunk that
+/// cannot lie in a ring block, an event no process could have produced.
+#[test]
+fn chunks_outside_a_block_and_implausible_events_are_counted_and_left_out() {
+    let mut m = Merger::new();
+    let mut model = LiveModel::default();
+    let chunk = |offset: u32, words: Vec<u64>| Chunk { image: 0, stream: 1, tid: 1, block_seq: 0, offset, words };
+    let malloc = |ptr: u64, size: u64| [ev::header(EventKind::Malloc, 3, 0x31), ptr, size];
+    m.add_chunk(&chunk(u32::MAX - 7, malloc(0x1000, 16).to_vec()));
+    m.add_chunk(&chunk(4, malloc(0x1000, 16).to_vec()));
+    let mut words = malloc(0x1000, u64::MAX).to_vec();
+    words.extend(malloc(0x2000, 24));
+    m.add_chunk(&chunk(0, words));
+    m.end();
+    m.run(&mut model, &mut |_, _, _| {});
+    assert_eq!((m.stats.decode_errors, m.stats.implausible), (2, 1));
+    assert_eq!((model.c.alloc_count, model.c.live_bytes), (1, 24));
+}
