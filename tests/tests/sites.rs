@@ -276,7 +276,7 @@ fn export_bad_input_is_an_error_not_a_panic() {
     // An unwritable output.
     let (code, _, err) = mtracer(&["export", t, "--format", "csv", "-o", "/nonexistent/dir/x.csv"]);
     assert_eq!(code, Some(2));
-    assert!(err.contains("cannot write /nonexistent/dir/x.csv"), "{err}");
+    assert!(err.contains("cannot write the export: /nonexistent/dir/x.csv: No such file or directory"), "{err}");
 }
 
 /// The retention explanation names the site of the block that pins the heap top: ret_pin's live
