@@ -325,9 +325,13 @@ unsafe fn stack_bounds(sp: u64) -> (u64, u64) {
     (0, 0)
 }
 
+/// The memo entry of a call from return address `ra` with CFA `cfa`. Both are in the key:
+/// sibling helpers (`make_node`, `make_buffer` called from one function) call the allocator
+/// with the same CFA and different return addresses, and must not evict each other.
 #[inline(always)]
-fn memo_slot(cfa: u64) -> usize {
-    ((cfa >> 4) as usize) & (MEMO - 1)
+fn memo_slot(cfa: u64, ra: u64) -> usize {
+    const BITS: u32 = MEMO.trailing_zeros();
+    ((cfa ^ ra.rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - BITS)) as usize
 }
 
 /// An unused fixed read slot of a memo entry: reads [`PAD_WORD`], expects 0.
@@ -415,12 +419,14 @@ unsafe fn memo_hit(t: *mut ThreadState) -> u64 {
         }
         let cfa = (*st).cfa;
         let bp = (*st).bp;
-        if cfa <= own_sp() {
+        if cfa <= own_sp() || !((*st).lo < cfa && cfa <= (*st).hi) {
             return 0;
         }
+        // Inside this thread's stack and above our frame: mapped.
+        let ra = *((cfa - 8) as *const u64);
         // An entry with `SAMPLED_KEY` (sampling) never equals `cfa`.
-        let m = &*(&raw const (*st).memo).cast::<Memo>().add(memo_slot(cfa));
-        if m.cfa != cfa || m.ra != *((cfa - 8) as *const u64) || m.generation != modules::GEN.load(Ordering::Relaxed) || (m.bp_dep != 0 && m.bp != bp) {
+        let m = &*(&raw const (*st).memo).cast::<Memo>().add(memo_slot(cfa, ra));
+        if m.cfa != cfa || m.ra != ra || m.generation != modules::GEN.load(Ordering::Relaxed) || (m.bp_dep != 0 && m.bp != bp) {
             return 0;
         }
         // A used entry's first `MEMO_FIXED` slots are reads or `pad_read()`s (`full`), without a
@@ -581,7 +587,7 @@ unsafe fn capture(t: *mut ThreadState) -> u64 {
             return from_here(st, list);
         }
         let ra = *((cfa - 8) as *const u64);
-        let m = &(*st).memo[memo_slot(cfa)];
+        let m = &(*st).memo[memo_slot(cfa, ra)];
         if m.cfa == memo_key(cfa) && m.ra == ra && m.generation == list.generation && (m.bp_dep == 0 || m.bp == bp) {
             let mut i = 0;
             let n = m.n as usize;
@@ -637,7 +643,7 @@ unsafe fn full(st: *mut StackState, mut list: &'static ModList, ra: u64, cfa: u6
         let id = intern(st, n);
         let s = &mut *st;
         if !s.overflow {
-            let m = &mut s.memo[memo_slot(cfa)];
+            let m = &mut s.memo[memo_slot(cfa, ra)];
             m.ra = ra;
             m.cfa = memo_key(cfa);
             m.bp = bp;

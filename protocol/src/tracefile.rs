@@ -5,12 +5,13 @@
 //!
 //! ```text
 //! file    := file_header frame*
-//! file_header (16 B) := magic "\x89MTRACE\n" | version u32 (= 4) | header_len u32 (= 16)
+//! file_header (16 B) := magic "\x89MTRACE\n" | version u32 (= 5) | header_len u32 (= 16)
 //! frame   := frame_header payload
 //! frame_header (24 B) := "MTFR" | raw_len u32 | stored_len u32 | crc32 u32 | seq u64
 //! crc32   := CRC-32 (IEEE) of raw_len, stored_len and seq as the header holds them (header
 //!            bytes 4..12 and 16..24), then of the stored payload
-//! payload := lz4 block (lz4_flex `block` format) of raw_len bytes, stored_len bytes long
+//! payload := one zstd frame of raw_len bytes, stored_len bytes long (version 4: an lz4 block,
+//!            lz4_flex `block` format)
 //! raw     := record*
 //! record  := type u8 | 0 u8 | 0 u16 | body_len u32 | body | zero padding to 8 bytes
 //! ```
@@ -40,10 +41,12 @@
 //! | 9 | `Smaps` | image u32, count u32, time_ns u64, then `count` mappings of 3 × u64: start \| kind (in the 12 low bits, see [`map_kind`]), end, rss_bytes |
 //! | 10 | `TracingStopped` | image u32, reason u32 (see [`crate::ring::detach_reason`]), time_ns u64, untraced_calls u64, timeout_ms u32, 0 u32 |
 //!
-//! A `Chunk`'s payload is the event words themselves ([`chunk_encoding::WORDS`]), or raw_len u32
-//! followed by an lz4 block that decompresses to those `raw_len` bytes ([`chunk_encoding::LZ4`]):
-//! the recorder compresses large chunks straight from the ring instead of copying them, and the
-//! frame's own compression then has little left to do.
+//! A `Chunk`'s payload is, as the recorder writes it, the number of event words (u32) followed by
+//! their compact encoding ([`chunk_encoding::COMPACT`], see `mtrace_collector::trace::compact`):
+//! the events with what a model of the stream predicts taken out, a few bytes each, which the
+//! frame's zstd then compresses. Readers also take the event words themselves
+//! ([`chunk_encoding::WORDS`]), and, from version 4 files, raw_len u32 followed by an lz4 block
+//! of those `raw_len` bytes ([`chunk_encoding::LZ4`]).
 //!
 //! `Sync` marks the end of one pass of the collector over an image's ring: every event published
 //! before that pass began appears in the file before the record. An event read in a pass has all
@@ -71,14 +74,17 @@
 
 pub const FILE_MAGIC: [u8; 8] = *b"\x89MTRACE\n";
 /// The version written.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 /// The oldest version readers accept. Version 3 replaced the free stamps of versions 1 and 2
 /// (words the preload left inside freed chunks) with ordering cells (`after` words, see
 /// [`crate::order`]): the events' flag bits and words changed meaning, and the analysis no longer
 /// has the search that ordered threads from stamps. Version 4 gave frames their sequence number
 /// (`seq`, covered by the checksum) and grew the frame header from 16 to 24 bytes. Older files
-/// are named, not misread.
+/// are named, not misread. Version 5 compresses frames with zstd instead of lz4 and writes
+/// chunks in the compact encoding; version 4 files are read as they are.
 pub const MIN_FORMAT_VERSION: u32 = 4;
+/// The last version whose frames are lz4 blocks.
+pub const LAST_LZ4_VERSION: u32 = 4;
 /// The last version without frame sequence numbers (16-byte frame headers).
 pub const LAST_UNSEQUENCED_VERSION: u32 = 3;
 pub const FILE_HEADER_LEN: usize = 16;
@@ -97,6 +103,8 @@ pub mod chunk_encoding {
     pub const LZ4: u32 = 1;
     /// Largest `raw_len` a reader accepts (a ring block is at most 128 KiB).
     pub const MAX_RAW: u32 = 16 << 20;
+    /// words u32, then the words' compact encoding (at most `MAX_RAW / 8` words).
+    pub const COMPACT: u32 = 2;
 }
 
 /// Session TLV tags (record type 1).

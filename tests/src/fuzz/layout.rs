@@ -3,7 +3,7 @@
 //! aim at, and how an edited payload is put back (compressed again, with its checksum right).
 
 use mtrace_collector::trace::{self, Record, TraceReader};
-use mtrace_protocol::tracefile::{FILE_HEADER_LEN, chunk_encoding, record_type};
+use mtrace_protocol::tracefile::{FILE_HEADER_LEN, chunk_encoding};
 
 /// One record of a frame's payload.
 #[derive(Clone, Debug)]
@@ -25,8 +25,8 @@ pub struct ChunkSpan {
     pub block_seq: u32,
     pub offset: u32,
     pub words: Vec<u64>,
-    /// Stored lz4-compressed ([`chunk_encoding::LZ4`]).
-    pub lz4: bool,
+    /// How it is stored ([`chunk_encoding`]).
+    pub encoding: u32,
     /// (first word, length in words) of each event that decodes.
     pub events: Vec<(usize, usize)>,
 }
@@ -151,8 +151,8 @@ fn records_of(raw: &[u8]) -> Option<Vec<RecordSpan>> {
         let ty = raw[at];
         let chunk = match rec {
             Record::Chunk(c) => {
-                let lz4 = ty == record_type::CHUNK && raw.get(at + 8 + 20..at + 8 + 24) == Some(&chunk_encoding::LZ4.to_le_bytes()[..]);
-                Some(ChunkSpan { image: c.image, stream: c.stream, tid: c.tid, block_seq: c.block_seq, offset: c.offset, events: events_of(&c.words), words: c.words, lz4 })
+                let encoding = raw.get(at + 8 + 20..at + 8 + 24).map_or(chunk_encoding::WORDS, |b| u32::from_le_bytes(b.try_into().unwrap_or_default()));
+                Some(ChunkSpan { image: c.image, stream: c.stream, tid: c.tid, block_seq: c.block_seq, offset: c.offset, events: events_of(&c.words), words: c.words, encoding })
             }
             _ => None,
         };
@@ -179,16 +179,14 @@ pub fn events_of(words: &[u64]) -> Vec<(usize, usize)> {
 }
 
 impl ChunkSpan {
-    /// This chunk's record (same header fields) holding `words` instead, encoded as it was
-    /// (lz4-compressed when it was and it still pays).
+    /// This chunk's record (same header fields) holding `words` instead: as plain words if it
+    /// was, else in the compact encoding (what the recorder writes).
     pub fn encode(&self, words: &[u64]) -> Vec<u8> {
         let mut out = Vec::new();
-        if self.lz4 {
-            let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-            Record::encode_chunk_compressed(&mut out, &mut Vec::new(), self.image, self.stream, self.tid, self.block_seq, self.offset, &bytes);
+        if self.encoding == chunk_encoding::WORDS {
+            Record::encode_chunk_words(&mut out, self.image, self.stream, self.tid, self.block_seq, self.offset, words);
         } else {
-            let c = trace::Chunk { image: self.image, stream: self.stream, tid: self.tid, block_seq: self.block_seq, offset: self.offset, words: words.to_vec() };
-            Record::Chunk(c).encode(&mut out);
+            Record::encode_chunk(&mut out, self.image, self.stream, self.tid, self.block_seq, self.offset, words);
         }
         out
     }
