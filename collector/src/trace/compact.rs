@@ -14,8 +14,8 @@
 //!   to [`BINS`] × 16 bytes), and an allocation of that size most often gets the most recent one
 //!   back. An address not in its list is often the previous allocation's end (a split of the
 //!   heap's top, `bump`). Otherwise it is written as the difference from the last address seen.
-//! * **Stack ids** (64-bit hashes) are indices into a move-to-front list of the last
-//!   [`STACKS`] ids.
+//! * **Stack ids** (64-bit hashes) are indices into a table of the last [`STACKS`] ids (a new
+//!   one takes the slots in turn, so that a site keeps its code while it is used).
 //! * **Ordering positions** (`after` words) are differences from the previous one.
 //! * Every other event is written word by word, each the difference from the word before it.
 //!
@@ -43,7 +43,7 @@ use mtrace_protocol::event::{AUX_CHUNK_MASK, AUX_HAS_AFTER, AUX_HAS_AFTER_OLD, A
 const BINS: usize = 64;
 /// Addresses remembered per size (glibc's tcache holds 7).
 const BIN_DEPTH: usize = 8;
-/// Stack ids in the move-to-front list.
+/// Stack ids in the table.
 const STACKS: usize = 7;
 
 const OP_GENERIC: u8 = 0x00;
@@ -66,7 +66,7 @@ const PTR_SAME: u8 = 11;
 /// Mode byte bit: the chunk header is written (it is not the predicted one).
 const M_CHUNK: u8 = 1 << 4;
 /// Stack modes (the mode byte's top 3 bits): 0..STACKS an index, `STACK_NEW` a new id.
-const STACK_NEW: u8 = 7;
+const STACK_NEW: u8 = STACKS as u8;
 /// realloc's extra byte: an `after_old` word follows.
 const R_AFTER_OLD: u8 = 1;
 
@@ -84,11 +84,13 @@ struct Model {
     bins: [[u64; BIN_DEPTH]; BINS],
     bin_len: [u8; BINS],
     stacks: [u64; STACKS],
+    /// The stack slot a new id takes next (round robin).
+    next_stack: u8,
 }
 
 impl Model {
     fn new() -> Model {
-        Model { last_addr: 0, last_after: 0, low_flags: chunk::PREV_INUSE, bump: 0, bins: [[0; BIN_DEPTH]; BINS], bin_len: [0; BINS], stacks: [0; STACKS] }
+        Model { last_addr: 0, last_after: 0, low_flags: chunk::PREV_INUSE, bump: 0, bins: [[0; BIN_DEPTH]; BINS], bin_len: [0; BINS], stacks: [0; STACKS], next_stack: 0 }
     }
 
     /// The list of chunk header `hdr`'s size, if the model keeps one.
@@ -111,10 +113,16 @@ impl Model {
         }
         if let Some(b) = Self::bin_of(hdr) {
             let n = self.bin_len[b] as usize;
-            for k in 0..n {
-                if self.bins[b][n - 1 - k] == ptr {
-                    return Some(PTR_BIN + k as u8);
+            let e = &self.bins[b];
+            // Without early exits (cmov, not branches): the most recent match wins.
+            let mut hit = BIN_DEPTH;
+            for (i, &x) in e.iter().enumerate() {
+                if i < n && x == ptr {
+                    hit = i;
                 }
+            }
+            if hit < BIN_DEPTH {
+                return Some(PTR_BIN + (n - 1 - hit) as u8);
             }
         }
         (ptr == self.bump).then_some(PTR_BUMP)
@@ -134,14 +142,15 @@ impl Model {
         }
     }
 
-    /// An allocation of `hdr` returned `ptr` (found with `mode`).
+    /// An allocation of `hdr` returned `ptr` (found with `mode`): a list entry it came from
+    /// leaves its list (the list's newest entry takes its place).
     fn allocated(&mut self, mode: u8, ptr: u64, hdr: u64) {
         if (mode as usize) < BIN_DEPTH
             && let Some(b) = Self::bin_of(hdr)
         {
             let n = self.bin_len[b] as usize;
             let i = n - 1 - mode as usize;
-            self.bins[b].copy_within(i + 1..n, i);
+            self.bins[b][i] = self.bins[b][n - 1];
             self.bin_len[b] -= 1;
         }
         if ptr != 0 {
@@ -170,18 +179,35 @@ impl Model {
     }
 
     fn find_stack(&self, id: u64) -> u8 {
-        self.stacks.iter().position(|&s| s == id).map_or(STACK_NEW, |i| i as u8)
+        let mut hit = STACK_NEW;
+        for (i, &s) in self.stacks.iter().enumerate() {
+            if s == id {
+                hit = i as u8;
+            }
+        }
+        hit
     }
 
-    /// Stack `id` was used (at index `mode`, or new): move it to the front.
+    /// Stack `id` was used (from slot `mode`, or new: it takes the next slot round robin, so
+    /// that a site keeps its slot and its code while it is used).
     fn used_stack(&mut self, mode: u8, id: u64) {
-        let i = if mode == STACK_NEW { STACKS - 1 } else { mode as usize };
-        self.stacks.copy_within(0..i, 1);
-        self.stacks[0] = id;
+        if mode == STACK_NEW {
+            self.stacks[self.next_stack as usize] = id;
+            self.next_stack = if self.next_stack as usize + 1 == STACKS { 0 } else { self.next_stack + 1 };
+        }
     }
 }
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    if v < 1 << 28 {
+        // Without a loop (the lengths of random values would mispredict it): the 7-bit groups
+        // spread over 4 bytes, the continuation bits on all but the last.
+        let spread = (v & 0x7f) | ((v << 1) & 0x7f00) | ((v << 2) & 0x7f_0000) | ((v << 3) & 0x7f00_0000);
+        let len = (64 - (v | 1).leading_zeros()).div_ceil(7);
+        let cont = 0x0080_8080u64 & ((1u64 << (8 * (len - 1))) - 1);
+        out.extend_from_slice(&(spread | cont).to_le_bytes()[..len as usize]);
+        return;
+    }
     while v >= 0x80 {
         out.push(v as u8 | 0x80);
         v >>= 7;
@@ -289,9 +315,8 @@ fn encode_call(m: &mut Model, kind: u8, aux: u64, ev: &[u64], out: &mut Vec<u8>)
             mode |= M_CHUNK;
             put_varint(out, hdr);
         }
-        match mode & 15 {
-            PTR_DELTA => put_delta(out, ptr, old),
-            _ => {}
+        if mode & 15 == PTR_DELTA {
+            put_delta(out, ptr, old);
         }
         // The old block is free if it moved (or was freed by realloc(p, 0)).
         if old != 0 && ptr != old {
@@ -417,7 +442,10 @@ pub fn decode(bytes: &[u8], n_words: usize, out: &mut Vec<u64>) -> Result<(), St
     Ok(())
 }
 
-fn decode_call(m: &mut Model, op: u8, inp: &mut Input, out: &mut Vec<u64>, room: &dyn Fn(&Vec<u64>, usize) -> Result<(), String>) -> Result<(), String> {
+/// Checks that `k` more words fit what the chunk announced.
+type Room<'a> = dyn Fn(&Vec<u64>, usize) -> Result<(), String> + 'a;
+
+fn decode_call(m: &mut Model, op: u8, inp: &mut Input, out: &mut Vec<u64>, room: &Room) -> Result<(), String> {
     let kind = op & KIND_MASK;
     let k = EventKind::from_u8(kind).filter(|k| k.is_allocation() || *k == EventKind::Free).ok_or_else(|| format!("compact chunk: unknown op {op:#x}"))?;
     if k == EventKind::Free {
@@ -547,6 +575,28 @@ mod tests {
         b.len()
     }
 
+    /// Every kind the model knows takes its own op (not the generic one), with its flags.
+    #[test]
+    fn call_events_take_their_fast_path() {
+        use mtrace_protocol::event::header;
+        let cases: [(EventKind, u64, Vec<u64>); 5] = [
+            (EventKind::Malloc, 0x31 | AUX_HAS_STACK, vec![0x5555_0000_1010, 32, 77]),
+            (EventKind::Calloc, 0x31 | AUX_HAS_AFTER, vec![0x5555_0000_1010, 32, 0x1234]),
+            (EventKind::Memalign, 0x51, vec![0x5555_0000_1040, 32, 64]),
+            (EventKind::Realloc, 0x51 | AUX_HAS_AFTER_OLD, vec![0x5555_0000_1010, 0x5555_0000_1080, 60, 0x31, 0x4444]),
+            (EventKind::Free, 0x31 | AUX_HAS_AFTER, vec![0x5555_0000_1010, 0x4321]),
+        ];
+        for (kind, aux, rest) in cases {
+            let mut words = vec![header(kind, rest.len() + 1, aux)];
+            words.extend_from_slice(&rest);
+            let mut b = Vec::new();
+            encode(&words, &mut b);
+            assert_eq!(b[0] & KIND_MASK, kind as u8, "{kind:?}: {b:x?}");
+            assert!(b.len() < 20, "{kind:?}: {} bytes", b.len());
+            round_trip(&words);
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn any_words_round_trip(words in proptest::collection::vec(proptest::num::u64::ANY, 0..64)) {
@@ -559,6 +609,45 @@ mod tests {
             for (kind, aux, rest) in evs {
                 words.push(kind as u64 | ((rest.len() as u64 + 1) << 8) | (aux << 16));
                 words.extend_from_slice(&rest);
+            }
+            round_trip(&words);
+        }
+
+        /// Well-formed call events (every kind the model knows, every flag, addresses and stacks
+        /// from small pools so that the predictions hit and miss) round-trip.
+        #[test]
+        fn well_formed_events_round_trip(evs in proptest::collection::vec((0usize..11, 0u64..1100, 0usize..24, 0u8..16, 0usize..10, 0u64..3), 0..300)) {
+            use mtrace_protocol::event::header;
+            let pool: Vec<u64> = (0..24).map(|i| 0x5555_0000_0000 + i * 48 + (i % 3) * 0x10_0000).collect();
+            let stacks = [11u64, 22, 33, 44, 55, 66, 77, 88, 99, 1010];
+            let mut words = Vec::new();
+            for (k, size, p, flags, st, low) in evs {
+                let kinds = [EventKind::Malloc, EventKind::Calloc, EventKind::Valloc, EventKind::Pvalloc, EventKind::Memalign, EventKind::PosixMemalign, EventKind::AlignedAlloc, EventKind::Realloc, EventKind::Reallocarray, EventKind::Free, EventKind::Free];
+                let kind = kinds[k];
+                let ptr = if size == 1099 { 0 } else { pool[p] };
+                let hdr = if size % 7 == 0 { size * 16 + low } else { ((size + 23) & !15).max(32) | low };
+                let mut aux = hdr & AUX_CHUNK_MASK;
+                let mut ev = vec![0, ];
+                match kind {
+                    EventKind::Free => {
+                        ev.push(ptr);
+                        if flags & 1 != 0 { aux |= AUX_HAS_AFTER; ev.push(0x1234_5678 + size); }
+                    }
+                    _ => {
+                        if matches!(kind, EventKind::Realloc | EventKind::Reallocarray) {
+                            ev.extend_from_slice(&[pool[(p + 1) % 24], if flags & 8 != 0 { pool[(p + 1) % 24] } else { ptr }, size, 0x51]);
+                        } else {
+                            ev.extend_from_slice(&[ptr, size]);
+                            if kind.base_words() == 4 { ev.push(64); }
+                        }
+                        if flags & 2 != 0 { aux |= AUX_HAS_PREV_SIZE; ev.push(size * 3); }
+                        if flags & 4 != 0 { aux |= AUX_HAS_STACK; ev.push(stacks[st]); }
+                        if flags & 8 != 0 && matches!(kind, EventKind::Realloc | EventKind::Reallocarray) { aux |= AUX_HAS_AFTER_OLD; ev.push(0x99_0000 + size); }
+                        if flags & 1 != 0 { aux |= AUX_HAS_AFTER; ev.push(0x98_0000 + size); }
+                    }
+                }
+                ev[0] = header(kind, ev.len(), aux);
+                words.extend_from_slice(&ev);
             }
             round_trip(&words);
         }
