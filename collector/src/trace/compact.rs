@@ -81,7 +81,9 @@ struct Model {
     low_flags: u64,
     /// The previous allocation's end: where a split of the top would start.
     bump: u64,
-    bins: [[u64; BIN_DEPTH]; BINS],
+    /// Each list's entries, oldest first, and a scratch slot (index `BIN_DEPTH`) that
+    /// branch-free updates write when they have nothing to write.
+    bins: [[u64; BIN_DEPTH + 1]; BINS],
     bin_len: [u8; BINS],
     stacks: [u64; STACKS],
     /// The stack slot a new id takes next (round robin).
@@ -90,7 +92,7 @@ struct Model {
 
 impl Model {
     fn new() -> Model {
-        Model { last_addr: 0, last_after: 0, low_flags: chunk::PREV_INUSE, bump: 0, bins: [[0; BIN_DEPTH]; BINS], bin_len: [0; BINS], stacks: [0; STACKS], next_stack: 0 }
+        Model { last_addr: 0, last_after: 0, low_flags: chunk::PREV_INUSE, bump: 0, bins: [[0; BIN_DEPTH + 1]; BINS], bin_len: [0; BINS], stacks: [0; STACKS], next_stack: 0 }
     }
 
     /// The list of chunk header `hdr`'s size, if the model keeps one.
@@ -116,7 +118,7 @@ impl Model {
             let e = &self.bins[b];
             // Without early exits (cmov, not branches): the most recent match wins.
             let mut hit = BIN_DEPTH;
-            for (i, &x) in e.iter().enumerate() {
+            for (i, &x) in e[..BIN_DEPTH].iter().enumerate() {
                 if i < n && x == ptr {
                     hit = i;
                 }
@@ -126,6 +128,40 @@ impl Model {
             }
         }
         (ptr == self.bump).then_some(PTR_BUMP)
+    }
+
+    /// [`Model::find_ptr`] with `PTR_DELTA` for `None`, without branches on the data: the
+    /// same answer, by the same precedence (null, then the most recent list entry, then bump).
+    #[inline(always)]
+    fn ptr_mode(&self, ptr: u64, hdr: u64) -> u8 {
+        let mut mode = if ptr == self.bump { PTR_BUMP } else { PTR_DELTA };
+        if let Some(b) = Self::bin_of(hdr) {
+            let n = self.bin_len[b] as usize;
+            for (i, &x) in self.bins[b][..BIN_DEPTH].iter().enumerate() {
+                if i < n && x == ptr {
+                    mode = (n - 1 - i) as u8;
+                }
+            }
+        }
+        if ptr == 0 { PTR_NULL } else { mode }
+    }
+
+    /// [`Model::allocated`] without branches on the data.
+    #[inline(always)]
+    fn allocated_fast(&mut self, mode: u8, ptr: u64, hdr: u64) {
+        if let Some(b) = Self::bin_of(hdr) {
+            let n = self.bin_len[b] as usize;
+            let hit = (mode as usize) < BIN_DEPTH;
+            // A hit has n >= 1; a miss moves the scratch slot onto itself.
+            let i = if hit { n.wrapping_sub(1 + mode as usize) } else { BIN_DEPTH };
+            let last = if hit { n - 1 } else { BIN_DEPTH };
+            self.bins[b][i] = self.bins[b][last];
+            self.bin_len[b] -= hit as u8;
+        }
+        let live = ptr != 0;
+        self.last_addr = if live { ptr } else { self.last_addr };
+        self.low_flags = if live { hdr & chunk::FLAG_MASK } else { self.low_flags };
+        self.bump = if live { ptr.wrapping_add(chunk::size(hdr)) } else { self.bump };
     }
 
     /// The address a (non-delta) mode stands for, or `None` if the mode is invalid here.
@@ -169,7 +205,7 @@ impl Model {
         if let Some(b) = Self::bin_of(hdr) {
             let n = self.bin_len[b] as usize;
             if n == BIN_DEPTH {
-                self.bins[b].copy_within(1.., 0);
+                self.bins[b].copy_within(1..BIN_DEPTH, 0);
                 self.bins[b][BIN_DEPTH - 1] = ptr;
             } else {
                 self.bins[b][n] = ptr;
@@ -227,6 +263,132 @@ fn put_delta(out: &mut Vec<u8>, v: u64, base: u64) {
     put_varint(out, zigzag(v.wrapping_sub(base)));
 }
 
+/// Bytes reserved for one event on the fast paths (they write at most 2 + 5 × 10 + 8 bytes, and
+/// a varint's 4-byte store may reach 3 bytes past the last one).
+const FAST_ROOM: usize = 80;
+
+/// Writes into [`FAST_ROOM`] bytes reserved at the end of a `Vec`, without capacity checks or
+/// branches on the lengths of what it writes; [`Cursor::finish`] makes them part of the `Vec`.
+struct Cursor {
+    base: *mut u8,
+    n: usize,
+}
+
+impl Cursor {
+    fn new(out: &mut Vec<u8>) -> Cursor {
+        out.reserve(FAST_ROOM);
+        // SAFETY: `len` is within the allocation (capacity >= len + FAST_ROOM).
+        Cursor { base: unsafe { out.as_mut_ptr().add(out.len()) }, n: 0 }
+    }
+
+    #[inline(always)]
+    fn byte(&mut self, b: u8) {
+        debug_assert!(self.n < FAST_ROOM);
+        // SAFETY: the fast paths write fewer than FAST_ROOM bytes in all (see FAST_ROOM).
+        unsafe { self.base.add(self.n).write(b) };
+        self.n += 1;
+    }
+
+    #[inline(always)]
+    fn word(&mut self, w: u64) {
+        debug_assert!(self.n + 8 <= FAST_ROOM);
+        // SAFETY: as in `byte`.
+        unsafe { self.base.add(self.n).cast::<u64>().write_unaligned(w.to_le()) };
+        self.n += 8;
+    }
+
+    /// `v` as a varint (as [`put_varint`] writes it), kept only if `keep`.
+    #[inline(always)]
+    fn varint_if(&mut self, v: u64, keep: bool) {
+        if v < 1 << 28 {
+            let spread = (v & 0x7f) | ((v << 1) & 0x7f00) | ((v << 2) & 0x7f_0000) | ((v << 3) & 0x7f00_0000);
+            let len = (64 - (v | 1).leading_zeros()).div_ceil(7);
+            let cont = 0x0080_8080u64 & ((1u64 << (8 * (len - 1))) - 1);
+            debug_assert!(self.n + 4 <= FAST_ROOM);
+            // SAFETY: as in `byte` (the 4-byte store is inside FAST_ROOM).
+            unsafe { self.base.add(self.n).cast::<u32>().write_unaligned(((spread | cont) as u32).to_le()) };
+            self.n += if keep { len as usize } else { 0 };
+        } else if keep {
+            let mut v = v;
+            while v >= 0x80 {
+                self.byte(v as u8 | 0x80);
+                v >>= 7;
+            }
+            self.byte(v as u8);
+        }
+    }
+
+    #[inline(always)]
+    fn varint(&mut self, v: u64) {
+        self.varint_if(v, true);
+    }
+
+    fn finish(self, out: &mut Vec<u8>) {
+        debug_assert!(self.n <= FAST_ROOM);
+        // SAFETY: the `n` bytes after `len` were written, and lie within the capacity.
+        unsafe { out.set_len(out.len() + self.n) };
+    }
+}
+
+/// A `Free` whose length fits its flags: [`encode_call`]'s bytes, faster.
+#[inline(always)]
+fn encode_free(m: &mut Model, aux: u64, ev: &[u64], out: &mut Vec<u8>) {
+    let hdr = aux & AUX_CHUNK_MASK;
+    let ptr = ev[1];
+    let low = hdr & 15 == m.low_flags;
+    let after = aux & AUX_HAS_AFTER != 0;
+    let mut c = Cursor::new(out);
+    c.byte(EventKind::Free as u8 | if after { F_AFTER } else { 0 } | if low { F_FREE_LOW } else { 0 });
+    c.varint(zigzag(ptr.wrapping_sub(m.last_addr)));
+    c.varint(if low { hdr >> 4 } else { hdr });
+    if after {
+        c.varint(zigzag(ev[2].wrapping_sub(m.last_after)));
+        m.last_after = ev[2];
+    }
+    c.finish(out);
+    m.freed(ptr, hdr);
+}
+
+/// A `Malloc`, `Calloc`, `Valloc` or `Pvalloc` whose length fits its flags: [`encode_call`]'s
+/// bytes, faster.
+#[inline(always)]
+fn encode_alloc(m: &mut Model, kind: u8, aux: u64, ev: &[u64], out: &mut Vec<u8>) {
+    let hdr = aux & AUX_CHUNK_MASK;
+    let (ptr, size) = (ev[1], ev[2]);
+    let mut c = Cursor::new(out);
+    c.byte(kind | alloc_flags(aux));
+    c.byte(0);
+    c.varint(size);
+    let pmode = m.ptr_mode(ptr, hdr);
+    let chunk_written = hdr != m.predicted_chunk(size);
+    c.varint_if(hdr, chunk_written);
+    c.varint_if(zigzag(ptr.wrapping_sub(m.last_addr)), pmode == PTR_DELTA);
+    let mut mode = pmode | if chunk_written { M_CHUNK } else { 0 };
+    m.allocated_fast(pmode, ptr, hdr);
+    let mut rest = 3;
+    if aux & AUX_HAS_PREV_SIZE != 0 {
+        c.varint(ev[rest]);
+        rest += 1;
+    }
+    if aux & AUX_HAS_STACK != 0 {
+        let id = ev[rest];
+        rest += 1;
+        let s = m.find_stack(id);
+        mode |= s << 5;
+        if s == STACK_NEW {
+            c.word(id);
+        }
+        m.used_stack(s, id);
+    }
+    if aux & AUX_HAS_AFTER != 0 {
+        c.varint(zigzag(ev[rest].wrapping_sub(m.last_after)));
+        m.last_after = ev[rest];
+    }
+    // SAFETY: byte 1 of the event was written above (as 0).
+    unsafe { c.base.add(1).write(mode) };
+    c.finish(out);
+}
+
 /// The words a call event of `kind` must have for the flags in `aux`, if the compact form
 /// covers it.
 fn expected_len(kind: u8, aux: u64) -> Option<usize> {
@@ -260,7 +422,11 @@ pub fn encode(words: &[u64], out: &mut Vec<u8>) {
         }
         let ev = &words[i..i + len];
         if expected_len(kind, aux) == Some(len) {
-            encode_call(&mut m, kind, aux, ev, out);
+            match kind {
+                k if k == EventKind::Free as u8 => encode_free(&mut m, aux, ev, out),
+                k if k == EventKind::Malloc as u8 || k == EventKind::Calloc as u8 || k == EventKind::Valloc as u8 || k == EventKind::Pvalloc as u8 => encode_alloc(&mut m, kind, aux, ev, out),
+                _ => encode_call(&mut m, kind, aux, ev, out),
+            }
         } else {
             out.push(OP_GENERIC);
             put_varint(out, len as u64);
