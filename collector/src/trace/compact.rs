@@ -301,9 +301,13 @@ impl Cursor {
     #[inline(always)]
     fn varint_if(&mut self, v: u64, keep: bool) {
         if v < 1 << 28 {
+            // The length and the continuation bits from three independent compares (not from
+            // the bit length: a longer chain of dependent instructions, which every later field's
+            // position waits for).
             let spread = (v & 0x7f) | ((v << 1) & 0x7f00) | ((v << 2) & 0x7f_0000) | ((v << 3) & 0x7f00_0000);
-            let len = (64 - (v | 1).leading_zeros()).div_ceil(7);
-            let cont = 0x0080_8080u64 & ((1u64 << (8 * (len - 1))) - 1);
+            let (c1, c2, c3) = (v >= 1 << 7, v >= 1 << 14, v >= 1 << 21);
+            let len = 1 + c1 as u32 + c2 as u32 + c3 as u32;
+            let cont = (c1 as u64) << 7 | (c2 as u64) << 15 | (c3 as u64) << 23;
             debug_assert!(self.n + 4 <= FAST_ROOM);
             // SAFETY: as in `byte` (the 4-byte store is inside FAST_ROOM).
             unsafe { self.base.add(self.n).cast::<u32>().write_unaligned(((spread | cont) as u32).to_le()) };
