@@ -217,6 +217,14 @@ impl Record {
                 out.extend_from_slice(&p.hello);
                 record_type::PROCESS_START
             }
+            Record::Chunk(c) if c.words.len() > (chunk_encoding::MAX_RAW / 8) as usize => {
+                // Longer than a compact chunk may be (never a ring's): as words.
+                Self::put_chunk_head(out, c.image, c.stream, c.tid, c.block_seq, c.offset, chunk_encoding::WORDS);
+                for w in &c.words {
+                    put_u64(out, *w);
+                }
+                record_type::CHUNK
+            }
             Record::Chunk(c) => {
                 Self::put_chunk_head(out, c.image, c.stream, c.tid, c.block_seq, c.offset, chunk_encoding::COMPACT);
                 put_u32(out, c.words.len() as u32);
@@ -563,11 +571,11 @@ pub fn frame_crc(h: &[u8; FRAME_HEADER_LEN], stored: &[u8]) -> u32 {
 
 /// One whole frame as the file holds it: `raw` (whole encoded records) compressed, with the
 /// header of frame number `seq` (for tools and tests that build or repair traces).
-pub fn encode_frame(seq: u64, raw: &[u8]) -> Vec<u8> {
-    let stored = zstd::bulk::compress(raw, FRAME_ZSTD_LEVEL).unwrap_or_default();
+pub fn encode_frame(seq: u64, raw: &[u8]) -> io::Result<Vec<u8>> {
+    let stored = zstd::bulk::compress(raw, FRAME_ZSTD_LEVEL)?;
     let mut v = frame_header(seq, raw.len(), &stored).to_vec();
     v.extend_from_slice(&stored);
-    v
+    Ok(v)
 }
 
 /// One decompressed frame.
@@ -947,7 +955,7 @@ mod tests {
         let mut raw = Vec::new();
         Record::Sync { image: 0, time_ns: 7 }.encode(&mut raw);
         let mut b = write(&[], 1);
-        b.extend_from_slice(&encode_frame(0, &raw));
+        b.extend_from_slice(&encode_frame(0, &raw).unwrap());
         assert_eq!(read_all(&b).unwrap(), vec![Record::Sync { image: 0, time_ns: 7 }]);
     }
 
@@ -1109,7 +1117,7 @@ mod tests {
         let frame_at = file.len() as u64;
         let mut damaged = bytes.clone();
         damaged[12..16].copy_from_slice(&9u32.to_le_bytes());
-        file.extend_from_slice(&encode_frame(1, &damaged));
+        file.extend_from_slice(&encode_frame(1, &damaged).unwrap());
         let err = read_all(&file).unwrap_err();
         assert_eq!(err.offset(), Some(frame_at), "{err}");
         assert!(err.to_string().contains("smaps record announces 9 mappings"), "{err}");

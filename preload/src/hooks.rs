@@ -441,6 +441,8 @@ unsafe fn free_fast<const CHUNKS: bool>(g: Guard, p: *mut c_void) {
         if p.is_null() {
             return free_general(g, p);
         }
+        // The cell's cache miss overlaps the header's (see `order::prefetch`).
+        order::prefetch(p as u64);
         // A bootstrap block's "chunk header" is 0, which `fast_header` rejects; without headers it
         // is looked for.
         let hdr = if CHUNKS {

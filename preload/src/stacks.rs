@@ -437,7 +437,7 @@ unsafe fn memo_hit(t: *mut ThreadState) -> u64 {
         }
         let cfa = (*st).cfa;
         let bp = (*st).bp;
-        if cfa <= own_sp() || !((*st).lo < cfa && cfa <= (*st).hi) {
+        if cfa <= own_sp() || cfa & 7 != 0 || !((*st).lo < cfa && cfa <= (*st).hi) {
             return 0;
         }
         // Inside this thread's stack and above our frame: mapped.

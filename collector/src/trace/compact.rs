@@ -263,6 +263,9 @@ fn put_delta(out: &mut Vec<u8>, v: u64, base: u64) {
     put_varint(out, zigzag(v.wrapping_sub(base)));
 }
 
+/// The longest call event the model knows: a realloc with all four optional words.
+const MAX_CALL_WORDS: usize = 9;
+
 /// Bytes reserved for one event on the fast paths (they write at most 2 + 5 × 10 + 8 bytes, and
 /// a varint's 4-byte store may reach 3 bytes past the last one).
 const FAST_ROOM: usize = 80;
@@ -426,6 +429,11 @@ pub fn encode(words: &[u64], out: &mut Vec<u8>) {
         }
         let ev = &words[i..i + len];
         if expected_len(kind, aux) == Some(len) {
+            // Each word read once (the ring's owner may write them while we read: the model must
+            // follow what was written out, not a second reading).
+            let mut local = [0u64; MAX_CALL_WORDS];
+            local[..len].copy_from_slice(ev);
+            let ev = &local[..len];
             match kind {
                 k if k == EventKind::Free as u8 => encode_free(&mut m, aux, ev, out),
                 k if k == EventKind::Malloc as u8 || k == EventKind::Calloc as u8 || k == EventKind::Valloc as u8 || k == EventKind::Pvalloc as u8 => encode_alloc(&mut m, kind, aux, ev, out),
@@ -577,7 +585,7 @@ pub fn decode(bytes: &[u8], n_words: usize, out: &mut Vec<u64>) -> Result<(), St
     let mut m = Model::new();
     let mut inp = Input { b: bytes, pos: 0 };
     let room = |out: &Vec<u64>, k: usize| -> Result<(), String> {
-        if out.len() - start + k > n_words { Err(format!("compact chunk holds more than the {n_words} words it announces")) } else { Ok(()) }
+        if k > n_words - (out.len() - start) { Err(format!("compact chunk holds more than the {n_words} words it announces")) } else { Ok(()) }
     };
     while inp.pos < bytes.len() {
         let at = inp.pos;
@@ -743,6 +751,20 @@ mod tests {
         decode(&b, words.len(), &mut back).unwrap_or_else(|e| panic!("{e}: {words:x?}"));
         assert_eq!(back, words);
         b.len()
+    }
+
+    /// A raw tail claiming 2^64 - 1 words after one word of output: an error, not an overflow of
+    /// the room check (found in review), and nothing beyond the announced words.
+    #[test]
+    fn a_huge_raw_count_is_an_error() {
+        let mut bytes = vec![OP_GENERIC, 1, 5, OP_RAW];
+        bytes.extend_from_slice(&[0xff; 9]);
+        bytes.push(0x01);
+        bytes.extend_from_slice(&[7; 16]);
+        let mut out = Vec::new();
+        let e = decode(&bytes, 1, &mut out).unwrap_err();
+        assert!(e.contains("more than the 1 words"), "{e}");
+        assert!(out.len() <= 1);
     }
 
     /// Every kind the model knows takes its own op (not the generic one), with its flags.

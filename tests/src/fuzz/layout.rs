@@ -76,7 +76,7 @@ impl Layout {
     pub fn with_payload(&self, i: usize, raw: &[u8]) -> Vec<u8> {
         let f = &self.frames[i];
         let mut out = self.bytes[..f.offset].to_vec();
-        out.extend_from_slice(&trace::encode_frame(f.seq, raw));
+        out.extend_from_slice(&trace::encode_frame(f.seq, raw).expect("zstd compresses a frame"));
         out.extend_from_slice(&self.bytes[f.offset + f.len..]);
         out
     }
