@@ -263,9 +263,6 @@ fn put_delta(out: &mut Vec<u8>, v: u64, base: u64) {
     put_varint(out, zigzag(v.wrapping_sub(base)));
 }
 
-/// The longest call event the model knows: a realloc with all four optional words.
-const MAX_CALL_WORDS: usize = 9;
-
 /// Bytes reserved for one event on the fast paths (they write at most 2 + 5 × 10 + 8 bytes, and
 /// a varint's 4-byte store may reach 3 bytes past the last one).
 const FAST_ROOM: usize = 80;
@@ -349,8 +346,9 @@ fn encode_free(m: &mut Model, aux: u64, ev: &[u64], out: &mut Vec<u8>) {
     c.varint(zigzag(ptr.wrapping_sub(m.last_addr)));
     c.varint(if low { hdr >> 4 } else { hdr });
     if after {
-        c.varint(zigzag(ev[2].wrapping_sub(m.last_after)));
-        m.last_after = ev[2];
+        let a = ev[2];
+        c.varint(zigzag(a.wrapping_sub(m.last_after)));
+        m.last_after = a;
     }
     c.finish(out);
     m.freed(ptr, hdr);
@@ -388,8 +386,9 @@ fn encode_alloc(m: &mut Model, kind: u8, aux: u64, ev: &[u64], out: &mut Vec<u8>
         m.used_stack(s, id);
     }
     if aux & AUX_HAS_AFTER != 0 {
-        c.varint(zigzag(ev[rest].wrapping_sub(m.last_after)));
-        m.last_after = ev[rest];
+        let a = ev[rest];
+        c.varint(zigzag(a.wrapping_sub(m.last_after)));
+        m.last_after = a;
     }
     // SAFETY: byte 1 of the event was written above (as 0).
     unsafe { c.base.add(1).write(mode) };
@@ -429,11 +428,8 @@ pub fn encode(words: &[u64], out: &mut Vec<u8>) {
         }
         let ev = &words[i..i + len];
         if expected_len(kind, aux) == Some(len) {
-            // Each word read once (the ring's owner may write them while we read: the model must
-            // follow what was written out, not a second reading).
-            let mut local = [0u64; MAX_CALL_WORDS];
-            local[..len].copy_from_slice(ev);
-            let ev = &local[..len];
+            // The encoders read each word once (the ring's owner may write it while we read:
+            // the model must follow what was written out, not a second reading).
             match kind {
                 k if k == EventKind::Free as u8 => encode_free(&mut m, aux, ev, out),
                 k if k == EventKind::Malloc as u8 || k == EventKind::Calloc as u8 || k == EventKind::Valloc as u8 || k == EventKind::Pvalloc as u8 => encode_alloc(&mut m, kind, aux, ev, out),
@@ -468,8 +464,9 @@ fn encode_call(m: &mut Model, kind: u8, aux: u64, ev: &[u64], out: &mut Vec<u8>)
         put_delta(out, ptr, m.last_addr);
         put_varint(out, if low { hdr >> 4 } else { hdr });
         if aux & AUX_HAS_AFTER != 0 {
-            put_delta(out, ev[2], m.last_after);
-            m.last_after = ev[2];
+            let a = ev[2];
+            put_delta(out, a, m.last_after);
+            m.last_after = a;
         }
         m.freed(ptr, hdr);
         return;
@@ -532,13 +529,15 @@ fn encode_call(m: &mut Model, kind: u8, aux: u64, ev: &[u64], out: &mut Vec<u8>)
         m.used_stack(s, id);
     }
     if realloc && aux & AUX_HAS_AFTER_OLD != 0 {
-        put_delta(out, ev[rest], m.last_after);
-        m.last_after = ev[rest];
+        let a = ev[rest];
+        put_delta(out, a, m.last_after);
+        m.last_after = a;
         rest += 1;
     }
     if aux & AUX_HAS_AFTER != 0 {
-        put_delta(out, ev[rest], m.last_after);
-        m.last_after = ev[rest];
+        let a = ev[rest];
+        put_delta(out, a, m.last_after);
+        m.last_after = a;
     }
     out[mode_at] = mode;
 }
