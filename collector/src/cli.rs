@@ -197,7 +197,7 @@ pub fn main() -> i32 {
     match cli.cmd {
         Cmd::Record { args, command } => record_cmd(&args, &command).0,
         Cmd::Run { args, command } => run_cmd(&args, &command),
-        Cmd::Report { file, json, partial, timeline_points } => match crate::analysis::analyze_file(&file, partial) {
+        Cmd::Report { file, json, partial, timeline_points } => match crate::progress::reading(&file, |p| crate::analysis::analyze_file_observed(&file, partial, p)) {
             Ok(a) => {
                 let r = report::build(&a, report::ReportOptions { max_timeline: timeline_points, sites: true });
                 let text = if json {
@@ -447,7 +447,7 @@ fn live_dashboard(trace: &std::path::Path, command: &[String], progress: &crate:
 /// Print the text report of a finished trace (what `mtracer report FILE` prints); problems are
 /// reported on stderr and do not change the exit status, which is the command's.
 fn print_summary(trace: &std::path::Path) {
-    match crate::analysis::analyze_file(trace, false) {
+    match crate::progress::reading(trace, |p| crate::analysis::analyze_file_observed(trace, false, p)) {
         Ok(a) => {
             let r = report::build(&a, report::ReportOptions { max_timeline: 1000, sites: true });
             write_stdout(report::text::render(&r).as_bytes());
@@ -496,7 +496,7 @@ fn view(file: &std::path::Path, partial: bool, print: Option<(u16, u16)>, panel:
         return view_interactive(file, partial, panel, image);
     };
     // One frame: the whole analysis first; bad input is reported exactly as `report` reports it.
-    let a = match crate::analysis::analyze_file(file, partial) {
+    let a = match crate::progress::reading(file, |p| crate::analysis::analyze_file_observed(file, partial, p)) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("mtracer: {e:#}");
@@ -599,7 +599,7 @@ fn export_cmd(file: &std::path::Path, opts: crate::export::Options, output: Opti
         eprintln!("mtracer: --threshold must be between 0 and 100 (percent), not {}", opts.threshold);
         return 2;
     }
-    let a = match crate::analysis::analyze_file(file, partial) {
+    let a = match crate::progress::reading(file, |p| crate::analysis::analyze_file_observed(file, partial, p)) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("mtracer: {e:#}");

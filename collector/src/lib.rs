@@ -17,6 +17,7 @@ pub mod clock;
 pub mod dashboard;
 pub mod export;
 pub mod files;
+pub mod progress;
 pub mod record;
 pub mod report;
 pub mod symbols;

@@ -210,6 +210,17 @@ impl EventKind {
     }
 }
 
+/// How many events `words` holds, by their lengths alone (a length of 0 counts as one word: the
+/// decoder reports it; this only counts).
+pub fn count_events(words: &[u64]) -> u64 {
+    let (mut i, mut n) = (0usize, 0u64);
+    while i < words.len() {
+        i += (((words[i] >> 8) & 0xff) as usize).max(1);
+        n += 1;
+    }
+    n
+}
+
 /// Build a header word.
 #[inline(always)]
 pub const fn header(kind: EventKind, words: usize, aux: u64) -> u64 {

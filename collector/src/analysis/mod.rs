@@ -207,32 +207,52 @@ impl Analyzer {
 /// Analyse a trace file. A truncated or corrupt file is an error naming the offset, unless
 /// `partial` asks for the analysis of everything before the damage.
 pub fn analyze_file(path: &Path, partial: bool) -> Result<Analysis> {
+    analyze_file_observed(path, partial, &mut |_| {})
+}
+
+/// How far the reading of a trace has come (for a progress display).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReadProgress {
+    /// File bytes read.
+    pub bytes: u64,
+    /// Events read (in chunks).
+    pub events: u64,
+}
+
+/// [`analyze_file`], telling `observe` after each frame how far it has read.
+pub fn analyze_file_observed(path: &Path, partial: bool, observe: &mut dyn FnMut(ReadProgress)) -> Result<Analysis> {
     let f = File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
     wait_for_recorder(&f, path, std::time::Duration::from_secs(30));
-    analyze_open(f, path, partial)
+    analyze_open(f, path, partial, observe)
 }
 
 /// Analyse a trace that is still being written (`mtracer run`): no waiting for the recorder, and
 /// the tail — a frame the recorder has not finished writing — is the end of the data, not damage.
 pub fn analyze_live(path: &Path) -> Result<Analysis> {
     let f = File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
-    let mut a = analyze_open(f, path, true)?;
+    let mut a = analyze_open(f, path, true, &mut |_| {})?;
     a.damage = None;
     Ok(a)
 }
 
 /// Analyse an open trace file (see [`analyze_file`]).
-fn analyze_open(f: File, path: &Path, partial: bool) -> Result<Analysis> {
+fn analyze_open(f: File, path: &Path, partial: bool, observe: &mut dyn FnMut(ReadProgress)) -> Result<Analysis> {
     let mut reader = TraceReader::new(BufReader::with_capacity(1 << 20, f)).map_err(|e| describe(path, e, false))?;
     let mut a = Analyzer::new();
     let mut damage = None;
+    let mut progress = ReadProgress::default();
     loop {
         match reader.next_frame() {
             Ok(Some(frame)) => {
                 let mut bad = None;
                 for r in frame.records() {
                     match r {
-                        Ok(rec) => a.push(rec),
+                        Ok(rec) => {
+                            if let Record::Chunk(c) = &rec {
+                                progress.events += mtrace_protocol::event::count_events(&c.words);
+                            }
+                            a.push(rec)
+                        }
                         Err(e) => {
                             bad = Some(e);
                             break;
@@ -246,6 +266,8 @@ fn analyze_open(f: File, path: &Path, partial: bool) -> Result<Analysis> {
                     damage = Some(e.to_string());
                     break;
                 }
+                progress.bytes = reader.offset();
+                observe(progress);
             }
             Ok(None) => break,
             Err(e) => {
