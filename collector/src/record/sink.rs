@@ -111,6 +111,8 @@ fn run(mut w: TraceWriter<BufWriter<File>>, rx: Receiver<SinkMsg>, spare: Sender
     let mut out = w.finish().context("writing the trace")?;
     std::io::Write::flush(&mut out).context("writing the trace")?;
     let file = out.into_inner().map_err(|e| e.into_error()).context("writing the trace")?;
-    file.sync_all().ok();
+    // Not fsynced: the trace is whole in the page cache for whoever reads it next, and a killed
+    // recorder loses nothing written; only a crash of the machine could lose its end. An fsync
+    // of a 180 MB trace took 78 ms, 6% of a 1.4 s recording.
     Ok(file.metadata().map_or(0, |m| m.len()))
 }
