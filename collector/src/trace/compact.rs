@@ -214,6 +214,13 @@ impl Model {
         }
     }
 
+    /// The stack mode of `id` (its slot, or `STACK_NEW`: it is written out), the table updated.
+    fn stack_slot(&mut self, id: u64) -> u8 {
+        let s = self.find_stack(id);
+        self.used_stack(s, id);
+        s
+    }
+
     fn find_stack(&self, id: u64) -> u8 {
         let mut hit = STACK_NEW;
         for (i, &s) in self.stacks.iter().enumerate() {
@@ -378,12 +385,11 @@ fn encode_alloc(m: &mut Model, kind: u8, aux: u64, ev: &[u64], out: &mut Vec<u8>
     if aux & AUX_HAS_STACK != 0 {
         let id = ev[rest];
         rest += 1;
-        let s = m.find_stack(id);
+        let s = m.stack_slot(id);
         mode |= s << 5;
         if s == STACK_NEW {
             c.word(id);
         }
-        m.used_stack(s, id);
     }
     if aux & AUX_HAS_AFTER != 0 {
         let a = ev[rest];
@@ -521,12 +527,11 @@ fn encode_call(m: &mut Model, kind: u8, aux: u64, ev: &[u64], out: &mut Vec<u8>)
     if aux & AUX_HAS_STACK != 0 {
         let id = ev[rest];
         rest += 1;
-        let s = m.find_stack(id);
+        let s = m.stack_slot(id);
         mode |= s << 5;
         if s == STACK_NEW {
             out.extend_from_slice(&id.to_le_bytes());
         }
-        m.used_stack(s, id);
     }
     if realloc && aux & AUX_HAS_AFTER_OLD != 0 {
         let a = ev[rest];
