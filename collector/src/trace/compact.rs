@@ -270,12 +270,13 @@ fn put_delta(out: &mut Vec<u8>, v: u64, base: u64) {
     put_varint(out, zigzag(v.wrapping_sub(base)));
 }
 
-/// Bytes reserved for one event on the fast paths (they write at most 2 + 5 × 10 + 8 bytes, and
-/// a varint's 4-byte store may reach 3 bytes past the last one).
-const FAST_ROOM: usize = 80;
+/// Bytes reserved for one call event (a realloc writes at most 3 + 8 × 10 + 8 bytes, and a
+/// varint's 4-byte store may reach 3 bytes past the last one).
+const FAST_ROOM: usize = 112;
 
-/// Writes into [`FAST_ROOM`] bytes reserved at the end of a `Vec`, without capacity checks or
-/// branches on the lengths of what it writes; [`Cursor::finish`] makes them part of the `Vec`.
+/// Writes one call event into [`FAST_ROOM`] bytes reserved at the end of a `Vec`, without
+/// capacity checks or branches on the lengths of what it writes; [`Cursor::finish`] makes them
+/// part of the `Vec`.
 struct Cursor {
     base: *mut u8,
     n: usize,
@@ -291,7 +292,7 @@ impl Cursor {
     #[inline(always)]
     fn byte(&mut self, b: u8) {
         debug_assert!(self.n < FAST_ROOM);
-        // SAFETY: the fast paths write fewer than FAST_ROOM bytes in all (see FAST_ROOM).
+        // SAFETY: a call event writes fewer than FAST_ROOM bytes in all (see FAST_ROOM).
         unsafe { self.base.add(self.n).write(b) };
         self.n += 1;
     }
@@ -334,6 +335,14 @@ impl Cursor {
         self.varint_if(v, true);
     }
 
+    /// Overwrite byte `i` already written (an event's mode byte, known last).
+    #[inline(always)]
+    fn set(&mut self, i: usize, b: u8) {
+        assert!(i < self.n);
+        // SAFETY: `i < n`: inside what was written.
+        unsafe { self.base.add(i).write(b) };
+    }
+
     fn finish(self, out: &mut Vec<u8>) {
         debug_assert!(self.n <= FAST_ROOM);
         // SAFETY: the `n` bytes after `len` were written, and lie within the capacity.
@@ -341,7 +350,7 @@ impl Cursor {
     }
 }
 
-/// A `Free` whose length fits its flags: [`encode_call`]'s bytes, faster.
+/// A `Free` whose length fits its flags.
 #[inline(always)]
 fn encode_free(m: &mut Model, aux: u64, ev: &[u64], out: &mut Vec<u8>) {
     let hdr = aux & AUX_CHUNK_MASK;
@@ -361,8 +370,8 @@ fn encode_free(m: &mut Model, aux: u64, ev: &[u64], out: &mut Vec<u8>) {
     m.freed(ptr, hdr);
 }
 
-/// A `Malloc`, `Calloc`, `Valloc` or `Pvalloc` whose length fits its flags: [`encode_call`]'s
-/// bytes, faster.
+/// A `Malloc`, `Calloc`, `Valloc` or `Pvalloc` whose length fits its flags (the most common
+/// events: the address mode and the list update without branches on the data).
 #[inline(always)]
 fn encode_alloc(m: &mut Model, kind: u8, aux: u64, ev: &[u64], out: &mut Vec<u8>) {
     let hdr = aux & AUX_CHUNK_MASK;
@@ -377,7 +386,17 @@ fn encode_alloc(m: &mut Model, kind: u8, aux: u64, ev: &[u64], out: &mut Vec<u8>
     c.varint_if(zigzag(ptr.wrapping_sub(m.last_addr)), pmode == PTR_DELTA);
     let mut mode = pmode | if chunk_written { M_CHUNK } else { 0 };
     m.allocated_fast(pmode, ptr, hdr);
-    let mut rest = 3;
+    mode |= encode_tail(m, &mut c, aux, ev, 3);
+    c.set(1, mode);
+    c.finish(out);
+}
+
+/// The optional words of an allocation event from word `rest` on — `[prev_size] [stack]
+/// [after_old] [after]` (only realloc kinds have `after_old`: [`expected_len`]) — written to
+/// `c`; returns the stack mode's bits of the mode byte.
+#[inline(always)]
+fn encode_tail(m: &mut Model, c: &mut Cursor, aux: u64, ev: &[u64], mut rest: usize) -> u8 {
+    let mut bits = 0;
     if aux & AUX_HAS_PREV_SIZE != 0 {
         c.varint(ev[rest]);
         rest += 1;
@@ -386,19 +405,20 @@ fn encode_alloc(m: &mut Model, kind: u8, aux: u64, ev: &[u64], out: &mut Vec<u8>
         let id = ev[rest];
         rest += 1;
         let s = m.stack_slot(id);
-        mode |= s << 5;
+        bits = s << 5;
         if s == STACK_NEW {
             c.word(id);
         }
     }
-    if aux & AUX_HAS_AFTER != 0 {
-        let a = ev[rest];
-        c.varint(zigzag(a.wrapping_sub(m.last_after)));
-        m.last_after = a;
+    for flag in [AUX_HAS_AFTER_OLD, AUX_HAS_AFTER] {
+        if aux & flag != 0 {
+            let a = ev[rest];
+            rest += 1;
+            c.varint(zigzag(a.wrapping_sub(m.last_after)));
+            m.last_after = a;
+        }
     }
-    // SAFETY: byte 1 of the event was written above (as 0).
-    unsafe { c.base.add(1).write(mode) };
-    c.finish(out);
+    bits
 }
 
 /// The words a call event of `kind` must have for the flags in `aux`, if the compact form
@@ -460,44 +480,31 @@ fn alloc_flags(aux: u64) -> u8 {
     (if aux & AUX_HAS_STACK != 0 { F_STACK } else { 0 }) | (if aux & AUX_HAS_AFTER != 0 { F_AFTER } else { 0 }) | (if aux & AUX_HAS_PREV_SIZE != 0 { F_PREV_SIZE } else { 0 })
 }
 
-/// A call event whose length fits its kind and flags ([`expected_len`]).
+/// A realloc, reallocarray or memalign-family event whose length fits its kind and flags
+/// ([`expected_len`]).
 fn encode_call(m: &mut Model, kind: u8, aux: u64, ev: &[u64], out: &mut Vec<u8>) {
     let hdr = aux & AUX_CHUNK_MASK;
-    if kind == EventKind::Free as u8 {
-        let ptr = ev[1];
-        let low = hdr & 15 == m.low_flags;
-        out.push(kind | if aux & AUX_HAS_AFTER != 0 { F_AFTER } else { 0 } | if low { F_FREE_LOW } else { 0 });
-        put_delta(out, ptr, m.last_addr);
-        put_varint(out, if low { hdr >> 4 } else { hdr });
-        if aux & AUX_HAS_AFTER != 0 {
-            let a = ev[2];
-            put_delta(out, a, m.last_after);
-            m.last_after = a;
-        }
-        m.freed(ptr, hdr);
-        return;
-    }
     let realloc = kind == EventKind::Realloc as u8 || kind == EventKind::Reallocarray as u8;
-    out.push(kind | alloc_flags(aux));
+    let mut c = Cursor::new(out);
+    c.byte(kind | alloc_flags(aux));
+    c.byte(0);
     // Fields in event order: realloc's old_ptr, new_ptr, size, old_chunk; the others' ptr, size,
-    // [align]; then [prev_size] [stack] [after_old] [after].
-    let (ptr, size, mut rest) = if realloc { (ev[2], ev[3], 5) } else { (ev[1], ev[2], 3) };
-    let mode_at = out.len();
-    out.push(0);
+    // align; then the tail.
+    let (ptr, size, rest) = if realloc { (ev[2], ev[3], 5) } else { (ev[1], ev[2], 4) };
     let mut mode;
     if realloc {
         let (old, old_chunk) = (ev[1], ev[4]);
-        out.push(if aux & AUX_HAS_AFTER_OLD != 0 { R_AFTER_OLD } else { 0 });
-        put_delta(out, old, m.last_addr);
-        put_varint(out, old_chunk);
-        put_varint(out, size);
+        c.byte(if aux & AUX_HAS_AFTER_OLD != 0 { R_AFTER_OLD } else { 0 });
+        c.varint(zigzag(old.wrapping_sub(m.last_addr)));
+        c.varint(old_chunk);
+        c.varint(size);
         mode = if ptr == old && ptr != 0 { PTR_SAME } else { m.find_ptr(ptr, hdr).unwrap_or(PTR_DELTA) };
         if hdr != m.predicted_chunk(size) {
             mode |= M_CHUNK;
-            put_varint(out, hdr);
+            c.varint(hdr);
         }
         if mode & 15 == PTR_DELTA {
-            put_delta(out, ptr, old);
+            c.varint(zigzag(ptr.wrapping_sub(old)));
         }
         // The old block is free if it moved (or was freed by realloc(p, 0)).
         if old != 0 && ptr != old {
@@ -505,46 +512,21 @@ fn encode_call(m: &mut Model, kind: u8, aux: u64, ev: &[u64], out: &mut Vec<u8>)
         }
         m.last_addr = old;
     } else {
-        put_varint(out, size);
+        c.varint(size);
         mode = m.find_ptr(ptr, hdr).unwrap_or(PTR_DELTA);
         if hdr != m.predicted_chunk(size) {
             mode |= M_CHUNK;
-            put_varint(out, hdr);
+            c.varint(hdr);
         }
-        if ev.len() > 3 && EventKind::from_u8(kind).map_or(0, EventKind::base_words) == 4 {
-            put_varint(out, ev[3]);
-            rest = 4;
-        }
+        c.varint(ev[3]);
         if mode & 15 == PTR_DELTA {
-            put_delta(out, ptr, m.last_addr);
+            c.varint(zigzag(ptr.wrapping_sub(m.last_addr)));
         }
     }
     m.allocated(mode & 15, ptr, hdr);
-    if aux & AUX_HAS_PREV_SIZE != 0 {
-        put_varint(out, ev[rest]);
-        rest += 1;
-    }
-    if aux & AUX_HAS_STACK != 0 {
-        let id = ev[rest];
-        rest += 1;
-        let s = m.stack_slot(id);
-        mode |= s << 5;
-        if s == STACK_NEW {
-            out.extend_from_slice(&id.to_le_bytes());
-        }
-    }
-    if realloc && aux & AUX_HAS_AFTER_OLD != 0 {
-        let a = ev[rest];
-        put_delta(out, a, m.last_after);
-        m.last_after = a;
-        rest += 1;
-    }
-    if aux & AUX_HAS_AFTER != 0 {
-        let a = ev[rest];
-        put_delta(out, a, m.last_after);
-        m.last_after = a;
-    }
-    out[mode_at] = mode;
+    mode |= encode_tail(m, &mut c, aux, ev, rest);
+    c.set(1, mode);
+    c.finish(out);
 }
 
 /// Reads what [`encode`] wrote, checking every byte.
