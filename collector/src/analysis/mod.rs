@@ -219,10 +219,12 @@ pub struct ReadProgress {
     pub events: u64,
 }
 
-/// [`analyze_file`], telling `observe` after each frame how far it has read.
+/// [`analyze_file`], telling `observe` how far it has read: once before the first frame (after
+/// any wait for the recorder), then after each frame.
 pub fn analyze_file_observed(path: &Path, partial: bool, observe: &mut dyn FnMut(ReadProgress)) -> Result<Analysis> {
     let f = File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
     wait_for_recorder(&f, path, std::time::Duration::from_secs(30));
+    observe(ReadProgress::default());
     analyze_open(f, path, partial, observe)
 }
 

@@ -241,6 +241,15 @@ impl Model {
     }
 }
 
+/// Word `i` of `ev`, read exactly once (volatile): the words may be in the ring, which its owner
+/// can write while we read, and the model must follow the value written out, not a second load.
+#[inline(always)]
+fn rd(ev: &[u64], i: usize) -> u64 {
+    let w = &ev[i];
+    // SAFETY: a reference to an initialised, aligned u64.
+    unsafe { core::ptr::read_volatile(w) }
+}
+
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     if v < 1 << 28 {
         // Without a loop (the lengths of random values would mispredict it): the 7-bit groups
@@ -354,7 +363,7 @@ impl Cursor {
 #[inline(always)]
 fn encode_free(m: &mut Model, aux: u64, ev: &[u64], out: &mut Vec<u8>) {
     let hdr = aux & AUX_CHUNK_MASK;
-    let ptr = ev[1];
+    let ptr = rd(ev, 1);
     let low = hdr & 15 == m.low_flags;
     let after = aux & AUX_HAS_AFTER != 0;
     let mut c = Cursor::new(out);
@@ -362,7 +371,7 @@ fn encode_free(m: &mut Model, aux: u64, ev: &[u64], out: &mut Vec<u8>) {
     c.varint(zigzag(ptr.wrapping_sub(m.last_addr)));
     c.varint(if low { hdr >> 4 } else { hdr });
     if after {
-        let a = ev[2];
+        let a = rd(ev, 2);
         c.varint(zigzag(a.wrapping_sub(m.last_after)));
         m.last_after = a;
     }
@@ -375,7 +384,7 @@ fn encode_free(m: &mut Model, aux: u64, ev: &[u64], out: &mut Vec<u8>) {
 #[inline(always)]
 fn encode_alloc(m: &mut Model, kind: u8, aux: u64, ev: &[u64], out: &mut Vec<u8>) {
     let hdr = aux & AUX_CHUNK_MASK;
-    let (ptr, size) = (ev[1], ev[2]);
+    let (ptr, size) = (rd(ev, 1), rd(ev, 2));
     let mut c = Cursor::new(out);
     c.byte(kind | alloc_flags(aux));
     c.byte(0);
@@ -398,11 +407,11 @@ fn encode_alloc(m: &mut Model, kind: u8, aux: u64, ev: &[u64], out: &mut Vec<u8>
 fn encode_tail(m: &mut Model, c: &mut Cursor, aux: u64, ev: &[u64], mut rest: usize) -> u8 {
     let mut bits = 0;
     if aux & AUX_HAS_PREV_SIZE != 0 {
-        c.varint(ev[rest]);
+        c.varint(rd(ev, rest));
         rest += 1;
     }
     if aux & AUX_HAS_STACK != 0 {
-        let id = ev[rest];
+        let id = rd(ev, rest);
         rest += 1;
         let s = m.stack_slot(id);
         bits = s << 5;
@@ -412,7 +421,7 @@ fn encode_tail(m: &mut Model, c: &mut Cursor, aux: u64, ev: &[u64], mut rest: us
     }
     for flag in [AUX_HAS_AFTER_OLD, AUX_HAS_AFTER] {
         if aux & flag != 0 {
-            let a = ev[rest];
+            let a = rd(ev, rest);
             rest += 1;
             c.varint(zigzag(a.wrapping_sub(m.last_after)));
             m.last_after = a;
@@ -442,7 +451,7 @@ pub fn encode(words: &[u64], out: &mut Vec<u8>) {
     let mut m = Model::new();
     let mut i = 0;
     while i < words.len() {
-        let w0 = words[i];
+        let w0 = rd(words, i);
         let (kind, len, aux) = mtrace_protocol::event::split_header(w0);
         if len == 0 || len > words.len() - i {
             out.push(OP_RAW);
@@ -454,8 +463,7 @@ pub fn encode(words: &[u64], out: &mut Vec<u8>) {
         }
         let ev = &words[i..i + len];
         if expected_len(kind, aux) == Some(len) {
-            // The encoders read each word once (the ring's owner may write it while we read:
-            // the model must follow what was written out, not a second reading).
+            // The encoders read each word once ([`rd`]).
             match kind {
                 k if k == EventKind::Free as u8 => encode_free(&mut m, aux, ev, out),
                 k if k == EventKind::Malloc as u8 || k == EventKind::Calloc as u8 || k == EventKind::Valloc as u8 || k == EventKind::Pvalloc as u8 => encode_alloc(&mut m, kind, aux, ev, out),
@@ -466,7 +474,8 @@ pub fn encode(words: &[u64], out: &mut Vec<u8>) {
             put_varint(out, len as u64);
             put_varint(out, w0);
             let mut prev = 0u64;
-            for &w in &ev[1..] {
+            for k in 1..len {
+                let w = rd(ev, k);
                 put_delta(out, w, prev);
                 prev = w;
             }
@@ -490,10 +499,10 @@ fn encode_call(m: &mut Model, kind: u8, aux: u64, ev: &[u64], out: &mut Vec<u8>)
     c.byte(0);
     // Fields in event order: realloc's old_ptr, new_ptr, size, old_chunk; the others' ptr, size,
     // align; then the tail.
-    let (ptr, size, rest) = if realloc { (ev[2], ev[3], 5) } else { (ev[1], ev[2], 4) };
+    let (ptr, size, rest) = if realloc { (rd(ev, 2), rd(ev, 3), 5) } else { (rd(ev, 1), rd(ev, 2), 4) };
     let mut mode;
     if realloc {
-        let (old, old_chunk) = (ev[1], ev[4]);
+        let (old, old_chunk) = (rd(ev, 1), rd(ev, 4));
         c.byte(if aux & AUX_HAS_AFTER_OLD != 0 { R_AFTER_OLD } else { 0 });
         c.varint(zigzag(old.wrapping_sub(m.last_addr)));
         c.varint(old_chunk);
@@ -518,7 +527,7 @@ fn encode_call(m: &mut Model, kind: u8, aux: u64, ev: &[u64], out: &mut Vec<u8>)
             mode |= M_CHUNK;
             c.varint(hdr);
         }
-        c.varint(ev[3]);
+        c.varint(rd(ev, 3));
         if mode & 15 == PTR_DELTA {
             c.varint(zigzag(ptr.wrapping_sub(m.last_addr)));
         }
