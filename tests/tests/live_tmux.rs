@@ -219,7 +219,7 @@ fn view_shows_progress_while_reading_and_quits_at_once() {
     // Left to the end, the panels come.
     let Some(t) = Tmux::start("view2", &cmd) else { return };
     let s = t.wait_for("▶ Timeline", 60.0);
-    assert!(s.contains("mtracer view · image 1 of 1"), "{s}");
+    assert!(s.contains("mtracer view · image 0 (1 of 1)"), "{s}");
     t.keys(&["q"]);
     assert!(t.wait_for("mtracer-exit=", 5.0).contains("mtracer-exit=0"));
 }

@@ -213,7 +213,8 @@ fn processes_tree_only_with_several_images() {
     has(&s, "  pid 5001 /usr/bin/child1 (fork of image 0)");
     has(&s, "    pid 5002 /usr/bin/child2 (fork of image 1)");
     has(&s, "▶");
-    has(&s, "image 3 of 3");
+    // Numbered as `report` and `--image` number it (from 0), its place after it.
+    has(&s, "image 2 (3 of 3)");
     drop(one);
 }
 

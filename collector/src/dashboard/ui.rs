@@ -66,7 +66,9 @@ pub fn draw(f: &mut Frame, m: &DashboardModel, app: &App) {
     if let Some(st) = app.stream.as_ref().filter(|st| st.behind_s >= 1.0) {
         first.push(Span::styled(format!(" · analysis behind by {:.0} s", st.behind_s), th.fg(Color::Yellow)));
     }
-    first.push(Span::raw(format!(" · image {} of {}: {} · {:.3} s · {}", app.process + 1, m.processes.len(), p.title(), p.duration_s, p.ending)));
+    // The image's number as `report`, `--image` and the Processes panel give it; its place among
+    // the images in parentheses.
+    first.push(Span::raw(format!(" · image {} ({} of {}): {} · {:.3} s · {}", p.image, app.process + 1, m.processes.len(), p.title(), p.duration_s, p.ending)));
     let mut head = vec![Line::from(first)];
     if let Some(w) = m.warnings.first() {
         let more = if m.warnings.len() > 1 { format!(" (+{} more)", m.warnings.len() - 1) } else { String::new() };
