@@ -287,11 +287,12 @@ impl DashboardModel {
         DashboardModel { command: r.command.join(" "), warnings, processes: r.processes.iter().map(ProcessModel::from_report).collect(), indexing: None }
     }
 
-    /// The image to show first: the one that allocated the most (the first on a tie).
+    /// The image to show first: the one that allocated the most bytes (the first on a tie) —
+    /// the one `mtracer export` picks too.
     pub fn busiest(&self) -> usize {
         let mut best = 0;
         for (i, p) in self.processes.iter().enumerate() {
-            if p.alloc_count > self.processes[best].alloc_count {
+            if p.bytes_allocated_total > self.processes[best].bytes_allocated_total {
                 best = i;
             }
         }

@@ -595,3 +595,17 @@ fn help_lists_the_sites_keys() {
     assert_eq!(lines[15], "t             sites: live at the end (leaked) / at the peak of live bytes", "{s}");
     assert_eq!(lines[16], "Enter         details of the focused panel (sites: the selected site's", "{s}");
 }
+
+/// The image shown first is the one that allocated the most bytes — the one `export` picks —
+/// not the one that made the most calls (a shell's many small allocations).
+#[test]
+fn the_first_image_is_the_one_that_allocated_the_most_bytes() {
+    let mut m = model(3);
+    m.processes[0].alloc_count = 1_000_000;
+    m.processes[0].bytes_allocated_total = 10 << 20;
+    m.processes[1].alloc_count = 10;
+    m.processes[1].bytes_allocated_total = 500 << 20;
+    m.processes[2].alloc_count = 20;
+    m.processes[2].bytes_allocated_total = 500 << 20;
+    assert_eq!(m.busiest(), 1, "the most bytes, the first of a tie");
+}
