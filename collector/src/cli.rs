@@ -123,6 +123,12 @@ enum Cmd {
         /// At most this many timeline samples per process (0: all)
         #[arg(long, default_value_t = 1000)]
         timeline_points: usize,
+        /// Only this process image, by its number (as the report numbers them, from 0)
+        #[arg(long)]
+        image: Option<u32>,
+        /// Only the process images whose executable is NAME (its file name, or its whole path)
+        #[arg(long, value_name = "NAME")]
+        exe: Option<String>,
     },
     /// Open a full-screen dashboard on a trace: timeline, retention, arenas, thresholds,
     /// counters, sizes, sites, processes (or, with --print or when stdout is not a terminal, print
@@ -197,9 +203,13 @@ pub fn main() -> i32 {
     match cli.cmd {
         Cmd::Record { args, command } => record_cmd(&args, &command).0,
         Cmd::Run { args, command } => run_cmd(&args, &command),
-        Cmd::Report { file, json, partial, timeline_points } => match crate::progress::reading(&file, |p| crate::analysis::analyze_file_observed(&file, partial, p)) {
+        Cmd::Report { file, json, partial, timeline_points, image, exe } => match crate::progress::reading(&file, |p| crate::analysis::analyze_file_observed(&file, partial, p)) {
             Ok(a) => {
-                let r = report::build(&a, report::ReportOptions { max_timeline: timeline_points, sites: true });
+                let mut r = report::build(&a, report::ReportOptions { max_timeline: timeline_points, sites: true });
+                if let Err(e) = select_images(&mut r, image, exe.as_deref()) {
+                    eprintln!("mtracer: {e}");
+                    return 2;
+                }
                 let text = if json {
                     match serde_json::to_string_pretty(&r) {
                         Ok(s) => s + "\n",
@@ -621,6 +631,27 @@ fn export_cmd(file: &std::path::Path, opts: crate::export::Options, output: Opti
         },
         None => write_stdout(&buf),
     }
+}
+
+/// Keep only the process images `report --image N` / `--exe NAME` asked for (both: both must
+/// hold); an error names what the trace has when nothing is left.
+fn select_images(r: &mut report::Report, image: Option<u32>, exe: Option<&str>) -> Result<(), String> {
+    if image.is_none() && exe.is_none() {
+        return Ok(());
+    }
+    let all: Vec<String> = r.processes.iter().map(|p| format!("{} {}", p.image, p.exe)).collect();
+    let exe_matches = |path: &str, name: &str| path == name || std::path::Path::new(path).file_name().is_some_and(|f| f == name);
+    r.processes.retain(|p| image.is_none_or(|n| p.image == n) && exe.is_none_or(|e| exe_matches(&p.exe, e)));
+    if r.processes.is_empty() {
+        let wanted = match (image, exe) {
+            (Some(n), Some(e)) => format!("image {n} running {e}"),
+            (Some(n), None) => format!("process image {n}"),
+            (None, Some(e)) => format!("process image running {e}"),
+            (None, None) => "process image".to_string(),
+        };
+        return Err(format!("the trace has no {wanted} (images: {})", all.join(", ")));
+    }
+    Ok(())
 }
 
 /// Write to stdout; a reader that went away (`mtracer report f | head`) is not an error.

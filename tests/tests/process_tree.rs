@@ -94,3 +94,39 @@ fn an_inherited_ignored_sigchld_neither_hangs_nor_loses_the_status() {
     let o = under_ignored_sigchld(&["grep", "-c", "^SigIgn:.*[13579bdf]....$", "/proc/self/status"]);
     assert_eq!(String::from_utf8_lossy(&o.stdout), "1\n", "the command sees SIGCHLD ignored");
 }
+
+/// `report --image N` and `--exe NAME` keep only the images asked for; asking for one the trace
+/// does not have is an error that lists those it has.
+#[test]
+fn report_picks_images_by_number_and_by_executable() {
+    let fx = fixture("exactness");
+    let r = record(&[], &["sh", "-c", r#""$FX" > /dev/null; true"#], &[("FX", fx.to_str().unwrap())]);
+    assert_eq!(r.code(), Some(0), "{}", r.stderr());
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(paths().mtracer()).arg("report").args(args).arg(&r.trace).output().unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let images = |json: &str| -> Vec<(u64, String)> {
+        let v: Value = serde_json::from_str(json).unwrap();
+        v["processes"].as_array().unwrap().iter().map(|p| (p["image"].as_u64().unwrap(), p["exe"].as_str().unwrap().to_string())).collect()
+    };
+    let (code, all, _) = run(&["--json"]);
+    assert_eq!(code, Some(0));
+    let all = images(&all);
+    assert_eq!(all.len(), 2, "{all:?}");
+    let fx_image = all.iter().find(|(_, e)| e.ends_with("/exactness")).expect("the fixture's image").0;
+    for args in [&["--json", "--exe", "exactness"][..], &["--json", "--exe", fx.to_str().unwrap()], &["--json", "--image", &fx_image.to_string()]] {
+        let (code, out, err) = run(args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        assert_eq!(images(&out), vec![(fx_image, fx.to_str().unwrap().to_string())], "{args:?}");
+    }
+    // The text report too: one image section.
+    let (code, out, _) = run(&["--exe", "exactness"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(out.matches("== image ").count(), 1, "{out}");
+    for (args, what) in [(&["--image", "9"][..], "no process image 9"), (&["--exe", "nope"], "no process image running nope")] {
+        let (code, _, err) = run(args);
+        assert_eq!(code, Some(2), "{args:?}");
+        assert!(err.contains(what) && err.contains(&format!("{fx_image} {}", fx.display())), "{args:?}: {err}");
+    }
+}
