@@ -217,18 +217,8 @@ impl Record {
                 out.extend_from_slice(&p.hello);
                 record_type::PROCESS_START
             }
-            Record::Chunk(c) if c.words.len() > (chunk_encoding::MAX_RAW / 8) as usize => {
-                // Longer than a compact chunk may be (never a ring's): as words.
-                Self::put_chunk_head(out, c.image, c.stream, c.tid, c.block_seq, c.offset, chunk_encoding::WORDS);
-                for w in &c.words {
-                    put_u64(out, *w);
-                }
-                record_type::CHUNK
-            }
             Record::Chunk(c) => {
-                Self::put_chunk_head(out, c.image, c.stream, c.tid, c.block_seq, c.offset, chunk_encoding::COMPACT);
-                put_u32(out, c.words.len() as u32);
-                compact::encode(&c.words, out);
+                Self::put_chunk_body(out, c.image, c.stream, c.tid, c.block_seq, c.offset, &c.words);
                 record_type::CHUNK
             }
             Record::Rss { image, time_ns, rss_bytes } => {
@@ -305,10 +295,20 @@ impl Record {
     pub fn encode_chunk(out: &mut Vec<u8>, image: u32, stream: u32, tid: u32, block_seq: u32, offset: u32, words: &[u64]) {
         let start = out.len();
         out.extend_from_slice(&[0u8; 8]);
-        Self::put_chunk_head(out, image, stream, tid, block_seq, offset, chunk_encoding::COMPACT);
-        put_u32(out, words.len() as u32);
-        compact::encode(words, out);
+        Self::put_chunk_body(out, image, stream, tid, block_seq, offset, words);
         Self::finish(out, start, record_type::CHUNK);
+    }
+
+    /// A `Chunk` body: compact, or as words when longer than a compact chunk may be (never a
+    /// ring's chunk).
+    fn put_chunk_body(out: &mut Vec<u8>, image: u32, stream: u32, tid: u32, block_seq: u32, offset: u32, words: &[u64]) {
+        if words.len() > (chunk_encoding::MAX_RAW / 8) as usize {
+            Self::put_chunk_words_body(out, image, stream, tid, block_seq, offset, words);
+        } else {
+            Self::put_chunk_head(out, image, stream, tid, block_seq, offset, chunk_encoding::COMPACT);
+            put_u32(out, words.len() as u32);
+            compact::encode(words, out);
+        }
     }
 
     /// Encode a chunk as plain words ([`chunk_encoding::WORDS`]; readers take it in any
@@ -316,11 +316,15 @@ impl Record {
     pub fn encode_chunk_words(out: &mut Vec<u8>, image: u32, stream: u32, tid: u32, block_seq: u32, offset: u32, words: &[u64]) {
         let start = out.len();
         out.extend_from_slice(&[0u8; 8]);
+        Self::put_chunk_words_body(out, image, stream, tid, block_seq, offset, words);
+        Self::finish(out, start, record_type::CHUNK);
+    }
+
+    fn put_chunk_words_body(out: &mut Vec<u8>, image: u32, stream: u32, tid: u32, block_seq: u32, offset: u32, words: &[u64]) {
         Self::put_chunk_head(out, image, stream, tid, block_seq, offset, chunk_encoding::WORDS);
         for w in words {
             put_u64(out, *w);
         }
-        Self::finish(out, start, record_type::CHUNK);
     }
 
     fn finish(out: &mut Vec<u8>, start: usize, ty: u8) {

@@ -69,7 +69,7 @@ fn recordings_are_version_5_with_compact_chunks() {
     let chunks: Vec<_> = layout.frames.iter().flat_map(|f| f.records.iter().filter_map(|r| r.chunk.as_ref())).collect();
     assert!(!chunks.is_empty());
     assert!(chunks.iter().all(|c| c.encoding == mtrace_protocol::tracefile::chunk_encoding::COMPACT));
-    let words: usize = chunks.iter().map(|c| c.words.len()).sum();
+    let words: usize = chunks.iter().map(|c| c.chunk.words.len()).sum();
     let events: u64 = r.stdout().lines().filter(|l| l.starts_with("thread ")).map(|l| l.split_whitespace().nth(3).unwrap().parse::<u64>().unwrap()).sum();
     // A free and an allocation per iteration, or one realloc (1 in 16).
     assert!(events > 200_000 * 3 / 2, "{events}");

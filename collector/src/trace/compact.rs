@@ -108,30 +108,8 @@ impl Model {
     }
 
     /// The address mode that gives `ptr` for an allocation of chunk `hdr` (without changing
-    /// anything), or `None`: write it.
-    fn find_ptr(&self, ptr: u64, hdr: u64) -> Option<u8> {
-        if ptr == 0 {
-            return Some(PTR_NULL);
-        }
-        if let Some(b) = Self::bin_of(hdr) {
-            let n = self.bin_len[b] as usize;
-            let e = &self.bins[b];
-            // Without early exits (cmov, not branches): the most recent match wins.
-            let mut hit = BIN_DEPTH;
-            for (i, &x) in e[..BIN_DEPTH].iter().enumerate() {
-                if i < n && x == ptr {
-                    hit = i;
-                }
-            }
-            if hit < BIN_DEPTH {
-                return Some(PTR_BIN + (n - 1 - hit) as u8);
-            }
-        }
-        (ptr == self.bump).then_some(PTR_BUMP)
-    }
-
-    /// [`Model::find_ptr`] with `PTR_DELTA` for `None`, without branches on the data: the
-    /// same answer, by the same precedence (null, then the most recent list entry, then bump).
+    /// anything): null, else the most recent entry of its list, else bump, else `PTR_DELTA`
+    /// (write it). Without branches on the data (cmov, no early exits).
     #[inline(always)]
     fn ptr_mode(&self, ptr: u64, hdr: u64) -> u8 {
         let mut mode = if ptr == self.bump { PTR_BUMP } else { PTR_DELTA };
@@ -139,16 +117,17 @@ impl Model {
             let n = self.bin_len[b] as usize;
             for (i, &x) in self.bins[b][..BIN_DEPTH].iter().enumerate() {
                 if i < n && x == ptr {
-                    mode = (n - 1 - i) as u8;
+                    mode = PTR_BIN + (n - 1 - i) as u8;
                 }
             }
         }
         if ptr == 0 { PTR_NULL } else { mode }
     }
 
-    /// [`Model::allocated`] without branches on the data.
+    /// An allocation of `hdr` returned `ptr` (found with `mode`): a list entry it came from
+    /// leaves its list (the list's newest entry takes its place). Without branches on the data.
     #[inline(always)]
-    fn allocated_fast(&mut self, mode: u8, ptr: u64, hdr: u64) {
+    fn allocated(&mut self, mode: u8, ptr: u64, hdr: u64) {
         if let Some(b) = Self::bin_of(hdr) {
             let n = self.bin_len[b] as usize;
             let hit = (mode as usize) < BIN_DEPTH;
@@ -175,24 +154,6 @@ impl Model {
                 ((k as usize) < n).then(|| self.bins[b][n - 1 - k as usize])
             }
             _ => None,
-        }
-    }
-
-    /// An allocation of `hdr` returned `ptr` (found with `mode`): a list entry it came from
-    /// leaves its list (the list's newest entry takes its place).
-    fn allocated(&mut self, mode: u8, ptr: u64, hdr: u64) {
-        if (mode as usize) < BIN_DEPTH
-            && let Some(b) = Self::bin_of(hdr)
-        {
-            let n = self.bin_len[b] as usize;
-            let i = n - 1 - mode as usize;
-            self.bins[b][i] = self.bins[b][n - 1];
-            self.bin_len[b] -= 1;
-        }
-        if ptr != 0 {
-            self.last_addr = ptr;
-            self.low_flags = hdr & chunk::FLAG_MASK;
-            self.bump = ptr.wrapping_add(chunk::size(hdr));
         }
     }
 
@@ -250,14 +211,24 @@ fn rd(ev: &[u64], i: usize) -> u64 {
     unsafe { core::ptr::read_volatile(w) }
 }
 
+/// The varint of `v < 2^28` as the 4 bytes of a little-endian u32 (the first `len` of them are
+/// the varint), and `len`. Without a loop (the lengths of random values would mispredict it): the
+/// 7-bit groups spread over 4 bytes, the continuation bits on all but the last; the length and
+/// the continuation bits from three independent compares (not from the bit length: a longer
+/// chain of dependent instructions, which every later field's position waits for).
+#[inline(always)]
+fn short_varint(v: u64) -> (u32, usize) {
+    debug_assert!(v < 1 << 28);
+    let spread = (v & 0x7f) | ((v << 1) & 0x7f00) | ((v << 2) & 0x7f_0000) | ((v << 3) & 0x7f00_0000);
+    let (c1, c2, c3) = (v >= 1 << 7, v >= 1 << 14, v >= 1 << 21);
+    let cont = (c1 as u64) << 7 | (c2 as u64) << 15 | (c3 as u64) << 23;
+    ((spread | cont) as u32, 1 + c1 as usize + c2 as usize + c3 as usize)
+}
+
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     if v < 1 << 28 {
-        // Without a loop (the lengths of random values would mispredict it): the 7-bit groups
-        // spread over 4 bytes, the continuation bits on all but the last.
-        let spread = (v & 0x7f) | ((v << 1) & 0x7f00) | ((v << 2) & 0x7f_0000) | ((v << 3) & 0x7f00_0000);
-        let len = (64 - (v | 1).leading_zeros()).div_ceil(7);
-        let cont = 0x0080_8080u64 & ((1u64 << (8 * (len - 1))) - 1);
-        out.extend_from_slice(&(spread | cont).to_le_bytes()[..len as usize]);
+        let (bytes, len) = short_varint(v);
+        out.extend_from_slice(&bytes.to_le_bytes()[..len]);
         return;
     }
     while v >= 0x80 {
@@ -318,17 +289,11 @@ impl Cursor {
     #[inline(always)]
     fn varint_if(&mut self, v: u64, keep: bool) {
         if v < 1 << 28 {
-            // The length and the continuation bits from three independent compares (not from
-            // the bit length: a longer chain of dependent instructions, which every later field's
-            // position waits for).
-            let spread = (v & 0x7f) | ((v << 1) & 0x7f00) | ((v << 2) & 0x7f_0000) | ((v << 3) & 0x7f00_0000);
-            let (c1, c2, c3) = (v >= 1 << 7, v >= 1 << 14, v >= 1 << 21);
-            let len = 1 + c1 as u32 + c2 as u32 + c3 as u32;
-            let cont = (c1 as u64) << 7 | (c2 as u64) << 15 | (c3 as u64) << 23;
+            let (bytes, len) = short_varint(v);
             debug_assert!(self.n + 4 <= FAST_ROOM);
             // SAFETY: as in `byte` (the 4-byte store is inside FAST_ROOM).
-            unsafe { self.base.add(self.n).cast::<u32>().write_unaligned(((spread | cont) as u32).to_le()) };
-            self.n += if keep { len as usize } else { 0 };
+            unsafe { self.base.add(self.n).cast::<u32>().write_unaligned(bytes.to_le()) };
+            self.n += if keep { len } else { 0 };
         } else if keep {
             let mut v = v;
             while v >= 0x80 {
@@ -394,7 +359,7 @@ fn encode_alloc(m: &mut Model, kind: u8, aux: u64, ev: &[u64], out: &mut Vec<u8>
     c.varint_if(hdr, chunk_written);
     c.varint_if(zigzag(ptr.wrapping_sub(m.last_addr)), pmode == PTR_DELTA);
     let mut mode = pmode | if chunk_written { M_CHUNK } else { 0 };
-    m.allocated_fast(pmode, ptr, hdr);
+    m.allocated(pmode, ptr, hdr);
     mode |= encode_tail(m, &mut c, aux, ev, 3);
     c.set(1, mode);
     c.finish(out);
@@ -507,7 +472,7 @@ fn encode_call(m: &mut Model, kind: u8, aux: u64, ev: &[u64], out: &mut Vec<u8>)
         c.varint(zigzag(old.wrapping_sub(m.last_addr)));
         c.varint(old_chunk);
         c.varint(size);
-        mode = if ptr == old && ptr != 0 { PTR_SAME } else { m.find_ptr(ptr, hdr).unwrap_or(PTR_DELTA) };
+        mode = if ptr == old && ptr != 0 { PTR_SAME } else { m.ptr_mode(ptr, hdr) };
         if hdr != m.predicted_chunk(size) {
             mode |= M_CHUNK;
             c.varint(hdr);
@@ -522,7 +487,7 @@ fn encode_call(m: &mut Model, kind: u8, aux: u64, ev: &[u64], out: &mut Vec<u8>)
         m.last_addr = old;
     } else {
         c.varint(size);
-        mode = m.find_ptr(ptr, hdr).unwrap_or(PTR_DELTA);
+        mode = m.ptr_mode(ptr, hdr);
         if hdr != m.predicted_chunk(size) {
             mode |= M_CHUNK;
             c.varint(hdr);

@@ -19,12 +19,8 @@ pub struct RecordSpan {
 
 #[derive(Clone, Debug)]
 pub struct ChunkSpan {
-    pub image: u32,
-    pub stream: u32,
-    pub tid: u32,
-    pub block_seq: u32,
-    pub offset: u32,
-    pub words: Vec<u64>,
+    /// The chunk as it decodes (its header fields and words).
+    pub chunk: trace::Chunk,
     /// How it is stored ([`chunk_encoding`]).
     pub encoding: u32,
     /// (first word, length in words) of each event that decodes.
@@ -112,7 +108,7 @@ impl Layout {
         for (fi, ri) in self.chunks() {
             let c = self.frames[fi].records[ri].chunk.as_ref()?;
             for &(at, _) in &c.events {
-                let Ok((ev, _)) = mtrace_protocol::event::decode(&c.words, at) else { continue };
+                let Ok((ev, _)) = mtrace_protocol::event::decode(&c.chunk.words, at) else { continue };
                 if pred(&ev) {
                     if found == nth {
                         return Some((fi, ri, at));
@@ -131,8 +127,8 @@ impl Layout {
         for (fi, ri) in self.chunks() {
             let c = self.frames[fi].records[ri].chunk.as_ref().expect("a chunk");
             for &(at, len) in &c.events {
-                if len >= 2 && c.words[at] & 0xff <= 12 {
-                    v.push(c.words[at + 1]);
+                if len >= 2 && c.chunk.words[at] & 0xff <= 12 {
+                    v.push(c.chunk.words[at + 1]);
                 }
             }
         }
@@ -152,7 +148,7 @@ fn records_of(raw: &[u8]) -> Option<Vec<RecordSpan>> {
         let chunk = match rec {
             Record::Chunk(c) => {
                 let encoding = raw.get(at + 8 + 20..at + 8 + 24).map_or(chunk_encoding::WORDS, |b| u32::from_le_bytes(b.try_into().unwrap_or_default()));
-                Some(ChunkSpan { image: c.image, stream: c.stream, tid: c.tid, block_seq: c.block_seq, offset: c.offset, events: events_of(&c.words), words: c.words, encoding })
+                Some(ChunkSpan { events: events_of(&c.words), chunk: c, encoding })
             }
             _ => None,
         };
@@ -183,10 +179,11 @@ impl ChunkSpan {
     /// was, else in the compact encoding (what the recorder writes).
     pub fn encode(&self, words: &[u64]) -> Vec<u8> {
         let mut out = Vec::new();
+        let c = &self.chunk;
         if self.encoding == chunk_encoding::WORDS {
-            Record::encode_chunk_words(&mut out, self.image, self.stream, self.tid, self.block_seq, self.offset, words);
+            Record::encode_chunk_words(&mut out, c.image, c.stream, c.tid, c.block_seq, c.offset, words);
         } else {
-            Record::encode_chunk(&mut out, self.image, self.stream, self.tid, self.block_seq, self.offset, words);
+            Record::encode_chunk(&mut out, c.image, c.stream, c.tid, c.block_seq, c.offset, words);
         }
         out
     }

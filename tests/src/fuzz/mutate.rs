@@ -228,7 +228,7 @@ impl Mutation {
         let f = &l.frames[frame];
         let r = f.records.get(record)?;
         let c = r.chunk.as_ref()?;
-        let mut words = c.words.clone();
+        let mut words = c.chunk.words.clone();
         match *self {
             Mutation::EventWord { word, value, .. } => *words.get_mut(word)? = value,
             Mutation::DupEvent { word, len, .. } => {
@@ -397,14 +397,14 @@ fn draw_event(rng: &mut Rng, l: &Layout) -> Option<Mutation> {
     let c = l.frames[frame].records[record].chunk.as_ref()?;
     let (at, len) = rng.pick(&c.events);
     Some(match rng.below(20) {
-        0..=3 => Mutation::EventWord { frame, record, word: at, value: header_value(rng, c.words[at]) },
+        0..=3 => Mutation::EventWord { frame, record, word: at, value: header_value(rng, c.chunk.words[at]) },
         4 => Mutation::DupEvent { frame, record, word: at, len },
         5 => Mutation::DropEvent { frame, record, word: at, len },
         6 => Mutation::CutEvents { frame, record, word: at + rng.below(len) },
         _ if len < 2 => return None,
         _ => {
             let word = at + 1 + rng.below(len - 1);
-            Mutation::EventWord { frame, record, word, value: word_value(rng, c.words[word], &l.addresses()) }
+            Mutation::EventWord { frame, record, word, value: word_value(rng, c.chunk.words[word], &l.addresses()) }
         }
     })
 }
