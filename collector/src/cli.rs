@@ -126,7 +126,8 @@ enum Cmd {
         /// Only this process image, by its number (as the report numbers them, from 0)
         #[arg(long)]
         image: Option<u32>,
-        /// Only the process images whose executable is NAME (its file name, or its whole path)
+        /// Only the process images whose executable is NAME: its file name or path, or the name
+        /// it was run by (argv[0], or its file name)
         #[arg(long, value_name = "NAME")]
         exe: Option<String>,
     },
@@ -639,9 +640,14 @@ fn select_images(r: &mut report::Report, image: Option<u32>, exe: Option<&str>) 
     if image.is_none() && exe.is_none() {
         return Ok(());
     }
-    let all: Vec<String> = r.processes.iter().map(|p| format!("{} {}", p.image, p.exe)).collect();
-    let exe_matches = |path: &str, name: &str| path == name || std::path::Path::new(path).file_name().is_some_and(|f| f == name);
-    r.processes.retain(|p| image.is_none_or(|n| p.image == n) && exe.is_none_or(|e| exe_matches(&p.exe, e)));
+    const LISTED: usize = 12;
+    let mut all: Vec<String> = r.processes.iter().take(LISTED).map(|p| format!("{} {}", p.image, p.exe)).collect();
+    if r.processes.len() > LISTED {
+        all.push(format!("… {} in all", r.processes.len()));
+    }
+    let is = |path: &str, name: &str| path == name || std::path::Path::new(path).file_name().is_some_and(|f| f == name);
+    let runs = |p: &report::ProcessReport, name: &str| is(&p.exe, name) || p.args.first().is_some_and(|a0| is(a0, name));
+    r.processes.retain(|p| image.is_none_or(|n| p.image == n) && exe.is_none_or(|e| runs(p, e)));
     if r.processes.is_empty() {
         let wanted = match (image, exe) {
             (Some(n), Some(e)) => format!("image {n} running {e}"),

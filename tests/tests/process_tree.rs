@@ -120,6 +120,18 @@ fn report_picks_images_by_number_and_by_executable() {
         assert_eq!(code, Some(0), "{args:?}: {err}");
         assert_eq!(images(&out), vec![(fx_image, fx.to_str().unwrap().to_string())], "{args:?}");
     }
+    // By the name it was run by (argv[0]): a symbolic link to the fixture, whose exe is the
+    // fixture itself.
+    let dir = tempfile::tempdir().unwrap();
+    let alias = dir.path().join("alias");
+    std::os::unix::fs::symlink(&fx, &alias).unwrap();
+    let r2 = record(&[], &["sh", "-c", r#""$FX" > /dev/null; true"#], &[("FX", alias.to_str().unwrap())]);
+    assert_eq!(r2.code(), Some(0), "{}", r2.stderr());
+    let o = std::process::Command::new(paths().mtracer()).args(["report", "--json", "--exe", "alias"]).arg(&r2.trace).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let found = images(&String::from_utf8_lossy(&o.stdout));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].1, fx.to_str().unwrap());
     // The text report too: one image section.
     let (code, out, _) = run(&["--exe", "exactness"]);
     assert_eq!(code, Some(0));
